@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages pgherd builds and tests with (idempotent; run as root).
+# protobuf-compiler + libprotobuf-dev: etcd-client's build script needs protoc and the
+# google/protobuf/*.proto includes. The rest are the real systems the tests drive.
+set -euo pipefail
+pkgs=(protobuf-compiler libprotobuf-dev postgresql-15 postgresql-client-15 etcd-server etcd-client
+      haproxy openssh-server openssh-client iptables tini iproute2 python3-venv python3-pip
+      procps psmisc curl ca-certificates)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${missing[@]}"
+fi
+# Debian starts these services on install in some environments; the tests run their own.
+for s in postgresql etcd haproxy ssh; do
+  (command -v systemctl >/dev/null && systemctl disable --now "$s" >/dev/null 2>&1) || true
+done
+pkill -x etcd 2>/dev/null || true
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi

@@ -1,0 +1,408 @@
+//! The agent's per-node configuration file: patroni.yml's sections and names, parsed strictly
+//! (unknown keys and bad values are errors with file:line:column) and validated.
+//!
+//! `bootstrap.dcs` is free-form JSON-compatible data: it seeds the DCS `config` key on the first
+//! bootstrap and is otherwise ignored (the DCS copy wins afterwards, as in Patroni).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub scope: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    pub name: String,
+    pub restapi: RestApiConfig,
+    pub etcd3: EtcdConfig,
+    #[serde(default)]
+    pub bootstrap: BootstrapConfig,
+    pub postgresql: PostgresqlConfig,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
+    #[serde(default)]
+    pub tags: serde_json::Map<String, Value>,
+    /// Where the agent logs (stderr when absent).
+    #[serde(default)]
+    pub log: Option<LogConfig>,
+}
+
+fn default_namespace() -> String {
+    "/service/".to_string()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestApiConfig {
+    /// `host:port` to bind.
+    pub listen: String,
+    /// `host:port` others use to reach us (goes into `api_url`).
+    pub connect_address: String,
+    #[serde(default)]
+    pub authentication: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// `host:port` endpoints (Patroni also accepts a comma-separated string; we take a list).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_protocol() -> String {
+    "http".to_string()
+}
+
+impl EtcdConfig {
+    /// Endpoints as URLs (`http://host:port`).
+    pub fn endpoints(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.hosts.clone();
+        if let Some(h) = &self.host {
+            hosts.extend(h.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()));
+        }
+        hosts
+            .into_iter()
+            .map(|h| if h.contains("://") { h } else { format!("{}://{}", self.protocol, h) })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Seeds the DCS `config` key (ttl, loop_wait, retry_timeout, postgresql.parameters, ...).
+    #[serde(default)]
+    pub dcs: serde_json::Map<String, Value>,
+    /// initdb options: `"flag"` or `{key: value}` items, as Patroni.
+    #[serde(default)]
+    pub initdb: Vec<Value>,
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    #[serde(default, alias = "post_init")]
+    pub post_bootstrap: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresqlConfig {
+    /// `host:port` (host may be a comma list) PostgreSQL listens on.
+    pub listen: String,
+    /// `host:port` others use (goes into `conn_url`).
+    pub connect_address: String,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: PathBuf,
+    /// Directory for the unix socket (defaults to the data directory's parent).
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub pgpass: Option<PathBuf>,
+    pub authentication: PgAuthentication,
+    #[serde(default)]
+    pub parameters: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    #[serde(default)]
+    pub callbacks: Callbacks,
+    #[serde(default)]
+    pub pre_promote: Option<String>,
+    #[serde(default)]
+    pub before_stop: Option<String>,
+    #[serde(default = "default_replica_methods")]
+    pub create_replica_methods: Vec<String>,
+    /// pg_basebackup options: a list of `"flag"` / `{k: v}` or a map.
+    #[serde(default)]
+    pub basebackup: Option<Value>,
+    #[serde(default = "yes")]
+    pub use_pg_rewind: bool,
+    #[serde(default = "yes")]
+    pub use_slots: bool,
+    /// Name of the database in `conn_url` (Patroni: `postgres`).
+    #[serde(default = "default_database")]
+    pub database: String,
+}
+
+fn default_bin_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+fn default_replica_methods() -> Vec<String> {
+    vec!["basebackup".to_string()]
+}
+fn default_database() -> String {
+    "postgres".to_string()
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgAuthentication {
+    pub superuser: Credentials,
+    pub replication: Credentials,
+    #[serde(default)]
+    pub rewind: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Callbacks {
+    #[serde(default)]
+    pub on_start: Option<String>,
+    #[serde(default)]
+    pub on_stop: Option<String>,
+    #[serde(default)]
+    pub on_restart: Option<String>,
+    #[serde(default)]
+    pub on_reload: Option<String>,
+    #[serde(default)]
+    pub on_role_change: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WatchdogMode {
+    Off,
+    #[default]
+    Automatic,
+    Required,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    #[serde(default)]
+    pub mode: WatchdogMode,
+    #[serde(default = "default_wd_device")]
+    pub device: PathBuf,
+    #[serde(default = "default_safety_margin")]
+    pub safety_margin: i64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            mode: WatchdogMode::Automatic,
+            device: default_wd_device(),
+            safety_margin: default_safety_margin(),
+        }
+    }
+}
+
+fn default_wd_device() -> PathBuf {
+    PathBuf::from("/dev/watchdog")
+}
+fn default_safety_margin() -> i64 {
+    5
+}
+
+/// A config problem, located in the source file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// YAML syntax or type error; `message` carries the line:column and a snippet.
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax { path: String, line: usize, column: usize, message: String },
+    /// A value that parsed but is not acceptable.
+    #[error("{path}: {field}: {message}")]
+    Invalid { path: String, field: String, message: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates. `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = crate::yaml::from_str(text)
+            .map_err(|e| ConfigError::Syntax {
+                path: origin.to_string(),
+                line: e.line,
+                column: e.column,
+                message: e.message,
+            })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let bad = |field: &str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        if self.scope.trim().is_empty() {
+            return Err(bad("scope", "must not be empty".into()));
+        }
+        if self.name.trim().is_empty() || self.name.contains('/') {
+            return Err(bad("name", "must be non-empty and contain no '/'".into()));
+        }
+        for (field, v) in [
+            ("restapi.listen", &self.restapi.listen),
+            ("restapi.connect_address", &self.restapi.connect_address),
+            ("postgresql.listen", &self.postgresql.listen),
+            ("postgresql.connect_address", &self.postgresql.connect_address),
+        ] {
+            let Some((h, p)) = v.rsplit_once(':') else {
+                return Err(bad(field, format!("expected host:port, got {v:?}")));
+            };
+            if h.is_empty() || p.parse::<u16>().is_err() {
+                return Err(bad(field, format!("expected host:port, got {v:?}")));
+            }
+        }
+        if self.etcd3.endpoints().is_empty() {
+            return Err(bad("etcd3.hosts", "at least one etcd endpoint is required".into()));
+        }
+        if !self.postgresql.data_dir.is_absolute() {
+            return Err(bad("postgresql.data_dir", "must be an absolute path".into()));
+        }
+        let timing = crate::config::Timing::from_dcs(&self.bootstrap.dcs);
+        timing.check().map_err(|m| bad("bootstrap.dcs", m))?;
+        if self.watchdog.safety_margin < -1 {
+            return Err(bad("watchdog.safety_margin", "must be -1 or >= 0".into()));
+        }
+        for m in &self.postgresql.create_replica_methods {
+            if m != "basebackup" {
+                return Err(bad(
+                    "postgresql.create_replica_methods",
+                    format!("unsupported method {m:?} (only basebackup)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `host` part of `postgresql.connect_address`.
+    pub fn pg_connect_host_port(&self) -> (String, u16) {
+        split_host_port(&self.postgresql.connect_address)
+    }
+
+    pub fn pg_listen_host_port(&self) -> (String, u16) {
+        split_host_port(&self.postgresql.listen)
+    }
+
+    /// `postgres://host:port/<database>` as written in the member key.
+    pub fn conn_url(&self) -> String {
+        format!("postgres://{}/{}", self.postgresql.connect_address, self.postgresql.database)
+    }
+
+    /// `http://host:port/patroni` as written in the member key.
+    pub fn api_url(&self) -> String {
+        format!("http://{}/patroni", self.restapi.connect_address)
+    }
+
+    /// DCS base path `/<namespace>/<scope>/`, with repeated slashes collapsed.
+    pub fn base_path(&self) -> String {
+        let raw = format!("/{}/{}/", self.namespace, self.scope);
+        let mut out = String::new();
+        for c in raw.chars() {
+            if !(c == '/' && out.ends_with('/')) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Free-form local parameters as PostgreSQL text values.
+    pub fn local_parameters(&self) -> BTreeMap<String, String> {
+        self.postgresql
+            .parameters
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+                    other => other.to_string(),
+                };
+                (k.clone(), s)
+            })
+            .collect()
+    }
+}
+
+pub fn split_host_port(s: &str) -> (String, u16) {
+    match s.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.parse().unwrap_or(5432)),
+        None => (s.to_string(), 5432),
+    }
+}
+
+/// The HA timing triple and its safety rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    pub ttl: u64,
+    pub loop_wait: u64,
+    pub retry_timeout: u64,
+}
+
+/// Smallest supported lease TTL. Patroni refuses anything under 20 s; pgherd's renewals are
+/// cheap (one gRPC keepalive on an open HTTP/2 channel) so 5 s leases are safe on a LAN.
+pub const MIN_TTL: u64 = 5;
+
+impl Timing {
+    pub fn from_dcs(dcs: &serde_json::Map<String, Value>) -> Timing {
+        let c = crate::dcs::DynamicConfig(dcs.clone());
+        Timing { ttl: c.ttl(), loop_wait: c.loop_wait(), retry_timeout: c.retry_timeout() }
+    }
+
+    /// `loop_wait + 2·retry_timeout ≤ ttl`: a leader whose renewal starts failing at the top of
+    /// a cycle has spent at most `loop_wait + retry_timeout` before it demotes, leaving at least
+    /// `retry_timeout` for the demotion itself before its lease can expire and another node can
+    /// take the lock. Unlike Patroni we refuse bad values instead of silently adjusting them.
+    pub fn check(&self) -> Result<(), String> {
+        if self.ttl < MIN_TTL {
+            return Err(format!("ttl {} is below the minimum of {MIN_TTL}", self.ttl));
+        }
+        if self.loop_wait < 1 {
+            return Err("loop_wait must be at least 1".into());
+        }
+        if self.retry_timeout < 1 {
+            return Err("retry_timeout must be at least 1".into());
+        }
+        if self.loop_wait + 2 * self.retry_timeout > self.ttl {
+            return Err(format!(
+                "loop_wait + 2*retry_timeout must be <= ttl (got {} + 2*{} > {})",
+                self.loop_wait, self.retry_timeout, self.ttl
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,491 @@
+//! The cluster state kept in the DCS, in Patroni's exact wire format, and the immutable
+//! [`ClusterView`] snapshot the HA core decides on.
+//!
+//! Every key lives under `/<namespace>/<scope>/` (see `../shared/reference/patroni.md` §1).
+//! The JSON field names here are a compatibility contract with patronictl, vip-manager and
+//! HAProxy checks written for Patroni: do not rename them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::types::{LeaseId, Lsn, MemberName, Revision, Timeline};
+
+/// Version string pgherd advertises in member keys and `GET /patroni`. patronictl and Patroni
+/// agents gate behaviour on it (§1.2 "version gates"), so it must look like Patroni 4.x.
+pub const PATRONI_COMPAT_VERSION: &str = "4.1.5";
+
+/// Value of `members/<name>` (compact JSON). Unknown fields are kept in `extra` so that a
+/// pgherd agent reading a Patroni-written key loses nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberData {
+    pub conn_url: String,
+    pub api_url: String,
+    pub state: String,
+    pub role: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xlog_location: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_lsn: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive_lsn: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication_state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(skip_serializing_if = "Map::is_empty", default)]
+    pub tags: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_restart: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pending_restart_reason: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled_restart: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_after_promote: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl MemberData {
+    /// Host and port of `conn_url` (`postgres://host:port/db`).
+    pub fn conn_host_port(&self) -> Option<(String, u16)> {
+        let rest = self.conn_url.split_once("://")?.1;
+        let hostport = rest.split('/').next()?;
+        let hostport = hostport.rsplit('@').next()?;
+        let (h, p) = hostport.rsplit_once(':')?;
+        Some((h.trim_matches(['[', ']']).to_string(), p.parse().ok()?))
+    }
+
+    /// Base URL (`http://host:port`) of the member's REST API, from `api_url`.
+    pub fn api_base(&self) -> Option<String> {
+        let (scheme, rest) = self.api_url.split_once("://")?;
+        let hostport = rest.split('/').next()?;
+        Some(format!("{scheme}://{hostport}"))
+    }
+
+    /// WAL position as Patroni compares it: `xlog_location`, else max(receive, replay).
+    pub fn wal_position(&self) -> Lsn {
+        Lsn(self
+            .xlog_location
+            .unwrap_or(0)
+            .max(self.receive_lsn.unwrap_or(0))
+            .max(self.replay_lsn.unwrap_or(0)))
+    }
+
+    pub fn tag_bool(&self, name: &str) -> bool {
+        tag_is_true(self.tags.get(name))
+    }
+}
+
+/// Patroni's lenient boolean parsing for tags and config values.
+pub fn tag_is_true(v: Option<&Value>) -> bool {
+    match v {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => {
+            matches!(s.to_ascii_lowercase().as_str(), "true" | "on" | "yes" | "1" | "y")
+        }
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0) != 0,
+        _ => false,
+    }
+}
+
+/// A member key as read from etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: MemberName,
+    pub data: MemberData,
+    pub lease: Option<LeaseId>,
+    pub revision: Revision,
+}
+
+/// The `leader` key: a plain string member name held on the owner's lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderKey {
+    pub name: MemberName,
+    pub lease: Option<LeaseId>,
+    pub revision: Revision,
+}
+
+/// Value of the `failover` key. `{}` means "nothing requested" (Patroni clears by writing `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Failover {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub leader: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub member: Option<String>,
+    /// ISO 8601 with timezone.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scheduled_at: Option<String>,
+}
+
+impl Failover {
+    pub fn is_empty(&self) -> bool {
+        self.leader.is_none() && self.member.is_none() && self.scheduled_at.is_none()
+    }
+
+    /// Parses the key value, accepting the legacy `"leader:candidate"` plain string.
+    pub fn parse(raw: &str) -> Failover {
+        if let Ok(f) = serde_json::from_str::<Failover>(raw) {
+            return f;
+        }
+        if let Some((l, c)) = raw.split_once(':') {
+            return Failover {
+                leader: (!l.is_empty()).then(|| l.to_string()),
+                member: (!c.is_empty()).then(|| c.to_string()),
+                scheduled_at: None,
+            };
+        }
+        Failover::default()
+    }
+}
+
+/// Value of the `sync` key.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub leader: Option<String>,
+    #[serde(default)]
+    pub quorum: i64,
+    /// Comma-joined, sorted member names, or null.
+    pub sync_standby: Option<String>,
+}
+
+impl SyncState {
+    pub fn standbys(&self) -> Vec<String> {
+        self.sync_standby
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Case-insensitive membership test (leader or standby), as Patroni's `SyncState.matches`.
+    pub fn matches(&self, name: &str, include_leader: bool) -> bool {
+        let n = name.to_lowercase();
+        (include_leader && self.leader.as_deref().map(str::to_lowercase) == Some(n.clone()))
+            || self.standbys().iter().any(|s| s.to_lowercase() == n)
+    }
+}
+
+/// Value of the `status` key, written by the leader.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub optime: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retain_slots: Vec<String>,
+}
+
+impl Status {
+    /// Tolerant parse: a bare int (legacy) or JSON; garbage is treated as empty.
+    pub fn parse(raw: &str) -> Status {
+        if let Ok(n) = raw.trim().parse::<u64>() {
+            return Status { optime: n, ..Default::default() };
+        }
+        serde_json::from_str(raw).unwrap_or_default()
+    }
+}
+
+/// One line of the `history` key: `[parent_tl, switchpoint_lsn, reason, timestamp, new_leader]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryLine {
+    pub parent_timeline: u32,
+    pub switchpoint: u64,
+    pub reason: String,
+    pub timestamp: Option<String>,
+    pub new_leader: Option<String>,
+}
+
+impl HistoryLine {
+    pub fn to_json(&self) -> Value {
+        let mut v = vec![
+            Value::from(self.parent_timeline),
+            Value::from(self.switchpoint),
+            Value::from(self.reason.clone()),
+        ];
+        if let Some(ts) = &self.timestamp {
+            v.push(Value::from(ts.clone()));
+            if let Some(l) = &self.new_leader {
+                v.push(Value::from(l.clone()));
+            }
+        }
+        Value::Array(v)
+    }
+
+    pub fn from_json(v: &Value) -> Option<HistoryLine> {
+        let a = v.as_array()?;
+        Some(HistoryLine {
+            parent_timeline: a.first()?.as_u64()? as u32,
+            switchpoint: a.get(1)?.as_u64()?,
+            reason: a.get(2).and_then(Value::as_str).unwrap_or("").to_string(),
+            timestamp: a.get(3).and_then(Value::as_str).map(str::to_string),
+            new_leader: a.get(4).and_then(Value::as_str).map(str::to_string),
+        })
+    }
+}
+
+pub fn history_to_json(lines: &[HistoryLine]) -> String {
+    Value::Array(lines.iter().map(HistoryLine::to_json).collect()).to_string()
+}
+
+pub fn history_from_json(raw: &str) -> Vec<HistoryLine> {
+    serde_json::from_str::<Value>(raw)
+        .ok()
+        .and_then(|v| v.as_array().map(|a| a.iter().filter_map(HistoryLine::from_json).collect()))
+        .unwrap_or_default()
+}
+
+/// The dynamic configuration (`config` key): kept as raw JSON (so keys we do not model survive
+/// a PATCH round trip) with typed accessors applying Patroni's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DynamicConfig(pub Map<String, Value>);
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig(Map::new())
+    }
+}
+
+fn num(v: Option<&Value>) -> Option<f64> {
+    match v? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+impl DynamicConfig {
+    pub fn parse(raw: &str) -> Option<DynamicConfig> {
+        match serde_json::from_str::<Value>(raw).ok()? {
+            Value::Object(m) => Some(DynamicConfig(m)),
+            _ => None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        Value::Object(self.0.clone()).to_string()
+    }
+
+    fn u64_or(&self, key: &str, default: u64) -> u64 {
+        num(self.0.get(key)).map(|f| f.max(0.0) as u64).unwrap_or(default)
+    }
+
+    pub fn ttl(&self) -> u64 {
+        self.u64_or("ttl", 30)
+    }
+    pub fn loop_wait(&self) -> u64 {
+        self.u64_or("loop_wait", 10)
+    }
+    pub fn retry_timeout(&self) -> u64 {
+        self.u64_or("retry_timeout", 10)
+    }
+    pub fn maximum_lag_on_failover(&self) -> u64 {
+        self.u64_or("maximum_lag_on_failover", 1_048_576)
+    }
+    pub fn primary_start_timeout(&self) -> u64 {
+        num(self.0.get("primary_start_timeout").or_else(|| self.0.get("master_start_timeout")))
+            .map(|f| f.max(0.0) as u64)
+            .unwrap_or(300)
+    }
+    pub fn primary_stop_timeout(&self) -> u64 {
+        num(self.0.get("primary_stop_timeout").or_else(|| self.0.get("master_stop_timeout")))
+            .map(|f| f.max(0.0) as u64)
+            .unwrap_or(0)
+    }
+    pub fn pause(&self) -> bool {
+        tag_is_true(self.0.get("pause"))
+    }
+    pub fn check_timeline(&self) -> bool {
+        tag_is_true(self.0.get("check_timeline"))
+    }
+    /// `synchronous_mode: true|on` (quorum mode is not supported yet and reads as on).
+    pub fn synchronous_mode(&self) -> bool {
+        match self.0.get("synchronous_mode") {
+            Some(Value::String(s)) if s.eq_ignore_ascii_case("quorum") => true,
+            v => tag_is_true(v),
+        }
+    }
+    pub fn synchronous_mode_strict(&self) -> bool {
+        tag_is_true(self.0.get("synchronous_mode_strict"))
+    }
+    pub fn synchronous_node_count(&self) -> u64 {
+        self.u64_or("synchronous_node_count", 1).max(1)
+    }
+    pub fn postgresql(&self) -> Option<&Map<String, Value>> {
+        self.0.get("postgresql").and_then(Value::as_object)
+    }
+    pub fn use_pg_rewind(&self) -> Option<bool> {
+        self.postgresql().and_then(|p| p.get("use_pg_rewind")).map(|v| tag_is_true(Some(v)))
+    }
+    pub fn use_slots(&self) -> Option<bool> {
+        self.postgresql().and_then(|p| p.get("use_slots")).map(|v| tag_is_true(Some(v)))
+    }
+    /// `postgresql.parameters` from the DCS, values as PostgreSQL text.
+    pub fn parameters(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        if let Some(Value::Object(p)) = self.postgresql().and_then(|p| p.get("parameters")) {
+            for (k, v) in p {
+                let s = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+                    Value::Null => continue,
+                    other => other.to_string(),
+                };
+                out.insert(k.clone(), s);
+            }
+        }
+        out
+    }
+    pub fn pg_hba(&self) -> Option<Vec<String>> {
+        let a = self.postgresql()?.get("pg_hba")?.as_array()?;
+        Some(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+    }
+
+    /// Applies a JSON merge patch the way Patroni's `PATCH /config` does: objects merge
+    /// recursively, `null` deletes a key, anything else replaces.
+    pub fn patched(&self, patch: &Map<String, Value>) -> DynamicConfig {
+        fn merge(dst: &mut Map<String, Value>, patch: &Map<String, Value>) {
+            for (k, v) in patch {
+                match v {
+                    Value::Null => {
+                        dst.remove(k);
+                    }
+                    Value::Object(p) => {
+                        let entry = dst.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                        if let Value::Object(d) = entry {
+                            merge(d, p);
+                        } else {
+                            let mut d = Map::new();
+                            merge(&mut d, p);
+                            *entry = Value::Object(d);
+                        }
+                    }
+                    other => {
+                        dst.insert(k.clone(), other.clone());
+                    }
+                }
+            }
+        }
+        let mut out = self.0.clone();
+        merge(&mut out, patch);
+        DynamicConfig(out)
+    }
+}
+
+/// An immutable snapshot of everything under `/<namespace>/<scope>/`, built once per HA cycle.
+/// Revisions double as CAS tokens for the keys that Patroni updates with compare-and-swap.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    /// `initialize`: `None` = absent, `Some("")` = bootstrap in progress, else the sysid.
+    pub initialize: Option<String>,
+    pub config: Option<(DynamicConfig, Revision)>,
+    pub leader: Option<LeaderKey>,
+    pub members: BTreeMap<MemberName, Member>,
+    pub failover: Option<(Failover, Revision)>,
+    pub sync: Option<(SyncState, Revision)>,
+    pub status: Status,
+    pub history: Vec<HistoryLine>,
+    pub failsafe: Option<Value>,
+    /// etcd header revision of the read that built this view.
+    pub revision: i64,
+}
+
+impl ClusterView {
+    pub fn leader_name(&self) -> Option<&MemberName> {
+        self.leader.as_ref().map(|l| &l.name)
+    }
+
+    pub fn leader_member(&self) -> Option<&Member> {
+        self.members.get(self.leader_name()?)
+    }
+
+    pub fn config(&self) -> DynamicConfig {
+        self.config.as_ref().map(|(c, _)| c.clone()).unwrap_or_default()
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.config.as_ref().is_some_and(|(c, _)| c.pause())
+    }
+
+    /// Cluster timeline derived from `history`: last line's parent + 1, or 1.
+    pub fn timeline(&self) -> Timeline {
+        Timeline(self.history.last().map(|h| h.parent_timeline + 1).unwrap_or(1))
+    }
+
+    /// The non-empty failover request, if any.
+    pub fn failover_request(&self) -> Option<&Failover> {
+        self.failover.as_ref().map(|(f, _)| f).filter(|f| !f.is_empty())
+    }
+
+    /// The sync key when synchronous mode is active (has a leader).
+    pub fn sync_state(&self) -> Option<&SyncState> {
+        self.sync.as_ref().map(|(s, _)| s).filter(|s| s.leader.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_json_is_compact_and_omits_absent_fields() {
+        let m = MemberData {
+            conn_url: "postgres://10.0.0.1:5432/postgres".into(),
+            api_url: "http://10.0.0.1:8008/patroni".into(),
+            state: "running".into(),
+            role: "primary".into(),
+            version: PATRONI_COMPAT_VERSION.into(),
+            xlog_location: Some(67420024),
+            timeline: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"conn_url":"postgres://10.0.0.1:5432/postgres","api_url":"http://10.0.0.1:8008/patroni","state":"running","role":"primary","version":"4.1.5","xlog_location":67420024,"timeline":1}"#
+        );
+        assert_eq!(m.conn_host_port(), Some(("10.0.0.1".into(), 5432)));
+        assert_eq!(m.api_base().as_deref(), Some("http://10.0.0.1:8008"));
+    }
+
+    #[test]
+    fn failover_accepts_legacy_plain_string_and_empty_object() {
+        assert!(Failover::parse("{}").is_empty());
+        let f = Failover::parse("a:b");
+        assert_eq!(f.leader.as_deref(), Some("a"));
+        assert_eq!(f.member.as_deref(), Some("b"));
+        assert_eq!(serde_json::to_string(&Failover::default()).unwrap(), "{}");
+    }
+
+    #[test]
+    fn history_lines_round_trip_with_five_fields() {
+        let raw = r#"[[1,25623960,"no recovery target specified","2019-09-23T16:57:57+02:00","node1"]]"#;
+        let h = history_from_json(raw);
+        assert_eq!(h[0].new_leader.as_deref(), Some("node1"));
+        assert_eq!(history_to_json(&h), raw);
+    }
+
+    #[test]
+    fn patch_with_null_deletes_and_objects_merge() {
+        let c = DynamicConfig::parse(r#"{"ttl":30,"pause":true,"postgresql":{"parameters":{"a":"1"}}}"#).unwrap();
+        let p: Map<String, Value> =
+            serde_json::from_str(r#"{"pause":null,"postgresql":{"parameters":{"b":2}}}"#).unwrap();
+        let n = c.patched(&p);
+        assert!(!n.pause());
+        assert_eq!(n.parameters().get("a").map(String::as_str), Some("1"));
+        assert_eq!(n.parameters().get("b").map(String::as_str), Some("2"));
+    }
+
+    #[test]
+    fn status_parse_tolerates_legacy_int_and_garbage() {
+        assert_eq!(Status::parse("123").optime, 123);
+        assert_eq!(Status::parse("not json").optime, 0);
+    }
+}

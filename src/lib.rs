@@ -1,0 +1,24 @@
+//! pgherd: highly available PostgreSQL on VMs and bare metal.
+//!
+//! Crate map:
+//! - [`types`]: newtypes (LSN, timeline, member name, lease, revision).
+//! - [`config`], [`yaml`]: the agent's node config (patroni.yml-shaped), located YAML errors.
+//! - [`dcs`]: the DCS trait, Patroni's key model, etcd and in-memory implementations.
+//! - [`pg`]: the PostgreSQL trait and its real (pg_ctl/initdb/...) and fake implementations.
+//! - [`ha`]: the pure HA core (`decide`), its `Decision`, and the observe→decide→act loop.
+//! - [`status`]: what the loop publishes for the REST API and the commands the API sends back.
+//! - [`api`]: the Patroni-compatible REST API (axum).
+//! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
+//! - [`agent`]: wiring of the `pgherd-agent` daemon.
+
+pub mod agent;
+pub mod api;
+pub mod callbacks;
+pub mod config;
+pub mod dcs;
+pub mod ha;
+pub mod pg;
+pub mod status;
+pub mod types;
+pub mod watchdog;
+pub mod yaml;
