@@ -406,3 +406,70 @@ impl Timing {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = include_str!("../tests/fixtures/agent/valid.yml");
+
+    #[test]
+    fn valid_config_parses_with_patroni_section_names() {
+        let c = AgentConfig::parse(VALID, "valid.yml").unwrap();
+        assert_eq!(c.scope, "batman");
+        assert_eq!(c.base_path(), "/service/batman/");
+        assert_eq!(c.etcd3.endpoints()[0], "http://127.0.0.1:2379");
+        assert_eq!(c.conn_url(), "postgres://127.0.0.1:5432/postgres");
+        assert_eq!(c.api_url(), "http://127.0.0.1:8008/patroni");
+        // strict booleans: a quoted "off" stays text, not a YAML boolean
+        assert_eq!(c.local_parameters()["log_min_messages"], "off");
+        assert_eq!(c.watchdog.mode, WatchdogMode::Automatic);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_line_and_column() {
+        let bad = VALID.replace("  use_slots: true", "  use_slotz: true");
+        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
+        assert!(e.starts_with("node.yml:"), "{e}");
+        assert!(e.contains("use_slotz"), "{e}");
+        let line = bad.lines().position(|l| l.contains("use_slotz")).unwrap() + 1;
+        assert!(e.contains(&format!(":{line}:")), "expected line {line} in {e}");
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let bad = VALID.replace("safety_margin: 5", "safety_margin: lots");
+        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
+        let line = bad.lines().position(|l| l.contains("safety_margin: lots")).unwrap() + 1;
+        assert!(e.contains(&format!("node.yml:{line}:")), "{e}");
+    }
+
+    #[test]
+    fn timing_rule_violation_is_rejected() {
+        let bad = VALID.replace("retry_timeout: 3", "retry_timeout: 5");
+        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
+        assert!(e.contains("loop_wait + 2*retry_timeout must be <= ttl"), "{e}");
+    }
+
+    #[test]
+    fn ttl_below_minimum_is_rejected() {
+        let bad = VALID.replace("ttl: 10", "ttl: 4").replace("loop_wait: 2", "loop_wait: 1").replace("retry_timeout: 3", "retry_timeout: 1");
+        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
+        assert!(e.contains("below the minimum"), "{e}");
+    }
+
+    #[test]
+    fn bad_watchdog_mode_and_address_are_rejected() {
+        let bad = VALID.replace("mode: automatic", "mode: sometimes");
+        assert!(AgentConfig::parse(&bad, "n").is_err());
+        let bad = VALID.replace("listen: 127.0.0.1:5432", "listen: nowhere");
+        let e = AgentConfig::parse(&bad, "n").unwrap_err().to_string();
+        assert!(e.contains("postgresql.listen"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let bad = VALID.replace("scope: batman", "scope: batman\nscope: robin");
+        assert!(AgentConfig::parse(&bad, "n").is_err());
+    }
+}

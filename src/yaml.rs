@@ -22,6 +22,14 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
             Some(loc) => (loc.line() as usize, loc.column() as usize),
             None => (0, 0),
         };
-        YamlError { line, column, message: e.to_string() }
+        YamlError { line, column, message: tidy_message(&e.to_string(), line, column) }
     })
+}
+
+/// serde-saphyr prefixes its message with `error: line L column C: ` and follows it with a
+/// source snippet; we print `file:L:C:` ourselves, so drop the duplicate prefix and keep the
+/// snippet (it shows the operator the offending line).
+fn tidy_message(raw: &str, line: usize, column: usize) -> String {
+    let prefix = format!("error: line {line} column {column}: ");
+    raw.strip_prefix(&prefix).unwrap_or(raw).replace("<input>", "here").trim_end().to_string()
 }

@@ -1,0 +1,4 @@
+//! Shared integration-test harnesses (real etcd, real agents).
+#![allow(dead_code)]
+pub mod cluster;
+pub mod etcd;
