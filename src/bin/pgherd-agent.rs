@@ -1,1 +1,66 @@
-fn main() {}
+//! `pgherd-agent`: the HA daemon run on every PostgreSQL node (thin: parse args, load the config,
+//! hand over to `pgherd::agent::run`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Patroni-compatible HA agent for PostgreSQL.
+#[derive(Parser, Debug)]
+#[command(name = "pgherd-agent", version)]
+struct Args {
+    /// Node configuration file (patroni.yml-shaped).
+    config: Option<PathBuf>,
+    /// Only check the configuration file and exit (0 when valid).
+    #[arg(long, value_name = "FILE")]
+    validate_config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(path) = args.validate_config {
+        return match pgherd::config::AgentConfig::load(&path) {
+            Ok(_) => {
+                println!("{}: configuration is valid", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let Some(path) = args.config else {
+        eprintln!("error: a configuration file is required (pgherd-agent CONFIG)");
+        return ExitCode::from(2);
+    };
+    let cfg = match pgherd::config::AgentConfig::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    pgherd::agent::init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("pgherd-agent")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(pgherd::agent::run(cfg, path)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
