@@ -160,7 +160,10 @@ impl Slot {
             match old.try_wait() {
                 Ok(Some(_)) => {}
                 _ => {
-                    tracing::info!(pid = old.id(), "killing the previous callback (a newer one starts)");
+                    tracing::info!(
+                        pid = old.id(),
+                        "killing the previous callback (a newer one starts)"
+                    );
                     kill_group(old.id());
                     let _ = old.wait();
                 }
@@ -244,7 +247,10 @@ impl CommandHooks {
         let mut argv = match shell_split(cmd) {
             Some(a) if !a.is_empty() => a,
             _ => {
-                tracing::error!(action = action.as_str(), "cannot parse callback command line");
+                tracing::error!(
+                    action = action.as_str(),
+                    "cannot parse callback command line"
+                );
                 return None;
             }
         };
@@ -297,8 +303,14 @@ async fn run_bounded(what: &str, argv: &[String], timeout: Duration) -> Option<b
 #[async_trait]
 impl Hooks for CommandHooks {
     fn callback(&self, action: CallbackAction, role: Role) {
-        let Some(argv) = self.callback_argv(action, role) else { return };
-        let slot = if action == CallbackAction::OnReload { &self.reload } else { &self.main };
+        let Some(argv) = self.callback_argv(action, role) else {
+            return;
+        };
+        let slot = if action == CallbackAction::OnReload {
+            &self.reload
+        } else {
+            &self.main
+        };
         let mut guard = slot.running.lock().unwrap_or_else(|p| p.into_inner());
         // One at a time: the newest callback reflects the current state, an older one still
         // running would act on a stale role.
@@ -311,28 +323,35 @@ impl Hooks for CommandHooks {
             }
         };
         let pid = child.id();
-        tracing::info!(action = action.as_str(), role = callback_role(role), pid, "callback started");
+        tracing::info!(
+            action = action.as_str(),
+            role = callback_role(role),
+            pid,
+            "callback started"
+        );
         *guard = Some(child);
         drop(guard);
         // Reaper: polls the slot until our child exits or is replaced (then the replacer has
         // reaped it). A thread rather than a task so it works without (or with a paused) runtime.
         let slot = Arc::clone(slot);
-        let spawned = std::thread::Builder::new().name("callback-reaper".into()).spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_millis(50));
-                let mut g = slot.running.lock().unwrap_or_else(|p| p.into_inner());
-                match g.as_mut() {
-                    Some(c) if c.id() == pid => {
-                        if let Ok(Some(status)) = c.try_wait() {
-                            tracing::info!(pid, %status, "callback finished");
-                            *g = None;
-                            return;
+        let spawned = std::thread::Builder::new()
+            .name("callback-reaper".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let mut g = slot.running.lock().unwrap_or_else(|p| p.into_inner());
+                    match g.as_mut() {
+                        Some(c) if c.id() == pid => {
+                            if let Ok(Some(status)) = c.try_wait() {
+                                tracing::info!(pid, %status, "callback finished");
+                                *g = None;
+                                return;
+                            }
                         }
+                        _ => return,
                     }
-                    _ => return,
                 }
-            }
-        });
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start callback reaper thread");
         }
@@ -370,7 +389,10 @@ mod tests {
     #[test]
     fn shell_split_handles_quotes_and_escapes() {
         assert_eq!(shell_split("a b  c").unwrap(), ["a", "b", "c"]);
-        assert_eq!(shell_split("'a b' \"c \\\"d\\\"\" e\\ f").unwrap(), ["a b", "c \"d\"", "e f"]);
+        assert_eq!(
+            shell_split("'a b' \"c \\\"d\\\"\" e\\ f").unwrap(),
+            ["a b", "c \"d\"", "e f"]
+        );
         assert_eq!(shell_split("x''y \"\"").unwrap(), ["xy", ""]);
         assert!(shell_split("'open").is_none());
         assert!(shell_split("trailing\\").is_none());

@@ -68,7 +68,10 @@ pub struct NullWatchdog;
 
 impl WatchdogDevice for NullWatchdog {
     fn open(&mut self, _timeout: Duration) -> Result<(), WatchdogError> {
-        Err(WatchdogError::Unusable("none".into(), "watchdog is disabled".into()))
+        Err(WatchdogError::Unusable(
+            "none".into(),
+            "watchdog is disabled".into(),
+        ))
     }
     fn keepalive(&mut self) -> Result<(), WatchdogError> {
         Err(WatchdogError::Keepalive("watchdog is disabled".into()))
@@ -94,7 +97,11 @@ pub struct LinuxWatchdog {
 
 impl LinuxWatchdog {
     pub fn new(path: impl AsRef<Path>) -> Self {
-        LinuxWatchdog { path: path.as_ref().to_path_buf(), file: None, keepalive_by_write: false }
+        LinuxWatchdog {
+            path: path.as_ref().to_path_buf(),
+            file: None,
+            keepalive_by_write: false,
+        }
     }
 
     fn unusable(&self, why: impl std::fmt::Display) -> WatchdogError {
@@ -106,7 +113,11 @@ fn ioctl_int(file: &File, request: u32, value: &mut libc::c_int) -> std::io::Res
     // SAFETY: the fd is open for the duration of the call and `value` points to a live c_int,
     // which is what both watchdog ioctls used here expect.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, value as *mut libc::c_int) };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 impl WatchdogDevice for LinuxWatchdog {
@@ -114,7 +125,10 @@ impl WatchdogDevice for LinuxWatchdog {
         if self.file.is_some() {
             self.close();
         }
-        let file = OpenOptions::new().write(true).open(&self.path).map_err(|e| self.unusable(e))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .map_err(|e| self.unusable(e))?;
         let mut secs = timeout.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
         if let Err(e) = ioctl_int(&file, WDIOC_SETTIMEOUT, &mut secs) {
             // The device is armed by open: disarm it before giving up, or the host resets on
@@ -124,7 +138,11 @@ impl WatchdogDevice for LinuxWatchdog {
             return Err(self.unusable(format!("cannot set timeout: {e}")));
         }
         if secs as u64 != timeout.as_secs() {
-            tracing::warn!(requested = timeout.as_secs(), actual = secs, "watchdog timeout adjusted by the driver");
+            tracing::warn!(
+                requested = timeout.as_secs(),
+                actual = secs,
+                "watchdog timeout adjusted by the driver"
+            );
         }
         self.file = Some(file);
         self.keepalive_by_write = false;
@@ -132,19 +150,26 @@ impl WatchdogDevice for LinuxWatchdog {
     }
 
     fn keepalive(&mut self) -> Result<(), WatchdogError> {
-        let file = self.file.as_mut().ok_or_else(|| WatchdogError::Keepalive("device not open".into()))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| WatchdogError::Keepalive("device not open".into()))?;
         if !self.keepalive_by_write {
             let mut dummy: libc::c_int = 0;
             match ioctl_int(file, WDIOC_KEEPALIVE, &mut dummy) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOTTY) || e.raw_os_error() == Some(libc::EINVAL) => {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOTTY)
+                        || e.raw_os_error() == Some(libc::EINVAL) =>
+                {
                     // Driver without the ioctl: any write pings it.
                     self.keepalive_by_write = true;
                 }
                 Err(e) => return Err(WatchdogError::Keepalive(e.to_string())),
             }
         }
-        file.write_all(b"1").map_err(|e| WatchdogError::Keepalive(e.to_string()))
+        file.write_all(b"1")
+            .map_err(|e| WatchdogError::Keepalive(e.to_string()))
     }
 
     fn close(&mut self) {
@@ -184,7 +209,11 @@ pub struct FileWatchdog {
 
 impl FileWatchdog {
     pub fn new(path: impl AsRef<Path>) -> Self {
-        FileWatchdog { path: path.as_ref().to_path_buf(), file: None, timeout: Duration::ZERO }
+        FileWatchdog {
+            path: path.as_ref().to_path_buf(),
+            file: None,
+            timeout: Duration::ZERO,
+        }
     }
 
     fn line(&mut self, event: &str) -> std::io::Result<()> {
@@ -217,7 +246,8 @@ impl WatchdogDevice for FileWatchdog {
     }
 
     fn keepalive(&mut self) -> Result<(), WatchdogError> {
-        self.line("keepalive").map_err(|e| WatchdogError::Keepalive(e.to_string()))
+        self.line("keepalive")
+            .map_err(|e| WatchdogError::Keepalive(e.to_string()))
     }
 
     fn close(&mut self) {
@@ -292,8 +322,12 @@ impl FileWatchdogHardware {
     /// Applies one line (also usable by a reader of a FIFO).
     pub fn feed_line(&mut self, line: &str) {
         let mut it = line.split_whitespace();
-        let (Some(ev), Some(ts), Some(to)) = (it.next(), it.next(), it.next()) else { return };
-        let (Ok(ts), Ok(to)) = (ts.parse::<u128>(), to.parse::<u128>()) else { return };
+        let (Some(ev), Some(ts), Some(to)) = (it.next(), it.next(), it.next()) else {
+            return;
+        };
+        let (Ok(ts), Ok(to)) = (ts.parse::<u128>(), to.parse::<u128>()) else {
+            return;
+        };
         self.events.push((ev.to_string(), ts, to));
         if matches!(self.state, HardwareState::Fired { .. }) {
             return;
@@ -304,7 +338,9 @@ impl FileWatchdogHardware {
             return;
         }
         self.state = match ev {
-            "open" | "keepalive" => HardwareState::Armed { deadline_ms: ts + to },
+            "open" | "keepalive" => HardwareState::Armed {
+                deadline_ms: ts + to,
+            },
             "close" => HardwareState::Disarmed,
             _ => self.state,
         };

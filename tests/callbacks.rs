@@ -34,7 +34,11 @@ fn read(p: &Path) -> String {
 async fn callback_receives_split_command_plus_action_role_scope() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("argv");
-    let s = script(dir.path(), "cb.sh", &format!("for a in \"$@\"; do echo \"$a\" >> {}; done", out.display()));
+    let s = script(
+        dir.path(),
+        "cb.sh",
+        &format!("for a in \"$@\"; do echo \"$a\" >> {}; done", out.display()),
+    );
     let hooks = CommandHooks::new(
         "batman",
         Callbacks {
@@ -45,8 +49,14 @@ async fn callback_receives_split_command_plus_action_role_scope() {
         None,
     );
     hooks.callback(CallbackAction::OnRoleChange, Role::Promoted);
-    assert!(wait_for(|| read(&out).lines().count() == 5, Duration::from_secs(5)));
-    assert_eq!(read(&out), "two words\n--flag\non_role_change\nprimary\nbatman\n");
+    assert!(wait_for(
+        || read(&out).lines().count() == 5,
+        Duration::from_secs(5)
+    ));
+    assert_eq!(
+        read(&out),
+        "two words\n--flag\non_role_change\nprimary\nbatman\n"
+    );
 }
 
 #[tokio::test]
@@ -79,11 +89,21 @@ async fn new_callback_kills_the_running_one_and_its_children() {
         None,
     );
     hooks.callback(CallbackAction::OnStart, Role::Replica);
-    assert!(wait_for(|| read(&out).contains("start on_start replica"), Duration::from_secs(5)));
+    assert!(wait_for(
+        || read(&out).contains("start on_start replica"),
+        Duration::from_secs(5)
+    ));
     hooks.callback(CallbackAction::OnRoleChange, Role::Primary);
-    assert!(wait_for(|| read(&out).contains("start on_role_change primary"), Duration::from_secs(5)));
+    assert!(wait_for(
+        || read(&out).contains("start on_role_change primary"),
+        Duration::from_secs(5)
+    ));
     std::thread::sleep(Duration::from_millis(3500));
-    assert!(!read(&out).contains("end on_start"), "the replaced callback kept running: {}", read(&out));
+    assert!(
+        !read(&out).contains("end on_start"),
+        "the replaced callback kept running: {}",
+        read(&out)
+    );
 }
 
 #[tokio::test]
@@ -93,17 +113,27 @@ async fn on_reload_has_its_own_slot() {
     let s = script(
         dir.path(),
         "cb.sh",
-        &format!("echo \"start $1\" >> {o}\nsleep 1\necho \"end $1\" >> {o}", o = out.display()),
+        &format!(
+            "echo \"start $1\" >> {o}\nsleep 1\necho \"end $1\" >> {o}",
+            o = out.display()
+        ),
     );
     let cmd = Some(s.display().to_string());
     let hooks = CommandHooks::new(
         "batman",
-        Callbacks { on_start: cmd.clone(), on_reload: cmd, ..Default::default() },
+        Callbacks {
+            on_start: cmd.clone(),
+            on_reload: cmd,
+            ..Default::default()
+        },
         None,
         None,
     );
     hooks.callback(CallbackAction::OnStart, Role::Replica);
-    assert!(wait_for(|| read(&out).contains("start on_start"), Duration::from_secs(5)));
+    assert!(wait_for(
+        || read(&out).contains("start on_start"),
+        Duration::from_secs(5)
+    ));
     hooks.callback(CallbackAction::OnReload, Role::Replica);
     assert!(wait_for(
         || read(&out).contains("end on_start") && read(&out).contains("end on_reload"),
@@ -115,26 +145,57 @@ async fn on_reload_has_its_own_slot() {
 async fn pre_promote_follows_exit_code_and_gets_no_extra_args() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("argv");
-    let ok = script(dir.path(), "ok.sh", &format!("echo \"$#:$*\" > {}\nexit 0", out.display()));
+    let ok = script(
+        dir.path(),
+        "ok.sh",
+        &format!("echo \"$#:$*\" > {}\nexit 0", out.display()),
+    );
     let bad = script(dir.path(), "bad.sh", "exit 3");
-    let hooks = CommandHooks::new("batman", Callbacks::default(), Some(format!("{} x", ok.display())), None);
+    let hooks = CommandHooks::new(
+        "batman",
+        Callbacks::default(),
+        Some(format!("{} x", ok.display())),
+        None,
+    );
     assert!(hooks.pre_promote().await);
     assert_eq!(read(&out), "1:x\n");
-    let hooks = CommandHooks::new("batman", Callbacks::default(), Some(bad.display().to_string()), None);
+    let hooks = CommandHooks::new(
+        "batman",
+        Callbacks::default(),
+        Some(bad.display().to_string()),
+        None,
+    );
     assert!(!hooks.pre_promote().await);
-    let hooks = CommandHooks::new("batman", Callbacks::default(), Some("/nonexistent/prog".into()), None);
+    let hooks = CommandHooks::new(
+        "batman",
+        Callbacks::default(),
+        Some("/nonexistent/prog".into()),
+        None,
+    );
     assert!(!hooks.pre_promote().await);
     let hooks = CommandHooks::new("batman", Callbacks::default(), None, None);
-    assert!(hooks.pre_promote().await, "no pre_promote configured allows promotion");
+    assert!(
+        hooks.pre_promote().await,
+        "no pre_promote configured allows promotion"
+    );
 }
 
 #[tokio::test]
 async fn pre_promote_timeout_vetoes_and_kills_the_script() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("after");
-    let slow = script(dir.path(), "slow.sh", &format!("sleep 2\necho late > {}", out.display()));
-    let hooks = CommandHooks::new("batman", Callbacks::default(), Some(slow.display().to_string()), None)
-        .with_pre_promote_timeout(Duration::from_millis(300));
+    let slow = script(
+        dir.path(),
+        "slow.sh",
+        &format!("sleep 2\necho late > {}", out.display()),
+    );
+    let hooks = CommandHooks::new(
+        "batman",
+        Callbacks::default(),
+        Some(slow.display().to_string()),
+        None,
+    )
+    .with_pre_promote_timeout(Duration::from_millis(300));
     let t = Instant::now();
     assert!(!hooks.pre_promote().await);
     assert!(t.elapsed() < Duration::from_secs(2));
@@ -146,8 +207,21 @@ async fn pre_promote_timeout_vetoes_and_kills_the_script() {
 async fn before_stop_runs_synchronously_and_ignores_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ran");
-    let s = script(dir.path(), "bs.sh", &format!("sleep 0.2\necho \"$#\" > {}\nexit 1", out.display()));
-    let hooks = CommandHooks::new("batman", Callbacks::default(), None, Some(s.display().to_string()));
+    let s = script(
+        dir.path(),
+        "bs.sh",
+        &format!("sleep 0.2\necho \"$#\" > {}\nexit 1", out.display()),
+    );
+    let hooks = CommandHooks::new(
+        "batman",
+        Callbacks::default(),
+        None,
+        Some(s.display().to_string()),
+    );
     hooks.before_stop().await;
-    assert_eq!(read(&out), "0\n", "before_stop must have finished, with no extra args");
+    assert_eq!(
+        read(&out),
+        "0\n",
+        "before_stop must have finished, with no extra args"
+    );
 }

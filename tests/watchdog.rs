@@ -28,7 +28,10 @@ fn linux_driver_on_a_non_watchdog_file_is_unusable_and_disarmed() {
     let p = dir.path().join("fake");
     std::fs::write(&p, "").unwrap();
     let mut wd = LinuxWatchdog::new(&p);
-    assert!(matches!(wd.open(Duration::from_secs(10)), Err(WatchdogError::Unusable(..))));
+    assert!(matches!(
+        wd.open(Duration::from_secs(10)),
+        Err(WatchdogError::Unusable(..))
+    ));
     assert!(!wd.is_open());
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "V");
 }
@@ -36,7 +39,10 @@ fn linux_driver_on_a_non_watchdog_file_is_unusable_and_disarmed() {
 #[test]
 fn null_watchdog_never_opens() {
     let mut wd = NullWatchdog;
-    assert!(matches!(wd.open(Duration::from_secs(10)), Err(WatchdogError::Unusable(..))));
+    assert!(matches!(
+        wd.open(Duration::from_secs(10)),
+        Err(WatchdogError::Unusable(..))
+    ));
     assert!(!wd.is_open());
 }
 
@@ -54,7 +60,11 @@ fn device_from_config_picks_the_driver() {
     assert!(wd.is_open() && file.exists());
     wd.close();
     cfg.mode = WatchdogMode::Off;
-    assert!(device_from_config(&cfg).open(Duration::from_secs(3)).is_err());
+    assert!(
+        device_from_config(&cfg)
+            .open(Duration::from_secs(3))
+            .is_err()
+    );
     cfg.mode = WatchdogMode::Automatic;
     cfg.device = PathBuf::from("/nonexistent/watchdog0");
     assert!(matches!(
@@ -80,9 +90,24 @@ fn file_watchdog_keeps_hardware_armed_while_pinged_and_disarms_on_close() {
     assert!(!wd.is_open());
     assert_eq!(hw.poll(), HardwareState::Disarmed);
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(hw.poll(), HardwareState::Disarmed, "closed device must not fire");
+    assert_eq!(
+        hw.poll(),
+        HardwareState::Disarmed,
+        "closed device must not fire"
+    );
     let kinds: Vec<&str> = hw.events.iter().map(|e| e.0.as_str()).collect();
-    assert_eq!(kinds, ["open", "keepalive", "keepalive", "keepalive", "keepalive", "keepalive", "close"]);
+    assert_eq!(
+        kinds,
+        [
+            "open",
+            "keepalive",
+            "keepalive",
+            "keepalive",
+            "keepalive",
+            "keepalive",
+            "close"
+        ]
+    );
     assert!(hw.events.iter().all(|e| e.2 == 300));
 }
 
@@ -106,7 +131,10 @@ fn file_watchdog_hardware_fires_when_keepalives_stop() {
     wd.open(Duration::from_millis(200)).unwrap();
     wd.keepalive().unwrap();
     // The agent "hangs": no more keepalives and no close.
-    assert!(hw.join().unwrap(), "hardware did not fire after keepalives stopped");
+    assert!(
+        hw.join().unwrap(),
+        "hardware did not fire after keepalives stopped"
+    );
 }
 
 #[test]
@@ -127,5 +155,8 @@ fn file_watchdog_on_fifo_without_reader_is_unusable() {
     // SAFETY: valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let mut wd = FileWatchdog::new(&p);
-    assert!(matches!(wd.open(Duration::from_secs(1)), Err(WatchdogError::Unusable(..))));
+    assert!(matches!(
+        wd.open(Duration::from_secs(1)),
+        Err(WatchdogError::Unusable(..))
+    ));
 }

@@ -42,11 +42,19 @@ pub fn parse_schedule(raw: &Value, action: &str) -> Result<DateTime<FixedOffset>
         Ok(t) if t < Utc::now() => Err((422, format!("Cannot schedule {action} in the past"))),
         Ok(t) => Ok(t),
         Err(_) => {
-            let naive = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"]
-                .iter()
-                .any(|f| NaiveDateTime::parse_from_str(s, f).is_ok());
+            let naive = [
+                "%Y-%m-%dT%H:%M:%S%.f",
+                "%Y-%m-%d %H:%M:%S%.f",
+                "%Y-%m-%dT%H:%M",
+                "%Y-%m-%d %H:%M",
+            ]
+            .iter()
+            .any(|f| NaiveDateTime::parse_from_str(s, f).is_ok());
             if naive {
-                Err((400, format!("Timezone information is mandatory for the scheduled {action}")))
+                Err((
+                    400,
+                    format!("Timezone information is mandatory for the scheduled {action}"),
+                ))
             } else {
                 Err(unparsable())
             }
@@ -78,10 +86,16 @@ pub(crate) async fn post_switchover(state: &ApiState, req: Req, failover: bool) 
     let mut action = if failover { "failover" } else { "switchover" };
 
     if failover && candidate.is_none() {
-        return text(400, "Failover could be performed only to a specific candidate");
+        return text(
+            400,
+            "Failover could be performed only to a specific candidate",
+        );
     }
     if !failover && leader.is_none() {
-        return text(400, "Switchover could be performed only from a specific leader");
+        return text(
+            400,
+            "Switchover could be performed only from a specific leader",
+        );
     }
     let mut scheduled_at = None;
     if let Some(raw) = scheduled_raw {
@@ -97,7 +111,10 @@ pub(crate) async fn post_switchover(state: &ApiState, req: Req, failover: bool) 
         }
     }
     if paused && candidate.is_none() {
-        return text(400, "Switchover is possible only to a specific candidate in a paused state");
+        return text(
+            400,
+            "Switchover is possible only to a specific candidate in a paused state",
+        );
     }
     if failover && leader.is_some() {
         // A failover naming the leader is a switchover (Patroni logs and converts it).
@@ -107,8 +124,14 @@ pub(crate) async fn post_switchover(state: &ApiState, req: Req, failover: bool) 
         return text(400, "Switchover target and source are the same");
     }
     if scheduled_at.is_none() {
-        if let Some(why) =
-            failover_impossible(state, &cluster, leader.as_deref(), candidate.as_deref(), action).await
+        if let Some(why) = failover_impossible(
+            state,
+            &cluster,
+            leader.as_deref(),
+            candidate.as_deref(),
+            action,
+        )
+        .await
         {
             return text(412, why);
         }
@@ -149,20 +172,35 @@ async fn failover_impossible(
         }
     }
     let sync_only = is_sync_mode(&cfg) && !is_quorum_mode(&cfg);
-    let listed = |n: &str| cluster.sync.as_ref().is_some_and(|(s, _)| s.matches(n, false));
+    let listed = |n: &str| {
+        cluster
+            .sync
+            .as_ref()
+            .is_some_and(|(s, _)| s.matches(n, false))
+    };
     let members: Vec<&Member> = if let Some(c) = candidate {
         if action == "switchover" && sync_only && !listed(c) {
             return Some("candidate name does not match with sync_standby".into());
         }
-        let m: Vec<&Member> = cluster.members.values().filter(|m| m.name.as_str() == c).collect();
+        let m: Vec<&Member> = cluster
+            .members
+            .values()
+            .filter(|m| m.name.as_str() == c)
+            .collect();
         if m.is_empty() {
             return Some("candidate does not exists".into());
         }
         m
     } else if sync_only {
-        let m: Vec<&Member> = cluster.members.values().filter(|m| listed(m.name.as_str())).collect();
+        let m: Vec<&Member> = cluster
+            .members
+            .values()
+            .filter(|m| listed(m.name.as_str()))
+            .collect();
         if m.is_empty() {
-            return Some(format!("{action} is not possible: can not find sync_standby"));
+            return Some(format!(
+                "{action} is not possible: can not find sync_standby"
+            ));
         }
         m
     } else {
@@ -172,7 +210,9 @@ async fn failover_impossible(
             .filter(|m| Some(m.name.as_str()) != cur_leader && !m.data.api_url.is_empty())
             .collect();
         if m.is_empty() {
-            return Some(format!("{action} is not possible: cluster does not have members except leader"));
+            return Some(format!(
+                "{action} is not possible: cluster does not have members except leader"
+            ));
         }
         m
     };
@@ -190,7 +230,9 @@ async fn failover_impossible(
             }
         }
     }
-    Some(format!("{action} is not possible: no good candidates have been found"))
+    Some(format!(
+        "{action} is not possible: no good candidates have been found"
+    ))
 }
 
 /// A probed member can take over unless it may not promote (`nofailover`, or a
@@ -229,15 +271,17 @@ async fn poll_result(
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(state.switchover_poll).await;
-        let Ok(Ok(view)) = tokio::time::timeout(Duration::from_secs(2), state.dcs.load()).await else {
+        let Ok(Ok(view)) = tokio::time::timeout(Duration::from_secs(2), state.dcs.load()).await
+        else {
             continue;
         };
         if let Some(new) = view.leader_name().map(|n| n.as_str().to_string()) {
             if Some(&new) != old_leader.as_ref() {
                 return match &candidate {
-                    Some(c) if *c != new => {
-                        (200, format!("{title_stem}ed over to \"{new}\" instead of \"{c}\""))
-                    }
+                    Some(c) if *c != new => (
+                        200,
+                        format!("{title_stem}ed over to \"{new}\" instead of \"{c}\""),
+                    ),
                     _ => (200, format!("Successfully {stem}ed over to \"{new}\"")),
                 };
             }
@@ -256,7 +300,11 @@ pub(crate) async fn delete_switchover(state: &ApiState) -> Response {
     };
     match &view.failover {
         Some((f, rev)) if f.scheduled_at.is_some() => {
-            match state.dcs.set_failover(&Failover::default(), Some(*rev)).await {
+            match state
+                .dcs
+                .set_failover(&Failover::default(), Some(*rev))
+                .await
+            {
                 Ok(true) => {
                     state.wakeup();
                     text(200, "scheduled switchover deleted")
@@ -277,10 +325,16 @@ async fn ask_loop(
     let (tx, rx) = oneshot::channel();
     match tokio::time::timeout(COMMAND_SEND_TIMEOUT, state.commands.send(make(tx))).await {
         Ok(Ok(())) => {}
-        _ => return CommandReply::new(503, format!("{what} failed: the HA loop is not responding")),
+        _ => {
+            return CommandReply::new(503, format!("{what} failed: the HA loop is not responding"));
+        }
     }
-    rx.await
-        .unwrap_or_else(|_| CommandReply::new(503, format!("{what} failed: the HA loop dropped the request")))
+    rx.await.unwrap_or_else(|_| {
+        CommandReply::new(
+            503,
+            format!("{what} failed: the HA loop dropped the request"),
+        )
+    })
 }
 
 fn reply(r: CommandReply) -> Response {
@@ -299,7 +353,9 @@ fn parse_seconds(v: &Value) -> Option<f64> {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => {
             let s = s.trim();
-            let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+            let split = s
+                .find(|c: char| !c.is_ascii_digit() && c != '.')
+                .unwrap_or(s.len());
             let (num, unit) = s.split_at(split);
             let n: f64 = num.parse().ok()?;
             let mult = match unit.trim() {
@@ -320,7 +376,9 @@ fn valid_pg_version(v: &Value) -> bool {
     let Some(s) = v.as_str() else { return false };
     let parts: Vec<&str> = s.split('.').collect();
     (2..=3).contains(&parts.len())
-        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// `POST /restart`: validation here (400/422/500 exactly as Patroni), the restart itself —
@@ -343,7 +401,9 @@ pub(crate) async fn post_restart(state: &ApiState, req: Req) -> Response {
                 }
             }
             "role" => match v.as_str() {
-                Some(role @ ("primary" | "standby_leader" | "replica")) => r.role = Some(role.into()),
+                Some(role @ ("primary" | "standby_leader" | "replica")) => {
+                    r.role = Some(role.into())
+                }
                 _ => {
                     return text(
                         400,
@@ -353,10 +413,15 @@ pub(crate) async fn post_restart(state: &ApiState, req: Req) -> Response {
             },
             "postgres_version" => {
                 if !valid_pg_version(v) {
-                    let shown = v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+                    let shown = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
                     return text(
                         400,
-                        format!("Invalid PostgreSQL version format: X.Y or X.Y.Z is accepted: {shown}"),
+                        format!(
+                            "Invalid PostgreSQL version format: X.Y or X.Y.Z is accepted: {shown}"
+                        ),
                     );
                 }
                 r.postgres_version = v.as_str().map(str::to_string);
@@ -366,14 +431,26 @@ pub(crate) async fn post_restart(state: &ApiState, req: Req) -> Response {
                 _ => return text(400, "Timeout should be a positive number of seconds"),
             },
             "restart_pending" => r.restart_pending = Some(tag_is_true(Some(v))),
-            other => return text(400, format!("Unknown filter for the scheduled restart: {other}")),
+            other => {
+                return text(
+                    400,
+                    format!("Unknown filter for the scheduled restart: {other}"),
+                );
+            }
         }
     }
     reply(ask_loop(state, |reply| Command::Restart { req: r, reply }, "restart").await)
 }
 
 pub(crate) async fn delete_restart(state: &ApiState) -> Response {
-    reply(ask_loop(state, |reply| Command::CancelScheduledRestart { reply }, "cancel restart").await)
+    reply(
+        ask_loop(
+            state,
+            |reply| Command::CancelScheduledRestart { reply },
+            "cancel restart",
+        )
+        .await,
+    )
 }
 
 /// `POST /reinitialize {force, from_leader}`. The two refusals that only need the snapshot are
@@ -393,8 +470,16 @@ pub(crate) async fn post_reinitialize(state: &ApiState, req: Req) -> Response {
         return text(503, "I am the leader, can not reinitialize");
     }
     reply(
-        ask_loop(state, |reply| Command::Reinitialize { force, from_leader, reply }, "reinitialize")
-            .await,
+        ask_loop(
+            state,
+            |reply| Command::Reinitialize {
+                force,
+                from_leader,
+                reply,
+            },
+            "reinitialize",
+        )
+        .await,
     )
 }
 
@@ -461,9 +546,24 @@ mod tests {
 
     #[test]
     fn schedule_needs_timezone_and_future() {
-        assert_eq!(parse_schedule(&Value::from("2999-01-01T10:00:00"), "switchover").unwrap_err().0, 400);
-        assert_eq!(parse_schedule(&Value::from("2000-01-01T10:00:00+00:00"), "switchover").unwrap_err().0, 422);
-        assert_eq!(parse_schedule(&Value::from("tomorrow"), "switchover").unwrap_err().0, 422);
+        assert_eq!(
+            parse_schedule(&Value::from("2999-01-01T10:00:00"), "switchover")
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(
+            parse_schedule(&Value::from("2000-01-01T10:00:00+00:00"), "switchover")
+                .unwrap_err()
+                .0,
+            422
+        );
+        assert_eq!(
+            parse_schedule(&Value::from("tomorrow"), "switchover")
+                .unwrap_err()
+                .0,
+            422
+        );
         assert!(parse_schedule(&Value::from("2999-01-01T10:00:00+02:00"), "switchover").is_ok());
         assert!(parse_schedule(&Value::from("2999-01-01 10:00:00+0200"), "switchover").is_ok());
     }
@@ -471,8 +571,12 @@ mod tests {
     #[test]
     fn candidates_with_nofailover_or_broken_watchdog_are_refused() {
         assert!(candidate_ok(&serde_json::json!({"role": "replica"})));
-        assert!(!candidate_ok(&serde_json::json!({"tags": {"nofailover": true}})));
-        assert!(!candidate_ok(&serde_json::json!({"tags": {"failover_priority": 0}})));
+        assert!(!candidate_ok(
+            &serde_json::json!({"tags": {"nofailover": true}})
+        ));
+        assert!(!candidate_ok(
+            &serde_json::json!({"tags": {"failover_priority": 0}})
+        ));
         assert!(!candidate_ok(&serde_json::json!({"watchdog_failed": true})));
     }
 }

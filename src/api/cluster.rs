@@ -2,9 +2,9 @@
 //! table), `/history`, `/config`, and `GET /metrics` (Patroni's Prometheus names, labels
 //! `scope` and `name`).
 
-use std::fmt::Write as _;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
+use std::fmt::Write as _;
 
 use super::ApiState;
 use super::health::{is_listed_sync, is_quorum_mode, is_standby_cluster, is_sync_mode};
@@ -24,7 +24,11 @@ pub fn cluster_json(view: &ClusterView, scope: &str) -> Value {
     for (name, m) in &view.members {
         let is_leader = leader.as_deref() == Some(name.as_str());
         let role = if is_leader {
-            if is_standby_cluster(&cfg) { "standby_leader" } else { "leader" }
+            if is_standby_cluster(&cfg) {
+                "standby_leader"
+            } else {
+                "leader"
+            }
         } else if is_quorum_mode(&cfg) && is_listed_sync(Some(view), name.as_str()) {
             "quorum_standby"
         } else if is_sync_mode(&cfg) && is_listed_sync(Some(view), name.as_str()) {
@@ -62,18 +66,16 @@ pub fn cluster_json(view: &ClusterView, scope: &str) -> Value {
             o.insert("tags".into(), Value::Object(d.tags.clone()));
         }
         if !is_leader {
-            let mut lag = |lag_key: &str, lsn_key: &str, lsn: Option<u64>, always: bool| {
-                match lsn {
-                    Some(l) => {
-                        o.insert(lag_key.into(), optime.saturating_sub(l).into());
-                        o.insert(lsn_key.into(), Lsn(l).to_string().into());
-                    }
-                    None if always => {
-                        o.insert(lag_key.into(), "unknown".into());
-                        o.insert(lsn_key.into(), "unknown".into());
-                    }
-                    None => {}
+            let mut lag = |lag_key: &str, lsn_key: &str, lsn: Option<u64>, always: bool| match lsn {
+                Some(l) => {
+                    o.insert(lag_key.into(), optime.saturating_sub(l).into());
+                    o.insert(lsn_key.into(), Lsn(l).to_string().into());
                 }
+                None if always => {
+                    o.insert(lag_key.into(), "unknown".into());
+                    o.insert(lsn_key.into(), "unknown".into());
+                }
+                None => {}
             };
             lag("receive_lag", "receive_lsn", d.receive_lsn, false);
             lag("replay_lag", "replay_lsn", d.replay_lsn, false);
@@ -111,8 +113,15 @@ pub(crate) async fn get_cluster(state: &ApiState) -> Response {
 }
 
 pub(crate) async fn get_history(state: &ApiState) -> Response {
-    let lines = state.fresh_cluster().await.map(|v| v.history.clone()).unwrap_or_default();
-    super::json(200, &Value::Array(lines.iter().map(|l| l.to_json()).collect()))
+    let lines = state
+        .fresh_cluster()
+        .await
+        .map(|v| v.history.clone())
+        .unwrap_or_default();
+    super::json(
+        200,
+        &Value::Array(lines.iter().map(|l| l.to_json()).collect()),
+    )
 }
 
 /// `GET /config`: 502 when there is no valid config (Patroni treats a missing config or one
@@ -132,12 +141,18 @@ fn version_metric(v: &str) -> String {
 /// Seconds since the epoch of a PostgreSQL timestamp text (`2024-08-28 19:39:26.352526+00`).
 pub fn pg_timestamp_epoch(s: &str) -> Option<f64> {
     let s = s.trim();
-    let fixed = if s.len() > 3 && (s.as_bytes()[s.len() - 3] == b'+' || s.as_bytes()[s.len() - 3] == b'-') {
+    let fixed = if s.len() > 3
+        && (s.as_bytes()[s.len() - 3] == b'+' || s.as_bytes()[s.len() - 3] == b'-')
+    {
         format!("{s}:00")
     } else {
         s.to_string()
     };
-    for f in ["%Y-%m-%d %H:%M:%S%.f%:z", "%Y-%m-%dT%H:%M:%S%.f%:z", "%Y-%m-%d %H:%M:%S%.f%z"] {
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%dT%H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f%z",
+    ] {
         if let Ok(t) = chrono::DateTime::parse_from_str(&fixed, f) {
             return Some(t.timestamp_micros() as f64 / 1e6);
         }
@@ -147,10 +162,18 @@ pub fn pg_timestamp_epoch(s: &str) -> Option<f64> {
 
 /// Renders the Prometheus text for this node.
 pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
-    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let esc = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
     let labels = format!("{{scope=\"{}\",name=\"{}\"}}", esc(scope), esc(name));
     let pg = &st.pg;
-    let role = if st.role == Role::Promoted { Role::Primary } else { st.role };
+    let role = if st.role == Role::Promoted {
+        Role::Primary
+    } else {
+        st.role
+    };
     let running = st.state == PgState::Running;
     let primary_side = pg.in_recovery == Some(false);
     let cfg = st.cluster.as_ref().map(|c| c.config()).unwrap_or_default();
@@ -158,22 +181,59 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
     let listed = is_listed_sync(live, &st.name);
     let b = |x: bool| if x { "1".to_string() } else { "0".to_string() };
     let ts = |t: &Option<String>| {
-        t.as_deref().and_then(pg_timestamp_epoch).map(|e| e.to_string()).unwrap_or_else(|| "0".into())
+        t.as_deref()
+            .and_then(pg_timestamp_epoch)
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "0".into())
     };
     let unlocked = live.is_none_or(|c| c.leader.is_none());
     let rows: Vec<(&str, &str, &str, String)> = vec![
-        ("patroni_version", "gauge", "Patroni semver without periods.", version_metric(PATRONI_COMPAT_VERSION)),
-        ("patroni_postgres_running", "gauge", "Value is 1 if Postgres is running, 0 otherwise.", b(running)),
-        ("patroni_postmaster_start_time", "gauge", "Epoch seconds since Postgres started.", ts(&pg.postmaster_start_time)),
-        ("patroni_primary", "gauge", "Value is 1 if this node is the leader, 0 otherwise.", b(role == Role::Primary)),
+        (
+            "patroni_version",
+            "gauge",
+            "Patroni semver without periods.",
+            version_metric(PATRONI_COMPAT_VERSION),
+        ),
+        (
+            "patroni_postgres_running",
+            "gauge",
+            "Value is 1 if Postgres is running, 0 otherwise.",
+            b(running),
+        ),
+        (
+            "patroni_postmaster_start_time",
+            "gauge",
+            "Epoch seconds since Postgres started.",
+            ts(&pg.postmaster_start_time),
+        ),
+        (
+            "patroni_primary",
+            "gauge",
+            "Value is 1 if this node is the leader, 0 otherwise.",
+            b(role == Role::Primary),
+        ),
         (
             "patroni_xlog_location",
             "counter",
             "Current location of the Postgres transaction log, 0 if this node is not the leader.",
-            if primary_side { pg.flush_lsn.unwrap_or_default().0.to_string() } else { "0".into() },
+            if primary_side {
+                pg.flush_lsn.unwrap_or_default().0.to_string()
+            } else {
+                "0".into()
+            },
         ),
-        ("patroni_standby_leader", "gauge", "Value is 1 if standby leader, 0 otherwise.", b(role == Role::StandbyLeader)),
-        ("patroni_replica", "gauge", "Value is 1 if this node is a replica, 0 otherwise.", b(role == Role::Replica)),
+        (
+            "patroni_standby_leader",
+            "gauge",
+            "Value is 1 if standby leader, 0 otherwise.",
+            b(role == Role::StandbyLeader),
+        ),
+        (
+            "patroni_replica",
+            "gauge",
+            "Value is 1 if this node is a replica, 0 otherwise.",
+            b(role == Role::Replica),
+        ),
         (
             "patroni_sync_standby",
             "gauge",
@@ -190,13 +250,25 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
             "patroni_xlog_received_location",
             "counter",
             "Current location of the received Postgres transaction log, 0 if this node is not a replica.",
-            if primary_side { "0".into() } else { pg.receive_lsn.or(pg.replay_lsn).unwrap_or_default().0.to_string() },
+            if primary_side {
+                "0".into()
+            } else {
+                pg.receive_lsn
+                    .or(pg.replay_lsn)
+                    .unwrap_or_default()
+                    .0
+                    .to_string()
+            },
         ),
         (
             "patroni_xlog_replayed_location",
             "counter",
             "Current location of the replayed Postgres transaction log, 0 if this node is not a replica.",
-            if primary_side { "0".into() } else { pg.replay_lsn.unwrap_or_default().0.to_string() },
+            if primary_side {
+                "0".into()
+            } else {
+                pg.replay_lsn.unwrap_or_default().0.to_string()
+            },
         ),
         (
             "patroni_xlog_replayed_timestamp",
@@ -204,7 +276,12 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
             "Current timestamp of the replayed Postgres transaction log, 0 if null.",
             ts(&pg.replay_timestamp),
         ),
-        ("patroni_xlog_paused", "gauge", "Value is 1 if the Postgres xlog is paused, 0 otherwise.", b(pg.replay_paused)),
+        (
+            "patroni_xlog_paused",
+            "gauge",
+            "Value is 1 if the Postgres xlog is paused, 0 otherwise.",
+            b(pg.replay_paused),
+        ),
         (
             "patroni_postgres_streaming",
             "gauge",
@@ -221,15 +298,33 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
             "patroni_postgres_server_version",
             "gauge",
             "Version of Postgres (if running), 0 otherwise.",
-            if running { pg.server_version.unwrap_or(0).to_string() } else { "0".into() },
+            if running {
+                pg.server_version.unwrap_or(0).to_string()
+            } else {
+                "0".into()
+            },
         ),
-        ("patroni_cluster_unlocked", "gauge", "Value is 1 if the cluster is unlocked, 0 if locked.", b(unlocked)),
-        ("patroni_failsafe_mode_is_active", "gauge", "Value is 1 if failsafe mode is active, 0 if inactive.", "0".into()),
+        (
+            "patroni_cluster_unlocked",
+            "gauge",
+            "Value is 1 if the cluster is unlocked, 0 if locked.",
+            b(unlocked),
+        ),
+        (
+            "patroni_failsafe_mode_is_active",
+            "gauge",
+            "Value is 1 if failsafe mode is active, 0 if inactive.",
+            "0".into(),
+        ),
         (
             "patroni_postgres_timeline",
             "gauge",
             "Postgres timeline of this node (if running), 0 otherwise.",
-            if running { pg.timeline.map(|t| t.0).unwrap_or(0).to_string() } else { "0".into() },
+            if running {
+                pg.timeline.map(|t| t.0).unwrap_or(0).to_string()
+            } else {
+                "0".into()
+            },
         ),
         (
             "patroni_dcs_last_seen",
@@ -237,8 +332,18 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
             "Epoch timestamp when DCS was last contacted successfully by Patroni.",
             st.dcs_last_seen.unwrap_or(0).to_string(),
         ),
-        ("patroni_pending_restart", "gauge", "Value is 1 if the node needs a restart, 0 otherwise.", b(st.pending_restart)),
-        ("patroni_is_paused", "gauge", "Value is 1 if auto failover is disabled, 0 otherwise.", b(st.paused)),
+        (
+            "patroni_pending_restart",
+            "gauge",
+            "Value is 1 if the node needs a restart, 0 otherwise.",
+            b(st.pending_restart),
+        ),
+        (
+            "patroni_is_paused",
+            "gauge",
+            "Value is 1 if auto failover is disabled, 0 otherwise.",
+            b(st.paused),
+        ),
     ];
     let mut out = String::new();
     for (metric, kind, help, value) in rows {
@@ -246,7 +351,10 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
         let _ = writeln!(out, "# TYPE {metric} {kind}");
         let _ = writeln!(out, "{metric}{labels} {value}");
     }
-    let _ = writeln!(out, "# HELP patroni_postgres_state Numeric representation of Postgres state.");
+    let _ = writeln!(
+        out,
+        "# HELP patroni_postgres_state Numeric representation of Postgres state."
+    );
     let values: Vec<String> = (0..=14)
         .filter_map(state_from_index)
         .map(|s| format!("{}={}", s as u8, s.as_str().replace(' ', "_")))
@@ -285,7 +393,10 @@ pub(crate) fn get_metrics(state: &ApiState) -> Response {
     let body = metrics_text(&st, &state.scope, &state.name);
     (
         axum::http::StatusCode::OK,
-        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
         body,
     )
         .into_response()
@@ -303,7 +414,10 @@ mod tests {
     #[test]
     fn pg_timestamps_parse_with_short_and_long_offsets() {
         assert_eq!(pg_timestamp_epoch("1970-01-01 00:00:10+00"), Some(10.0));
-        assert_eq!(pg_timestamp_epoch("1970-01-01 00:00:10.5+00:00"), Some(10.5));
+        assert_eq!(
+            pg_timestamp_epoch("1970-01-01 00:00:10.5+00:00"),
+            Some(10.5)
+        );
         assert_eq!(pg_timestamp_epoch("1970-01-01 01:00:10+01"), Some(10.0));
         assert_eq!(pg_timestamp_epoch("garbage"), None);
     }

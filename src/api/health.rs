@@ -16,7 +16,9 @@ use crate::status::AgentStatus;
 /// unit case-insensitive). `None` for garbage.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().ok()?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -52,7 +54,8 @@ fn live_cluster(st: &AgentStatus) -> Option<&ClusterView> {
 }
 
 pub(crate) fn is_standby_cluster(c: &DynamicConfig) -> bool {
-    c.0.get("standby_cluster").is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))
+    c.0.get("standby_cluster")
+        .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))
 }
 
 pub(crate) fn is_quorum_mode(c: &DynamicConfig) -> bool {
@@ -66,7 +69,9 @@ pub(crate) fn is_sync_mode(c: &DynamicConfig) -> bool {
 
 /// Whether `name` is listed as a sync standby in the `sync` key (not as its leader).
 pub(crate) fn is_listed_sync(cluster: Option<&ClusterView>, name: &str) -> bool {
-    cluster.and_then(|c| c.sync_state()).is_some_and(|s| s.matches(name, false))
+    cluster
+        .and_then(|c| c.sync_state())
+        .is_some_and(|s| s.matches(name, false))
 }
 
 /// Builds the status JSON of this node.
@@ -84,7 +89,10 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
             m.insert("server_version".into(), v.into());
         }
         if pg.in_recovery == Some(false) {
-            m.insert("xlog".into(), json!({"location": pg.flush_lsn.unwrap_or_default().0}));
+            m.insert(
+                "xlog".into(),
+                json!({"location": pg.flush_lsn.unwrap_or_default().0}),
+            );
         } else {
             let replayed = pg.replay_lsn.unwrap_or_default();
             let received = pg.receive_lsn.unwrap_or(replayed);
@@ -126,7 +134,11 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
     } else {
         // Query failure shape: a node that believes PostgreSQL runs but cannot query it says
         // "unknown" rather than lying "running".
-        let state = if st.state == PgState::Running { "unknown" } else { st.state.as_str() };
+        let state = if st.state == PgState::Running {
+            "unknown"
+        } else {
+            st.state.as_str()
+        };
         m.insert("state".into(), state.into());
         m.insert("role".into(), role.as_str().into());
     }
@@ -134,8 +146,7 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
     if role == Role::Replica && is_sync_mode(&cfg) && is_listed_sync(live_cluster(st), &st.name) {
         m.insert("sync_standby".into(), true.into());
     }
-    if role == Role::Replica && is_quorum_mode(&cfg) && is_listed_sync(live_cluster(st), &st.name)
-    {
+    if role == Role::Replica && is_quorum_mode(&cfg) && is_listed_sync(live_cluster(st), &st.name) {
         m.insert("quorum_standby".into(), true.into());
     }
     if live_cluster(st).is_none_or(|c| c.leader.is_none()) {
@@ -190,18 +201,23 @@ pub(crate) fn get_health(state: &ApiState, req: &Req) -> axum::response::Respons
 /// Does the `tag_<k>=<v>` filter match our tags? A missing tag never matches; non-string values
 /// compare as their lowercase text (`true`, `1`).
 fn tags_match(st: &AgentStatus, req: &Req) -> bool {
-    req.query.iter().filter_map(|(k, v)| Some((k.strip_prefix("tag_")?, v))).all(|(k, want)| {
-        match st.tags.get(k) {
+    req.query
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("tag_")?, v)))
+        .all(|(k, want)| match st.tags.get(k) {
             Some(Value::String(s)) => s == want,
             Some(Value::Null) | None => false,
             Some(other) => other.to_string().to_lowercase() == *want,
-        }
-    })
+        })
 }
 
 /// Status code of a health path (patroni.md §2.2), also used for `HEAD`/`OPTIONS`.
 pub(crate) fn health_code(st: &AgentStatus, req: &Req) -> u16 {
-    let path = if req.path == "/" { "/primary" } else { req.path.as_str() };
+    let path = if req.path == "/" {
+        "/primary"
+    } else {
+        req.path.as_str()
+    };
     let now = Instant::now();
     let cluster = live_cluster(st);
     let cfg = dyn_config(st);
@@ -228,9 +244,17 @@ pub(crate) fn health_code(st: &AgentStatus, req: &Req) -> u16 {
 
     let mut leaderish = true;
     let status = if path.contains("standby_leader") || path.contains("standby-leader") {
-        if standby_cluster { code(leader_ok) } else { 503 }
+        if standby_cluster {
+            code(leader_ok)
+        } else {
+            503
+        }
     } else if path.contains("primary") || path.contains("master") || path.contains("read-write") {
-        if standby_cluster { 503 } else { code(leader_ok) }
+        if standby_cluster {
+            503
+        } else {
+            code(leader_ok)
+        }
     } else if path.contains("leader") {
         code(leader_ok)
     } else {
@@ -290,7 +314,9 @@ pub(crate) fn readiness_code(st: &AgentStatus, req: &Req) -> u16 {
     if st.state != PgState::Running || st.pg.replication_state.as_deref() != Some("streaming") {
         return 503;
     }
-    let Some(cluster) = live_cluster(st) else { return 503 };
+    let Some(cluster) = live_cluster(st) else {
+        return 503;
+    };
     let max_lag = req
         .query("lag")
         .and_then(parse_size)
@@ -302,7 +328,11 @@ pub(crate) fn readiness_code(st: &AgentStatus, req: &Req) -> u16 {
     }
     .unwrap_or_default()
     .0;
-    if cluster.status.optime <= loc.saturating_add(max_lag) { 200 } else { 503 }
+    if cluster.status.optime <= loc.saturating_add(max_lag) {
+        200
+    } else {
+        503
+    }
 }
 
 #[cfg(test)]

@@ -164,7 +164,9 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn dispatch(State(state): State<ApiState>, req: Request) -> Response {
@@ -188,7 +190,10 @@ pub(crate) struct Req {
 
 impl Req {
     pub fn query(&self, key: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -204,7 +209,13 @@ async fn handle(state: ApiState, req: Request) -> Response {
         headers: parts.headers,
         body,
     };
-    let segment = req.path.trim_start_matches('/').split('/').next().unwrap_or("").to_string();
+    let segment = req
+        .path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
     let m = req.method.clone();
     if m == Method::GET {
         return match segment.as_str() {
@@ -230,8 +241,10 @@ async fn handle(state: ApiState, req: Request) -> Response {
     }
     let mutating = matches!(
         (m.as_str(), segment.as_str()),
-        ("POST", "switchover" | "failover" | "restart" | "reinitialize" | "reload" | "failsafe")
-            | ("DELETE", "switchover" | "restart")
+        (
+            "POST",
+            "switchover" | "failover" | "restart" | "reinitialize" | "reload" | "failsafe"
+        ) | ("DELETE", "switchover" | "restart")
             | ("PATCH" | "PUT", "config")
     );
     if !mutating {
@@ -263,8 +276,10 @@ fn check_auth(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     let creds = state.auth.as_ref()?;
     let unauthorized = |msg: &str| {
         let mut r = text(401, msg);
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Patroni\""));
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"Patroni\""),
+        );
         Some(r)
     };
     let Some(h) = headers.get(header::AUTHORIZATION) else {
@@ -274,7 +289,11 @@ fn check_auth(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
         .to_str()
         .ok()
         .and_then(|s| s.strip_prefix("Basic "))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok());
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        });
     let expected = format!("{}:{}", creds.username, creds.password);
     match given {
         Some(g) if constant_time_eq(&g, expected.as_bytes()) => None,
@@ -300,7 +319,11 @@ pub(crate) async fn read_json(req: Req, optional: bool) -> Result<Map<String, Va
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     if !has_len && !chunked {
-        return if optional { Ok(Map::new()) } else { Err(text(411, "Length Required")) };
+        return if optional {
+            Ok(Map::new())
+        } else {
+            Err(text(411, "Length Required"))
+        };
     }
     let bytes = axum::body::to_bytes(req.body, MAX_BODY)
         .await
@@ -310,7 +333,10 @@ pub(crate) async fn read_json(req: Req, optional: bool) -> Result<Map<String, Va
     }
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(m)) if optional || !m.is_empty() => Ok(m),
-        _ => Err(text(400, "Bad request: body must be a non-empty JSON object")),
+        _ => Err(text(
+            400,
+            "Bad request: body must be a non-empty JSON object",
+        )),
     }
 }
 
@@ -322,9 +348,16 @@ pub(crate) fn text(code: u16, msg: impl Into<String>) -> Response {
 
 pub(crate) fn json(code: u16, v: &Value) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, [(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 pub(crate) fn status_only(code: u16) -> Response {
-    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR).into_response()
+    StatusCode::from_u16(code)
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        .into_response()
 }
