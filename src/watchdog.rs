@@ -303,13 +303,13 @@ impl FileWatchdogHardware {
     /// current wall-clock time. Once fired, the state stays fired.
     pub fn poll(&mut self) -> HardwareState {
         use std::io::{Read, Seek, SeekFrom};
-        if let Ok(mut f) = File::open(&self.path) {
-            if f.seek(SeekFrom::Start(self.offset)).is_ok() {
-                let mut buf = String::new();
-                if let Ok(n) = f.read_to_string(&mut buf) {
-                    self.offset += n as u64;
-                    self.pending.push_str(&buf);
-                }
+        if let Ok(mut f) = File::open(&self.path)
+            && f.seek(SeekFrom::Start(self.offset)).is_ok()
+        {
+            let mut buf = String::new();
+            if let Ok(n) = f.read_to_string(&mut buf) {
+                self.offset += n as u64;
+                self.pending.push_str(&buf);
             }
         }
         while let Some(i) = self.pending.find('\n') {
@@ -348,10 +348,10 @@ impl FileWatchdogHardware {
 
     /// Evaluates the timer at `now_ms`.
     pub fn check(&mut self, now_ms: u128) -> HardwareState {
-        if let HardwareState::Armed { deadline_ms } = self.state {
-            if now_ms > deadline_ms {
-                self.state = HardwareState::Fired { at_ms: deadline_ms };
-            }
+        if let HardwareState::Armed { deadline_ms } = self.state
+            && now_ms > deadline_ms
+        {
+            self.state = HardwareState::Fired { at_ms: deadline_ms };
         }
         self.state
     }

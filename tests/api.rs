@@ -96,10 +96,10 @@ impl Dcs for MemDcs {
         }
         let rev = self.next_rev();
         let mut v = self.view.lock().unwrap();
-        if let Some(e) = expected {
-            if v.config.as_ref().map(|(_, r)| *r) != Some(e) {
-                return Ok(false);
-            }
+        if let Some(e) = expected
+            && v.config.as_ref().map(|(_, r)| *r) != Some(e)
+        {
+            return Ok(false);
         }
         v.config = Some((c.clone(), rev));
         Ok(true)
@@ -114,10 +114,10 @@ impl Dcs for MemDcs {
         }
         let rev = self.next_rev();
         let mut v = self.view.lock().unwrap();
-        if let Some(e) = expected {
-            if v.failover.as_ref().map(|(_, r)| *r) != Some(e) {
-                return Ok(false);
-            }
+        if let Some(e) = expected
+            && v.failover.as_ref().map(|(_, r)| *r) != Some(e)
+        {
+            return Ok(false);
         }
         v.failover = Some((f.clone(), rev));
         if f.scheduled_at.is_none() && !f.is_empty() {

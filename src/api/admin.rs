@@ -123,8 +123,8 @@ pub(crate) async fn post_switchover(state: &ApiState, req: Req, failover: bool) 
     if leader.is_some() && leader == candidate {
         return text(400, "Switchover target and source are the same");
     }
-    if scheduled_at.is_none() {
-        if let Some(why) = failover_impossible(
+    if scheduled_at.is_none()
+        && let Some(why) = failover_impossible(
             state,
             &cluster,
             leader.as_deref(),
@@ -132,9 +132,8 @@ pub(crate) async fn post_switchover(state: &ApiState, req: Req, failover: bool) 
             action,
         )
         .await
-        {
-            return text(412, why);
-        }
+    {
+        return text(412, why);
     }
     let request = Failover {
         leader: leader.clone(),
@@ -166,10 +165,10 @@ async fn failover_impossible(
 ) -> Option<String> {
     let cfg = cluster.config();
     let cur_leader = cluster.leader_name().map(|n| n.as_str());
-    if let Some(l) = leader {
-        if cur_leader != Some(l) {
-            return Some("leader name does not match".into());
-        }
+    if let Some(l) = leader
+        && cur_leader != Some(l)
+    {
+        return Some("leader name does not match".into());
     }
     let sync_only = is_sync_mode(&cfg) && !is_quorum_mode(&cfg);
     let listed = |n: &str| {
@@ -224,10 +223,10 @@ async fn failover_impossible(
         probes.spawn(async move { probe.fetch_status(&m).await });
     }
     while let Some(res) = probes.join_next().await {
-        if let Ok(Some(status)) = res {
-            if candidate_ok(&status) {
-                return None;
-            }
+        if let Ok(Some(status)) = res
+            && candidate_ok(&status)
+        {
+            return None;
         }
     }
     Some(format!(
@@ -275,16 +274,16 @@ async fn poll_result(
         else {
             continue;
         };
-        if let Some(new) = view.leader_name().map(|n| n.as_str().to_string()) {
-            if Some(&new) != old_leader.as_ref() {
-                return match &candidate {
-                    Some(c) if *c != new => (
-                        200,
-                        format!("{title_stem}ed over to \"{new}\" instead of \"{c}\""),
-                    ),
-                    _ => (200, format!("Successfully {stem}ed over to \"{new}\"")),
-                };
-            }
+        if let Some(new) = view.leader_name().map(|n| n.as_str().to_string())
+            && Some(&new) != old_leader.as_ref()
+        {
+            return match &candidate {
+                Some(c) if *c != new => (
+                    200,
+                    format!("{title_stem}ed over to \"{new}\" instead of \"{c}\""),
+                ),
+                _ => (200, format!("Successfully {stem}ed over to \"{new}\"")),
+            };
         }
         if view.failover_request().is_none() {
             return (503, format!("{title} failed"));
@@ -339,10 +338,10 @@ async fn ask_loop(
 
 fn reply(r: CommandReply) -> Response {
     let trimmed = r.body.trim_start();
-    if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
-            return json(r.code, &v);
-        }
+    if (trimmed.starts_with('{') || trimmed.starts_with('['))
+        && let Ok(v) = serde_json::from_str::<Value>(trimmed)
+    {
+        return json(r.code, &v);
     }
     text(r.code, r.body)
 }

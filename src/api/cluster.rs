@@ -89,18 +89,18 @@ pub fn cluster_json(view: &ClusterView, scope: &str) -> Value {
     if cfg.pause() {
         out.insert("pause".into(), true.into());
     }
-    if let Some(f) = view.failover_request() {
-        if let Some(at) = &f.scheduled_at {
-            let mut s = Map::new();
-            s.insert("at".into(), at.clone().into());
-            if let Some(l) = &f.leader {
-                s.insert("from".into(), l.clone().into());
-            }
-            if let Some(c) = &f.member {
-                s.insert("to".into(), c.clone().into());
-            }
-            out.insert("scheduled_switchover".into(), Value::Object(s));
+    if let Some(f) = view.failover_request()
+        && let Some(at) = &f.scheduled_at
+    {
+        let mut s = Map::new();
+        s.insert("at".into(), at.clone().into());
+        if let Some(l) = &f.leader {
+            s.insert("from".into(), l.clone().into());
         }
+        if let Some(c) = &f.member {
+            s.insert("to".into(), c.clone().into());
+        }
+        out.insert("scheduled_switchover".into(), Value::Object(s));
     }
     Value::Object(out)
 }

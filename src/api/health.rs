@@ -109,10 +109,10 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
         if let Some(tl) = pg.timeline {
             m.insert("timeline".into(), tl.0.into());
         }
-        if pg.in_recovery != Some(false) {
-            if let Some(rs) = &pg.replication_state {
-                m.insert("replication_state".into(), rs.clone().into());
-            }
+        if pg.in_recovery != Some(false)
+            && let Some(rs) = &pg.replication_state
+        {
+            m.insert("replication_state".into(), rs.clone().into());
         }
         if pg.in_recovery == Some(false) && !pg.replication.is_empty() {
             let rows: Vec<Value> = pg
