@@ -7,6 +7,10 @@
 use async_trait::async_trait;
 
 use crate::pg::Role;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallbackAction {
@@ -48,11 +52,6 @@ pub trait Hooks: Send + Sync {
 // ---------------------------------------------------------------------------------------------
 // The real runner: configured shell commands.
 // ---------------------------------------------------------------------------------------------
-
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::config::AgentConfig;
 

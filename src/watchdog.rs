@@ -5,6 +5,11 @@
 //! device); the mode logic (off / automatic / required, timeout = ttl − safety_margin) sits on
 //! top of it.
 
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,12 +35,6 @@ pub trait WatchdogDevice: Send {
 // ---------------------------------------------------------------------------------------------
 // Drivers.
 // ---------------------------------------------------------------------------------------------
-
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
 
 use crate::config::{WatchdogConfig, WatchdogMode};
 

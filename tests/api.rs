@@ -35,6 +35,7 @@ struct MemDcs {
     /// When set, a written failover request is cleared without a leader change.
     auto_fail: Mutex<bool>,
     fail_writes: Mutex<bool>,
+    panic_on_load: Mutex<bool>,
 }
 
 impl MemDcs {
@@ -54,6 +55,9 @@ impl MemDcs {
 #[async_trait]
 impl Dcs for MemDcs {
     async fn load(&self) -> Result<ClusterView, DcsError> {
+        if *self.panic_on_load.lock().unwrap() {
+            panic!("dcs stub asked to panic");
+        }
         Ok(self.view.lock().unwrap().clone())
     }
     async fn ensure_lease(&self, _ttl: Duration) -> Result<LeaseId, DcsError> {
@@ -1518,4 +1522,14 @@ async fn options_primary_over_a_real_tcp_socket() {
     }
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_panicking_handler_becomes_a_500_not_a_dropped_connection() {
+    let view = three_node_view();
+    let h = harness(primary_status(&view), view, None, StubProbe::default());
+    *h.dcs.panic_on_load.lock().unwrap() = true;
+    assert_eq!(code(&h.app, "GET", "/cluster").await, 500);
+    // The router keeps serving (health checks never touch the DCS).
+    assert_eq!(code(&h.app, "GET", "/primary").await, 200);
 }
