@@ -20,11 +20,15 @@ const BASE: &str = "/service/batman/";
 
 /// Starts a 1-member etcd; the blocking wait runs off the async runtime.
 async fn etcd1(port: u16) -> EtcdCluster {
-    tokio::task::spawn_blocking(move || EtcdCluster::start(1, port)).await.unwrap()
+    tokio::task::spawn_blocking(move || EtcdCluster::start(1, port))
+        .await
+        .unwrap()
 }
 
 async fn dcs(cluster: &EtcdCluster, retry: Duration) -> EtcdDcs {
-    EtcdDcs::connect(cluster.endpoints(), BASE.to_string(), retry, None).await.expect("connect")
+    EtcdDcs::connect(cluster.endpoints(), BASE.to_string(), retry, None)
+        .await
+        .expect("connect")
 }
 
 fn member(name: &str, role: &str) -> MemberData {
@@ -41,7 +45,8 @@ fn member(name: &str, role: &str) -> MemberData {
 }
 
 fn raw(c: &EtcdCluster, rel: &str) -> Option<String> {
-    c.raw_get(&format!("{BASE}{rel}")).map(|v| String::from_utf8(v).unwrap())
+    c.raw_get(&format!("{BASE}{rel}"))
+        .map(|v| String::from_utf8(v).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,10 +59,15 @@ async fn values_are_written_in_patronis_exact_byte_format() {
     d.touch_member(&name, &m).await.unwrap();
     assert!(d.acquire_leader(&name).await.unwrap());
     assert!(d.race_initialize().await.unwrap());
-    assert_eq!(raw(&c, "initialize").as_deref(), Some(""), "bootstrap claim is an empty string");
+    assert_eq!(
+        raw(&c, "initialize").as_deref(),
+        Some(""),
+        "bootstrap claim is an empty string"
+    );
     d.set_initialize("7268616322854375442").await.unwrap();
-    let cfg = DynamicConfig::parse(r#"{"ttl":30,"loop_wait":10,"postgresql":{"use_pg_rewind":true}}"#)
-        .unwrap();
+    let cfg =
+        DynamicConfig::parse(r#"{"ttl":30,"loop_wait":10,"postgresql":{"use_pg_rewind":true}}"#)
+            .unwrap();
     assert!(d.set_config(&cfg, None).await.unwrap());
     let status = Status {
         optime: 67395656,
@@ -73,39 +83,82 @@ async fn values_are_written_in_patronis_exact_byte_format() {
         new_leader: Some("node1".into()),
     }];
     d.set_history(&history).await.unwrap();
-    let sync = SyncState { leader: Some("node1".into()), quorum: 0, sync_standby: Some("node2".into()) };
+    let sync = SyncState {
+        leader: Some("node1".into()),
+        quorum: 0,
+        sync_standby: Some("node2".into()),
+    };
     assert!(d.set_sync(Some(&sync), None).await.unwrap());
-    let fo = Failover { leader: Some("node1".into()), member: Some("node2".into()), scheduled_at: None };
+    let fo = Failover {
+        leader: Some("node1".into()),
+        member: Some("node2".into()),
+        scheduled_at: None,
+    };
     assert!(d.set_failover(&fo, None).await.unwrap());
 
-    assert_eq!(raw(&c, "members/node1").unwrap(), serde_json::to_string(&m).unwrap());
-    assert!(!raw(&c, "members/node1").unwrap().contains(' '), "member JSON must be compact");
-    assert_eq!(raw(&c, "leader").as_deref(), Some("node1"), "leader is a plain string");
-    assert_eq!(raw(&c, "initialize").as_deref(), Some("7268616322854375442"));
+    assert_eq!(
+        raw(&c, "members/node1").unwrap(),
+        serde_json::to_string(&m).unwrap()
+    );
+    assert!(
+        !raw(&c, "members/node1").unwrap().contains(' '),
+        "member JSON must be compact"
+    );
+    assert_eq!(
+        raw(&c, "leader").as_deref(),
+        Some("node1"),
+        "leader is a plain string"
+    );
+    assert_eq!(
+        raw(&c, "initialize").as_deref(),
+        Some("7268616322854375442")
+    );
     assert_eq!(
         raw(&c, "config").as_deref(),
         Some(r#"{"ttl":30,"loop_wait":10,"postgresql":{"use_pg_rewind":true}}"#)
     );
     assert_eq!(
         raw(&c, "status").as_deref(),
-        Some(r#"{"optime":67395656,"slots":{"postgres_1":67395000},"retain_slots":["postgres_1"]}"#)
+        Some(
+            r#"{"optime":67395656,"slots":{"postgres_1":67395000},"retain_slots":["postgres_1"]}"#
+        )
     );
     assert_eq!(raw(&c, "history").unwrap(), history_to_json(&history));
     assert_eq!(
         raw(&c, "history").as_deref(),
-        Some(r#"[[1,25623960,"no recovery target specified","2019-09-23T16:57:57+02:00","node1"]]"#)
+        Some(
+            r#"[[1,25623960,"no recovery target specified","2019-09-23T16:57:57+02:00","node1"]]"#
+        )
     );
-    assert_eq!(raw(&c, "sync").as_deref(), Some(r#"{"leader":"node1","quorum":0,"sync_standby":"node2"}"#));
-    assert_eq!(raw(&c, "failover").as_deref(), Some(r#"{"leader":"node1","member":"node2"}"#));
+    assert_eq!(
+        raw(&c, "sync").as_deref(),
+        Some(r#"{"leader":"node1","quorum":0,"sync_standby":"node2"}"#)
+    );
+    assert_eq!(
+        raw(&c, "failover").as_deref(),
+        Some(r#"{"leader":"node1","member":"node2"}"#)
+    );
     assert!(d.set_failover(&Failover::default(), None).await.unwrap());
-    assert_eq!(raw(&c, "failover").as_deref(), Some("{}"), "cleared failover is {{}}, not deleted");
+    assert_eq!(
+        raw(&c, "failover").as_deref(),
+        Some("{}"),
+        "cleared failover is {{}}, not deleted"
+    );
 
     // The same keys read back through load().
     let v = d.load().await.unwrap();
     let lease = d.current_lease().unwrap();
     assert_eq!(v.members[&name].data, m);
-    assert_eq!(v.members[&name].lease, Some(lease), "member key is on our lease");
-    assert_eq!(v.leader.as_ref().unwrap().lease, Some(lease), "leader key is on our lease");
+    assert_eq!(
+        v.members[&name].lease,
+        Some(lease),
+        "member key is on our lease"
+    );
+    assert_eq!(
+        v.leader.as_ref().unwrap().lease,
+        Some(lease),
+        "leader key is on our lease"
+    );
     assert_eq!(v.initialize.as_deref(), Some("7268616322854375442"));
     assert_eq!(v.config.as_ref().unwrap().0, cfg);
     assert_eq!(v.status, status);
@@ -122,7 +175,10 @@ async fn load_tolerates_garbage_like_patroni() {
     let put = |k: &str, v: &str| {
         c.etcdctl(&["put", &format!("{BASE}{k}"), v]);
     };
-    put("members/good", &serde_json::to_string(&member("good", "replica")).unwrap());
+    put(
+        "members/good",
+        &serde_json::to_string(&member("good", "replica")).unwrap(),
+    );
     put("members/bad", "}{ not json");
     put("members/nested/deeper", "{}");
     put("config", "not json at all");
@@ -135,17 +191,34 @@ async fn load_tolerates_garbage_like_patroni() {
 
     let v = d.load().await.unwrap();
     let names: Vec<&str> = v.members.keys().map(|n| n.as_str()).collect();
-    assert_eq!(names, ["bad", "good"], "nested keys are not members; bad JSON is a default member");
-    assert_eq!(v.members[&MemberName::from("bad")].data, MemberData::default());
+    assert_eq!(
+        names,
+        ["bad", "good"],
+        "nested keys are not members; bad JSON is a default member"
+    );
+    assert_eq!(
+        v.members[&MemberName::from("bad")].data,
+        MemberData::default()
+    );
     assert!(v.config.is_none(), "unparsable config reads as no config");
     let fo = v.failover_request().unwrap();
-    assert_eq!((fo.leader.as_deref(), fo.member.as_deref()), (Some("node1"), Some("node2")));
+    assert_eq!(
+        (fo.leader.as_deref(), fo.member.as_deref()),
+        (Some("node1"), Some("node2"))
+    );
     assert_eq!(v.status.optime, 12345, "legacy bare-int status");
     let (sync, rev) = v.sync.clone().unwrap();
-    assert!(sync.leader.is_none() && rev.0 > 0, "invalid sync is empty but keeps its CAS revision");
+    assert!(
+        sync.leader.is_none() && rev.0 > 0,
+        "invalid sync is empty but keeps its CAS revision"
+    );
     assert_eq!(v.history.len(), 1);
     assert_eq!(v.leader_name().map(|n| n.as_str()), Some("good"));
-    assert_eq!(v.leader.as_ref().unwrap().lease, None, "a key without lease reports none");
+    assert_eq!(
+        v.leader.as_ref().unwrap().lease,
+        None,
+        "a key without lease reports none"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,27 +229,60 @@ async fn cas_writes_succeed_only_on_the_current_revision() {
     let cfg2 = DynamicConfig::parse(r#"{"ttl":40}"#).unwrap();
     assert!(d.set_config(&cfg1, None).await.unwrap());
     let rev = d.load().await.unwrap().config.unwrap().1;
-    assert!(!d.set_config(&cfg2, Some(Revision(rev.0 - 1))).await.unwrap(), "stale revision");
+    assert!(
+        !d.set_config(&cfg2, Some(Revision(rev.0 - 1)))
+            .await
+            .unwrap(),
+        "stale revision"
+    );
     assert!(d.set_config(&cfg2, Some(rev)).await.unwrap());
-    assert!(!d.set_config(&cfg1, Some(rev)).await.unwrap(), "revision moved on after the write");
+    assert!(
+        !d.set_config(&cfg1, Some(rev)).await.unwrap(),
+        "revision moved on after the write"
+    );
     assert_eq!(d.load().await.unwrap().config.unwrap().0.ttl(), 40);
 
-    let fo = Failover { leader: Some("a".into()), ..Default::default() };
+    let fo = Failover {
+        leader: Some("a".into()),
+        ..Default::default()
+    };
     assert!(d.set_failover(&fo, None).await.unwrap());
     let rev = d.load().await.unwrap().failover.unwrap().1;
-    assert!(!d.set_failover(&Failover::default(), Some(Revision(rev.0 + 100))).await.unwrap());
-    assert!(d.set_failover(&Failover::default(), Some(rev)).await.unwrap());
+    assert!(
+        !d.set_failover(&Failover::default(), Some(Revision(rev.0 + 100)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        d.set_failover(&Failover::default(), Some(rev))
+            .await
+            .unwrap()
+    );
     // A CAS against a missing key (revision 0 = "absent") only succeeds while it is absent.
-    assert!(!d.set_sync(Some(&SyncState::default()), Some(Revision(5))).await.unwrap());
+    assert!(
+        !d.set_sync(Some(&SyncState::default()), Some(Revision(5)))
+            .await
+            .unwrap()
+    );
 
-    let s = SyncState { leader: Some("a".into()), quorum: 0, sync_standby: None };
+    let s = SyncState {
+        leader: Some("a".into()),
+        quorum: 0,
+        sync_standby: None,
+    };
     assert!(d.set_sync(Some(&s), None).await.unwrap());
     let rev = d.load().await.unwrap().sync.unwrap().1;
-    assert!(!d.set_sync(None, Some(Revision(rev.0 - 1))).await.unwrap(), "CAS delete with stale rev");
+    assert!(
+        !d.set_sync(None, Some(Revision(rev.0 - 1))).await.unwrap(),
+        "CAS delete with stale rev"
+    );
     assert!(d.load().await.unwrap().sync.is_some());
     assert!(d.set_sync(None, Some(rev)).await.unwrap());
     assert!(d.load().await.unwrap().sync.is_none(), "sync deleted");
-    assert!(d.set_sync(None, None).await.unwrap(), "plain delete of an absent key is fine");
+    assert!(
+        d.set_sync(None, None).await.unwrap(),
+        "plain delete of an absent key is fine"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,11 +299,24 @@ async fn leader_and_initialize_are_create_only_races_between_agents() {
     let (ra, rb) = tokio::join!(a.acquire_leader(&na), b.acquire_leader(&nb));
     let (ra, rb) = (ra.unwrap(), rb.unwrap());
     assert!(ra ^ rb, "exactly one winner (a={ra}, b={rb})");
-    let (winner, wn, loser, ln) = if ra { (&a, &na, &b, &nb) } else { (&b, &nb, &a, &na) };
-    assert_eq!(c.raw_get(&format!("{BASE}leader")).unwrap(), wn.as_str().as_bytes());
-    assert!(winner.acquire_leader(wn).await.unwrap(), "re-acquiring our own key on our lease is a win");
+    let (winner, wn, loser, ln) = if ra {
+        (&a, &na, &b, &nb)
+    } else {
+        (&b, &nb, &a, &na)
+    };
+    assert_eq!(
+        c.raw_get(&format!("{BASE}leader")).unwrap(),
+        wn.as_str().as_bytes()
+    );
+    assert!(
+        winner.acquire_leader(wn).await.unwrap(),
+        "re-acquiring our own key on our lease is a win"
+    );
     assert!(!loser.acquire_leader(ln).await.unwrap());
-    assert!(!loser.update_leader(ln).await.unwrap(), "update_leader reports a lock named elsewhere");
+    assert!(
+        !loser.update_leader(ln).await.unwrap(),
+        "update_leader reports a lock named elsewhere"
+    );
     assert!(winner.update_leader(wn).await.unwrap());
 
     // Wrong-owner release fails and leaves the key; the owner's release deletes it.
@@ -205,7 +324,10 @@ async fn leader_and_initialize_are_create_only_races_between_agents() {
     assert_eq!(loser.load().await.unwrap().leader_name(), Some(wn));
     assert!(winner.release_leader(wn).await.unwrap());
     assert!(winner.load().await.unwrap().leader.is_none());
-    assert!(!winner.release_leader(wn).await.unwrap(), "nothing left to release");
+    assert!(
+        !winner.release_leader(wn).await.unwrap(),
+        "nothing left to release"
+    );
 
     // take_leader overwrites whoever holds the key.
     assert!(loser.acquire_leader(ln).await.unwrap());
@@ -220,7 +342,10 @@ async fn leader_and_initialize_are_create_only_races_between_agents() {
     assert_eq!(a.load().await.unwrap().initialize.as_deref(), Some(""));
     a.delete_initialize().await.unwrap();
     assert!(a.load().await.unwrap().initialize.is_none());
-    assert!(b.race_initialize().await.unwrap(), "claim is free again after delete");
+    assert!(
+        b.race_initialize().await.unwrap(),
+        "claim is free again after delete"
+    );
     b.set_initialize("123").await.unwrap();
     assert!(!a.race_initialize().await.unwrap());
     assert_eq!(a.load().await.unwrap().initialize.as_deref(), Some("123"));
@@ -238,7 +363,9 @@ async fn lease_expiry_removes_member_and_leader_keys_and_update_leader_recovers(
     let watcher = dcs(&c, Duration::from_secs(3)).await;
     let name = MemberName::from("n1");
     let old = d.ensure_lease(Duration::from_secs(2)).await.unwrap();
-    d.touch_member(&name, &member("n1", "primary")).await.unwrap();
+    d.touch_member(&name, &member("n1", "primary"))
+        .await
+        .unwrap();
     assert!(d.acquire_leader(&name).await.unwrap());
 
     // No keepalives: both keys vanish with the lease (TTL 2 s, etcd checks every 500 ms).
@@ -248,7 +375,10 @@ async fn lease_expiry_removes_member_and_leader_keys_and_update_leader_recovers(
         if v.leader.is_none() && v.members.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "keys still present 6 s after lease TTL 2 s");
+        assert!(
+            Instant::now() < deadline,
+            "keys still present 6 s after lease TTL 2 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(matches!(d.keepalive().await, Err(DcsError::LeaseNotFound)));
@@ -260,15 +390,31 @@ async fn lease_expiry_removes_member_and_leader_keys_and_update_leader_recovers(
     let v = watcher.load().await.unwrap();
     assert_eq!(v.leader.as_ref().unwrap().lease, Some(new));
     // touch_member notices the lease changed and rewrites the member key.
-    d.touch_member(&name, &member("n1", "primary")).await.unwrap();
-    assert_eq!(watcher.load().await.unwrap().members[&name].lease, Some(new));
+    d.touch_member(&name, &member("n1", "primary"))
+        .await
+        .unwrap();
+    assert_eq!(
+        watcher.load().await.unwrap().members[&name].lease,
+        Some(new)
+    );
     // A TTL change grants a new lease (the old one is not revoked, keys stay until moved).
     let l3 = d.ensure_lease(Duration::from_secs(3)).await.unwrap();
     assert_ne!(l3, new);
-    assert!(watcher.load().await.unwrap().leader.is_some(), "old lease not revoked");
+    assert!(
+        watcher.load().await.unwrap().leader.is_some(),
+        "old lease not revoked"
+    );
     assert!(d.update_leader(&name).await.unwrap());
-    assert_eq!(watcher.load().await.unwrap().leader.unwrap().lease, Some(l3), "re-attached");
-    assert_eq!(d.ensure_lease(Duration::from_secs(3)).await.unwrap(), l3, "same TTL keeps the lease");
+    assert_eq!(
+        watcher.load().await.unwrap().leader.unwrap().lease,
+        Some(l3),
+        "re-attached"
+    );
+    assert_eq!(
+        d.ensure_lease(Duration::from_secs(3)).await.unwrap(),
+        l3,
+        "same TTL keeps the lease"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,9 +430,16 @@ async fn restarted_agent_reattaches_leader_key_that_names_it() {
     let after = dcs(&c, Duration::from_secs(3)).await;
     let new = after.ensure_lease(Duration::from_secs(30)).await.unwrap();
     assert_ne!(Some(new), old);
-    assert!(after.update_leader(&name).await.unwrap(), "key still names us: re-attach");
+    assert!(
+        after.update_leader(&name).await.unwrap(),
+        "key still names us: re-attach"
+    );
     let v = after.load().await.unwrap();
-    assert_eq!(v.leader.unwrap().lease, Some(new), "leader key moved to the new lease");
+    assert_eq!(
+        v.leader.unwrap().lease,
+        Some(new),
+        "leader key moved to the new lease"
+    );
 
     // A different agent that is not named in the key cannot take it via update_leader.
     let other = dcs(&c, Duration::from_secs(3)).await;
@@ -300,10 +453,13 @@ async fn touch_member_skips_unchanged_writes_but_rewrites_after_removal() {
     let c = etcd1(24012).await;
     let d = dcs(&c, Duration::from_secs(3)).await;
     let name = MemberName::from("n1");
-    assert!(matches!(
-        d.touch_member(&name, &member("n1", "replica")).await,
-        Err(DcsError::LeaseNotFound)
-    ), "no lease before ensure_lease");
+    assert!(
+        matches!(
+            d.touch_member(&name, &member("n1", "replica")).await,
+            Err(DcsError::LeaseNotFound)
+        ),
+        "no lease before ensure_lease"
+    );
     d.ensure_lease(Duration::from_secs(30)).await.unwrap();
     let m = member("n1", "replica");
     d.touch_member(&name, &m).await.unwrap();
@@ -311,7 +467,9 @@ async fn touch_member_skips_unchanged_writes_but_rewrites_after_removal() {
     d.touch_member(&name, &m).await.unwrap();
     let r2 = d.load().await.unwrap().members[&name].revision;
     assert_eq!(r1, r2, "unchanged data on the same lease is not rewritten");
-    d.touch_member(&name, &member("n1", "primary")).await.unwrap();
+    d.touch_member(&name, &member("n1", "primary"))
+        .await
+        .unwrap();
     let v = d.load().await.unwrap();
     assert!(v.members[&name].revision > r2);
     assert_eq!(v.members[&name].data.role, "primary");
@@ -319,7 +477,9 @@ async fn touch_member_skips_unchanged_writes_but_rewrites_after_removal() {
     // Someone deletes our key (patronictl remove); after the next load, touch rewrites it.
     c.etcdctl(&["del", &format!("{BASE}members/n1")]);
     assert!(d.load().await.unwrap().members.is_empty());
-    d.touch_member(&name, &member("n1", "primary")).await.unwrap();
+    d.touch_member(&name, &member("n1", "primary"))
+        .await
+        .unwrap();
     assert!(d.load().await.unwrap().members.contains_key(&name));
 }
 
@@ -335,31 +495,55 @@ async fn wait_for_change_wakes_within_ms_of_leader_key_expiry() {
     // Timeout path: nothing changes -> false after the timeout, not before.
     let v = replica.load().await.unwrap();
     let t = Instant::now();
-    assert!(!replica.wait_for_change(v.revision, Duration::from_millis(300)).await);
+    assert!(
+        !replica
+            .wait_for_change(v.revision, Duration::from_millis(300))
+            .await
+    );
     assert!(t.elapsed() >= Duration::from_millis(290));
 
     // A change made between load() and wait_for_change() is still reported at once.
     let v = replica.load().await.unwrap();
-    holder.set_status(&Status { optime: 1, ..Default::default() }).await.unwrap();
+    holder
+        .set_status(&Status {
+            optime: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let t = Instant::now();
-    assert!(replica.wait_for_change(v.revision, Duration::from_secs(5)).await);
-    assert!(t.elapsed() < Duration::from_millis(300), "missed change not reported promptly");
+    assert!(
+        replica
+            .wait_for_change(v.revision, Duration::from_secs(5))
+            .await
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "missed change not reported promptly"
+    );
 
     // The measurement: keepalives stopped; a poller records when `leader` is actually gone.
     let v = replica.load().await.unwrap();
     assert!(v.leader.is_some());
     let poll_dcs = dcs(&c, Duration::from_secs(3)).await;
+    // The poller brackets the deletion: present at `last_present`, gone at `first_absent`.
     let poller = tokio::spawn(async move {
+        let mut last_present = Instant::now();
         loop {
+            let before = Instant::now();
             if poll_dcs.load().await.unwrap().leader.is_none() {
-                return Instant::now();
+                return (last_present, Instant::now());
             }
+            last_present = before;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
     let mut after = v.revision;
     let woke_at = loop {
-        assert!(replica.wait_for_change(after, Duration::from_secs(6)).await, "no wakeup");
+        assert!(
+            replica.wait_for_change(after, Duration::from_secs(6)).await,
+            "no wakeup"
+        );
         let now = Instant::now();
         let v2 = replica.load().await.unwrap();
         if v2.leader.is_none() {
@@ -367,14 +551,41 @@ async fn wait_for_change_wakes_within_ms_of_leader_key_expiry() {
         }
         after = v2.revision;
     };
-    let gone_at = poller.await.unwrap();
-    let latency_ms = woke_at.saturating_duration_since(gone_at).as_secs_f64() * 1000.0;
-    let lead_ms = gone_at.saturating_duration_since(woke_at).as_secs_f64() * 1000.0;
+    let (last_present, first_absent) = poller.await.unwrap();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // The deletion happened after `last_present` was sampled, so this bounds the latency.
+    let upper = ms(woke_at.saturating_duration_since(last_present));
+    let lower = ms(woke_at.saturating_duration_since(first_absent));
     eprintln!(
-        "leader-expiry wakeup: {latency_ms:.1} ms after poller saw the key gone \
-         (poller was {lead_ms:.1} ms behind the watch)"
+        "leader-expiry wakeup latency: <= {upper:.1} ms after the key was deleted \
+         (poller saw it gone {:.1} ms after the wakeup; lower bound {lower:.1} ms)",
+        ms(first_absent.saturating_duration_since(woke_at))
     );
-    assert!(latency_ms < 300.0, "wait_for_change woke {latency_ms} ms after the key was gone");
+    assert!(
+        upper < 300.0,
+        "wait_for_change woke up to {upper} ms after the key was gone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_dcs_stops_its_watch_task() {
+    let c = etcd1(24020).await;
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let baseline = metrics.num_alive_tasks();
+    let d = dcs(&c, Duration::from_secs(3)).await;
+    let rev = d.load().await.unwrap().revision;
+    assert!(!d.wait_for_change(rev, Duration::from_millis(200)).await);
+    assert!(metrics.num_alive_tasks() > baseline, "watch task running");
+    drop(d);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while metrics.num_alive_tasks() > baseline {
+        assert!(
+            Instant::now() < deadline,
+            "tasks still alive after drop: {}",
+            metrics.num_alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,18 +594,37 @@ async fn calls_fail_within_retry_timeout_when_etcd_is_down_and_recover_after_res
     let slack = Duration::from_millis(600);
     // Nothing listens here at all: connect must give up in time, new_lazy must not do I/O.
     let t = Instant::now();
-    let r = EtcdDcs::connect(vec!["http://127.0.0.1:24099".into()], BASE.into(), retry, None).await;
-    assert!(matches!(r, Err(DcsError::Unavailable(_))), "connect to nothing: {:?}", r.err());
-    assert!(t.elapsed() < retry + slack, "connect took {:?}", t.elapsed());
+    let r = EtcdDcs::connect(
+        vec!["http://127.0.0.1:24099".into()],
+        BASE.into(),
+        retry,
+        None,
+    )
+    .await;
+    assert!(
+        matches!(r, Err(DcsError::Unavailable(_))),
+        "connect to nothing: {:?}",
+        r.err()
+    );
+    assert!(
+        t.elapsed() < retry + slack,
+        "connect took {:?}",
+        t.elapsed()
+    );
 
     let mut c = etcd1(24016).await;
     let d = Arc::new(EtcdDcs::new_lazy(c.endpoints(), BASE.into(), retry, None).unwrap());
     let name = MemberName::from("n1");
     d.ensure_lease(Duration::from_secs(30)).await.unwrap();
-    d.touch_member(&name, &member("n1", "primary")).await.unwrap();
+    d.touch_member(&name, &member("n1", "primary"))
+        .await
+        .unwrap();
     assert!(d.acquire_leader(&name).await.unwrap());
     let rev = d.load().await.unwrap().revision;
-    assert!(!d.wait_for_change(rev, Duration::from_millis(100)).await, "starts the watch");
+    assert!(
+        !d.wait_for_change(rev, Duration::from_millis(100)).await,
+        "starts the watch"
+    );
 
     c = tokio::task::spawn_blocking(move || {
         c.stop_all();
@@ -406,12 +636,26 @@ async fn calls_fail_within_retry_timeout_when_etcd_is_down_and_recover_after_res
     let checks: Vec<(&str, Result<(), DcsError>)> = vec![
         ("load", timed(retry + slack, d.load()).await.map(|_| ())),
         ("keepalive", timed(retry + slack, d.keepalive()).await),
-        ("update_leader", timed(retry + slack, d.update_leader(&name)).await.map(|_| ())),
-        ("set_status", timed(retry + slack, d.set_status(&Status::default())).await),
-        ("touch_member", timed(retry + slack, d.touch_member(&name, &member("n1", "x"))).await),
+        (
+            "update_leader",
+            timed(retry + slack, d.update_leader(&name))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "set_status",
+            timed(retry + slack, d.set_status(&Status::default())).await,
+        ),
+        (
+            "touch_member",
+            timed(retry + slack, d.touch_member(&name, &member("n1", "x"))).await,
+        ),
     ];
     for (what, r) in checks {
-        assert!(matches!(r, Err(DcsError::Unavailable(_))), "{what} with etcd down: {r:?}");
+        assert!(
+            matches!(r, Err(DcsError::Unavailable(_))),
+            "{what} with etcd down: {r:?}"
+        );
     }
     let t = Instant::now();
     assert!(!d.wait_for_change(rev, Duration::from_millis(300)).await);
@@ -435,28 +679,40 @@ async fn calls_fail_within_retry_timeout_when_etcd_is_down_and_recover_after_res
         tokio::spawn(async move { d.wait_for_change(v.revision, Duration::from_secs(5)).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    d.set_status(&Status { optime: 7, ..Default::default() }).await.unwrap();
+    d.set_status(&Status {
+        optime: 7,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert!(waiter.await.unwrap(), "watch resumed after etcd restart");
 }
 
 /// Awaits `f`, failing the test if it does not return within `limit`.
 async fn timed<T>(limit: Duration, f: impl std::future::Future<Output = T>) -> T {
     let t = Instant::now();
-    let r = tokio::time::timeout(limit, f).await.expect("call hung past retry_timeout");
+    let r = tokio::time::timeout(limit, f)
+        .await
+        .expect("call hung past retry_timeout");
     assert!(t.elapsed() <= limit);
     r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_working_with_one_of_three_members_killed() {
-    let mut c = tokio::task::spawn_blocking(|| EtcdCluster::start(3, 24040)).await.unwrap();
+    let mut c = tokio::task::spawn_blocking(|| EtcdCluster::start(3, 24040))
+        .await
+        .unwrap();
     let retry = Duration::from_secs(4);
     let d = Arc::new(dcs(&c, retry).await);
     let name = MemberName::from("n1");
     d.ensure_lease(Duration::from_secs(30)).await.unwrap();
     assert!(d.acquire_leader(&name).await.unwrap());
     let rev = d.load().await.unwrap().revision;
-    assert!(!d.wait_for_change(rev, Duration::from_millis(50)).await, "starts the watch");
+    assert!(
+        !d.wait_for_change(rev, Duration::from_millis(50)).await,
+        "starts the watch"
+    );
 
     // Kill the member the client is talking to first (endpoint 0).
     let _cluster = tokio::task::spawn_blocking(move || {
@@ -468,10 +724,20 @@ async fn keeps_working_with_one_of_three_members_killed() {
 
     for i in 0..5 {
         let t = Instant::now();
-        let v = d.load().await.unwrap_or_else(|e| panic!("load #{i} with a member dead: {e}"));
+        let round = |t: Instant| eprintln!("round {i} with endpoint 0 dead: {:?}", t.elapsed());
+        let v = d
+            .load()
+            .await
+            .unwrap_or_else(|e| panic!("load #{i} with a member dead: {e}"));
         assert_eq!(v.leader_name(), Some(&name));
         assert!(d.update_leader(&name).await.unwrap());
-        d.set_status(&Status { optime: i, ..Default::default() }).await.unwrap();
+        d.set_status(&Status {
+            optime: i,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        round(t);
         assert!(t.elapsed() < retry, "round {i} took {:?}", t.elapsed());
     }
     // The watch moved off the dead member as well.
@@ -481,6 +747,11 @@ async fn keeps_working_with_one_of_three_members_killed() {
         tokio::spawn(async move { d.wait_for_change(v.revision, Duration::from_secs(5)).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    d.set_status(&Status { optime: 99, ..Default::default() }).await.unwrap();
+    d.set_status(&Status {
+        optime: 99,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert!(waiter.await.unwrap(), "watch works with one member dead");
 }

@@ -73,17 +73,26 @@ impl ConnSettings {
             // A long-lived watch on a half-open TCP connection would never report an error;
             // HTTP/2 pings detect that. Interval >= 5 s because etcd's default
             // --grpc-keepalive-min-time is 5 s and it answers faster pings with GOAWAY.
-            o = o.with_keep_alive(Duration::from_secs(10), self.retry_timeout.max(Duration::from_secs(1)));
+            o = o.with_keep_alive(
+                Duration::from_secs(10),
+                self.retry_timeout.max(Duration::from_secs(1)),
+            );
         }
         if let Some((user, password)) = &self.credentials {
-            o = o.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
+            o = o
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         o
     }
 
     /// Opens a client on one endpoint. Without credentials this does no I/O (the channel
     /// connects lazily); with credentials it authenticates, so callers bound it with a timeout.
-    async fn connect_one(&self, index: usize, for_watch: bool) -> Result<Client, etcd_client::Error> {
+    async fn connect_one(
+        &self,
+        index: usize,
+        for_watch: bool,
+    ) -> Result<Client, etcd_client::Error> {
         let ep = &self.endpoints[index % self.endpoints.len()];
         Client::connect([ep.as_str()], Some(self.options(for_watch))).await
     }
@@ -228,7 +237,11 @@ pub fn parse_member_value(raw: &str) -> MemberData {
                     .find_map(|kv| kv.strip_prefix("application_name="))
                     .unwrap_or("")
                     .to_string();
-                MemberData { conn_url: url.to_string(), api_url, ..Default::default() }
+                MemberData {
+                    conn_url: url.to_string(),
+                    api_url,
+                    ..Default::default()
+                }
             } else {
                 MemberData::default()
             }
@@ -268,7 +281,10 @@ pub fn build_view<'a>(
     kvs: impl IntoIterator<Item = (&'a str, &'a KeyValue)>,
     revision: i64,
 ) -> ClusterView {
-    let mut view = ClusterView { revision, ..Default::default() };
+    let mut view = ClusterView {
+        revision,
+        ..Default::default()
+    };
     let mut status: Option<Status> = None;
     let mut legacy_optime: Option<u64> = None;
     for (key, kv) in kvs {
@@ -279,8 +295,11 @@ pub fn build_view<'a>(
             KEY_CONFIG => view.config = DynamicConfig::parse(&raw).map(|c| (c, rev)),
             // An empty leader value means "unlocked" in Patroni (`Cluster.is_unlocked`).
             KEY_LEADER if !raw.is_empty() => {
-                view.leader =
-                    Some(LeaderKey { name: MemberName::new(raw), lease: lease_of(kv), revision: rev })
+                view.leader = Some(LeaderKey {
+                    name: MemberName::new(raw),
+                    lease: lease_of(kv),
+                    revision: rev,
+                })
             }
             KEY_FAILOVER => view.failover = Some((Failover::parse(&raw), rev)),
             // An invalid sync key still carries its revision: CAS writes need it.
@@ -313,7 +332,12 @@ pub fn build_view<'a>(
     }
     // `status` replaced `optime/leader` in Patroni 2.1; the legacy key is only a fallback.
     view.status = status
-        .or_else(|| legacy_optime.map(|o| Status { optime: o, ..Default::default() }))
+        .or_else(|| {
+            legacy_optime.map(|o| Status {
+                optime: o,
+                ..Default::default()
+            })
+        })
         .unwrap_or_default();
     view
 }
@@ -333,7 +357,13 @@ impl EtcdDcs {
         }
         let endpoints = endpoints
             .into_iter()
-            .map(|e| if e.contains("://") { e } else { format!("http://{e}") })
+            .map(|e| {
+                if e.contains("://") {
+                    e
+                } else {
+                    format!("http://{e}")
+                }
+            })
             .collect();
         let (tx, rx) = watch::channel(0i64);
         Ok(EtcdDcs {
@@ -343,7 +373,11 @@ impl EtcdDcs {
                 retry_timeout: retry_timeout.max(Duration::from_millis(100)),
             },
             base: normalize_base(&base_path),
-            conn: Mutex::new(Conn { index: 0, generation: 0, client: None }),
+            conn: Mutex::new(Conn {
+                index: 0,
+                generation: 0,
+                client: None,
+            }),
             lease: Mutex::new(LeaseState::default()),
             touch_cache: Mutex::new(None),
             seen_rx: rx,
@@ -366,7 +400,10 @@ impl EtcdDcs {
         let key = dcs.base.clone();
         dcs.run("connect", move |mut c| {
             let key = key.clone();
-            async move { c.get(key, Some(GetOptions::new().with_prefix().with_count_only())).await }
+            async move {
+                c.get(key, Some(GetOptions::new().with_prefix().with_count_only()))
+                    .await
+            }
         })
         .await?;
         Ok(dcs)
@@ -641,7 +678,10 @@ impl WatchTask {
         let mut index = 0usize;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let start = self.floor.load(Ordering::SeqCst).max(*self.seen.borrow() + 1);
+            let start = self
+                .floor
+                .load(Ordering::SeqCst)
+                .max(*self.seen.borrow() + 1);
             let res = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = self.watch_once(index, start) => r,
@@ -709,7 +749,12 @@ impl WatchTask {
                 }
                 return Err(format!("watch canceled: {}", resp.cancel_reason()));
             }
-            let max = resp.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max();
+            let max = resp
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision())
+                .max();
             if let Some(rev) = max {
                 self.publish(rev);
             }
@@ -777,14 +822,23 @@ impl Dcs for EtcdDcs {
     }
 
     async fn keepalive(&self) -> Result<(), DcsError> {
-        let id = self.lease.lock().unwrap().id.ok_or(DcsError::LeaseNotFound)?;
+        let id = self
+            .lease
+            .lock()
+            .unwrap()
+            .id
+            .ok_or(DcsError::LeaseNotFound)?;
         self.keepalive_id(id).await
     }
 
     async fn touch_member(&self, name: &MemberName, data: &MemberData) -> Result<(), DcsError> {
         let value = serde_json::to_string(data).map_err(|e| DcsError::Other(e.to_string()))?;
         let id = self.lease_or_grant().await?;
-        let candidate = TouchCache { name: name.clone(), value: value.clone(), lease: id };
+        let candidate = TouchCache {
+            name: name.clone(),
+            value: value.clone(),
+            lease: id,
+        };
         if self.touch_cache.lock().unwrap().as_ref() == Some(&candidate) {
             return Ok(());
         }
@@ -796,7 +850,9 @@ impl Dcs for EtcdDcs {
                     self.run("touch member", move |mut c| {
                         let (k, v) = (key.clone(), value.clone());
                         async move {
-                            c.put(k, v, Some(PutOptions::new().with_lease(lease))).await.map(|_| lease)
+                            c.put(k, v, Some(PutOptions::new().with_lease(lease)))
+                                .await
+                                .map(|_| lease)
                         }
                     })
                     .await
@@ -805,8 +861,11 @@ impl Dcs for EtcdDcs {
             .await;
         match used {
             Ok(lease) => {
-                *self.touch_cache.lock().unwrap() =
-                    Some(TouchCache { name: name.clone(), value, lease });
+                *self.touch_cache.lock().unwrap() = Some(TouchCache {
+                    name: name.clone(),
+                    value,
+                    lease,
+                });
                 Ok(())
             }
             Err(e) => {
@@ -840,10 +899,9 @@ impl Dcs for EtcdDcs {
                         // A retried attempt may find the key our own lost-answer attempt
                         // created: that is a win, not a conflict.
                         Ok(r.op_responses().iter().any(|op| match op {
-                            TxnOpResponse::Get(g) => g
-                                .kvs()
-                                .first()
-                                .is_some_and(|kv| kv.value() == me.as_bytes() && kv.lease() == lease),
+                            TxnOpResponse::Get(g) => g.kvs().first().is_some_and(|kv| {
+                                kv.value() == me.as_bytes() && kv.lease() == lease
+                            }),
                             _ => false,
                         }))
                     }
@@ -881,7 +939,11 @@ impl Dcs for EtcdDcs {
             async move {
                 self.run("update leader", move |mut c| {
                     let put = || {
-                        TxnOp::put(key.clone(), me.clone(), Some(PutOptions::new().with_lease(lease)))
+                        TxnOp::put(
+                            key.clone(),
+                            me.clone(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
                     };
                     // Take over the key if it still names us, else re-create it only if absent.
                     let recreate = Txn::new()
@@ -1011,7 +1073,8 @@ impl Dcs for EtcdDcs {
         // Anything after the caller's snapshot must be delivered, even if the watch (re)starts
         // later than that snapshot was taken.
         if after_revision > 0 {
-            self.watch_floor.fetch_max(after_revision + 1, Ordering::SeqCst);
+            self.watch_floor
+                .fetch_max(after_revision + 1, Ordering::SeqCst);
         }
         self.ensure_watch();
         let mut rx = self.seen_rx.clone();

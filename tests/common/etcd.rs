@@ -32,12 +32,18 @@ impl EtcdCluster {
         assert!(n >= 1, "an etcd cluster needs at least one member");
         // Data on tmpfs when available: etcd fsyncs every write and the box is shared.
         let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            tempfile::Builder::new().prefix("pgherd-etcd-").tempdir_in("/dev/shm")
+            tempfile::Builder::new()
+                .prefix("pgherd-etcd-")
+                .tempdir_in("/dev/shm")
         } else {
             tempfile::Builder::new().prefix("pgherd-etcd-").tempdir()
         }
         .expect("create etcd temp dir");
-        let mut c = EtcdCluster { dir, base_port, procs: (0..n).map(|_| None).collect() };
+        let mut c = EtcdCluster {
+            dir,
+            base_port,
+            procs: (0..n).map(|_| None).collect(),
+        };
         for i in 0..n {
             c.spawn(i);
         }
@@ -116,13 +122,17 @@ impl EtcdCluster {
     /// Asks member `i` for `/health` (true only when it sees a raft leader).
     pub fn is_healthy(&self, i: usize) -> bool {
         let Ok(mut s) = TcpStream::connect_timeout(
-            &format!("127.0.0.1:{}", self.client_port(i)).parse().unwrap(),
+            &format!("127.0.0.1:{}", self.client_port(i))
+                .parse()
+                .unwrap(),
             Duration::from_millis(300),
         ) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
             return false;
         }
         let mut body = String::new();
@@ -134,8 +144,9 @@ impl EtcdCluster {
     pub fn wait_healthy(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let running: Vec<usize> =
-                (0..self.len()).filter(|&i| self.procs[i].is_some()).collect();
+            let running: Vec<usize> = (0..self.len())
+                .filter(|&i| self.procs[i].is_some())
+                .collect();
             if running.iter().all(|&i| self.is_healthy(i)) {
                 return;
             }
@@ -149,7 +160,10 @@ impl EtcdCluster {
                         .unwrap_or_default()
                     })
                     .collect();
-                panic!("etcd cluster not healthy after {timeout:?}; logs:\n{}", logs.join("\n"));
+                panic!(
+                    "etcd cluster not healthy after {timeout:?}; logs:\n{}",
+                    logs.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -218,7 +232,11 @@ impl EtcdCluster {
             .args(args)
             .output()
             .expect("run etcdctl");
-        assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out.stdout
     }
 
