@@ -755,3 +755,86 @@ async fn keeps_working_with_one_of_three_members_killed() {
     .unwrap();
     assert!(waiter.await.unwrap(), "watch works with one member dead");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticates_with_credentials_and_never_reveals_the_password() {
+    let c = etcd1(24022).await;
+    let password = "s3cret-Pw-77";
+    c.etcdctl(&["user", "add", &format!("root:{password}")]);
+    c.etcdctl(&["auth", "enable"]);
+    let retry = Duration::from_secs(2);
+    let creds = Some(("root".to_string(), password.to_string()));
+    let d = EtcdDcs::connect(c.endpoints(), BASE.into(), retry, creds)
+        .await
+        .expect("auth connect");
+    let name = MemberName::from("n1");
+    d.ensure_lease(Duration::from_secs(30)).await.unwrap();
+    d.touch_member(&name, &member("n1", "replica"))
+        .await
+        .unwrap();
+    let v = d.load().await.unwrap();
+    assert!(v.members.contains_key(&name));
+    // The watch connection authenticates too.
+    let waiter = d.wait_for_change(v.revision, Duration::from_secs(5));
+    let writer = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        d.set_status(&Status {
+            optime: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    };
+    let (woke, ()) = tokio::join!(waiter, writer);
+    assert!(woke, "authenticated watch delivers changes");
+
+    let bad = Some(("root".to_string(), "wrong-Pw-88".to_string()));
+    let t = Instant::now();
+    let e = EtcdDcs::connect(c.endpoints(), BASE.into(), retry, bad)
+        .await
+        .err()
+        .expect("bad password");
+    assert!(t.elapsed() < retry + Duration::from_millis(600));
+    eprintln!("bad password: {e}");
+    assert!(
+        !e.to_string().contains("wrong-Pw-88"),
+        "password leaked: {e}"
+    );
+    let e = EtcdDcs::connect(c.endpoints(), BASE.into(), retry, None)
+        .await
+        .err()
+        .expect("no creds");
+    eprintln!("no credentials: {e}");
+    assert!(!e.to_string().contains(password), "password leaked: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_member_costs_one_attempt_not_the_whole_budget() {
+    let c = tokio::task::spawn_blocking(|| EtcdCluster::start(3, 24050))
+        .await
+        .unwrap();
+    let retry = Duration::from_secs(4);
+    let d = dcs(&c, retry).await;
+    let name = MemberName::from("n1");
+    d.ensure_lease(Duration::from_secs(30)).await.unwrap();
+    assert!(d.acquire_leader(&name).await.unwrap());
+    // Endpoint 0 stops answering without closing its sockets.
+    c.freeze(0);
+    let t = Instant::now();
+    let first = d.load().await;
+    eprintln!("first call with endpoint 0 hung: {:?}", t.elapsed());
+    let first = first.expect("load with one member hung");
+    assert_eq!(first.leader_name(), Some(&name));
+    assert!(t.elapsed() < retry, "took {:?}", t.elapsed());
+    // Once rotated, we stay on a healthy member: later calls are fast.
+    let t = Instant::now();
+    for _ in 0..3 {
+        assert!(d.update_leader(&name).await.unwrap());
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "sticking to the hung member: {:?}",
+        t.elapsed()
+    );
+    c.thaw(0);
+}

@@ -70,6 +70,9 @@ impl ConnSettings {
             .with_connect_timeout(self.per_attempt())
             .with_keep_alive_while_idle(false);
         if for_watch {
+            // A member cut off from the raft leader keeps a watch open but never delivers
+            // events; require-leader makes etcd cancel it so we move to another member.
+            o = o.with_require_leader(true);
             // A long-lived watch on a half-open TCP connection would never report an error;
             // HTTP/2 pings detect that. Interval >= 5 s because etcd's default
             // --grpc-keepalive-min-time is 5 s and it answers faster pings with GOAWAY.

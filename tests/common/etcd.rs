@@ -177,6 +177,25 @@ impl EtcdCluster {
         }
     }
 
+    /// SIGSTOPs member `i`: it keeps its sockets open but answers nothing (a hung node or a
+    /// silent network partition). Undo with [`EtcdCluster::thaw`]; Drop kills it anyway.
+    pub fn freeze(&self, i: usize) {
+        if let Some(c) = &self.procs[i] {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGSTOP);
+            }
+        }
+    }
+
+    /// SIGCONTs a member frozen by [`EtcdCluster::freeze`].
+    pub fn thaw(&self, i: usize) {
+        if let Some(c) = &self.procs[i] {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGCONT);
+            }
+        }
+    }
+
     /// SIGTERMs member `i` and waits for it to exit (SIGKILL after 5 s).
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.procs[i].take() {
