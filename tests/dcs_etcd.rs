@@ -738,7 +738,13 @@ async fn keeps_working_with_one_of_three_members_killed() {
         .await
         .unwrap();
         round(t);
-        assert!(t.elapsed() < retry, "round {i} took {:?}", t.elapsed());
+        // Round 0 may include a raft election (if the dead member led); later rounds must not
+        // pay for the dead endpoint again.
+        assert!(
+            i == 0 || t.elapsed() < Duration::from_secs(1),
+            "round {i} took {:?}",
+            t.elapsed()
+        );
     }
     // The watch moved off the dead member as well.
     let v = d.load().await.unwrap();
@@ -826,7 +832,16 @@ async fn a_hung_member_costs_one_attempt_not_the_whole_budget() {
     let first = first.expect("load with one member hung");
     assert_eq!(first.leader_name(), Some(&name));
     assert!(t.elapsed() < retry, "took {:?}", t.elapsed());
-    // Once rotated, we stay on a healthy member: later calls are fast.
+    // If the hung member was the raft leader the others need an election first; once they
+    // have a leader, calls must be fast again: we stay on a healthy member after rotating.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tokio::task::block_in_place(|| c.is_healthy(1) && c.is_healthy(2)) {
+        assert!(
+            Instant::now() < deadline,
+            "no raft leader among the healthy members"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let t = Instant::now();
     for _ in 0..3 {
         assert!(d.update_leader(&name).await.unwrap());
