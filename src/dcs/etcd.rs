@@ -216,7 +216,8 @@ fn classify(e: &etcd_client::Error) -> ErrClass {
     }
 }
 
-/// `initialize` ... values are plain UTF-8; anything else is read lossily (garbage tolerated).
+/// Every value we read is UTF-8 text (plain strings or JSON); invalid bytes are replaced
+/// rather than failing the whole load, as garbage in one key must not blind the agent.
 fn value_string(kv: &KeyValue) -> String {
     String::from_utf8_lossy(kv.value()).into_owned()
 }
@@ -348,7 +349,8 @@ pub fn build_view<'a>(
 impl EtcdDcs {
     /// Builds the backend without any I/O, so the agent can start while etcd is down: every
     /// call then fails with `Unavailable` (bounded by `retry_timeout`) until etcd answers.
-    /// Must be called inside a tokio runtime only when calls are made (nothing is spawned here).
+    /// Does no I/O and spawns nothing, so it may run outside a tokio runtime; the watch task
+    /// starts on the first `wait_for_change`.
     pub fn new_lazy(
         endpoints: Vec<String>,
         base_path: String,
@@ -681,10 +683,11 @@ impl WatchTask {
         let mut index = 0usize;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let start = self
-                .floor
-                .load(Ordering::SeqCst)
-                .max(*self.seen.borrow() + 1);
+            // Resume right after the last event seen (or the callers' snapshot). With neither
+            // known, 0 means "from now": never replay the whole history from revision 1.
+            let seen = *self.seen.borrow();
+            let floor = self.floor.load(Ordering::SeqCst);
+            let start = if seen > 0 { floor.max(seen + 1) } else { floor };
             let res = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 r = self.watch_once(index, start) => r,
