@@ -261,6 +261,33 @@ impl Renderer {
             .map_err(|e| self.template_error(&e))
     }
 
+    /// Expands `{{ ... }}` expressions in a short string (playbook arguments) with the same
+    /// context as the templates. Strings without `{{` are returned as they are.
+    pub fn render_str(
+        &self,
+        text: &str,
+        inv: &Inventory,
+        host: &str,
+    ) -> Result<String, RenderError> {
+        if !text.contains("{{") && !text.contains("{%") {
+            return Ok(text.to_string());
+        }
+        let h = inv
+            .host(host)
+            .ok_or_else(|| RenderError::UnknownHost(host.to_string()))?;
+        let ctx = context(inv, h);
+        self.env
+            .render_str(text, minijinja::value::Serde(&ctx))
+            .map_err(|e| RenderError::Template {
+                location: format!("expression {text:?}"),
+                message: match e.detail() {
+                    Some(d) => format!("{}: {d}", e.kind()),
+                    None => e.kind().to_string(),
+                },
+                source_line: None,
+            })
+    }
+
     /// Every file `host` needs, by its roles, checked (the agent config must parse with
     /// [`crate::config::AgentConfig::parse`], the etcd config must be YAML).
     pub fn render_all(
