@@ -821,13 +821,13 @@ impl Playbook {
                     )));
                 }
             }
-            if matches!(step.kind, StepKind::BootstrapPrimary { .. }) {
-                if let Some(h) = hosts.iter().find(|h| !h.has(Role::Postgres)) {
-                    problems.push(at(format!(
-                        "step {:?}: bootstrap host {} has no postgres role",
-                        step.name, h.name
-                    )));
-                }
+            if matches!(step.kind, StepKind::BootstrapPrimary { .. })
+                && let Some(h) = hosts.iter().find(|h| !h.has(Role::Postgres))
+            {
+                problems.push(at(format!(
+                    "step {:?}: bootstrap host {} has no postgres role",
+                    step.name, h.name
+                )));
             }
             for h in &hosts {
                 if let Err(e) = step
