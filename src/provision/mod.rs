@@ -1,0 +1,3 @@
+//! Provisioning: playbooks as data, and (elsewhere) the planner and the apply layer.
+
+pub mod playbook;
