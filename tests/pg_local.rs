@@ -25,12 +25,15 @@ fn postgres_ids() -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[0] == "postgres").then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        (f.len() > 3 && f[0] == "postgres")
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
     })
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// A temp directory owned by postgres holding the nodes' data directories; stops every
@@ -47,7 +50,10 @@ impl Lab {
             let (uid, gid) = postgres_ids().expect("postgres user");
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        Lab { dir, data_dirs: Vec::new() }
+        Lab {
+            dir,
+            data_dirs: Vec::new(),
+        }
     }
 
     fn node(&mut self, name: &str, port: u16, extra_postgresql: &str) -> Node {
@@ -78,7 +84,11 @@ postgresql:
         );
         let cfg = AgentConfig::parse(&yaml, "test.yml").unwrap();
         let pg = LocalPostgres::new(&cfg).unwrap();
-        Node { pg, port, name: name.to_string() }
+        Node {
+            pg,
+            port,
+            name: name.to_string(),
+        }
     }
 }
 
@@ -89,8 +99,11 @@ impl Drop for Lab {
                 continue;
             }
             let mut cmd = std::process::Command::new(Path::new(BIN).join("pg_ctl"));
-            cmd.args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"]).arg(d);
-            cmd.current_dir("/").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+            cmd.args(["stop", "-m", "immediate", "-w", "-t", "10", "-D"])
+                .arg(d);
+            cmd.current_dir("/")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
             if is_root()
                 && let Some((uid, gid)) = postgres_ids()
             {
@@ -109,7 +122,11 @@ struct Node {
 
 impl Node {
     fn upstream(&self) -> Upstream {
-        Upstream { member: MemberName::new(self.name.clone()), host: "127.0.0.1".into(), port: self.port }
+        Upstream {
+            member: MemberName::new(self.name.clone()),
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
     }
 
     async fn sql(&self) -> tokio_postgres::Client {
@@ -127,11 +144,21 @@ impl Node {
 
     async fn rows(&self, sql: &str) -> Vec<String> {
         let c = self.sql().await;
-        c.query(sql, &[]).await.unwrap().iter().map(|r| r.get::<_, String>(0)).collect()
+        c.query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect()
     }
 
     /// Polls observe() until `pred` holds (panics with the last status after `limit`).
-    async fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&PgStatus) -> bool) -> PgStatus {
+    async fn wait_for(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&PgStatus) -> bool,
+    ) -> PgStatus {
         let deadline = Instant::now() + limit;
         loop {
             let st = self.pg.observe().await;
@@ -139,7 +166,10 @@ impl Node {
                 return st;
             }
             if Instant::now() > deadline {
-                panic!("{}: timed out waiting for {what}; last status {st:#?}", self.name);
+                panic!(
+                    "{}: timed out waiting for {what}; last status {st:#?}",
+                    self.name
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -177,7 +207,10 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
     assert_eq!(st.control_state, Some(ControlState::InProduction));
     assert!(st.sysid.is_some());
     assert!(st.flush_lsn.is_some_and(|l| l.0 > 0));
-    assert!(st.server_version.is_some_and(|v| (150000..160000).contains(&v)));
+    assert!(
+        st.server_version
+            .is_some_and(|v| (150000..160000).contains(&v))
+    );
     assert!(st.postmaster_start_time.is_some());
     assert!(st.replication_state.is_none());
     assert!(st.pending_restart.is_empty(), "{:?}", st.pending_restart);
@@ -185,7 +218,10 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
     // Slot for the replica first, so WAL is retained from before the clone.
     n1.pg.sync_slots(&["n2".into()], &[]).await.unwrap();
     let st = n1.pg.observe().await;
-    assert_eq!(st.slots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["n2"]);
+    assert_eq!(
+        st.slots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        vec!["n2"]
+    );
     assert!(st.slots[0].physical && !st.slots[0].active);
 
     n1.sql()
@@ -196,8 +232,20 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
 
     // Clone and stream.
     n2.pg.basebackup(&n1.upstream()).await.unwrap();
-    n2.pg.start(&StartAs::Replica { upstream: Some(n1.upstream()) }, START).await.unwrap();
-    n1.sql().await.batch_execute("INSERT INTO t VALUES ('streamed')").await.unwrap();
+    n2.pg
+        .start(
+            &StartAs::Replica {
+                upstream: Some(n1.upstream()),
+            },
+            START,
+        )
+        .await
+        .unwrap();
+    n1.sql()
+        .await
+        .batch_execute("INSERT INTO t VALUES ('streamed')")
+        .await
+        .unwrap();
     let primary_flush = n1.pg.observe().await.flush_lsn.unwrap();
     let st = n2
         .wait_for("streaming", Duration::from_secs(30), |s| {
@@ -210,12 +258,22 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
     assert!(st.receive_lsn.is_some_and(|l| l >= primary_flush));
     assert_eq!(st.upstream.as_deref(), Some("127.0.0.1:25001"));
     assert_eq!(st.sysid, n1.pg.observe().await.sysid);
-    assert!(n2.rows("SELECT v FROM t ORDER BY v").await.contains(&"streamed".to_string()));
+    assert!(
+        n2.rows("SELECT v FROM t ORDER BY v")
+            .await
+            .contains(&"streamed".to_string())
+    );
     let st1 = n1
-        .wait_for("replica in pg_stat_replication", Duration::from_secs(10), |s| {
-            s.replication.iter().any(|r| r.application_name == "n2" && r.state == "streaming")
-                && s.slots.iter().any(|sl| sl.name == "n2" && sl.active)
-        })
+        .wait_for(
+            "replica in pg_stat_replication",
+            Duration::from_secs(10),
+            |s| {
+                s.replication
+                    .iter()
+                    .any(|r| r.application_name == "n2" && r.state == "streaming")
+                    && s.slots.iter().any(|sl| sl.name == "n2" && sl.active)
+            },
+        )
         .await;
     assert_eq!(st1.replication[0].usename, "replicator");
 
@@ -230,27 +288,56 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
     assert_eq!(hist.len(), 1, "{hist:?}");
     assert_eq!(hist[0].parent_timeline, 1);
     assert!(hist[0].switchpoint > 0);
-    assert!(hist[0].timestamp.as_deref().is_some_and(|t| t.ends_with("+00:00")), "{hist:?}");
+    assert!(
+        hist[0]
+            .timestamp
+            .as_deref()
+            .is_some_and(|t| t.ends_with("+00:00")),
+        "{hist:?}"
+    );
     assert!(hist[0].new_leader.is_none());
 
     // The old primary keeps writing on timeline 1 (split brain), then dies.
-    n1.sql().await.batch_execute("INSERT INTO t VALUES ('divergent')").await.unwrap();
-    n1.pg.stop(StopMode::Immediate, Duration::from_secs(20)).await.unwrap();
+    n1.sql()
+        .await
+        .batch_execute("INSERT INTO t VALUES ('divergent')")
+        .await
+        .unwrap();
+    n1.pg
+        .stop(StopMode::Immediate, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert!(!n1.pg.observe().await.running);
-    n2.sql().await.batch_execute("INSERT INTO t VALUES ('after promotion')").await.unwrap();
+    n2.sql()
+        .await
+        .batch_execute("INSERT INTO t VALUES ('after promotion')")
+        .await
+        .unwrap();
     n2.pg.sync_slots(&["n1".into()], &[]).await.unwrap();
 
     // It diverged: rewind and rejoin as a replica of the new primary.
     assert!(n1.pg.needs_rewind(&n2.upstream()).await.unwrap());
     n1.pg.rewind(&n2.upstream()).await.unwrap();
-    n1.pg.start(&StartAs::Replica { upstream: Some(n2.upstream()) }, START).await.unwrap();
+    n1.pg
+        .start(
+            &StartAs::Replica {
+                upstream: Some(n2.upstream()),
+            },
+            START,
+        )
+        .await
+        .unwrap();
     let new_flush = n2.pg.observe().await.flush_lsn.unwrap();
     let st = n1
-        .wait_for("streaming from the new primary", Duration::from_secs(30), |s| {
-            s.replication_state.as_deref() == Some("streaming")
-                && s.timeline == Some(Timeline(2))
-                && s.replay_lsn.is_some_and(|l| l >= new_flush)
-        })
+        .wait_for(
+            "streaming from the new primary",
+            Duration::from_secs(30),
+            |s| {
+                s.replication_state.as_deref() == Some("streaming")
+                    && s.timeline == Some(Timeline(2))
+                    && s.replay_lsn.is_some_and(|l| l >= new_flush)
+            },
+        )
         .await;
     assert_eq!(st.upstream.as_deref(), Some("127.0.0.1:25002"));
     assert_eq!(
@@ -260,20 +347,33 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
     );
 
     // A replica stopped cleanly on the leader's timeline needs no rewind.
-    n1.pg.stop(StopMode::Fast, Duration::from_secs(20)).await.unwrap();
+    n1.pg
+        .stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert!(!n1.pg.needs_rewind(&n2.upstream()).await.unwrap());
     // stop is idempotent.
-    n1.pg.stop(StopMode::Fast, Duration::from_secs(5)).await.unwrap();
+    n1.pg
+        .stop(StopMode::Fast, Duration::from_secs(5))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dynamic_config_reloads_and_reports_pending_restart() {
     let mut lab = Lab::new();
-    let n = lab.node("cfg", 25010, "  pg_hba: [\"local all all scram-sha-256\", \"host all all 127.0.0.1/32 scram-sha-256\"]");
+    let n = lab.node(
+        "cfg",
+        25010,
+        "  pg_hba: [\"local all all scram-sha-256\", \"host all all 127.0.0.1/32 scram-sha-256\"]",
+    );
     n.pg.initdb().await.unwrap();
     n.pg.start(&StartAs::Primary, START).await.unwrap();
     let hba = std::fs::read_to_string(n.pg.data_dir().join("pg_hba.conf")).unwrap();
-    assert!(hba.contains("host replication replicator 0.0.0.0/0 scram-sha-256"), "{hba}");
+    assert!(
+        hba.contains("host replication replicator 0.0.0.0/0 scram-sha-256"),
+        "{hba}"
+    );
 
     // work_mem is reloadable; max_connections needs a restart. The local config sets
     // max_connections=20 and wins over the DCS, so use a DCS-only restart parameter.
@@ -281,18 +381,29 @@ async fn dynamic_config_reloads_and_reports_pending_restart() {
         r#"{"postgresql":{"parameters":{"work_mem":"7MB","max_prepared_transactions":5,"max_connections":99}}}"#,
     )
     .unwrap();
-    assert!(n.pg.apply_dynamic_config(&dcs).await.unwrap(), "files changed: reload needed");
-    assert!(!n.pg.apply_dynamic_config(&dcs).await.unwrap(), "nothing changed the second time");
+    assert!(
+        n.pg.apply_dynamic_config(&dcs).await.unwrap(),
+        "files changed: reload needed"
+    );
+    assert!(
+        !n.pg.apply_dynamic_config(&dcs).await.unwrap(),
+        "nothing changed the second time"
+    );
     n.pg.reload().await.unwrap();
     let st = n
-        .wait_for("pending restart", Duration::from_secs(10), |s| !s.pending_restart.is_empty())
+        .wait_for("pending restart", Duration::from_secs(10), |s| {
+            !s.pending_restart.is_empty()
+        })
         .await;
     assert_eq!(
         st.pending_restart.get("max_prepared_transactions"),
         Some(&("0".to_string(), "5".to_string()))
     );
     assert!(!st.pending_restart.contains_key("work_mem"));
-    assert!(!st.pending_restart.contains_key("max_connections"), "local value 20 is unchanged");
+    assert!(
+        !st.pending_restart.contains_key("max_connections"),
+        "local value 20 is unchanged"
+    );
     assert_eq!(n.rows("SHOW work_mem").await, vec!["7MB"]);
     assert_eq!(n.rows("SHOW max_connections").await, vec!["20"]);
 
@@ -310,10 +421,16 @@ async fn dynamic_config_reloads_and_reports_pending_restart() {
     })
     .await;
     // Writes do not block once cleared.
-    n.sql().await.batch_execute("CREATE TABLE x (i int); INSERT INTO x VALUES (1)").await.unwrap();
+    n.sql()
+        .await
+        .batch_execute("CREATE TABLE x (i int); INSERT INTO x VALUES (1)")
+        .await
+        .unwrap();
 
     // A restart applies the pending change.
-    n.pg.stop(StopMode::Fast, Duration::from_secs(20)).await.unwrap();
+    n.pg.stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
     n.pg.start(&StartAs::Primary, START).await.unwrap();
     let st = n.pg.observe().await;
     assert!(st.pending_restart.is_empty(), "{:?}", st.pending_restart);
@@ -326,8 +443,14 @@ async fn uninitialized_directory_is_observed_without_errors() {
     let n = lab.node("empty", 25020, "");
     let st = n.pg.observe().await;
     assert_eq!(st, PgStatus::default());
-    n.pg.stop(StopMode::Fast, Duration::from_secs(1)).await.unwrap();
-    assert!(n.pg.start(&StartAs::Primary, Duration::from_secs(1)).await.is_err());
+    n.pg.stop(StopMode::Fast, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(
+        n.pg.start(&StartAs::Primary, Duration::from_secs(1))
+            .await
+            .is_err()
+    );
     // A stale pid file (no such process) does not count as running.
     std::fs::create_dir_all(n.pg.data_dir()).unwrap();
     std::fs::write(n.pg.data_dir().join("postmaster.pid"), "999999\n").unwrap();

@@ -113,7 +113,10 @@ impl std::fmt::Debug for LocalPostgres {
 }
 
 fn failed(what: &str, detail: impl Into<String>) -> PgError {
-    PgError::CommandFailed { what: what.to_string(), detail: detail.into() }
+    PgError::CommandFailed {
+        what: what.to_string(),
+        detail: detail.into(),
+    }
 }
 
 /// Error text of a tokio-postgres error: the server message when there is one. Statement text
@@ -166,7 +169,8 @@ fn postgres_user() -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 3 && f[0] == "postgres").then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        (f.len() > 3 && f[0] == "postgres")
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
     })
 }
 
@@ -217,12 +221,19 @@ impl LocalPostgres {
     /// agent restart does not cut a running replica off its upstream.
     pub fn new(cfg: &AgentConfig) -> Result<LocalPostgres, PgError> {
         let data_dir = cfg.postgresql.data_dir.clone();
-        let parent = data_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| data_dir.clone());
+        let parent = data_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| data_dir.clone());
         let dir_name = data_dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "pgdata".into());
-        let socket_dir = cfg.postgresql.socket_dir.clone().unwrap_or_else(|| parent.clone());
+        let socket_dir = cfg
+            .postgresql
+            .socket_dir
+            .clone()
+            .unwrap_or_else(|| parent.clone());
         let pgpass = cfg
             .postgresql
             .pgpass
@@ -232,7 +243,8 @@ impl LocalPostgres {
         let run_as = resolve_run_as(&data_dir)?;
         let mut shared = Shared::default();
         if data_dir.join("standby.signal").exists() {
-            let text = std::fs::read_to_string(data_dir.join("postgresql.conf")).unwrap_or_default();
+            let text =
+                std::fs::read_to_string(data_dir.join("postgresql.conf")).unwrap_or_default();
             shared.standby = Some(conf::parse_standby_settings(&text));
         }
         Ok(LocalPostgres {
@@ -267,7 +279,10 @@ impl LocalPostgres {
     }
 
     fn use_slots(&self) -> bool {
-        self.shared().dynamic.use_slots().unwrap_or(self.cfg.postgresql.use_slots)
+        self.shared()
+            .dynamic
+            .use_slots()
+            .unwrap_or(self.cfg.postgresql.use_slots)
     }
 
     fn chown(&self, path: &Path) -> std::io::Result<()> {
@@ -358,7 +373,11 @@ impl LocalPostgres {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(failed(
                 what,
-                format!("{}: {}", out.status, tail(&format!("{stderr}\n{stdout}"), 2000)),
+                format!(
+                    "{}: {}",
+                    out.status,
+                    tail(&format!("{stderr}\n{stdout}"), 2000)
+                ),
             ));
         }
         Ok(stdout)
@@ -473,7 +492,10 @@ impl LocalPostgres {
     /// user (the walreceiver, pg_basebackup and pg_rewind read it), mode 0600.
     fn write_pgpass(&self) -> Result<(), PgError> {
         let a = &self.cfg.postgresql.authentication;
-        let mut entries = vec![(a.replication.username.as_str(), a.replication.password.as_str())];
+        let mut entries = vec![(
+            a.replication.username.as_str(),
+            a.replication.password.as_str(),
+        )];
         if let Some(r) = &a.rewind {
             entries.push((r.username.as_str(), r.password.as_str()));
         }
@@ -485,9 +507,8 @@ impl LocalPostgres {
     fn standby_settings(&self, upstream: Option<&Upstream>) -> StandbySettings {
         let repl = &self.cfg.postgresql.authentication.replication.username;
         StandbySettings {
-            primary_conninfo: upstream.map(|u| {
-                conf::primary_conninfo(u, repl, self.name.as_str(), &self.passfile_str())
-            }),
+            primary_conninfo: upstream
+                .map(|u| conf::primary_conninfo(u, repl, self.name.as_str(), &self.passfile_str())),
             primary_slot_name: (upstream.is_some() && self.use_slots())
                 .then(|| self.name.slot_name()),
         }
@@ -512,7 +533,11 @@ impl LocalPostgres {
             listen_addresses: listen_host,
             port,
             socket_dir: self.socket_dir.to_string_lossy().into_owned(),
-            hba_file: self.data_dir.join("pg_hba.conf").to_string_lossy().into_owned(),
+            hba_file: self
+                .data_dir
+                .join("pg_hba.conf")
+                .to_string_lossy()
+                .into_owned(),
             synchronous_standby_names: sh.synchronous_standby_names.clone(),
         };
         conf::merged_parameters(
@@ -547,8 +572,10 @@ impl LocalPostgres {
         let text = conf::render_postgresql_conf(&params, standby.as_ref());
         let mut changed = self.write_owned(&conf_path, &text)?;
         let repl = &self.cfg.postgresql.authentication.replication.username;
-        changed |= self
-            .write_owned(&self.data_dir.join("pg_hba.conf"), &conf::render_pg_hba(&hba, repl))?;
+        changed |= self.write_owned(
+            &self.data_dir.join("pg_hba.conf"),
+            &conf::render_pg_hba(&hba, repl),
+        )?;
         Ok(changed)
     }
 
@@ -628,8 +655,14 @@ impl LocalPostgres {
         .iter()
         .map(OsString::from)
         .collect();
-        self.run_tool("crash recovery (postgres --single)", "postgres", args, CRASH_RECOVERY_TIMEOUT, &[])
-            .await?;
+        self.run_tool(
+            "crash recovery (postgres --single)",
+            "postgres",
+            args,
+            CRASH_RECOVERY_TIMEOUT,
+            &[],
+        )
+        .await?;
         Ok(())
     }
 
@@ -659,7 +692,10 @@ impl LocalPostgres {
         let in_recovery: bool = row.get(0);
         if in_recovery {
             // A standby's timeline and history can still move: deciding now could be wrong.
-            return Err(failed("checking the leader's timeline", "leader is in recovery"));
+            return Err(failed(
+                "checking the leader's timeline",
+                "leader is in recovery",
+            ));
         }
         let walfile: String = row.get(1);
         let tl = conf::timeline_from_walfile(&walfile)
@@ -833,8 +869,9 @@ impl LocalPostgres {
             .map(|r| {
                 let name: String = r.get(0);
                 let old: Option<String> = r.get(1);
-                let new: Option<String> =
-                    r.get::<_, Option<String>>(2).or_else(|| configured.get(&name).cloned());
+                let new: Option<String> = r
+                    .get::<_, Option<String>>(2)
+                    .or_else(|| configured.get(&name).cloned());
                 (name, (old.unwrap_or_default(), new.unwrap_or_default()))
             })
             .collect();
@@ -856,7 +893,10 @@ impl LocalPostgres {
                         ),
                     )
                     .await?;
-                    Ok(row.get::<_, Option<String>>(0).as_deref().and_then(conf::timeline_from_walfile))
+                    Ok(row
+                        .get::<_, Option<String>>(0)
+                        .as_deref()
+                        .and_then(conf::timeline_from_walfile))
                 })
                 .await
         {
@@ -879,7 +919,10 @@ fn mtime_iso(path: &Path) -> Option<String> {
 #[async_trait]
 impl Postgres for LocalPostgres {
     async fn observe(&self) -> PgStatus {
-        let mut st = PgStatus { data_dir_initialized: self.initialized(), ..Default::default() };
+        let mut st = PgStatus {
+            data_dir_initialized: self.initialized(),
+            ..Default::default()
+        };
         if st.data_dir_initialized
             && let Ok(cd) = self.controldata().await
         {
@@ -890,7 +933,9 @@ impl Postgres for LocalPostgres {
         st.running = self.postmaster_pid().is_some();
         if st.running {
             let mut sql = st.clone();
-            let r = self.with_client(|c| async { self.observe_sql(c, &mut sql).await }).await;
+            let r = self
+                .with_client(|c| async { self.observe_sql(c, &mut sql).await })
+                .await;
             if r.is_ok() {
                 st = sql;
             }
@@ -922,14 +967,25 @@ impl Postgres for LocalPostgres {
                 .truncate(true)
                 .mode(0o600)
                 .open(&pwfile)?;
-            f.write_all(self.cfg.postgresql.authentication.superuser.password.as_bytes())?;
+            f.write_all(
+                self.cfg
+                    .postgresql
+                    .authentication
+                    .superuser
+                    .password
+                    .as_bytes(),
+            )?;
             f.write_all(b"\n")?;
         }
         self.chown(&pwfile)?;
         let mut args: Vec<OsString> = vec![
             "-D".into(),
             self.data_dir.clone().into(),
-            format!("--username={}", self.cfg.postgresql.authentication.superuser.username).into(),
+            format!(
+                "--username={}",
+                self.cfg.postgresql.authentication.superuser.username
+            )
+            .into(),
             {
                 let mut s = OsString::from("--pwfile=");
                 s.push(&pwfile);
@@ -940,7 +996,9 @@ impl Postgres for LocalPostgres {
         let mut cmd = Command::new(self.bin_dir.join("initdb"));
         cmd.args(args);
         // initdb takes the locale from the environment unless told: keep the agent's locale.
-        let r = self.run_cmd("initdb", cmd, INITDB_TIMEOUT, &[], false, false).await;
+        let r = self
+            .run_cmd("initdb", cmd, INITDB_TIMEOUT, &[], false, false)
+            .await;
         let _ = std::fs::remove_file(&pwfile);
         if let Err(e) = r {
             // A half-initialised directory would make the next attempt refuse to start.
@@ -954,8 +1012,9 @@ impl Postgres for LocalPostgres {
             self.data_dir.join(conf::BASE_CONF),
         )?;
         if !self.cfg.bootstrap.pg_hba.is_empty() {
-            let mut f =
-                std::fs::OpenOptions::new().append(true).open(self.data_dir.join("pg_hba.conf"))?;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.data_dir.join("pg_hba.conf"))?;
             for l in &self.cfg.bootstrap.pg_hba {
                 writeln!(f, "{l}")?;
             }
@@ -1001,8 +1060,11 @@ impl Postgres for LocalPostgres {
             if creds.username == a.superuser.username {
                 continue;
             }
-            let verb =
-                if role_exists(creds.username.clone()).await? { "ALTER" } else { "CREATE" };
+            let verb = if role_exists(creds.username.clone()).await? {
+                "ALTER"
+            } else {
+                "CREATE"
+            };
             exec(
                 format!(
                     "{verb} ROLE {} WITH {attrs} PASSWORD {}",
@@ -1030,7 +1092,12 @@ impl Postgres for LocalPostgres {
             .await?;
         }
         drop(c);
-        if let Some(script) = self.cfg.bootstrap.post_bootstrap.clone().filter(|s| !s.trim().is_empty())
+        if let Some(script) = self
+            .cfg
+            .bootstrap
+            .post_bootstrap
+            .clone()
+            .filter(|s| !s.trim().is_empty())
         {
             self.write_pgpass()?;
             let connstr = format!(
@@ -1043,7 +1110,10 @@ impl Postgres for LocalPostgres {
             // Patroni calls the script with the connection string as its only argument; the
             // password comes from PGPASSFILE. It runs as the agent's user, not as postgres.
             let mut cmd = Command::new("/bin/sh");
-            cmd.arg("-c").arg(format!("{script} \"$1\"")).arg("post_bootstrap").arg(connstr);
+            cmd.arg("-c")
+                .arg(format!("{script} \"$1\""))
+                .arg("post_bootstrap")
+                .arg(connstr);
             for k in SCRUBBED_ENV {
                 cmd.env_remove(k);
             }
@@ -1058,7 +1128,11 @@ impl Postgres for LocalPostgres {
             if !out.status.success() {
                 return Err(failed(
                     "post_bootstrap script",
-                    format!("{}: {}", out.status, tail(&String::from_utf8_lossy(&out.stderr), 2000)),
+                    format!(
+                        "{}: {}",
+                        out.status,
+                        tail(&String::from_utf8_lossy(&out.stderr), 2000)
+                    ),
                 ));
             }
         }
@@ -1124,7 +1198,10 @@ impl Postgres for LocalPostgres {
 
     async fn start(&self, start_as: &StartAs, timeout: Duration) -> Result<(), PgError> {
         if !self.initialized() {
-            return Err(failed("starting postgres", "data directory is not initialized"));
+            return Err(failed(
+                "starting postgres",
+                "data directory is not initialized",
+            ));
         }
         let standby = match start_as {
             StartAs::Primary => None,
@@ -1151,9 +1228,17 @@ impl Postgres for LocalPostgres {
         ];
         let mut cmd = Command::new(self.bin_dir.join("pg_ctl"));
         cmd.args(args);
-        match self.run_cmd("pg_ctl start", cmd, timeout + PG_CTL_SLACK, &[], true, true).await {
-            Err(PgError::CommandFailed { detail, .. }) if detail.contains("did not start in time") => {
-                Err(PgError::Timeout(timeout, "waiting for postgres to start".into()))
+        match self
+            .run_cmd("pg_ctl start", cmd, timeout + PG_CTL_SLACK, &[], true, true)
+            .await
+        {
+            Err(PgError::CommandFailed { detail, .. })
+                if detail.contains("did not start in time") =>
+            {
+                Err(PgError::Timeout(
+                    timeout,
+                    "waiting for postgres to start".into(),
+                ))
             }
             Err(PgError::CommandFailed { what, detail }) => {
                 let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
@@ -1186,12 +1271,18 @@ impl Postgres for LocalPostgres {
             "-t".into(),
             Self::pg_ctl_secs(timeout),
         ];
-        match self.run_tool("pg_ctl stop", "pg_ctl", args, timeout + PG_CTL_SLACK, &[]).await {
+        match self
+            .run_tool("pg_ctl stop", "pg_ctl", args, timeout + PG_CTL_SLACK, &[])
+            .await
+        {
             Ok(_) => Ok(()),
             // It went away between our check and pg_ctl's.
             Err(_) if self.postmaster_pid().is_none() => Ok(()),
             Err(PgError::CommandFailed { detail, .. }) if detail.contains("does not shut down") => {
-                Err(PgError::Timeout(timeout, "waiting for postgres to stop".into()))
+                Err(PgError::Timeout(
+                    timeout,
+                    "waiting for postgres to stop".into(),
+                ))
             }
             Err(e) => Err(e),
         }
@@ -1206,9 +1297,20 @@ impl Postgres for LocalPostgres {
             "-t".into(),
             Self::pg_ctl_secs(timeout),
         ];
-        match self.run_tool("pg_ctl promote", "pg_ctl", args, timeout + PG_CTL_SLACK, &[]).await {
+        match self
+            .run_tool(
+                "pg_ctl promote",
+                "pg_ctl",
+                args,
+                timeout + PG_CTL_SLACK,
+                &[],
+            )
+            .await
+        {
             Ok(_) => {}
-            Err(PgError::CommandFailed { detail, .. }) if detail.contains("did not promote in time") => {
+            Err(PgError::CommandFailed { detail, .. })
+                if detail.contains("did not promote in time") =>
+            {
                 return Err(PgError::Timeout(timeout, "waiting for promotion".into()));
             }
             Err(e) => return Err(e),
@@ -1239,16 +1341,21 @@ impl Postgres for LocalPostgres {
         if self.postmaster_pid().is_none() {
             return Ok(());
         }
-        let args: Vec<OsString> =
-            vec!["reload".into(), "-D".into(), self.data_dir.clone().into()];
-        self.run_tool("pg_ctl reload", "pg_ctl", args, TOOL_TIMEOUT, &[]).await?;
+        let args: Vec<OsString> = vec!["reload".into(), "-D".into(), self.data_dir.clone().into()];
+        self.run_tool("pg_ctl reload", "pg_ctl", args, TOOL_TIMEOUT, &[])
+            .await?;
         Ok(())
     }
 
     async fn checkpoint(&self) -> Result<(), PgError> {
         // Own connection without statement_timeout: a checkpoint may legitimately take minutes.
         let c = connect(&self.local_sql_config("0"), SQL_CONNECT_TIMEOUT).await?;
-        bounded(CHECKPOINT_TIMEOUT, "CHECKPOINT", c.batch_execute("CHECKPOINT")).await
+        bounded(
+            CHECKPOINT_TIMEOUT,
+            "CHECKPOINT",
+            c.batch_execute("CHECKPOINT"),
+        )
+        .await
     }
 
     async fn needs_rewind(&self, leader: &Upstream) -> Result<bool, PgError> {
@@ -1256,7 +1363,11 @@ impl Postgres for LocalPostgres {
         let mut cd = self.controldata().await?;
         if matches!(
             cd.state(),
-            Some(ControlState::InProduction | ControlState::InCrashRecovery | ControlState::ShuttingDown)
+            Some(
+                ControlState::InProduction
+                    | ControlState::InCrashRecovery
+                    | ControlState::ShuttingDown
+            )
         ) {
             // A crashed/killed primary: its checkpoint says nothing about how far its WAL goes.
             // Recover locally first so the shutdown checkpoint marks the real end of WAL.
@@ -1279,7 +1390,10 @@ impl Postgres for LocalPostgres {
     async fn rewind(&self, leader: &Upstream) -> Result<(), PgError> {
         self.require_stopped("pg_rewind")?;
         let cd = self.controldata().await?;
-        if !matches!(cd.state(), Some(ControlState::ShutDown | ControlState::ShutDownInRecovery)) {
+        if !matches!(
+            cd.state(),
+            Some(ControlState::ShutDown | ControlState::ShutDownInRecovery)
+        ) {
             // pg_rewind refuses a target that was not shut down cleanly.
             self.crash_recovery().await?;
         }
@@ -1318,7 +1432,10 @@ impl Postgres for LocalPostgres {
             let rows = bounded(
                 SQL_TIMEOUT,
                 "listing slots",
-                c.query("SELECT slot_name::text, slot_type, active FROM pg_replication_slots", &[]),
+                c.query(
+                    "SELECT slot_name::text, slot_type, active FROM pg_replication_slots",
+                    &[],
+                ),
             )
             .await?;
             let existing: Vec<(String, bool, bool)> = rows
@@ -1332,7 +1449,10 @@ impl Postgres for LocalPostgres {
                     bounded(
                         SQL_TIMEOUT,
                         "creating a slot",
-                        c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[name]),
+                        c.execute(
+                            "SELECT pg_create_physical_replication_slot($1, true)",
+                            &[name],
+                        ),
                     )
                     .await?;
                 }
