@@ -56,7 +56,9 @@ impl Lab {
         }
     }
 
-    fn node(&mut self, name: &str, port: u16, extra_postgresql: &str) -> Node {
+    /// `extra` is appended to the YAML: 2-space indented lines extend `postgresql:`, unindented
+    /// ones add top-level sections.
+    fn node(&mut self, name: &str, port: u16, extra: &str) -> Node {
         let data_dir = self.dir.path().join(name);
         self.data_dirs.push(data_dir.clone());
         let yaml = format!(
@@ -78,7 +80,7 @@ postgresql:
     shared_buffers: 16MB
     max_connections: 20
     fsync: "off"
-{extra_postgresql}
+{extra}
 "#,
             data_dir = data_dir.display()
         );
@@ -365,10 +367,24 @@ async fn dynamic_config_reloads_and_reports_pending_restart() {
     let n = lab.node(
         "cfg",
         25010,
-        "  pg_hba: [\"local all all scram-sha-256\", \"host all all 127.0.0.1/32 scram-sha-256\"]",
+        &format!(
+            "  pg_hba: [\"local all all scram-sha-256\", \"host all all 127.0.0.1/32 scram-sha-256\"]\n\
+             bootstrap:\n  post_bootstrap: \"{BIN}/psql -qc 'CREATE TABLE made_by_script ()'\""
+        ),
     );
     n.pg.initdb().await.unwrap();
     n.pg.start(&StartAs::Primary, START).await.unwrap();
+    // Roles, grants, then the script (connection string argument, password via PGPASSFILE).
+    n.pg.post_bootstrap().await.unwrap();
+    assert_eq!(
+        n.rows("SELECT relname::text FROM pg_class WHERE relname = 'made_by_script'")
+            .await,
+        vec!["made_by_script"]
+    );
+    assert_eq!(
+        n.rows("SELECT rolname::text FROM pg_roles WHERE rolname IN ('replicator', 'rewinder') AND rolcanlogin ORDER BY 1").await,
+        vec!["replicator", "rewinder"]
+    );
     let hba = std::fs::read_to_string(n.pg.data_dir().join("pg_hba.conf")).unwrap();
     assert!(
         hba.contains("host replication replicator 0.0.0.0/0 scram-sha-256"),
@@ -451,6 +467,14 @@ async fn uninitialized_directory_is_observed_without_errors() {
             .await
             .is_err()
     );
+    // A failed clone leaves an empty data directory behind (nothing listens on 25021).
+    let nowhere = Upstream {
+        member: MemberName::from("nowhere"),
+        host: "127.0.0.1".into(),
+        port: 25021,
+    };
+    assert!(n.pg.basebackup(&nowhere).await.is_err());
+    assert_eq!(std::fs::read_dir(n.pg.data_dir()).unwrap().count(), 0);
     // A stale pid file (no such process) does not count as running.
     std::fs::create_dir_all(n.pg.data_dir()).unwrap();
     std::fs::write(n.pg.data_dir().join("postmaster.pid"), "999999\n").unwrap();

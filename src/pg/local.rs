@@ -552,10 +552,12 @@ impl LocalPostgres {
     /// postgresql.conf or pg_hba.conf changed (the server needs a reload). Before the first
     /// write the initdb postgresql.conf is kept as postgresql.base.conf.
     fn write_config(&self) -> Result<bool, PgError> {
-        self.write_pgpass()?;
         if !self.initialized() {
+            // Nothing to configure yet (the parent directory may not even exist before the
+            // first initdb/clone); initdb/basebackup/start write everything when it exists.
             return Ok(false);
         }
+        self.write_pgpass()?;
         let conf_path = self.data_dir.join("postgresql.conf");
         let base = self.data_dir.join(conf::BASE_CONF);
         if let Ok(text) = std::fs::read_to_string(&conf_path)
@@ -712,6 +714,41 @@ impl LocalPostgres {
         .await?;
         let bytes: Vec<u8> = row.get(0);
         Ok((tl, conf::parse_history(&String::from_utf8_lossy(&bytes))))
+    }
+
+    /// pg_rewind takes the source's timeline from its control file, which a promoted server
+    /// only updates at its first checkpoint. Rewinding before that would find "same timeline,
+    /// nothing to do" and leave the diverged data in place, so refuse until it happened (the
+    /// HA loop checkpoints right after promoting; the caller retries next cycle).
+    async fn ensure_leader_checkpointed(&self, leader: &Upstream) -> Result<(), PgError> {
+        let c = connect(&self.remote_sql_config(leader), REMOTE_CONNECT_TIMEOUT).await?;
+        let row = bounded(
+            SQL_TIMEOUT,
+            "checking the leader's checkpoint",
+            c.query_one(
+                "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
+                 ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
+                 (SELECT timeline_id FROM pg_control_checkpoint())::int4",
+                &[],
+            ),
+        )
+        .await?;
+        let in_recovery: bool = row.get(0);
+        let current = row
+            .get::<_, Option<String>>(1)
+            .as_deref()
+            .and_then(conf::timeline_from_walfile);
+        let checkpoint: Option<i32> = row.get(2);
+        if in_recovery {
+            return Err(failed("pg_rewind", "the source is in recovery"));
+        }
+        if current.map(|t| t.0 as i32) != checkpoint {
+            return Err(failed(
+                "pg_rewind",
+                "the leader has not checkpointed since its promotion yet; retry later",
+            ));
+        }
+        Ok(())
     }
 
     fn connstring_for(&self, up: &Upstream, user: &str, dbname: Option<&str>) -> String {
@@ -1397,6 +1434,7 @@ impl Postgres for LocalPostgres {
             // pg_rewind refuses a target that was not shut down cleanly.
             self.crash_recovery().await?;
         }
+        self.ensure_leader_checkpointed(leader).await?;
         self.write_pgpass()?;
         let auth = &self.cfg.postgresql.authentication;
         let user = &auth.rewind.as_ref().unwrap_or(&auth.superuser).username;
