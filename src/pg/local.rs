@@ -994,6 +994,11 @@ impl Postgres for LocalPostgres {
         }
         let user_args = conf::initdb_args(&self.cfg.bootstrap.initdb)
             .map_err(|e| failed("initdb options", e))?;
+        // Never wipe something we did not create: a non-empty directory is refused here, so
+        // the cleanup after a failed initdb below only removes initdb's own leftovers.
+        if std::fs::read_dir(&self.data_dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(failed("initdb", "data directory is not empty"));
+        }
         self.prepare_empty_data_dir()?;
         let parent = self.data_dir.parent().unwrap_or(&self.data_dir);
         let pwfile = parent.join(format!(".pgherd-initdb-pw.{}", std::process::id()));
@@ -1080,6 +1085,15 @@ impl Postgres for LocalPostgres {
             let c = &c;
             async move { bounded(SQL_TIMEOUT * 5, what, c.batch_execute(&sql)).await }
         };
+        // Keep the password statements below out of the server log and pg_stat_statements,
+        // whatever logging the user configured.
+        exec(
+            "SET log_statement TO 'none'; SET log_min_duration_statement TO -1; \
+             SET log_min_error_statement TO 'log'; SET pg_stat_statements.track_utility TO off"
+                .to_string(),
+            "silencing statement logging",
+        )
+        .await?;
         exec(
             format!(
                 "ALTER ROLE {} WITH SUPERUSER LOGIN PASSWORD {}",
@@ -1178,6 +1192,13 @@ impl Postgres for LocalPostgres {
 
     async fn basebackup(&self, from: &Upstream) -> Result<(), PgError> {
         self.require_stopped("basebackup")?;
+        if self.initialized() {
+            // Replacing a cluster is a decision for the caller (wipe_data_dir first).
+            return Err(failed(
+                "basebackup",
+                "data directory holds a cluster; wipe it first",
+            ));
+        }
         let user_args = conf::basebackup_args(self.cfg.postgresql.basebackup.as_ref())
             .map_err(|e| failed("basebackup options", e))?;
         self.write_pgpass()?;
@@ -1363,7 +1384,9 @@ impl Postgres for LocalPostgres {
         let settings = self.standby_settings(upstream);
         self.shared().standby = Some(settings);
         let changed = self.write_config()?;
-        if self.postmaster_pid().is_none() {
+        if !self.initialized() {
+            // Remembered for the first start after a clone.
+        } else if self.postmaster_pid().is_none() {
             // Next start comes up as a standby of `upstream`.
             self.write_signals(true)?;
         } else if changed {
