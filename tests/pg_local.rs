@@ -185,7 +185,7 @@ fn controldata(dir: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clone_promote_then_rewind_former_primary_and_rejoin() {
+async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_rewind() {
     let mut lab = Lab::new();
     let n1 = lab.node("n1", 25001, "");
     let n2 = lab.node("n2", 25002, "");
@@ -354,8 +354,51 @@ async fn clone_promote_then_rewind_former_primary_and_rejoin() {
         .await
         .unwrap();
     assert!(!n1.pg.needs_rewind(&n2.upstream()).await.unwrap());
-    // stop is idempotent.
+
+    // Clean switchover back to n1: the primary stops fast (its walsender ships the shutdown
+    // checkpoint first), the replica promotes (timeline 3); the old primary needs no rewind.
     n1.pg
+        .start(
+            &StartAs::Replica {
+                upstream: Some(n2.upstream()),
+            },
+            START,
+        )
+        .await
+        .unwrap();
+    n1.wait_for("streaming again", Duration::from_secs(30), |s| {
+        s.replication_state.as_deref() == Some("streaming")
+    })
+    .await;
+    n2.pg
+        .stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
+    n1.pg.promote(Duration::from_secs(30)).await.unwrap();
+    n1.pg.checkpoint().await.unwrap();
+    n1.pg.sync_slots(&["n2".into()], &[]).await.unwrap();
+    assert_eq!(n1.pg.observe().await.timeline, Some(Timeline(3)));
+    assert_eq!(n1.pg.timeline_history().await.unwrap().len(), 2);
+    assert!(!n2.pg.needs_rewind(&n1.upstream()).await.unwrap());
+    n2.pg
+        .start(
+            &StartAs::Replica {
+                upstream: Some(n1.upstream()),
+            },
+            START,
+        )
+        .await
+        .unwrap();
+    n2.wait_for("following the new primary", Duration::from_secs(30), |s| {
+        s.replication_state.as_deref() == Some("streaming") && s.timeline == Some(Timeline(3))
+    })
+    .await;
+    n2.pg
+        .stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
+    // stop is idempotent.
+    n2.pg
         .stop(StopMode::Fast, Duration::from_secs(5))
         .await
         .unwrap();
