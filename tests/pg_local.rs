@@ -522,4 +522,8 @@ async fn uninitialized_directory_is_observed_without_errors() {
     std::fs::create_dir_all(n.pg.data_dir()).unwrap();
     std::fs::write(n.pg.data_dir().join("postmaster.pid"), "999999\n").unwrap();
     assert!(!n.pg.observe().await.running);
+    // Neither does a live pid that is not a postmaster of this directory (pid reuse).
+    let me = std::process::id();
+    std::fs::write(n.pg.data_dir().join("postmaster.pid"), format!("{me}\n")).unwrap();
+    assert!(!n.pg.observe().await.running);
 }

@@ -411,6 +411,14 @@ impl LocalPostgres {
         if !alive {
             return None;
         }
+        // The postmaster chdirs into its data directory: when we may read its cwd, that tells
+        // a reused pid (even another cluster's postmaster) from ours.
+        if let (Ok(cwd), Ok(ours)) = (
+            std::fs::read_link(format!("/proc/{pid}/cwd")),
+            std::fs::canonicalize(&self.data_dir),
+        ) {
+            return (cwd == ours).then_some(pid);
+        }
         match std::fs::read(format!("/proc/{pid}/cmdline")) {
             Ok(cmdline) => {
                 let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
@@ -970,9 +978,18 @@ impl Postgres for LocalPostgres {
         st.running = self.postmaster_pid().is_some();
         if st.running {
             let mut sql = st.clone();
-            let r = self
+            let mut r = self
                 .with_client(|c| async { self.observe_sql(c, &mut sql).await })
                 .await;
+            if matches!(r, Err(PgError::Sql(_))) {
+                // The cached connection may predate a server restart: one fresh attempt, so a
+                // healthy server is not reported as "not accepting connections" for a cycle.
+                // Timeouts are not retried (observe must stay short).
+                sql = st.clone();
+                r = self
+                    .with_client(|c| async { self.observe_sql(c, &mut sql).await })
+                    .await;
+            }
             if r.is_ok() {
                 st = sql;
             }
