@@ -80,6 +80,7 @@ postgresql:
     shared_buffers: 16MB
     max_connections: 20
     fsync: "off"
+    log_statement: ddl
 {extra}
 "#,
             data_dir = data_dir.display()
@@ -494,6 +495,13 @@ async fn dynamic_config_reloads_and_reports_pending_restart() {
     let st = n.pg.observe().await;
     assert!(st.pending_restart.is_empty(), "{:?}", st.pending_restart);
     assert_eq!(n.rows("SHOW max_prepared_transactions").await, vec!["5"]);
+
+    // post_bootstrap's role statements stay out of the server log despite log_statement=ddl.
+    let log = std::fs::read_to_string(n.pg.log_file()).unwrap();
+    assert!(log.contains("CREATE TABLE x"), "ddl is logged at all");
+    for secret in [SU_PASSWORD, "rep:li\\cator", "rew ind"] {
+        assert!(!log.contains(secret), "password leaked into the server log");
+    }
 }
 
 #[tokio::test]
