@@ -190,6 +190,7 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
     let mut lab = Lab::new();
     let n1 = lab.node("n1", 25001, "");
     let n2 = lab.node("n2", 25002, "");
+    let n3 = lab.node("n3", 25003, "");
 
     // Bootstrap the first primary: checksums on by default.
     let st = n1.pg.observe().await;
@@ -219,11 +220,14 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
     assert!(st.pending_restart.is_empty(), "{:?}", st.pending_restart);
 
     // Slot for the replica first, so WAL is retained from before the clone.
-    n1.pg.sync_slots(&["n2".into()], &[]).await.unwrap();
+    n1.pg
+        .sync_slots(&["n2".into(), "n3".into()], &[])
+        .await
+        .unwrap();
     let st = n1.pg.observe().await;
     assert_eq!(
         st.slots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        vec!["n2"]
+        vec!["n2", "n3"]
     );
     assert!(st.slots[0].physical && !st.slots[0].active);
 
@@ -233,7 +237,17 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
         .await
         .unwrap();
 
-    // Clone and stream.
+    // Clone and stream (n3 too: it will have to follow the new primary later).
+    n3.pg.basebackup(&n1.upstream()).await.unwrap();
+    n3.pg
+        .start(
+            &StartAs::Replica {
+                upstream: Some(n1.upstream()),
+            },
+            START,
+        )
+        .await
+        .unwrap();
     n2.pg.basebackup(&n1.upstream()).await.unwrap();
     n2.pg
         .start(
@@ -300,6 +314,16 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
     );
     assert!(hist[0].new_leader.is_none());
 
+    // A running replica follows the new primary by a config reload (no restart).
+    n2.pg.sync_slots(&["n3".into()], &[]).await.unwrap();
+    n3.pg.follow(Some(&n2.upstream())).await.unwrap();
+    n3.wait_for("streaming from n2", Duration::from_secs(30), |s| {
+        s.replication_state.as_deref() == Some("streaming")
+            && s.upstream.as_deref() == Some("127.0.0.1:25002")
+            && s.timeline == Some(Timeline(2))
+    })
+    .await;
+
     // The old primary keeps writing on timeline 1 (split brain), then dies.
     n1.sql()
         .await
@@ -316,7 +340,10 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
         .batch_execute("INSERT INTO t VALUES ('after promotion')")
         .await
         .unwrap();
-    n2.pg.sync_slots(&["n1".into()], &[]).await.unwrap();
+    n2.pg
+        .sync_slots(&["n1".into(), "n3".into()], &[])
+        .await
+        .unwrap();
 
     // It diverged: rewind and rejoin as a replica of the new primary.
     assert!(n1.pg.needs_rewind(&n2.upstream()).await.unwrap());
@@ -347,6 +374,14 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
         n1.rows("SELECT v FROM t ORDER BY v").await,
         vec!["after promotion", "before clone", "streamed"],
         "the divergent row must be gone"
+    );
+    n3.wait_for("caught up", Duration::from_secs(30), |s| {
+        s.replay_lsn.is_some_and(|l| l >= new_flush)
+    })
+    .await;
+    assert_eq!(
+        n3.rows("SELECT v FROM t ORDER BY v").await,
+        vec!["after promotion", "before clone", "streamed"]
     );
 
     // A replica stopped cleanly on the leader's timeline needs no rewind.
