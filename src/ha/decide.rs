@@ -129,6 +129,12 @@ fn dcs_unreachable(i: &Inputs) -> Decision {
         // Pause means "hands off": no demotion on DCS loss (patroni.md §3.7).
         return Decision::DcsUnreachablePaused;
     }
+    if i.local.action == Some(ActionKind::Bootstrap) {
+        // A bootstrapping primary holds no lock yet; nobody else can lead this new cluster.
+        return Decision::ActionInProgress {
+            action: ActionKind::Bootstrap,
+        };
+    }
     if was_leader
         && (i.pg.is_running_primary()
             || matches!(
@@ -140,6 +146,17 @@ fn dcs_unreachable(i: &Inputs) -> Decision {
             return Decision::DemoteRenewalFailed;
         }
         return Decision::DemoteDcsUnreachable;
+    }
+    if let Some(action) = i.local.action {
+        return Decision::ActionInProgress { action };
+    }
+    if i.pg.data_dir_initialized && !i.pg.running && !i.local.held_lock {
+        // A read-only replica without upstream is safe to run without the DCS, and keeps
+        // serving reads (Patroni's offline demote restarts as such a replica).
+        return Decision::StartAsReplica {
+            leader: None,
+            rewind_check: false,
+        };
     }
     Decision::DcsUnreachableSecondary
 }
@@ -316,6 +333,15 @@ fn follow(i: &Inputs, view: &ClusterView) -> Decision {
         (Some(_), None) => true,
         (None, _) => false,
     };
+    if reconfigure && i.local.rewind_check_pending {
+        // We were primary (switchover, demotion) and started without an upstream: our WAL may
+        // have diverged from the new leader's timeline, so restart through the rewind check
+        // instead of merely repointing primary_conninfo.
+        return Decision::StartAsReplica {
+            leader: Some(leader),
+            rewind_check: true,
+        };
+    }
     Decision::FollowLeader {
         me: i.me.clone(),
         leader,

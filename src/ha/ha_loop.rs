@@ -54,6 +54,8 @@ struct RunningAction {
     handle: JoinHandle<ActionResult>,
     /// `POST /restart` waiting for the outcome.
     reply: Option<oneshot::Sender<CommandReply>>,
+    /// The action ran the pg_rewind check: success clears `rewind_check_pending`.
+    rewind_checked: bool,
 }
 
 /// What one cycle did (returned by [`HaLoop::run_cycle`] for step-driven simulations).
@@ -896,6 +898,7 @@ impl HaLoop {
             cancel,
             handle,
             reply,
+            rewind_checked: false,
         });
     }
 
@@ -914,7 +917,9 @@ impl HaLoop {
             Ok(()) => info!(action = a.kind.as_str(), "action finished"),
             Err(e) => warn!(action = a.kind.as_str(), error = %e, "action failed"),
         }
-        if a.kind == ActionKind::StartReplica && r.is_ok() {
+        if (a.rewind_checked || matches!(a.kind, ActionKind::Clone | ActionKind::Reinitialize))
+            && r.is_ok()
+        {
             self.rewind_check_pending = false;
         }
         if let Some(reply) = a.reply {
@@ -1044,8 +1049,14 @@ impl HaLoop {
         } else {
             Role::Replica
         };
+        let rewind_checked = rewind_from.is_some();
         self.spawn_action(kind, None, async move {
             if let Some(leader) = rewind_from {
+                // The check needs a stopped cluster (we may be a running replica without an
+                // upstream); stopping a stopped server is a no-op.
+                pg.stop(StopMode::Fast, Duration::from_secs(60))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 // Our WAL may contain changes the new leader never received (we were primary):
                 // streaming would then fail or, worse, silently diverge.
                 if pg.needs_rewind(&leader).await.map_err(|e| e.to_string())? {
@@ -1064,6 +1075,9 @@ impl HaLoop {
             hooks.callback(CallbackAction::OnStart, role);
             Ok(())
         });
+        if let Some(a) = self.action.as_mut() {
+            a.rewind_checked = rewind_checked;
+        }
     }
 
     fn spawn_switchover_demote(&mut self) {
@@ -1239,6 +1253,10 @@ impl HaLoop {
     }
 
     async fn apply_dynamic_config(&mut self, pg: &PgStatus) {
+        if !pg.data_dir_initialized {
+            // Nothing to configure yet (initdb/basebackup write the files first).
+            return;
+        }
         let json = self.config.to_json();
         if self.applied_config.as_deref() == Some(json.as_str()) {
             return;
