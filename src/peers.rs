@@ -235,12 +235,15 @@ pub fn peer_status_from_agent(name: &MemberName, s: &AgentStatus) -> PeerStatus 
     }
 }
 
+/// Each agent's status channel and whether it is reachable.
+type AgentTable = BTreeMap<MemberName, (watch::Receiver<AgentStatus>, bool)>;
+
 /// Test double for multi-agent simulations: each member's answer is derived from that
 /// agent's latest published [`AgentStatus`]; a member can be made unreachable (partition,
 /// crashed agent).
 #[derive(Default, Clone)]
 pub struct StatusPeerProbe {
-    agents: Arc<Mutex<BTreeMap<MemberName, (watch::Receiver<AgentStatus>, bool)>>>,
+    agents: Arc<Mutex<AgentTable>>,
 }
 
 impl StatusPeerProbe {

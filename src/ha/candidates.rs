@@ -55,10 +55,10 @@ pub fn race_eligibility(i: &Inputs, view: &ClusterView) -> Result<(), NotHealthi
     let cfg = &i.config;
     // A refused pre_promote means the operator's hook vetoed us: stay out of the race for a
     // full ttl so that another member gets the chance (patroni.md §3.12).
-    if let Some(t) = i.local.pre_promote_failed_at {
-        if i.now.saturating_duration_since(t).as_secs() < cfg.ttl() {
-            return Err(NotHealthiest::PrePromoteBackoff);
-        }
+    if let Some(t) = i.local.pre_promote_failed_at
+        && i.now.saturating_duration_since(t).as_secs() < cfg.ttl()
+    {
+        return Err(NotHealthiest::PrePromoteBackoff);
     }
     let failover = view.failover_request().filter(|f| f.scheduled_at.is_none());
     if i.paused() {
@@ -89,15 +89,15 @@ pub fn race_eligibility(i: &Inputs, view: &ClusterView) -> Result<(), NotHealthi
         return Err(NotHealthiest::WatchdogUnusable);
     }
     let sync = sync_members(i, view);
-    if let Some(f) = view.failover_request() {
-        if f.scheduled_at.is_none() || view.leader.is_none() {
-            // Synchronous mode: a switchover (it names the old leader) must land on a sync
-            // standby; only a manual failover may pick an async node (§3.5).
-            if f.leader.is_some() && !in_set(&sync, &i.me) {
-                return Err(NotHealthiest::NotSyncStandby);
-            }
-            return manual_failover_no_leader(i, view, f);
+    if let Some(f) = view.failover_request()
+        && (f.scheduled_at.is_none() || view.leader.is_none())
+    {
+        // Synchronous mode: a switchover (it names the old leader) must land on a sync
+        // standby; only a manual failover may pick an async node (§3.5).
+        if f.leader.is_some() && !in_set(&sync, &i.me) {
+            return Err(NotHealthiest::NotSyncStandby);
         }
+        return manual_failover_no_leader(i, view, f);
     }
     if !in_set(&sync, &i.me) {
         // Only a node that PostgreSQL acknowledged commits from can be promoted without
@@ -344,12 +344,11 @@ pub fn plan_sync(i: &Inputs, view: &ClusterView) -> SyncPlan {
                     .get(&MemberName::new(r.application_name.clone()))
                     .is_some_and(|m| {
                         !m.data.tag_bool("nosync")
-                            && !m
-                                .data
+                            && m.data
                                 .tags
                                 .get("sync_priority")
                                 .and_then(|v| v.as_i64())
-                                .is_some_and(|p| p <= 0)
+                                .is_none_or(|p| p > 0)
                     })
             })
             .collect();

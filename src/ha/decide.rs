@@ -64,13 +64,14 @@ pub fn decide(i: &Inputs) -> Decision {
     }
 
     // Our data must belong to this cluster before anything else touches it.
-    if let (Some(cluster), Some(mine)) = (view.initialize.as_deref(), i.pg.sysid.as_deref()) {
-        if !cluster.is_empty() && cluster != mine {
-            return Decision::SysidMismatch {
-                mine: mine.to_string(),
-                cluster: cluster.to_string(),
-            };
-        }
+    if let (Some(cluster), Some(mine)) = (view.initialize.as_deref(), i.pg.sysid.as_deref())
+        && !cluster.is_empty()
+        && cluster != mine
+    {
+        return Decision::SysidMismatch {
+            mine: mine.to_string(),
+            cluster: cluster.to_string(),
+        };
     }
     if view.initialize.is_none() && view.leader.is_none() && !paused {
         if i.pg.running && i.pg.in_recovery == Some(true) {
@@ -168,10 +169,10 @@ fn action_in_progress(i: &Inputs, view: &ClusterView, action: ActionKind, holds:
             // A crash restart may take at most primary_start_timeout; after that a replica is
             // a better primary than one still replaying WAL.
             let limit = i.config.primary_start_timeout();
-            if let Some(t) = i.local.action_started_at {
-                if i.now.saturating_duration_since(t).as_secs() >= limit {
-                    return Decision::ReleaseAfterStartTimeout;
-                }
+            if let Some(t) = i.local.action_started_at
+                && i.now.saturating_duration_since(t).as_secs() >= limit
+            {
+                return Decision::ReleaseAfterStartTimeout;
             }
         }
         return Decision::LeaderDuringAction { action };
@@ -184,10 +185,9 @@ fn action_in_progress(i: &Inputs, view: &ClusterView, action: ActionKind, holds:
     if i.pg.is_running_primary()
         && !i.paused()
         && !matches!(action, ActionKind::Bootstrap | ActionKind::SwitchoverDemote)
+        && let Some(l) = view.leader_name()
     {
-        if let Some(l) = view.leader_name() {
-            return Decision::DemoteNotLeader { leader: l.clone() };
-        }
+        return Decision::DemoteNotLeader { leader: l.clone() };
     }
     Decision::ActionInProgress { action }
 }
@@ -249,10 +249,10 @@ fn leader(i: &Inputs, view: &ClusterView) -> Decision {
     let paused = i.paused();
     if !i.pg.is_running_primary() {
         if paused {
-            if let Some(f) = view.failover_request() {
-                if f.member.as_deref() == Some(i.me.as_str()) {
-                    return Decision::PromoteWithLock;
-                }
+            if let Some(f) = view.failover_request()
+                && f.member.as_deref() == Some(i.me.as_str())
+            {
+                return Decision::PromoteWithLock;
             }
             return Decision::PausedReleaseNotPrimary;
         }

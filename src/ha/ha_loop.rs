@@ -482,10 +482,10 @@ impl HaLoop {
                 self.held_lock = true;
                 // Pet the watchdog only after a successful renewal: a hung loop then cannot
                 // keep the host alive past its lease.
-                if self.watchdog.is_open() {
-                    if let Err(e) = self.watchdog.keepalive() {
-                        warn!(error = %e, "watchdog keepalive failed");
-                    }
+                if self.watchdog.is_open()
+                    && let Err(e) = self.watchdog.keepalive()
+                {
+                    warn!(error = %e, "watchdog keepalive failed");
                 }
                 Renewal::Renewed
             }
@@ -668,12 +668,11 @@ impl HaLoop {
                 reconfigure,
                 ..
             } => {
-                if *reconfigure {
-                    if let Some(up) = view.and_then(|v| upstream_of(v, leader)) {
-                        if let Err(e) = self.pg.follow(Some(&up)).await {
-                            warn!(error = %e, "failed to point the replica at the new leader");
-                        }
-                    }
+                if *reconfigure
+                    && let Some(up) = view.and_then(|v| upstream_of(v, leader))
+                    && let Err(e) = self.pg.follow(Some(&up)).await
+                {
+                    warn!(error = %e, "failed to point the replica at the new leader");
                 }
             }
             Decision::AcquireLock => {
@@ -701,22 +700,21 @@ impl HaLoop {
             Ok(true) => {
                 self.held_lock = true;
                 self.lease_ok_sent = Some(sent);
-                if let Some(v) = &i.cluster {
-                    if let Some((f, rev)) = &v.failover {
-                        if !f.is_empty() {
-                            // Paused with leader+candidate: keep the candidate request alive as
-                            // a plain failover (Patroni).
-                            let next = if i.paused() && f.leader.is_some() && f.member.is_some() {
-                                Failover {
-                                    member: f.member.clone(),
-                                    ..Default::default()
-                                }
-                            } else {
-                                Failover::default()
-                            };
-                            let _ = self.bounded(self.dcs.set_failover(&next, Some(*rev))).await;
+                if let Some(v) = &i.cluster
+                    && let Some((f, rev)) = &v.failover
+                    && !f.is_empty()
+                {
+                    // Paused with leader+candidate: keep the candidate request alive as
+                    // a plain failover (Patroni).
+                    let next = if i.paused() && f.leader.is_some() && f.member.is_some() {
+                        Failover {
+                            member: f.member.clone(),
+                            ..Default::default()
                         }
-                    }
+                    } else {
+                        Failover::default()
+                    };
+                    let _ = self.bounded(self.dcs.set_failover(&next, Some(*rev))).await;
                 }
                 if !i.pg.is_running_primary() {
                     self.promote(i).await;
@@ -791,10 +789,9 @@ impl HaLoop {
         if release
             && (self.held_lock
                 || self.last_view.as_ref().and_then(|v| v.leader_name()) == Some(&self.me))
+            && let Err(e) = self.bounded(self.dcs.release_leader(&self.me)).await
         {
-            if let Err(e) = self.bounded(self.dcs.release_leader(&self.me)).await {
-                warn!(error = %e, "failed to release the leader key");
-            }
+            warn!(error = %e, "failed to release the leader key");
         }
         self.held_lock = false;
         self.watchdog_close();
@@ -1104,10 +1101,10 @@ impl HaLoop {
 
     async fn leader_bookkeeping(&mut self, v: &ClusterView, i: &Inputs, pg: &PgStatus) {
         // initialize / config: the leader repairs missing cluster records.
-        if let Some(sysid) = &pg.sysid {
-            if v.initialize.as_deref().is_none_or(|s| s.is_empty()) {
-                let _ = self.bounded(self.dcs.set_initialize(sysid)).await;
-            }
+        if let Some(sysid) = &pg.sysid
+            && v.initialize.as_deref().is_none_or(|s| s.is_empty())
+        {
+            let _ = self.bounded(self.dcs.set_initialize(sysid)).await;
         }
         if v.config.is_none() {
             let c = DynamicConfig(self.cfg.bootstrap.dcs.clone());
@@ -1239,11 +1236,11 @@ impl HaLoop {
                 _ => return,
             }
         }
-        if let Some(ssn) = &plan.ssn {
-            if let Err(e) = self.pg.set_synchronous_standby_names(ssn).await {
-                warn!(error = %e, "failed to set synchronous_standby_names");
-                return;
-            }
+        if let Some(ssn) = &plan.ssn
+            && let Err(e) = self.pg.set_synchronous_standby_names(ssn).await
+        {
+            warn!(error = %e, "failed to set synchronous_standby_names");
+            return;
         }
         if let Some(publish) = &plan.publish {
             let _ = self
@@ -1264,11 +1261,9 @@ impl HaLoop {
         match self.pg.apply_dynamic_config(&self.config).await {
             Ok(needs_reload) => {
                 self.applied_config = Some(json);
-                if needs_reload && pg.running {
-                    if self.pg.reload().await.is_ok() {
-                        self.hooks
-                            .callback(CallbackAction::OnReload, self.role_of(pg));
-                    }
+                if needs_reload && pg.running && self.pg.reload().await.is_ok() {
+                    self.hooks
+                        .callback(CallbackAction::OnReload, self.role_of(pg));
                 }
             }
             Err(e) => warn!(error = %e, "failed to apply the dynamic configuration"),
@@ -1428,12 +1423,11 @@ impl HaLoop {
         if req.restart_pending == Some(true) && pg.pending_restart.is_empty() {
             return false;
         }
-        if let (Some(want), Some(have)) = (&req.postgres_version, pg.server_version) {
-            if let Some(w) = parse_pg_version(want) {
-                if have >= w {
-                    return false;
-                }
-            }
+        if let (Some(want), Some(have)) = (&req.postgres_version, pg.server_version)
+            && let Some(w) = parse_pg_version(want)
+            && have >= w
+        {
+            return false;
         }
         true
     }
@@ -1508,10 +1502,10 @@ impl HaLoop {
         if pg.is_running_primary() {
             return Role::Primary;
         }
-        if !pg.running {
-            if let Some(r) = self.role_after_stop {
-                return r;
-            }
+        if !pg.running
+            && let Some(r) = self.role_after_stop
+        {
+            return r;
         }
         Role::Replica
     }
