@@ -213,15 +213,20 @@ impl HaLoop {
     /// unless paused, stop PostgreSQL (fast), release the leader key, disarm the watchdog.
     pub async fn run(mut self, shutdown: CancellationToken) {
         info!(member = %self.me, "starting HA loop");
+        let mut reran = false;
         loop {
             let started = Instant::now();
             let report = self.run_cycle().await;
             if shutdown.is_cancelled() {
                 break;
             }
-            if report.rerun {
+            // A follow-up cycle runs at once, but only one in a row: a decision that keeps
+            // asking for a rerun must not spin (under paused test time it would never yield).
+            if report.rerun && !reran {
+                reran = true;
                 continue;
             }
+            reran = false;
             // Cycles are scheduled from their *start* (Patroni's next_run += loop_wait): this
             // bounds the gap between two lock renewals by loop_wait (plus an overrunning
             // cycle), which the demotion deadline relies on.
@@ -237,6 +242,9 @@ impl HaLoop {
     /// Returns `false` when shutdown was requested.
     async fn sleep_until(&mut self, deadline: Instant, shutdown: &CancellationToken) -> bool {
         let mut after = self.last_view.as_ref().map(|v| v.revision).unwrap_or(0);
+        // Cleared when the watch returns early without a change (DCS trouble): we then nap on
+        // the timer alone instead of spinning on a failing watch.
+        let mut watching = true;
         loop {
             let now = Instant::now();
             if now >= deadline || self.wake_now {
@@ -266,8 +274,9 @@ impl HaLoop {
                         }
                     }
                 }
-                changed = dcs.wait_for_change(after, remaining) => {
+                changed = dcs.wait_for_change(after, remaining), if watching => {
                     if !changed {
+                        watching = false;
                         continue;
                     }
                     // Only changes that can alter a decision end the nap early (Patroni wakes
