@@ -1294,3 +1294,58 @@ fn decide_has_no_io_imports() {
         }
     }
 }
+
+#[test]
+fn cancels_in_place_primary_restart_when_the_lock_is_lost() {
+    let d = node("n1")
+        .stopped()
+        .renewal(Renewal::Lost)
+        .action(ActionKind::StartPrimary, 3)
+        .in_cluster(cluster().leader("n2"))
+        .decide();
+    assert_eq!(d, Decision::CancelPromoteLostLock);
+}
+
+#[test]
+fn bootstrap_continues_while_the_dcs_is_unreachable() {
+    let d = node("n1")
+        .primary(lsn(10))
+        .action(ActionKind::Bootstrap, 3)
+        .dcs_down()
+        .decide();
+    assert_eq!(
+        d,
+        Decision::ActionInProgress {
+            action: ActionKind::Bootstrap
+        }
+    );
+}
+
+#[test]
+fn stopped_replica_starts_read_only_while_the_dcs_is_unreachable() {
+    let d = node("n2").stopped().dcs_down().decide();
+    assert_eq!(
+        d,
+        Decision::StartAsReplica {
+            leader: None,
+            rewind_check: false
+        }
+    );
+}
+
+#[test]
+fn ex_primary_restarts_through_rewind_check_before_following_new_leader() {
+    let mut c = node("n1").replica(lsn(100));
+    c.i.pg.upstream = None;
+    c.i.local.rewind_check_pending = true;
+    let d = c
+        .in_cluster(cluster().leader("n2").member("n1", lsn(100)))
+        .decide();
+    assert_eq!(
+        d,
+        Decision::StartAsReplica {
+            leader: Some(name("n2")),
+            rewind_check: true
+        }
+    );
+}

@@ -177,9 +177,9 @@ fn action_in_progress(i: &Inputs, view: &ClusterView, action: ActionKind, holds:
         }
         return Decision::LeaderDuringAction { action };
     }
-    if action == ActionKind::Promote {
-        // The promotion was started under a lock we no longer have: abort it, or we would
-        // become a second primary.
+    if matches!(action, ActionKind::Promote | ActionKind::StartPrimary) {
+        // The promotion (or the in-place primary restart) was started under a lock we no
+        // longer have: abort it, or we would become a second primary.
         return Decision::CancelPromoteLostLock;
     }
     if i.pg.is_running_primary()
