@@ -10,6 +10,8 @@
 //! - [`api`]: the Patroni-compatible REST API (axum).
 //! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
+//! - [`transport`]: reaching hosts for provisioning (SSH, in-memory fake).
+//! - [`lab`]: a local multi-host lab built from Linux namespaces (tests and demos).
 
 pub mod agent;
 pub mod api;
@@ -17,8 +19,10 @@ pub mod callbacks;
 pub mod config;
 pub mod dcs;
 pub mod ha;
+pub mod lab;
 pub mod pg;
 pub mod status;
+pub mod transport;
 pub mod types;
 pub mod watchdog;
 pub mod yaml;
