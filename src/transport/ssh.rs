@@ -272,6 +272,7 @@ impl Transport for SshTransport {
             cmd: exec.shown(),
             timeout: exec.timeout,
         };
+        let started = Instant::now();
         let res = tokio::time::timeout(
             exec.timeout + LOCAL_TIMEOUT_GRACE,
             self.exec_inner(&session, &exec),
@@ -279,7 +280,13 @@ impl Transport for SshTransport {
         .await;
         match res {
             Err(_elapsed) => Err(timed_out()),
-            Ok(Ok(out)) if out.status == REMOTE_TIMEOUT_STATUS => Err(timed_out()),
+            // 124 is also an ordinary exit status (e.g. of a `timeout` inside the script): it
+            // means *our* timeout only when the deadline has actually passed.
+            Ok(Ok(out))
+                if out.status == REMOTE_TIMEOUT_STATUS && started.elapsed() >= exec.timeout =>
+            {
+                Err(timed_out())
+            }
             Ok(Ok(out)) => Ok(redact_output(out, exec.secrets)),
             Ok(Err(e)) => {
                 // The mux protocol cannot tell a dead connection from a killed remote process:
