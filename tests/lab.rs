@@ -39,7 +39,12 @@ async fn connect(info: &LabInfo, ctl: &Path, host: &str) -> SshTransport {
 }
 
 async fn out(t: &SshTransport, cmd: &str) -> String {
-    t.run_ok(cmd, T).await.unwrap().stdout_str().trim().to_string()
+    t.run_ok(cmd, T)
+        .await
+        .unwrap()
+        .stdout_str()
+        .trim()
+        .to_string()
 }
 
 /// Whether `from` opens a TCP connection to `to`:22 within 2 s.
@@ -81,7 +86,11 @@ async fn lab_hosts_behave_like_separate_machines() {
     partition_blocks_hosts_but_not_controller(&spec, &h1, &h3).await;
 
     drop((h1, h2, h3));
-    let pids: Vec<u32> = lab::status(&spec).unwrap().iter().filter_map(|h| h.pid).collect();
+    let pids: Vec<u32> = lab::status(&spec)
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.pid)
+        .collect();
     assert_eq!(pids.len(), 3);
     down_removes_namespaces_and_bridge(&spec, &pids);
     std::mem::forget(guard);
@@ -166,7 +175,9 @@ fn down_removes_namespaces_and_bridge(spec: &LabSpec, pids: &[u32]) {
     for h in spec.host_names() {
         assert!(!Path::new("/run/netns").join(&h).exists(), "netns {h} left");
         assert!(
-            !Path::new("/sys/class/net").join(format!("veth-{h}")).exists(),
+            !Path::new("/sys/class/net")
+                .join(format!("veth-{h}"))
+                .exists(),
             "veth of {h} left"
         );
     }
@@ -174,7 +185,11 @@ fn down_removes_namespaces_and_bridge(spec: &LabSpec, pids: &[u32]) {
     assert!(!spec.state_dir.exists(), "state left");
     for pid in pids {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        assert_ne!(comm.trim(), "tini", "a host's tini (pid {pid}) survived down");
+        assert_ne!(
+            comm.trim(),
+            "tini",
+            "a host's tini (pid {pid}) survived down"
+        );
     }
     // down on a lab that is gone is fine.
     lab::down(spec, true).unwrap();

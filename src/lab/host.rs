@@ -74,13 +74,7 @@ pub(super) fn prepare(spec: &LabSpec, h: &LabHost) -> Result<(), LabError> {
 /// Stage 1, PID 1 of the host's fresh PID namespace, in its private mount namespace.
 fn boot_script(spec: &LabSpec, h: &LabHost) -> String {
     let dir = shell_quote(&host_dir(spec, h).display().to_string());
-    let pubkey = shell_quote(
-        &spec
-            .state_dir
-            .join("id_ed25519.pub")
-            .display()
-            .to_string(),
-    );
+    let pubkey = shell_quote(&spec.state_dir.join("id_ed25519.pub").display().to_string());
     let dirs = OVERLAID_DIRS.join(" ");
     let name = &h.name;
     format!(

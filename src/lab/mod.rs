@@ -179,7 +179,9 @@ impl LabSpec {
 
     /// Host names in order (`<name>1` ...).
     pub fn host_names(&self) -> Vec<String> {
-        (1..=self.hosts).map(|i| format!("{}{i}", self.name)).collect()
+        (1..=self.hosts)
+            .map(|i| format!("{}{i}", self.name))
+            .collect()
     }
 
     pub fn controller_address(&self) -> String {

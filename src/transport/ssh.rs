@@ -123,7 +123,10 @@ pub struct SshTransport {
 
 impl SshTransport {
     /// Connects to `host`, with control sockets and the known_hosts file in `control_dir`.
-    pub async fn connect(host: &HostSpec, control_dir: &Path) -> Result<SshTransport, TransportError> {
+    pub async fn connect(
+        host: &HostSpec,
+        control_dir: &Path,
+    ) -> Result<SshTransport, TransportError> {
         Self::connect_with(host, &SshOptions::new(control_dir)).await
     }
 
