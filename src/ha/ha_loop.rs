@@ -646,6 +646,7 @@ impl HaLoop {
                 self.spawn_switchover_demote();
             }
             Decision::ReleaseAfterSwitchover => {
+                self.role_after_stop = Some(Role::Demoted);
                 self.lose_lock(true).await;
                 self.rewind_check_pending = true;
                 self.hooks
@@ -1056,6 +1057,14 @@ impl HaLoop {
             Role::Replica
         };
         let rewind_checked = rewind_from.is_some();
+        // Patroni semantics: a node coming back as a replica after it was demoted changed
+        // role, so it fires on_role_change (and not on_start); a plain (re)start fires on_start.
+        let callback = if role == Role::Replica && self.role_after_stop == Some(Role::Demoted) {
+            CallbackAction::OnRoleChange
+        } else {
+            CallbackAction::OnStart
+        };
+        self.role_after_stop = None;
         self.spawn_action(kind, None, async move {
             if let Some(leader) = rewind_from {
                 // The check needs a stopped cluster (we may be a running replica without an
@@ -1072,13 +1081,17 @@ impl HaLoop {
                                 .into(),
                         );
                     }
+                    tracing::info!("running pg_rewind from {}", leader.member);
                     pg.rewind(&leader).await.map_err(|e| e.to_string())?;
+                    tracing::info!("pg_rewind from {} finished", leader.member);
+                } else {
+                    tracing::info!("no rewind required to follow {}", leader.member);
                 }
             }
             pg.start(&start_as, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            hooks.callback(CallbackAction::OnStart, role);
+            hooks.callback(callback, role);
             Ok(())
         });
         if let Some(a) = self.action.as_mut() {
