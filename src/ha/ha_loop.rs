@@ -573,16 +573,13 @@ impl HaLoop {
             },
             Decision::FinishBootstrap => {
                 if !self.finish_bootstrap(i).await {
+                    // The abort must happen now: left running, the fresh primary would be
+                    // adopted (and the lock taken) on the next cycle.
+                    self.abort_bootstrap().await;
                     return (Decision::AbortBootstrap, true);
                 }
             }
-            Decision::AbortBootstrap => {
-                let _ = self.bounded(self.dcs.delete_initialize()).await;
-                self.stop_pg(StopMode::Immediate, false).await;
-                if let Err(e) = self.pg.wipe_data_dir().await {
-                    error!(error = %e, "failed to wipe the data directory after a failed bootstrap");
-                }
-            }
+            Decision::AbortBootstrap => self.abort_bootstrap().await,
             Decision::WaitForLeaderToBootstrap => {}
             Decision::CloneFrom { source, .. } => {
                 if let Some(v) = view {
@@ -965,6 +962,16 @@ impl HaLoop {
             pg.post_bootstrap().await.map_err(|e| e.to_string())?;
             Ok(())
         });
+    }
+
+    /// Gives up a bootstrap: frees `initialize` for another node, stops and wipes the new
+    /// cluster (it never had a leader, so no data is lost).
+    async fn abort_bootstrap(&mut self) {
+        let _ = self.bounded(self.dcs.delete_initialize()).await;
+        self.stop_pg(StopMode::Immediate, false).await;
+        if let Err(e) = self.pg.wipe_data_dir().await {
+            error!(error = %e, "failed to wipe the data directory after a failed bootstrap");
+        }
     }
 
     /// After a successful bootstrap task: watchdog, `initialize`, `config`, the lock.

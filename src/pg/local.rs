@@ -1071,12 +1071,10 @@ impl Postgres for LocalPostgres {
             let _ = self.wipe_contents();
             return Err(e);
         }
-        // Keep initdb's postgresql.conf as the base file and add bootstrap.pg_hba to initdb's
-        // pg_hba.conf (it also serves as the fallback for the generated one, see hba_lines).
-        std::fs::rename(
-            self.data_dir.join("postgresql.conf"),
-            self.data_dir.join(conf::BASE_CONF),
-        )?;
+        // Add bootstrap.pg_hba to initdb's pg_hba.conf (it also serves as the fallback for the
+        // generated one, see hba_lines). initdb's postgresql.conf becomes the base file inside
+        // write_config, under its lock: renaming it here too raced with the HA loop's
+        // apply_dynamic_config and could move our generated file onto the base file.
         if !self.cfg.bootstrap.pg_hba.is_empty() {
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
