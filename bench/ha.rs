@@ -43,10 +43,14 @@ fn start_probe(c: &Cluster) -> Probe {
             seq += 1;
             let t0 = Instant::now();
             let ok = tokio::time::timeout(Duration::from_secs(1), async {
-                let (client, conn_task) =
-                    tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.ok()?;
+                let (client, conn_task) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
                 tokio::spawn(conn_task);
-                client.simple_query(&format!("INSERT INTO probe VALUES ({seq})")).await.ok()
+                client
+                    .simple_query(&format!("INSERT INTO probe VALUES ({seq})"))
+                    .await
+                    .ok()
             })
             .await
             .ok()
@@ -104,7 +108,10 @@ fn median(mut v: Vec<f64>) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let reps: usize = std::env::var("PGHERD_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let reps: usize = std::env::var("PGHERD_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let (mut boot, mut failover, mut failover_write, mut switchover, mut rss, mut cpu) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for rep in 0..reps {
@@ -120,7 +127,11 @@ async fn main() {
         c.sql(p, "CREATE TABLE probe(id bigint)").await.unwrap();
 
         // Idle footprint of each agent over 10 s.
-        let pids: Vec<u32> = c.nodes.iter().map(|n| n.agent.as_ref().unwrap().id()).collect();
+        let pids: Vec<u32> = c
+            .nodes
+            .iter()
+            .map(|n| n.agent.as_ref().unwrap().id())
+            .collect();
         let before: Vec<u64> = pids.iter().map(|p| proc_cpu_ticks(*p)).collect();
         tokio::time::sleep(Duration::from_secs(10)).await;
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -134,7 +145,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let cand = (p + 1) % 3;
         let (code, body) = c
-            .call(p, "POST", "/switchover", Some(json!({"leader": c.nodes[p].name, "candidate": c.nodes[cand].name})))
+            .call(
+                p,
+                "POST",
+                "/switchover",
+                Some(json!({"leader": c.nodes[p].name, "candidate": c.nodes[cand].name})),
+            )
             .await;
         assert_eq!(code, 200, "{body}");
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -164,10 +180,22 @@ async fn main() {
     }
     println!("\n| measure (ttl 5, loop_wait 1, retry_timeout 2; {reps} reps) | median [min–max] |");
     println!("|---|---|");
-    println!("| agents started → primary + both replicas streaming (s) | {} |", median(boot));
-    println!("| node death (SIGKILL agent+PG) → new primary's /primary 200 (s) | {} |", median(failover));
-    println!("| node death: write-unavailable window (s) | {} |", median(failover_write));
-    println!("| switchover: write-unavailable window (s) | {} |", median(switchover));
+    println!(
+        "| agents started → primary + both replicas streaming (s) | {} |",
+        median(boot)
+    );
+    println!(
+        "| node death (SIGKILL agent+PG) → new primary's /primary 200 (s) | {} |",
+        median(failover)
+    );
+    println!(
+        "| node death: write-unavailable window (s) | {} |",
+        median(failover_write)
+    );
+    println!(
+        "| switchover: write-unavailable window (s) | {} |",
+        median(switchover)
+    );
     println!("| idle agent RSS (MiB) | {} |", median(rss));
     println!("| idle agent CPU (% of one core) | {} |", median(cpu));
 }

@@ -48,9 +48,13 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     eprintln!("sync standby: node{sync}");
 
     step("acknowledged writes on the primary");
-    c.sql(p0, "CREATE TABLE acked(id int primary key, note text)").await.unwrap();
+    c.sql(p0, "CREATE TABLE acked(id int primary key, note text)")
+        .await
+        .unwrap();
     for k in 0..100 {
-        c.sql(p0, &format!("INSERT INTO acked VALUES ({k}, 'x')")).await.unwrap();
+        c.sql(p0, &format!("INSERT INTO acked VALUES ({k}, 'x')"))
+            .await
+            .unwrap();
     }
 
     step("SIGKILL primary agent + postgres: another node is promoted, acked writes survive");
@@ -63,28 +67,52 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     .await;
     eprintln!("new primary node{p1} after {:?}", t_kill.elapsed());
     assert_eq!(count_rows(&c, p1).await.unwrap(), 100, "acked writes lost");
-    eventually(Duration::from_secs(20), "writes accepted on the new primary", || async {
-        c.sql(p1, "INSERT INTO acked VALUES (1000, 'after failover')").await.ok()
-    })
+    eventually(
+        Duration::from_secs(20),
+        "writes accepted on the new primary",
+        || async {
+            c.sql(p1, "INSERT INTO acked VALUES (1000, 'after failover')")
+                .await
+                .ok()
+        },
+    )
     .await;
 
     step("divergent write on the old primary, then it rejoins via pg_rewind");
     let old = &c.nodes[p0];
     let dd = old.data_dir();
     let st = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D"])
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "-D",
+        ])
         .arg(&dd)
         .args(["-w", "-t", "30", "-l"])
         .arg(old.dir.join("standalone.log"))
-        .args(["-o", "-c synchronous_standby_names= -c hot_standby=on", "start"])
+        .args([
+            "-o",
+            "-c synchronous_standby_names= -c hot_standby=on",
+            "start",
+        ])
         .status()
         .unwrap();
     assert!(st.success(), "standalone start of the old primary failed");
     // Without standby.signal the old primary comes up read-write on its old timeline.
     let _ = std::fs::remove_file(dd.join("standby.signal"));
-    c.sql(p0, "INSERT INTO acked VALUES (5000, 'divergent')").await.unwrap();
+    c.sql(p0, "INSERT INTO acked VALUES (5000, 'divergent')")
+        .await
+        .unwrap();
     let st = std::process::Command::new("runuser")
-        .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D"])
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "-D",
+        ])
         .arg(&dd)
         .args(["-m", "immediate", "stop"])
         .status()
@@ -98,12 +126,22 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
         .await
         .unwrap();
     assert_eq!(divergent, 0, "divergent row survived on the rejoined node");
-    eventually(Duration::from_secs(20), "new primary's row on the rejoined node", || async {
-        c.query_one_i64(p0, "SELECT count(*) FROM acked WHERE id = 1000").await.ok().filter(|n| *n == 1)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "new primary's row on the rejoined node",
+        || async {
+            c.query_one_i64(p0, "SELECT count(*) FROM acked WHERE id = 1000")
+                .await
+                .ok()
+                .filter(|n| *n == 1)
+        },
+    )
     .await;
     let log = std::fs::read_to_string(c.nodes[p0].log()).unwrap();
-    assert!(log.contains("rewind"), "the rejoin did not go through pg_rewind");
+    assert!(
+        log.contains("rewind"),
+        "the rejoin did not go through pg_rewind"
+    );
 
     step("switchover via REST to a named candidate (in sync mode: the sync standby)");
     let cand = eventually(Duration::from_secs(20), "a sync standby", || async {
@@ -117,11 +155,24 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     .await;
     let not_sync = (0..3).find(|i| *i != p1 && *i != cand).unwrap();
     let (code, body) = c
-        .call(p1, "POST", "/switchover", Some(json!({"leader": c.nodes[p1].name, "candidate": c.nodes[not_sync].name})))
+        .call(
+            p1,
+            "POST",
+            "/switchover",
+            Some(json!({"leader": c.nodes[p1].name, "candidate": c.nodes[not_sync].name})),
+        )
         .await;
-    assert_eq!((code, body.as_str()), (412, "candidate name does not match with sync_standby"));
+    assert_eq!(
+        (code, body.as_str()),
+        (412, "candidate name does not match with sync_standby")
+    );
     let (code, body) = c
-        .call(p1, "POST", "/switchover", Some(json!({"leader": c.nodes[p1].name, "candidate": c.nodes[cand].name})))
+        .call(
+            p1,
+            "POST",
+            "/switchover",
+            Some(json!({"leader": c.nodes[p1].name, "candidate": c.nodes[cand].name})),
+        )
         .await;
     assert_eq!(code, 200, "{body}");
     let p2 = c.wait_healthy(Duration::from_secs(60)).await;
@@ -129,8 +180,14 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
 
     step("failover via REST to a named candidate");
     let cand = (0..3).find(|i| *i != p2).unwrap();
-    let (code, body) =
-        c.call(p2, "POST", "/failover", Some(json!({"candidate": c.nodes[cand].name}))).await;
+    let (code, body) = c
+        .call(
+            p2,
+            "POST",
+            "/failover",
+            Some(json!({"candidate": c.nodes[cand].name})),
+        )
+        .await;
     assert_eq!(code, 200, "{body}");
     let p3 = c.wait_healthy(Duration::from_secs(60)).await;
     assert_eq!(p3, cand);
@@ -141,62 +198,103 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     let (code, body) = c.call(r, "POST", "/restart", Some(json!({}))).await;
     assert_eq!(code, 200, "{body}");
     // The API answers from the snapshot the loop publishes each cycle.
-    eventually(Duration::from_secs(5), "a new postmaster start time", || async {
-        let after = c.get(r, "/patroni").await?.1["postmaster_start_time"].clone();
-        (after != before && !after.is_null()).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "a new postmaster start time",
+        || async {
+            let after = c.get(r, "/patroni").await?.1["postmaster_start_time"].clone();
+            (after != before && !after.is_null()).then_some(())
+        },
+    )
     .await;
     c.wait_healthy(Duration::from_secs(60)).await;
 
     step("reinitialize a replica via REST");
-    let (code, body) = c.call(r, "POST", "/reinitialize", Some(json!({"force": true}))).await;
+    let (code, body) = c
+        .call(r, "POST", "/reinitialize", Some(json!({"force": true})))
+        .await;
     assert_eq!(code, 200, "{body}");
     let want = count_rows(&c, p3).await.unwrap();
-    eventually(Duration::from_secs(90), "the reinitialized replica streaming the primary's rows", || async {
-        let (_, v) = c.get(r, "/patroni").await?;
-        let streaming = v["state"] == "running" && v["replication_state"] == "streaming";
-        (streaming && count_rows(&c, r).await.ok()? == want).then_some(())
-    })
+    eventually(
+        Duration::from_secs(90),
+        "the reinitialized replica streaming the primary's rows",
+        || async {
+            let (_, v) = c.get(r, "/patroni").await?;
+            let streaming = v["state"] == "running" && v["replication_state"] == "streaming";
+            (streaming && count_rows(&c, r).await.ok()? == want).then_some(())
+        },
+    )
     .await;
     c.wait_healthy(Duration::from_secs(30)).await;
 
     step("PATCH /config: reload-only parameter applied, restart-only one pending");
     let (code, body) = c
-        .call(p3, "PATCH", "/config", Some(json!({"postgresql": {"parameters": {"work_mem": "7MB", "max_connections": 60}}})))
+        .call(
+            p3,
+            "PATCH",
+            "/config",
+            Some(json!({"postgresql": {"parameters": {"work_mem": "7MB", "max_connections": 60}}})),
+        )
         .await;
     assert_eq!(code, 200, "{body}");
-    eventually(Duration::from_secs(20), "work_mem reloaded everywhere", || async {
-        for i in 0..3 {
-            let conn = c.query_one_i64(i, "SELECT setting::bigint FROM pg_settings WHERE name = 'work_mem'").await.ok()?;
-            if conn != 7 * 1024 {
-                return None;
+    eventually(
+        Duration::from_secs(20),
+        "work_mem reloaded everywhere",
+        || async {
+            for i in 0..3 {
+                let conn = c
+                    .query_one_i64(
+                        i,
+                        "SELECT setting::bigint FROM pg_settings WHERE name = 'work_mem'",
+                    )
+                    .await
+                    .ok()?;
+                if conn != 7 * 1024 {
+                    return None;
+                }
             }
-        }
-        Some(())
-    })
+            Some(())
+        },
+    )
     .await;
-    eventually(Duration::from_secs(20), "pending_restart for max_connections", || async {
-        let (_, v) = c.get(p3, "/patroni").await?;
-        (v["pending_restart"] == true).then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "pending_restart for max_connections",
+        || async {
+            let (_, v) = c.get(p3, "/patroni").await?;
+            (v["pending_restart"] == true).then_some(())
+        },
+    )
     .await;
 
     step("pause: a stopped replica stays stopped; resume restarts it");
-    let (code, body) = c.call(p3, "PATCH", "/config", Some(json!({"pause": true}))).await;
+    let (code, body) = c
+        .call(p3, "PATCH", "/config", Some(json!({"pause": true})))
+        .await;
     assert_eq!(code, 200, "{body}");
-    eventually(Duration::from_secs(10), "pause visible on all members", || async {
-        for i in 0..3 {
-            if c.get(i, "/patroni").await?.1["pause"] != true {
-                return None;
+    eventually(
+        Duration::from_secs(10),
+        "pause visible on all members",
+        || async {
+            for i in 0..3 {
+                if c.get(i, "/patroni").await?.1["pause"] != true {
+                    return None;
+                }
             }
-        }
-        Some(())
-    })
+            Some(())
+        },
+    )
     .await;
     c.kill_postgres(r);
     tokio::time::sleep(Duration::from_secs(3 * c.opts.loop_wait + 2)).await;
-    assert_ne!(c.code(r, "GET", "/health").await, Some(200), "paused agent restarted postgres");
-    let (code, body) = c.call(p3, "PATCH", "/config", Some(json!({"pause": null}))).await;
+    assert_ne!(
+        c.code(r, "GET", "/health").await,
+        Some(200),
+        "paused agent restarted postgres"
+    );
+    let (code, body) = c
+        .call(p3, "PATCH", "/config", Some(json!({"pause": null})))
+        .await;
     assert_eq!(code, 200, "{body}");
     c.wait_healthy(Duration::from_secs(60)).await;
 
@@ -204,8 +302,15 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     let all: String = (0..3)
         .map(|i| std::fs::read_to_string(c.nodes[i].callback_log()).unwrap_or_default())
         .collect();
-    for want in ["callback.sh on_role_change primary e2e", "callback.sh on_start replica e2e", "callback.sh on_role_change replica e2e"] {
-        assert!(all.lines().any(|l| l == want), "missing callback line {want:?} in:\n{all}");
+    for want in [
+        "callback.sh on_role_change primary e2e",
+        "callback.sh on_start replica e2e",
+        "callback.sh on_role_change replica e2e",
+    ] {
+        assert!(
+            all.lines().any(|l| l == want),
+            "missing callback line {want:?} in:\n{all}"
+        );
     }
 
     step("etcd fully stopped: the primary demotes before ttl");
@@ -214,7 +319,10 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     c.etcd.stop_all();
     let demoted_after = eventually(Duration::from_secs(ttl + 10), "primary demoted", || async {
         let ro = c
-            .query_one_i64(p, "SELECT CASE WHEN pg_is_in_recovery() THEN 1 ELSE 0 END::bigint")
+            .query_one_i64(
+                p,
+                "SELECT CASE WHEN pg_is_in_recovery() THEN 1 ELSE 0 END::bigint",
+            )
             .await
             .map(|v| v == 1)
             .unwrap_or(true);
@@ -222,7 +330,10 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     })
     .await;
     eprintln!("primary read-only {demoted_after:?} after etcd stopped (ttl {ttl}s)");
-    assert!(demoted_after < Duration::from_secs(ttl), "demotion took {demoted_after:?} >= ttl");
+    assert!(
+        demoted_after < Duration::from_secs(ttl),
+        "demotion took {demoted_after:?} >= ttl"
+    );
     c.etcd.start_all();
     c.wait_healthy(Duration::from_secs(90)).await;
 }
@@ -231,15 +342,23 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
 async fn watchdog_required_without_a_usable_device_never_takes_leadership() {
     let mut opts = ClusterOpts::new("wdreq", 27500);
     opts.nodes = 1;
-    opts.watchdog = vec!["watchdog:\n  mode: required\n  device: /dev/pgherd-no-such-watchdog\n".into()];
+    opts.watchdog =
+        vec!["watchdog:\n  mode: required\n  device: /dev/pgherd-no-such-watchdog\n".into()];
     let mut c = Cluster::new(opts);
     c.start_all();
     // Give it several cycles: it must never report itself as leader.
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(12) {
-        assert_ne!(c.code(0, "GET", "/leader").await, Some(200), "took leadership without a watchdog");
+        assert_ne!(
+            c.code(0, "GET", "/leader").await,
+            Some(200),
+            "took leadership without a watchdog"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
-    assert!(log.to_lowercase().contains("watchdog"), "no watchdog explanation in the log");
+    assert!(
+        log.to_lowercase().contains("watchdog"),
+        "no watchdog explanation in the log"
+    );
 }

@@ -22,8 +22,12 @@ struct Ctl {
 
 impl Ctl {
     fn new(c: &Cluster) -> Ctl {
-        let hosts: Vec<String> =
-            c.etcd.endpoints().iter().map(|e| e.trim_start_matches("http://").to_string()).collect();
+        let hosts: Vec<String> = c
+            .etcd
+            .endpoints()
+            .iter()
+            .map(|e| e.trim_start_matches("http://").to_string())
+            .collect();
         let config = c.root.path().join("patronictl.yml");
         std::fs::write(
             &config,
@@ -34,7 +38,10 @@ impl Ctl {
             ),
         )
         .unwrap();
-        Ctl { config, scope: c.opts.scope.clone() }
+        Ctl {
+            config,
+            scope: c.opts.scope.clone(),
+        }
     }
 
     /// Runs patronictl; returns stdout, panicking with stdout+stderr on a non-zero exit.
@@ -48,7 +55,10 @@ impl Ctl {
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         eprintln!("$ patronictl {}\n{stdout}{stderr}", args.join(" "));
-        assert!(out.status.success(), "patronictl {args:?} failed:\n{stdout}\n{stderr}");
+        assert!(
+            out.status.success(),
+            "patronictl {args:?} failed:\n{stdout}\n{stderr}"
+        );
         stdout
     }
 }
@@ -71,20 +81,46 @@ async fn unmodified_patronictl_manages_a_pgherd_cluster() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(list.contains(&format!("Cluster: {s}")), "{list}");
-    assert!(list.contains("Leader") && list.contains("Replica"), "{list}");
+    assert!(
+        list.contains("Leader") && list.contains("Replica"),
+        "{list}"
+    );
     assert_eq!(list.matches("streaming").count(), 2, "{list}");
     let topo = ctl.run(&["topology", &s]);
-    assert!(topo.contains(&format!("+ {}", c.nodes[(p + 1) % 3].name)) || topo.contains("+ node"), "{topo}");
+    assert!(
+        topo.contains(&format!("+ {}", c.nodes[(p + 1) % 3].name)) || topo.contains("+ node"),
+        "{topo}"
+    );
 
     let cfg = ctl.run(&["show-config", &s]);
     assert!(cfg.contains("loop_wait: 1"), "{cfg}");
-    let out = ctl.run(&["edit-config", &s, "--force", "--set", "postgresql.parameters.work_mem=9MB"]);
-    assert!(out.contains("Configuration changed") || out.contains("work_mem"), "{out}");
+    let out = ctl.run(&[
+        "edit-config",
+        &s,
+        "--force",
+        "--set",
+        "postgresql.parameters.work_mem=9MB",
+    ]);
+    assert!(
+        out.contains("Configuration changed") || out.contains("work_mem"),
+        "{out}"
+    );
     assert!(ctl.run(&["show-config", &s]).contains("work_mem: 9MB"));
 
     let cand = c.nodes[(p + 1) % 3].name.clone();
-    let out = ctl.run(&["switchover", &s, "--leader", &c.nodes[p].name, "--candidate", &cand, "--force"]);
-    assert!(out.contains(&format!("Successfully switched over to \"{cand}\"")), "{out}");
+    let out = ctl.run(&[
+        "switchover",
+        &s,
+        "--leader",
+        &c.nodes[p].name,
+        "--candidate",
+        &cand,
+        "--force",
+    ]);
+    assert!(
+        out.contains(&format!("Successfully switched over to \"{cand}\"")),
+        "{out}"
+    );
     let p1 = c.wait_healthy(Duration::from_secs(60)).await;
     assert_eq!(c.nodes[p1].name, cand);
 
@@ -99,22 +135,37 @@ async fn unmodified_patronictl_manages_a_pgherd_cluster() {
 
     let replica = c.nodes[(p2 + 1) % 3].name.clone();
     let out = ctl.run(&["restart", &s, &replica, "--force"]);
-    assert!(out.contains(&format!("Success: restart on member {replica}")), "{out}");
+    assert!(
+        out.contains(&format!("Success: restart on member {replica}")),
+        "{out}"
+    );
     c.wait_healthy(Duration::from_secs(60)).await;
 
     let out = ctl.run(&["reinit", &s, &replica, "--force", "--wait"]);
-    assert!(out.contains(&format!("Success: reinitialize for member {replica}")), "{out}");
+    assert!(
+        out.contains(&format!("Success: reinitialize for member {replica}")),
+        "{out}"
+    );
     c.wait_healthy(Duration::from_secs(90)).await;
 
     let out = ctl.run(&["reload", &s, "--force"]);
-    assert!(out.contains("Reload request received") || out.contains("No changes to apply"), "{out}");
+    assert!(
+        out.contains("Reload request received") || out.contains("No changes to apply"),
+        "{out}"
+    );
 
     let out = ctl.run(&["pause", &s, "--wait"]);
-    assert!(out.contains("Success: cluster management is paused"), "{out}");
+    assert!(
+        out.contains("Success: cluster management is paused"),
+        "{out}"
+    );
     let list = ctl.run(&["list", &s]);
     assert!(list.contains("Maintenance mode: on"), "{list}");
     let out = ctl.run(&["resume", &s, "--wait"]);
-    assert!(out.contains("Success: cluster management is resumed"), "{out}");
+    assert!(
+        out.contains("Success: cluster management is resumed"),
+        "{out}"
+    );
     eventually(Duration::from_secs(10), "pause cleared", || async {
         (c.get(p2, "/patroni").await?.1.get("pause").is_none()).then_some(())
     })

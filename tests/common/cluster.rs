@@ -87,24 +87,40 @@ pub fn agent_bin() -> PathBuf {
 }
 
 fn postgres_ids() -> (u32, u32) {
-    let out = Command::new("id").args(["-u", "postgres"]).output().unwrap();
+    let out = Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .unwrap();
     let uid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    let out = Command::new("id").args(["-g", "postgres"]).output().unwrap();
+    let out = Command::new("id")
+        .args(["-g", "postgres"])
+        .output()
+        .unwrap();
     let gid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     (uid, gid)
 }
 
 pub fn chown_postgres(p: &Path) {
-    let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(p).status().unwrap();
+    let st = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(p)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
 impl Cluster {
     /// Starts etcd and writes the node configs; agents are started with [`Cluster::start_agent`].
     pub fn new(opts: ClusterOpts) -> Cluster {
-        let root = tempfile::Builder::new().prefix("pgherd-e2e-").tempdir_in("/tmp").unwrap();
-        std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        let root = tempfile::Builder::new()
+            .prefix("pgherd-e2e-")
+            .tempdir_in("/tmp")
             .unwrap();
+        std::fs::set_permissions(
+            root.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let etcd = EtcdCluster::start(3, opts.base_port);
         let hosts: Vec<String> = etcd
             .endpoints()
@@ -122,7 +138,10 @@ impl Cluster {
             let script = dir.join("callback.sh");
             std::fs::write(
                 &script,
-                format!("#!/bin/sh\necho \"$0 $*\" | sed 's|^.*/callback.sh|callback.sh|' >> {}\n", cb.display()),
+                format!(
+                    "#!/bin/sh\necho \"$0 $*\" | sed 's|^.*/callback.sh|callback.sh|' >> {}\n",
+                    cb.display()
+                ),
             )
             .unwrap();
             std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
@@ -200,18 +219,38 @@ postgresql:
             );
             let config_path = dir.join("agent.yml");
             std::fs::write(&config_path, config).unwrap();
-            nodes.push(Node { name, dir, config: config_path, pg_port, api_port, agent: None });
+            nodes.push(Node {
+                name,
+                dir,
+                config: config_path,
+                pg_port,
+                api_port,
+                agent: None,
+            });
         }
         chown_postgres(root.path());
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
-        Cluster { root, etcd, nodes, opts, http }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        Cluster {
+            root,
+            etcd,
+            nodes,
+            opts,
+            http,
+        }
     }
 
     /// Starts node `i`'s agent as the postgres user, logging to `<dir>/agent.log`.
     pub fn start_agent(&mut self, i: usize) {
         let (uid, gid) = postgres_ids();
         let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.log()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log())
+            .unwrap();
         let child = std::os::unix::process::CommandExt::uid(
             std::os::unix::process::CommandExt::gid(
                 Command::new(agent_bin())
@@ -262,7 +301,9 @@ postgresql:
     /// SIGKILLs the postmaster of node `i` and all its children.
     pub fn kill_postgres(&self, i: usize) {
         if let Some(pid) = postmaster_pid(&self.nodes[i].data_dir()) {
-            let _ = Command::new("pkill").args(["-9", "-P", &pid.to_string()]).status();
+            let _ = Command::new("pkill")
+                .args(["-9", "-P", &pid.to_string()])
+                .status();
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && unsafe { libc::kill(pid, 0) } == 0 {
@@ -272,20 +313,39 @@ postgresql:
     }
 
     pub async fn get(&self, i: usize, path: &str) -> Option<(u16, Value)> {
-        let r = self.http.get(format!("{}{}", self.nodes[i].api(), path)).send().await.ok()?;
+        let r = self
+            .http
+            .get(format!("{}{}", self.nodes[i].api(), path))
+            .send()
+            .await
+            .ok()?;
         let code = r.status().as_u16();
         let text = r.text().await.ok()?;
-        Some((code, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+        Some((
+            code,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     pub async fn code(&self, i: usize, method: &str, path: &str) -> Option<u16> {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let r = self.http.request(m, format!("{}{}", self.nodes[i].api(), path)).send().await.ok()?;
+        let r = self
+            .http
+            .request(m, format!("{}{}", self.nodes[i].api(), path))
+            .send()
+            .await
+            .ok()?;
         Some(r.status().as_u16())
     }
 
     /// An authenticated mutating request; returns (code, body text).
-    pub async fn call(&self, i: usize, method: &str, path: &str, body: Option<Value>) -> (u16, String) {
+    pub async fn call(
+        &self,
+        i: usize,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, String) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut rq = self
             .http
@@ -317,7 +377,9 @@ postgresql:
 
     /// Nodes streaming from the primary per its `/patroni` `replication` list.
     pub async fn streaming_replicas(&self, primary: usize) -> Vec<String> {
-        let Some((200, v)) = self.get(primary, "/patroni").await else { return vec![] };
+        let Some((200, v)) = self.get(primary, "/patroni").await else {
+            return vec![];
+        };
         v["replication"]
             .as_array()
             .map(|a| {
@@ -352,10 +414,14 @@ postgresql:
             "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PW} dbname=postgres connect_timeout=3",
             self.nodes[i].pg_port
         );
-        let (client, c) =
-            tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(c);
-        client.simple_query(query).await.map_err(|e| e.to_string())?;
+        client
+            .simple_query(query)
+            .await
+            .map_err(|e| e.to_string())?;
         let _ = &client;
         Ok(vec![])
     }
@@ -365,10 +431,14 @@ postgresql:
             "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PW} dbname=postgres connect_timeout=3",
             self.nodes[i].pg_port
         );
-        let (client, c) =
-            tokio_postgres::connect(&conn, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
         tokio::spawn(c);
-        let row = client.query_one(query, &[]).await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(query, &[])
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(row.get::<_, i64>(0))
     }
 
