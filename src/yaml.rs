@@ -22,6 +22,10 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
             Some(loc) => (loc.line() as usize, loc.column() as usize),
             None => (0, 0),
         };
-        YamlError { line, column, message: e.to_string() }
+        YamlError {
+            line,
+            column,
+            message: e.to_string(),
+        }
     })
 }

@@ -5,6 +5,8 @@
 //!   `tokio::process`; SQL via tokio-postgres; generated postgresql.conf / pg_hba.conf).
 //! - `fake`: an in-memory PostgreSQL (role, LSN, timeline) for unit tests and the simulation.
 
+pub mod fake;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -233,8 +235,10 @@ pub trait Postgres: Send + Sync {
     /// config files if they changed. Returns `true` when the running server needs a reload
     /// (the caller decides when to reload). Restart-only changes show up in
     /// `PgStatus::pending_restart`.
-    async fn apply_dynamic_config(&self, config: &crate::dcs::DynamicConfig)
-    -> Result<bool, PgError>;
+    async fn apply_dynamic_config(
+        &self,
+        config: &crate::dcs::DynamicConfig,
+    ) -> Result<bool, PgError>;
 
     /// `initdb` into the (empty) data directory with the configured options (checksums on by
     /// default) and superuser credentials, then appends `bootstrap.pg_hba`.

@@ -1,0 +1,342 @@
+//! Test doubles for the hook runner and the watchdog driver: [`RecordingHooks`] and
+//! [`FakeWatchdog`]. Used by unit tests and the multi-agent simulation; production code never
+//! constructs them. (The DCS and PostgreSQL fakes live next to their traits:
+//! [`crate::dcs::memory`], [`crate::pg::fake`].)
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::callbacks::{CallbackAction, Hooks};
+use crate::pg::Role;
+use crate::watchdog::{WatchdogDevice, WatchdogError};
+
+/// One call the HA loop made on [`Hooks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookEvent {
+    Callback(CallbackAction, Role),
+    /// `pre_promote` ran and answered this.
+    PrePromote(bool),
+    BeforeStop,
+}
+
+/// Records every hook call; `pre_promote` answers what [`RecordingHooks::set_pre_promote`] set
+/// (true by default). Cheap to clone: clones share the record.
+#[derive(Clone)]
+pub struct RecordingHooks {
+    events: Arc<Mutex<Vec<HookEvent>>>,
+    pre_promote_ok: Arc<AtomicBool>,
+}
+
+impl Default for RecordingHooks {
+    fn default() -> Self {
+        RecordingHooks {
+            events: Arc::new(Mutex::new(Vec::new())),
+            pre_promote_ok: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+impl RecordingHooks {
+    pub fn new() -> RecordingHooks {
+        RecordingHooks::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<HookEvent>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What `pre_promote` answers from now on.
+    pub fn set_pre_promote(&self, ok: bool) {
+        self.pre_promote_ok.store(ok, Ordering::SeqCst);
+    }
+
+    /// Every call so far, in order.
+    pub fn events(&self) -> Vec<HookEvent> {
+        self.lock().clone()
+    }
+
+    /// Only the callbacks, in order.
+    pub fn callbacks(&self) -> Vec<(CallbackAction, Role)> {
+        self.lock()
+            .iter()
+            .filter_map(|e| match e {
+                HookEvent::Callback(a, r) => Some((*a, *r)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+}
+
+#[async_trait]
+impl Hooks for RecordingHooks {
+    fn callback(&self, action: CallbackAction, role: Role) {
+        self.lock().push(HookEvent::Callback(action, role));
+    }
+
+    async fn pre_promote(&self) -> bool {
+        let ok = self.pre_promote_ok.load(Ordering::SeqCst);
+        self.lock().push(HookEvent::PrePromote(ok));
+        ok
+    }
+
+    async fn before_stop(&self) {
+        self.lock().push(HookEvent::BeforeStop);
+    }
+}
+
+/// One call on the fake watchdog device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchdogEvent {
+    Open(Duration),
+    /// `open` was refused because the device is unusable.
+    OpenRefused,
+    Keepalive,
+    Close,
+}
+
+#[derive(Debug, Default)]
+struct WdState {
+    open: bool,
+    timeout: Duration,
+    usable: bool,
+    events: Vec<WatchdogEvent>,
+    /// Set when the armed deadline passed without a keepalive (the host would have reset).
+    fired: bool,
+}
+
+/// A watchdog device on the tokio clock. Clones share the device, so a harness can keep one to
+/// watch it after handing the other to an agent (dropping the agent's copy does NOT disarm it,
+/// like a real `/dev/watchdog` closed without the magic character).
+///
+/// [`FakeWatchdog::deadline`] publishes when the host would be reset; the simulation uses
+/// [`FakeWatchdog::spawn_enforcer`] to kill the node's PostgreSQL at that moment.
+#[derive(Clone)]
+pub struct FakeWatchdog {
+    state: Arc<Mutex<WdState>>,
+    deadline_tx: Arc<watch::Sender<Option<Instant>>>,
+}
+
+impl Default for FakeWatchdog {
+    fn default() -> Self {
+        FakeWatchdog::new()
+    }
+}
+
+impl FakeWatchdog {
+    /// A usable device.
+    pub fn new() -> FakeWatchdog {
+        FakeWatchdog {
+            state: Arc::new(Mutex::new(WdState {
+                usable: true,
+                ..Default::default()
+            })),
+            deadline_tx: Arc::new(watch::channel(None).0),
+        }
+    }
+
+    /// A device whose `open` fails (no /dev/watchdog, or no permission).
+    pub fn unusable() -> FakeWatchdog {
+        let wd = FakeWatchdog::new();
+        wd.set_usable(false);
+        wd
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WdState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_usable(&self, usable: bool) {
+        self.lock().usable = usable;
+    }
+
+    pub fn events(&self) -> Vec<WatchdogEvent> {
+        self.lock().events.clone()
+    }
+
+    /// When the device resets the host unless pinged first; `None` while disarmed.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self.deadline_tx.borrow()
+    }
+
+    /// Whether an armed deadline has passed (as observed by [`Self::check_fired`] or the
+    /// enforcer).
+    pub fn fired(&self) -> bool {
+        self.lock().fired
+    }
+
+    /// Marks the device fired if its deadline has passed; returns whether it fired.
+    pub fn check_fired(&self) -> bool {
+        let fired = self.deadline().is_some_and(|d| d <= Instant::now());
+        if fired {
+            self.lock().fired = true;
+            self.deadline_tx.send_replace(None);
+        }
+        fired || self.fired()
+    }
+
+    /// Spawns a task that runs `reset` when an armed deadline passes without a keepalive (the
+    /// simulated host reset: typically crash the node's PostgreSQL). The task ends after
+    /// firing once, or when every clone of the device is gone; abort the handle to stop it
+    /// earlier.
+    pub fn spawn_enforcer(
+        &self,
+        reset: impl Fn() + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let wd = self.clone();
+        let mut rx = self.deadline_tx.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let deadline = *rx.borrow_and_update();
+                match deadline {
+                    Some(at) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at) => {
+                                if wd.check_fired() {
+                                    reset();
+                                    return;
+                                }
+                            }
+                            r = rx.changed() => if r.is_err() { return },
+                        }
+                    }
+                    None => {
+                        if rx.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn arm(&self, timeout: Duration) {
+        self.deadline_tx
+            .send_replace(Some(Instant::now() + timeout));
+    }
+}
+
+impl WatchdogDevice for FakeWatchdog {
+    fn open(&mut self, timeout: Duration) -> Result<(), WatchdogError> {
+        let mut st = self.lock();
+        if !st.usable {
+            st.events.push(WatchdogEvent::OpenRefused);
+            return Err(WatchdogError::Unusable(
+                "/dev/watchdog (fake)".into(),
+                "device made unusable by the test".into(),
+            ));
+        }
+        st.open = true;
+        st.timeout = timeout;
+        st.events.push(WatchdogEvent::Open(timeout));
+        drop(st);
+        self.arm(timeout);
+        Ok(())
+    }
+
+    fn keepalive(&mut self) -> Result<(), WatchdogError> {
+        let mut st = self.lock();
+        if !st.open {
+            return Err(WatchdogError::Keepalive("device is not open".into()));
+        }
+        st.events.push(WatchdogEvent::Keepalive);
+        let timeout = st.timeout;
+        drop(st);
+        self.arm(timeout);
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        let mut st = self.lock();
+        if st.open {
+            st.open = false;
+            st.events.push(WatchdogEvent::Close);
+        }
+        drop(st);
+        self.deadline_tx.send_replace(None);
+    }
+
+    fn is_open(&self) -> bool {
+        self.lock().open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn hooks_record_calls_and_pre_promote_answers_as_set() {
+        let h = RecordingHooks::new();
+        h.callback(CallbackAction::OnStart, Role::Replica);
+        assert!(h.pre_promote().await);
+        h.set_pre_promote(false);
+        assert!(!h.pre_promote().await);
+        h.before_stop().await;
+        assert_eq!(
+            h.events(),
+            vec![
+                HookEvent::Callback(CallbackAction::OnStart, Role::Replica),
+                HookEvent::PrePromote(true),
+                HookEvent::PrePromote(false),
+                HookEvent::BeforeStop,
+            ]
+        );
+        assert_eq!(
+            h.callbacks(),
+            vec![(CallbackAction::OnStart, Role::Replica)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchdog_fires_when_not_pinged_and_close_disarms() {
+        let mut wd = FakeWatchdog::new();
+        let probe = wd.clone();
+        let fired = Arc::new(AtomicBool::new(false));
+        let f2 = fired.clone();
+        let task = probe.spawn_enforcer(move || f2.store(true, Ordering::SeqCst));
+        wd.open(Duration::from_secs(25)).unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        wd.keepalive().unwrap();
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(
+            !fired.load(Ordering::SeqCst),
+            "keepalive pushed the deadline"
+        );
+        wd.close();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!fired.load(Ordering::SeqCst), "magic close disarms");
+        wd.open(Duration::from_secs(10)).unwrap();
+        drop(wd); // an agent crash does not disarm the device
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(fired.load(Ordering::SeqCst));
+        assert!(probe.fired());
+        task.await.unwrap();
+        assert_eq!(
+            probe.events(),
+            vec![
+                WatchdogEvent::Open(Duration::from_secs(25)),
+                WatchdogEvent::Keepalive,
+                WatchdogEvent::Close,
+                WatchdogEvent::Open(Duration::from_secs(10)),
+            ]
+        );
+    }
+
+    #[test]
+    fn unusable_watchdog_refuses_open() {
+        let mut wd = FakeWatchdog::unusable();
+        assert!(wd.open(Duration::from_secs(10)).is_err());
+        assert!(!wd.is_open());
+        assert!(wd.keepalive().is_err());
+        assert_eq!(wd.events(), vec![WatchdogEvent::OpenRefused]);
+    }
+}
