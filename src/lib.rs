@@ -18,6 +18,7 @@ pub mod callbacks;
 pub mod config;
 pub mod dcs;
 pub mod ha;
+pub mod peers;
 pub mod pg;
 pub mod status;
 pub mod testing;
