@@ -105,24 +105,39 @@ pub enum WatchdogEvent {
 
 #[derive(Debug, Default)]
 struct WdState {
-    open: bool,
     timeout: Duration,
     usable: bool,
     events: Vec<WatchdogEvent>,
-    /// Set when the armed deadline passed without a keepalive (the host would have reset).
-    fired: bool,
+    /// Times the armed deadline passed without a keepalive (the host would have reset).
+    fired: u32,
 }
 
-/// A watchdog device on the tokio clock. Clones share the device, so a harness can keep one to
-/// watch it after handing the other to an agent (dropping the agent's copy does NOT disarm it,
-/// like a real `/dev/watchdog` closed without the magic character).
+/// A watchdog device on the tokio clock.
+///
+/// Clones share the *device* (deadline, event record) but each value is its own *file
+/// descriptor*: a clone starts closed, whatever the original's state. A harness keeps one
+/// value to watch the device and hands clones to agents; an agent that crashes drops its
+/// handle without the magic close, so the device stays armed (as a real `/dev/watchdog`), and a
+/// restarted agent gets a fresh, closed handle that must `open` again to pet it.
 ///
 /// [`FakeWatchdog::deadline`] publishes when the host would be reset; the simulation uses
 /// [`FakeWatchdog::spawn_enforcer`] to kill the node's PostgreSQL at that moment.
-#[derive(Clone)]
 pub struct FakeWatchdog {
     state: Arc<Mutex<WdState>>,
     deadline_tx: Arc<watch::Sender<Option<Instant>>>,
+    /// This handle opened the device (and has not closed it).
+    open: bool,
+}
+
+impl Clone for FakeWatchdog {
+    /// Another handle on the same device, initially closed.
+    fn clone(&self) -> Self {
+        FakeWatchdog {
+            state: self.state.clone(),
+            deadline_tx: self.deadline_tx.clone(),
+            open: false,
+        }
+    }
 }
 
 impl Default for FakeWatchdog {
@@ -140,6 +155,7 @@ impl FakeWatchdog {
                 ..Default::default()
             })),
             deadline_tx: Arc::new(watch::channel(None).0),
+            open: false,
         }
     }
 
@@ -167,26 +183,27 @@ impl FakeWatchdog {
         *self.deadline_tx.borrow()
     }
 
-    /// Whether an armed deadline has passed (as observed by [`Self::check_fired`] or the
-    /// enforcer).
-    pub fn fired(&self) -> bool {
+    /// How many times an armed deadline passed (as observed by [`Self::check_fired`] or the
+    /// enforcer): each one is a simulated host reset.
+    pub fn fired(&self) -> u32 {
         self.lock().fired
     }
 
-    /// Marks the device fired if its deadline has passed; returns whether it fired.
+    /// Fires (disarms, counts) the device if its armed deadline has passed; returns whether it
+    /// fired now.
     pub fn check_fired(&self) -> bool {
         let fired = self.deadline().is_some_and(|d| d <= Instant::now());
         if fired {
-            self.lock().fired = true;
+            self.lock().fired += 1;
             self.deadline_tx.send_replace(None);
         }
-        fired || self.fired()
+        fired
     }
 
     /// Spawns a task that runs `reset` when an armed deadline passes without a keepalive (the
-    /// simulated host reset: typically crash the node's PostgreSQL). The task ends after
-    /// firing once, or when every clone of the device is gone; abort the handle to stop it
-    /// earlier.
+    /// simulated host reset: typically crash the node's PostgreSQL), then keeps watching (the
+    /// rebooted host may arm it again). It runs until the returned handle is aborted or the
+    /// runtime ends.
     pub fn spawn_enforcer(
         &self,
         reset: impl Fn() + Send + Sync + 'static,
@@ -202,7 +219,6 @@ impl FakeWatchdog {
                             _ = tokio::time::sleep_until(at) => {
                                 if wd.check_fired() {
                                     reset();
-                                    return;
                                 }
                             }
                             r = rx.changed() => if r.is_err() { return },
@@ -234,19 +250,19 @@ impl WatchdogDevice for FakeWatchdog {
                 "device made unusable by the test".into(),
             ));
         }
-        st.open = true;
         st.timeout = timeout;
         st.events.push(WatchdogEvent::Open(timeout));
         drop(st);
+        self.open = true;
         self.arm(timeout);
         Ok(())
     }
 
     fn keepalive(&mut self) -> Result<(), WatchdogError> {
-        let mut st = self.lock();
-        if !st.open {
+        if !self.open {
             return Err(WatchdogError::Keepalive("device is not open".into()));
         }
+        let mut st = self.lock();
         st.events.push(WatchdogEvent::Keepalive);
         let timeout = st.timeout;
         drop(st);
@@ -254,18 +270,17 @@ impl WatchdogDevice for FakeWatchdog {
         Ok(())
     }
 
+    /// Only a handle that opened the device can disarm it (the magic `V` goes through the fd).
     fn close(&mut self) {
-        let mut st = self.lock();
-        if st.open {
-            st.open = false;
-            st.events.push(WatchdogEvent::Close);
+        if self.open {
+            self.open = false;
+            self.lock().events.push(WatchdogEvent::Close);
+            self.deadline_tx.send_replace(None);
         }
-        drop(st);
-        self.deadline_tx.send_replace(None);
     }
 
     fn is_open(&self) -> bool {
-        self.lock().open
+        self.open
     }
 }
 
@@ -298,8 +313,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn watchdog_fires_when_not_pinged_and_close_disarms() {
-        let mut wd = FakeWatchdog::new();
-        let probe = wd.clone();
+        let probe = FakeWatchdog::new();
+        let mut wd = probe.clone();
         let fired = Arc::new(AtomicBool::new(false));
         let f2 = fired.clone();
         let task = probe.spawn_enforcer(move || f2.store(true, Ordering::SeqCst));
@@ -316,10 +331,13 @@ mod tests {
         assert!(!fired.load(Ordering::SeqCst), "magic close disarms");
         wd.open(Duration::from_secs(10)).unwrap();
         drop(wd); // an agent crash does not disarm the device
+        let mut restarted = probe.clone();
+        assert!(!restarted.is_open(), "a new handle starts closed");
+        restarted.close();
         tokio::time::sleep(Duration::from_secs(11)).await;
         assert!(fired.load(Ordering::SeqCst));
-        assert!(probe.fired());
-        task.await.unwrap();
+        assert_eq!(probe.fired(), 1);
+        task.abort();
         assert_eq!(
             probe.events(),
             vec![
