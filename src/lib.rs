@@ -9,6 +9,7 @@
 //! - [`status`]: what the loop publishes for the REST API and the commands the API sends back.
 //! - [`api`]: the Patroni-compatible REST API (axum).
 //! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
+//! - [`testing`]: test doubles (recording hooks, fake watchdog) for tests and the simulation.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
 
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod ha;
 pub mod peers;
 pub mod pg;
 pub mod status;
+pub mod testing;
 pub mod types;
 pub mod watchdog;
 pub mod yaml;
