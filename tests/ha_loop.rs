@@ -23,7 +23,7 @@ const TTL: u64 = 30;
 const LOOP_WAIT: u64 = 10;
 const RETRY: u64 = 10;
 
-fn config(name: &str, idx: u16) -> AgentConfig {
+fn config_with(name: &str, idx: u16, extra_dcs: &str) -> AgentConfig {
     let yaml = format!(
         r#"
 scope: batman
@@ -39,6 +39,7 @@ bootstrap:
     loop_wait: {LOOP_WAIT}
     retry_timeout: {RETRY}
     maximum_lag_on_failover: 1048576
+{extra_dcs}
 postgresql:
   listen: 127.0.0.1:{pg}
   connect_address: 127.0.0.1:{pg}
@@ -75,6 +76,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, "").await
+    }
+
+    async fn start_with(n: usize, extra_dcs: &str) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .with_test_writer()
@@ -98,13 +103,13 @@ impl Cluster {
             replicator,
         };
         for i in 1..=n {
-            c.spawn(&format!("n{i}"), i as u16);
+            c.spawn(&format!("n{i}"), i as u16, extra_dcs);
         }
         c
     }
 
-    fn spawn(&mut self, name: &str, idx: u16) {
-        let cfg = config(name, idx);
+    fn spawn(&mut self, name: &str, idx: u16, extra_dcs: &str) {
+        let cfg = config_with(name, idx, extra_dcs);
         let pg = self.net.add_node(name, "127.0.0.1", 15400 + idx);
         let (tx, rx) = watch::channel(HaLoop::initial_status(&cfg));
         let (ctx, crx) = mpsc::channel(8);
@@ -382,5 +387,34 @@ async fn dcs_writes_through_the_trait_are_seen_by_the_loop() {
     );
     let st = c.node(&old).status.borrow().clone();
     assert!(st.paused);
+    c.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sync_mode_sets_ssn_before_publishing_the_sync_standby() {
+    let c = Cluster::start_with(3, "    synchronous_mode: true").await;
+    eventually(120, "a published sync standby", || {
+        c.store
+            .view()
+            .sync_state()
+            .is_some_and(|s| !s.standbys().is_empty())
+    })
+    .await;
+    let leader = c.leader().unwrap();
+    let s = c.store.view().sync_state().cloned().unwrap();
+    assert_eq!(s.leader.as_deref(), Some(leader.as_str()));
+    let standby = s.standbys()[0].clone();
+    // PostgreSQL already waits for the published standby.
+    assert_eq!(c.node(&leader).pg.synchronous_standby_names(), standby);
+    // Kill the leader's host: only the sync standby may take over.
+    let n = c.node(&leader);
+    n.task.abort();
+    n.pg.crash();
+    c.probe
+        .set_reachable(&MemberName::from(leader.as_str()), false);
+    eventually(TTL + 3 * LOOP_WAIT, "the sync standby leads", || {
+        c.leader().as_deref() == Some(standby.as_str())
+    })
+    .await;
     c.shutdown().await;
 }
