@@ -10,6 +10,7 @@
 //! - [`api`]: the Patroni-compatible REST API (axum).
 //! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
 //! - [`peers`]: fetching other members' `/patroni` status before the leader race.
+//! - [`testing`]: test doubles (recording hooks, fake watchdog) for tests and the simulation.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
 //! - [`inventory`]: the cluster inventory (validated, located errors) and its secrets.
 //! - [`render`]: minijinja rendering of the per-host files (agent config, etcd, HAProxy, units).
@@ -31,6 +32,7 @@ pub mod provision;
 pub mod render;
 pub mod status;
 pub mod transport;
+pub mod testing;
 pub mod types;
 pub mod watchdog;
 pub mod yaml;

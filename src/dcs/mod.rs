@@ -8,6 +8,7 @@
 //!   multi-agent simulation only.
 
 pub mod etcd;
+pub mod memory;
 pub mod model;
 
 use std::time::Duration;

@@ -7,6 +7,7 @@
 
 pub mod conf;
 pub mod local;
+pub mod fake;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
