@@ -652,6 +652,35 @@ fn watchdog_required_and_unusable_never_races() {
 }
 
 #[test]
+fn running_primary_without_its_required_watchdog_does_not_retake_the_lock() {
+    // Stricter than Patroni: a running primary without a usable required watchdog stays out
+    // of the race (Patroni would take the lock, then demote when activation fails).
+    let mut c = node("n1").primary(lsn(100));
+    c.i.local.watchdog = WatchdogFacts {
+        mode: WatchdogMode::Required,
+        usable: false,
+    };
+    let d = c.in_cluster(leaderless()).decide();
+    assert_eq!(
+        d,
+        Decision::NotHealthiest {
+            reason: NotHealthiest::WatchdogUnusable
+        }
+    );
+}
+
+#[test]
+fn node_whose_required_watchdog_failed_never_bootstraps() {
+    let mut c = node("n1").empty_data();
+    c.i.local.watchdog = WatchdogFacts {
+        mode: WatchdogMode::Required,
+        usable: false,
+    };
+    let d = c.in_cluster(cluster().no_initialize()).decide();
+    assert_eq!(d, Decision::WaitForLeaderToBootstrap);
+}
+
+#[test]
 fn pre_promote_failure_blocks_racing_for_ttl() {
     let mut c = node("n2").replica(lsn(100));
     c.i.local.pre_promote_failed_at = Some(c.i.now - Duration::from_secs(5));
