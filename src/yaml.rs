@@ -31,13 +31,15 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
 }
 
 /// serde-saphyr prefixes its message with `error: line L column C: ` and follows it with a
-/// source snippet; we print `file:L:C:` ourselves, so drop the duplicate prefix and keep the
-/// snippet (it shows the operator the offending line).
+/// source snippet. We print `file:L:C:` ourselves, so we keep only the message: the snippet
+/// would echo neighbouring lines, and config files hold passwords that must never reach logs
+/// or terminals.
 fn tidy_message(raw: &str, line: usize, column: usize) -> String {
+    let first = raw.lines().next().unwrap_or(raw);
     let prefix = format!("error: line {line} column {column}: ");
-    raw.strip_prefix(&prefix)
-        .unwrap_or(raw)
-        .replace("<input>", "here")
+    first
+        .strip_prefix(&prefix)
+        .unwrap_or(first)
         .trim_end()
         .to_string()
 }

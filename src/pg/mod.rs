@@ -6,8 +6,8 @@
 //! - `fake`: an in-memory PostgreSQL (role, LSN, timeline) for unit tests and the simulation.
 
 pub mod conf;
-pub mod local;
 pub mod fake;
+pub mod local;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
