@@ -87,11 +87,21 @@ impl EtcdConfig {
     pub fn endpoints(&self) -> Vec<String> {
         let mut hosts: Vec<String> = self.hosts.clone();
         if let Some(h) = &self.host {
-            hosts.extend(h.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()));
+            hosts.extend(
+                h.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty()),
+            );
         }
         hosts
             .into_iter()
-            .map(|h| if h.contains("://") { h } else { format!("{}://{}", self.protocol, h) })
+            .map(|h| {
+                if h.contains("://") {
+                    h
+                } else {
+                    format!("{}://{}", self.protocol, h)
+                }
+            })
             .collect()
     }
 }
@@ -236,28 +246,38 @@ pub enum ConfigError {
     },
     /// YAML syntax or type error; `message` carries the line:column and a snippet.
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax { path: String, line: usize, column: usize, message: String },
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     /// A value that parsed but is not acceptable.
     #[error("{path}: {field}: {message}")]
-    Invalid { path: String, field: String, message: String },
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
 }
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates. `origin` names the source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<AgentConfig, ConfigError> {
-        let cfg: AgentConfig = crate::yaml::from_str(text)
-            .map_err(|e| ConfigError::Syntax {
-                path: origin.to_string(),
-                line: e.line,
-                column: e.column,
-                message: e.message,
-            })?;
+        let cfg: AgentConfig = crate::yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            line: e.line,
+            column: e.column,
+            message: e.message,
+        })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -278,7 +298,10 @@ impl AgentConfig {
             ("restapi.listen", &self.restapi.listen),
             ("restapi.connect_address", &self.restapi.connect_address),
             ("postgresql.listen", &self.postgresql.listen),
-            ("postgresql.connect_address", &self.postgresql.connect_address),
+            (
+                "postgresql.connect_address",
+                &self.postgresql.connect_address,
+            ),
         ] {
             let Some((h, p)) = v.rsplit_once(':') else {
                 return Err(bad(field, format!("expected host:port, got {v:?}")));
@@ -288,10 +311,16 @@ impl AgentConfig {
             }
         }
         if self.etcd3.endpoints().is_empty() {
-            return Err(bad("etcd3.hosts", "at least one etcd endpoint is required".into()));
+            return Err(bad(
+                "etcd3.hosts",
+                "at least one etcd endpoint is required".into(),
+            ));
         }
         if !self.postgresql.data_dir.is_absolute() {
-            return Err(bad("postgresql.data_dir", "must be an absolute path".into()));
+            return Err(bad(
+                "postgresql.data_dir",
+                "must be an absolute path".into(),
+            ));
         }
         let timing = crate::config::Timing::from_dcs(&self.bootstrap.dcs);
         timing.check().map_err(|m| bad("bootstrap.dcs", m))?;
@@ -320,7 +349,10 @@ impl AgentConfig {
 
     /// `postgres://host:port/<database>` as written in the member key.
     pub fn conn_url(&self) -> String {
-        format!("postgres://{}/{}", self.postgresql.connect_address, self.postgresql.database)
+        format!(
+            "postgres://{}/{}",
+            self.postgresql.connect_address, self.postgresql.database
+        )
     }
 
     /// `http://host:port/patroni` as written in the member key.
@@ -360,7 +392,10 @@ impl AgentConfig {
 
 pub fn split_host_port(s: &str) -> (String, u16) {
     match s.rsplit_once(':') {
-        Some((h, p)) => (h.trim_matches(['[', ']']).to_string(), p.parse().unwrap_or(5432)),
+        Some((h, p)) => (
+            h.trim_matches(['[', ']']).to_string(),
+            p.parse().unwrap_or(5432),
+        ),
         None => (s.to_string(), 5432),
     }
 }
@@ -380,7 +415,11 @@ pub const MIN_TTL: u64 = 5;
 impl Timing {
     pub fn from_dcs(dcs: &serde_json::Map<String, Value>) -> Timing {
         let c = crate::dcs::DynamicConfig(dcs.clone());
-        Timing { ttl: c.ttl(), loop_wait: c.loop_wait(), retry_timeout: c.retry_timeout() }
+        Timing {
+            ttl: c.ttl(),
+            loop_wait: c.loop_wait(),
+            retry_timeout: c.retry_timeout(),
+        }
     }
 
     /// `loop_wait + 2·retry_timeout ≤ ttl`: a leader whose renewal starts failing at the top of
@@ -389,7 +428,10 @@ impl Timing {
     /// take the lock. Unlike Patroni we refuse bad values instead of silently adjusting them.
     pub fn check(&self) -> Result<(), String> {
         if self.ttl < MIN_TTL {
-            return Err(format!("ttl {} is below the minimum of {MIN_TTL}", self.ttl));
+            return Err(format!(
+                "ttl {} is below the minimum of {MIN_TTL}",
+                self.ttl
+            ));
         }
         if self.loop_wait < 1 {
             return Err("loop_wait must be at least 1".into());

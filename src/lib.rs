@@ -10,6 +10,9 @@
 //! - [`api`]: the Patroni-compatible REST API (axum).
 //! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
+//! - [`inventory`]: the cluster inventory (validated, located errors) and its secrets.
+//! - [`render`]: minijinja rendering of the per-host files (agent config, etcd, HAProxy, units).
+//! - [`provision`]: playbooks as data and the provisioning planner.
 
 pub mod agent;
 pub mod api;
@@ -17,7 +20,10 @@ pub mod callbacks;
 pub mod config;
 pub mod dcs;
 pub mod ha;
+pub mod inventory;
 pub mod pg;
+pub mod provision;
+pub mod render;
 pub mod status;
 pub mod types;
 pub mod watchdog;

@@ -75,7 +75,10 @@ pub struct CommandReply {
 
 impl CommandReply {
     pub fn new(code: u16, body: impl Into<String>) -> Self {
-        CommandReply { code, body: body.into() }
+        CommandReply {
+            code,
+            body: body.into(),
+        }
     }
 }
 
@@ -84,13 +87,24 @@ impl CommandReply {
 #[derive(Debug)]
 pub enum Command {
     /// `POST /restart`: immediate (waits for the outcome) or scheduled.
-    Restart { req: RestartRequest, reply: oneshot::Sender<CommandReply> },
+    Restart {
+        req: RestartRequest,
+        reply: oneshot::Sender<CommandReply>,
+    },
     /// `DELETE /restart`.
-    CancelScheduledRestart { reply: oneshot::Sender<CommandReply> },
+    CancelScheduledRestart {
+        reply: oneshot::Sender<CommandReply>,
+    },
     /// `POST /reinitialize`.
-    Reinitialize { force: bool, from_leader: bool, reply: oneshot::Sender<CommandReply> },
+    Reinitialize {
+        force: bool,
+        from_leader: bool,
+        reply: oneshot::Sender<CommandReply>,
+    },
     /// `POST /reload` (and SIGHUP): re-read the local config file.
-    Reload { reply: oneshot::Sender<CommandReply> },
+    Reload {
+        reply: oneshot::Sender<CommandReply>,
+    },
     /// Run a cycle now (after the API wrote the DCS, e.g. PATCH /config or a switchover).
     Wakeup,
 }

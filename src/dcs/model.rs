@@ -87,7 +87,10 @@ pub fn tag_is_true(v: Option<&Value>) -> bool {
     match v {
         Some(Value::Bool(b)) => *b,
         Some(Value::String(s)) => {
-            matches!(s.to_ascii_lowercase().as_str(), "true" | "on" | "yes" | "1" | "y")
+            matches!(
+                s.to_ascii_lowercase().as_str(),
+                "true" | "on" | "yes" | "1" | "y"
+            )
         }
         Some(Value::Number(n)) => n.as_i64().unwrap_or(0) != 0,
         _ => false,
@@ -188,7 +191,10 @@ impl Status {
     /// Tolerant parse: a bare int (legacy) or JSON; garbage is treated as empty.
     pub fn parse(raw: &str) -> Status {
         if let Ok(n) = raw.trim().parse::<u64>() {
-            return Status { optime: n, ..Default::default() };
+            return Status {
+                optime: n,
+                ..Default::default()
+            };
         }
         serde_json::from_str(raw).unwrap_or_default()
     }
@@ -239,7 +245,10 @@ pub fn history_to_json(lines: &[HistoryLine]) -> String {
 pub fn history_from_json(raw: &str) -> Vec<HistoryLine> {
     serde_json::from_str::<Value>(raw)
         .ok()
-        .and_then(|v| v.as_array().map(|a| a.iter().filter_map(HistoryLine::from_json).collect()))
+        .and_then(|v| {
+            v.as_array()
+                .map(|a| a.iter().filter_map(HistoryLine::from_json).collect())
+        })
         .unwrap_or_default()
 }
 
@@ -275,7 +284,9 @@ impl DynamicConfig {
     }
 
     fn u64_or(&self, key: &str, default: u64) -> u64 {
-        num(self.0.get(key)).map(|f| f.max(0.0) as u64).unwrap_or(default)
+        num(self.0.get(key))
+            .map(|f| f.max(0.0) as u64)
+            .unwrap_or(default)
     }
 
     pub fn ttl(&self) -> u64 {
@@ -291,14 +302,20 @@ impl DynamicConfig {
         self.u64_or("maximum_lag_on_failover", 1_048_576)
     }
     pub fn primary_start_timeout(&self) -> u64 {
-        num(self.0.get("primary_start_timeout").or_else(|| self.0.get("master_start_timeout")))
-            .map(|f| f.max(0.0) as u64)
-            .unwrap_or(300)
+        num(self
+            .0
+            .get("primary_start_timeout")
+            .or_else(|| self.0.get("master_start_timeout")))
+        .map(|f| f.max(0.0) as u64)
+        .unwrap_or(300)
     }
     pub fn primary_stop_timeout(&self) -> u64 {
-        num(self.0.get("primary_stop_timeout").or_else(|| self.0.get("master_stop_timeout")))
-            .map(|f| f.max(0.0) as u64)
-            .unwrap_or(0)
+        num(self
+            .0
+            .get("primary_stop_timeout")
+            .or_else(|| self.0.get("master_stop_timeout")))
+        .map(|f| f.max(0.0) as u64)
+        .unwrap_or(0)
     }
     pub fn pause(&self) -> bool {
         tag_is_true(self.0.get("pause"))
@@ -323,10 +340,14 @@ impl DynamicConfig {
         self.0.get("postgresql").and_then(Value::as_object)
     }
     pub fn use_pg_rewind(&self) -> Option<bool> {
-        self.postgresql().and_then(|p| p.get("use_pg_rewind")).map(|v| tag_is_true(Some(v)))
+        self.postgresql()
+            .and_then(|p| p.get("use_pg_rewind"))
+            .map(|v| tag_is_true(Some(v)))
     }
     pub fn use_slots(&self) -> Option<bool> {
-        self.postgresql().and_then(|p| p.get("use_slots")).map(|v| tag_is_true(Some(v)))
+        self.postgresql()
+            .and_then(|p| p.get("use_slots"))
+            .map(|v| tag_is_true(Some(v)))
     }
     /// `postgresql.parameters` from the DCS, values as PostgreSQL text.
     pub fn parameters(&self) -> BTreeMap<String, String> {
@@ -346,7 +367,11 @@ impl DynamicConfig {
     }
     pub fn pg_hba(&self) -> Option<Vec<String>> {
         let a = self.postgresql()?.get("pg_hba")?.as_array()?;
-        Some(a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        Some(
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+        )
     }
 
     /// Applies a JSON merge patch the way Patroni's `PATCH /config` does: objects merge
@@ -359,7 +384,9 @@ impl DynamicConfig {
                         dst.remove(k);
                     }
                     Value::Object(p) => {
-                        let entry = dst.entry(k.clone()).or_insert_with(|| Value::Object(Map::new()));
+                        let entry = dst
+                            .entry(k.clone())
+                            .or_insert_with(|| Value::Object(Map::new()));
                         if let Value::Object(d) = entry {
                             merge(d, p);
                         } else {
@@ -408,7 +435,10 @@ impl ClusterView {
     }
 
     pub fn config(&self) -> DynamicConfig {
-        self.config.as_ref().map(|(c, _)| c.clone()).unwrap_or_default()
+        self.config
+            .as_ref()
+            .map(|(c, _)| c.clone())
+            .unwrap_or_default()
     }
 
     pub fn is_paused(&self) -> bool {
@@ -417,17 +447,28 @@ impl ClusterView {
 
     /// Cluster timeline derived from `history`: last line's parent + 1, or 1.
     pub fn timeline(&self) -> Timeline {
-        Timeline(self.history.last().map(|h| h.parent_timeline + 1).unwrap_or(1))
+        Timeline(
+            self.history
+                .last()
+                .map(|h| h.parent_timeline + 1)
+                .unwrap_or(1),
+        )
     }
 
     /// The non-empty failover request, if any.
     pub fn failover_request(&self) -> Option<&Failover> {
-        self.failover.as_ref().map(|(f, _)| f).filter(|f| !f.is_empty())
+        self.failover
+            .as_ref()
+            .map(|(f, _)| f)
+            .filter(|f| !f.is_empty())
     }
 
     /// The sync key when synchronous mode is active (has a leader).
     pub fn sync_state(&self) -> Option<&SyncState> {
-        self.sync.as_ref().map(|(s, _)| s).filter(|s| s.leader.is_some())
+        self.sync
+            .as_ref()
+            .map(|(s, _)| s)
+            .filter(|s| s.leader.is_some())
     }
 }
 
@@ -466,7 +507,8 @@ mod tests {
 
     #[test]
     fn history_lines_round_trip_with_five_fields() {
-        let raw = r#"[[1,25623960,"no recovery target specified","2019-09-23T16:57:57+02:00","node1"]]"#;
+        let raw =
+            r#"[[1,25623960,"no recovery target specified","2019-09-23T16:57:57+02:00","node1"]]"#;
         let h = history_from_json(raw);
         assert_eq!(h[0].new_leader.as_deref(), Some("node1"));
         assert_eq!(history_to_json(&h), raw);
@@ -474,7 +516,10 @@ mod tests {
 
     #[test]
     fn patch_with_null_deletes_and_objects_merge() {
-        let c = DynamicConfig::parse(r#"{"ttl":30,"pause":true,"postgresql":{"parameters":{"a":"1"}}}"#).unwrap();
+        let c = DynamicConfig::parse(
+            r#"{"ttl":30,"pause":true,"postgresql":{"parameters":{"a":"1"}}}"#,
+        )
+        .unwrap();
         let p: Map<String, Value> =
             serde_json::from_str(r#"{"pause":null,"postgresql":{"parameters":{"b":2}}}"#).unwrap();
         let n = c.patched(&p);

@@ -233,8 +233,10 @@ pub trait Postgres: Send + Sync {
     /// config files if they changed. Returns `true` when the running server needs a reload
     /// (the caller decides when to reload). Restart-only changes show up in
     /// `PgStatus::pending_restart`.
-    async fn apply_dynamic_config(&self, config: &crate::dcs::DynamicConfig)
-    -> Result<bool, PgError>;
+    async fn apply_dynamic_config(
+        &self,
+        config: &crate::dcs::DynamicConfig,
+    ) -> Result<bool, PgError>;
 
     /// `initdb` into the (empty) data directory with the configured options (checksums on by
     /// default) and superuser credentials, then appends `bootstrap.pg_hba`.

@@ -5,10 +5,13 @@
 //! - [`apply`]: executes a plan in cluster order (etcd → first primary → replicas → HAProxy).
 //! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands.
 //! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
+//! - [`playbook`]: playbooks as data (the deploy step vocabulary).
+//! - [`spec`]: inventory + rendered templates → the desired state.
 
 pub mod apply;
 pub mod facts;
 pub mod plan;
+pub mod playbook;
 pub mod report;
 pub mod services;
 
