@@ -13,6 +13,8 @@
 //! - [`inventory`]: the cluster inventory (validated, located errors) and its secrets.
 //! - [`render`]: minijinja rendering of the per-host files (agent config, etcd, HAProxy, units).
 //! - [`provision`]: playbooks as data and the provisioning planner.
+//! - [`transport`]: reaching hosts for provisioning (SSH, in-memory fake).
+//! - [`lab`]: a local multi-host lab built from Linux namespaces (tests and demos).
 
 pub mod agent;
 pub mod api;
@@ -21,10 +23,13 @@ pub mod config;
 pub mod dcs;
 pub mod ha;
 pub mod inventory;
+pub mod lab;
+
 pub mod pg;
 pub mod provision;
 pub mod render;
 pub mod status;
+pub mod transport;
 pub mod types;
 pub mod watchdog;
 pub mod yaml;
