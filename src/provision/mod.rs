@@ -14,6 +14,7 @@ pub mod plan;
 pub mod playbook;
 pub mod report;
 pub mod services;
+pub mod spec;
 
 /// An error with its `source()` chain on one line (`a: b: c`).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
