@@ -340,8 +340,8 @@ pub fn redact_all(text: &str, secrets: &[String]) -> String {
     out
 }
 
-/// Unified diff old → new of a text file, secrets redacted on both sides (so a changed password
-/// shows as a changed line without revealing either value).
+/// Unified diff old → new of a text file, secrets redacted on both sides; when only secret
+/// values differ, a note says so instead of an (empty) diff.
 pub fn file_diff(path: &str, old: Option<&[u8]>, new: &[u8], secrets: &[String]) -> Option<String> {
     let new_s = std::str::from_utf8(new).ok()?;
     let old_s = match old {
@@ -350,6 +350,10 @@ pub fn file_diff(path: &str, old: Option<&[u8]>, new: &[u8], secrets: &[String])
     };
     let old_r = redact_all(&old_s, secrets);
     let new_r = redact_all(new_s, secrets);
+    if old.is_some() && old_r == new_r {
+        // The only differences are secret values: say so without showing either.
+        return Some(format!("--- a{path}\n+++ b{path}\n(only secret values differ; both redacted)\n"));
+    }
     let d = similar::TextDiff::from_lines(&old_r, &new_r);
     let from = if old.is_some() { format!("a{path}") } else { "/dev/null".to_string() };
     let text = d.unified_diff().context_radius(3).header(&from, &format!("b{path}")).to_string();
@@ -442,6 +446,7 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
                 let diff = facts
                     .old_contents
                     .get(&f.path)
+                    .filter(|_| f.path != AGENT_BIN_PATH)
                     .and_then(|old| file_diff(&f.path, Some(old), &f.content, &spec.secrets));
                 let what = if f.path == AGENT_BIN_PATH {
                     format!("replace binary (sha256 {} → {})", &cur.sha256[..12], &want[..12])
