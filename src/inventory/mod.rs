@@ -69,8 +69,20 @@ pub fn parse_raw(text: &str, origin: &str) -> Result<raw::RawInventory, Inventor
         path: origin.to_string(),
         line: e.line,
         column: e.column,
-        message: e.message,
+        message: strip_position_prefix(&e.message).to_string(),
     })
+}
+
+/// serde-saphyr prefixes its message with `error: line L column C: `; we already print the
+/// position as `file:L:C:`, so drop the repetition.
+fn strip_position_prefix(m: &str) -> &str {
+    let Some(rest) = m.strip_prefix("error: line ") else {
+        return m;
+    };
+    match rest.split_once(": ") {
+        Some((pos, tail)) if pos.contains(" column ") => tail,
+        _ => m,
+    }
 }
 
 /// Where the secrets of the inventory at `inventory` live: `explicit` (relative to the
