@@ -145,11 +145,17 @@ pub fn build(inv: &Inventory, agent_binary: Option<&Path>, templates: Option<&Pa
 }
 
 fn render_host(inv: &Inventory, host: &str, templates: Option<&Path>) -> Result<Vec<DesiredFile>, SpecError> {
-    let files = crate::render::render_all_from(inv, host, templates)
-        .map_err(|source| SpecError::Render { host: host.to_string(), source })?;
+    let files = match templates {
+        Some(dir) => crate::render::Renderer::with_dir(dir).and_then(|r| r.render_all(inv, host)),
+        None => crate::render::render_all(inv, host),
+    }
+    .map_err(|source| SpecError::Render { host: host.to_string(), source })?;
     Ok(files
         .into_iter()
-        .map(|f| DesiredFile::new(&f.path.to_string(), f.content.into_bytes(), f.mode, &f.owner))
+        .map(|f| {
+            let owner = format!("{}:{}", f.owner, f.group);
+            DesiredFile::new(&f.path.display().to_string(), f.content.into_bytes(), f.mode, &owner)
+        })
         .collect())
 }
 
