@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --bins
 pgherd=target/debug/pgherd
-lab_dir=/var/lib/pgherd/lab-pg
+lab_dir=/tmp/pgherd-lab-pg
 $pgherd lab up --hosts 3 --lab-dir "$lab_dir"
 inv="$lab_dir/inventory.yml"
 time $pgherd apply -i "$inv" --agent-binary target/debug/pgherd-agent --yes

@@ -110,7 +110,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         eprintln!("skipped: deploy_lab needs root (network namespaces)");
         return;
     }
-    let tmp = tempfile::Builder::new().prefix("pgprov").tempdir_in("/var/tmp").unwrap();
+    let tmp = tempfile::Builder::new().prefix("pgprov").tempdir_in("/tmp").unwrap();
     let lab_spec = LabSpec::new("prv", 3, SUBNET, "phprov0", tmp.path().join("lab"));
     let _ = lab::down(&lab_spec, true);
     let _guard = LabGuard(lab_spec.clone());

@@ -88,14 +88,15 @@ pub struct LabArgs {
     pub subnet: String,
     #[arg(long, default_value = "pgherd0")]
     pub bridge: String,
-    /// Lab state (keys, host disks); default /var/lib/pgherd/lab-NAME.
+    /// Lab state (keys, host disks); default /tmp/pgherd-lab-NAME (must be outside the
+    /// directories every lab host overlays: /etc /var /root /usr/local /opt /home /srv).
     #[arg(long)]
     pub lab_dir: Option<PathBuf>,
 }
 
 impl LabArgs {
     fn spec(&self, hosts: usize) -> LabSpec {
-        let dir = self.lab_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/lib/pgherd/lab-{}", self.name)));
+        let dir = self.lab_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/pgherd-lab-{}", self.name)));
         LabSpec::new(self.name.clone(), hosts, self.subnet.clone(), self.bridge.clone(), dir)
     }
 

@@ -34,6 +34,8 @@ pub struct DesiredFile {
     pub mode: u32,
     /// `user` or `user:group`.
     pub owner: String,
+    /// sha256 of `content`, computed once (the agent binary is large).
+    pub sha: Arc<str>,
 }
 
 impl fmt::Debug for DesiredFile {
@@ -50,16 +52,18 @@ impl fmt::Debug for DesiredFile {
 
 impl DesiredFile {
     pub fn new(path: &str, content: impl Into<Vec<u8>>, mode: u32, owner: &str) -> DesiredFile {
+        let content: Vec<u8> = content.into();
         DesiredFile {
             path: path.to_string(),
-            content: Arc::new(content.into()),
+            sha: sha256_hex(&content).into(),
+            content: Arc::new(content),
             mode,
             owner: owner.to_string(),
         }
     }
 
     pub fn sha256(&self) -> String {
-        sha256_hex(&self.content)
+        self.sha.to_string()
     }
 }
 
@@ -177,6 +181,7 @@ impl DeploySpec {
                 content: bin.bytes.clone(),
                 mode: 0o755,
                 owner: "root:root".into(),
+                sha: bin.sha256.as_str().into(),
             });
         }
         if mode == ServiceMode::Supervisor {
