@@ -28,6 +28,12 @@ impl Drop for LabGuard {
     }
 }
 
+fn ppid(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("PPid:")).unwrap();
+    line[5..].trim().parse().unwrap()
+}
+
 async fn connect(info: &LabInfo, ctl: &Path, host: &str) -> SshTransport {
     let opts = SshOptions {
         known_hosts: info.known_hosts.clone(),
@@ -39,7 +45,12 @@ async fn connect(info: &LabInfo, ctl: &Path, host: &str) -> SshTransport {
 }
 
 async fn out(t: &SshTransport, cmd: &str) -> String {
-    t.run_ok(cmd, T).await.unwrap().stdout_str().trim().to_string()
+    t.run_ok(cmd, T)
+        .await
+        .unwrap()
+        .stdout_str()
+        .trim()
+        .to_string()
 }
 
 /// Whether `from` opens a TCP connection to `to`:22 within 2 s.
@@ -68,6 +79,11 @@ async fn lab_hosts_behave_like_separate_machines() {
     tokio::task::block_in_place(|| lab::up(&spec)).unwrap();
     assert_eq!(lab::status(&spec).unwrap(), st_before);
     assert!(st_before.iter().all(|h| h.up && !h.partitioned));
+    // The hosts are detached from the process that built them (`pgherd lab up` may exit).
+    for h in &st_before {
+        let unshare = ppid(h.pid.unwrap());
+        assert_ne!(ppid(unshare), std::process::id(), "{} is our child", h.name);
+    }
 
     let ctl = tmp.path().join("ctl");
     let h1 = connect(&info, &ctl, "phl1").await;
@@ -81,7 +97,11 @@ async fn lab_hosts_behave_like_separate_machines() {
     partition_blocks_hosts_but_not_controller(&spec, &h1, &h3).await;
 
     drop((h1, h2, h3));
-    let pids: Vec<u32> = lab::status(&spec).unwrap().iter().filter_map(|h| h.pid).collect();
+    let pids: Vec<u32> = lab::status(&spec)
+        .unwrap()
+        .iter()
+        .filter_map(|h| h.pid)
+        .collect();
     assert_eq!(pids.len(), 3);
     down_removes_namespaces_and_bridge(&spec, &pids);
     std::mem::forget(guard);
@@ -92,6 +112,11 @@ async fn hosts_have_own_hostname_and_address(h1: &SshTransport, h2: &SshTranspor
     assert_eq!(out(h2, "hostname").await, "phl2");
     let addr = out(h2, "ip -4 -o addr show dev eth0").await;
     assert!(addr.contains("10.231.7.12/24"), "{addr}");
+    // Lab hosts resolve each other by name.
+    assert_eq!(
+        out(h1, "getent hosts phl2 | cut -d' ' -f1").await,
+        "10.231.7.12"
+    );
     // Each host is PID 1 = tini in its own PID namespace, with sshd under it.
     assert_eq!(out(h1, "cat /proc/1/comm").await, "tini");
     // /run/postgresql is ready for PostgreSQL (owned by postgres).
@@ -143,6 +168,15 @@ async fn crash_and_boot_keep_the_disk(spec: &LabSpec, h2: &SshTransport) {
     tokio::task::block_in_place(|| lab::boot(spec, "phl2")).unwrap();
     assert_eq!(out(h2, "cat /var/lib/pgherd-disk-test").await, "survives");
     assert_eq!(out(h2, "hostname").await, "phl2");
+    // `up` on a lab with a crashed host boots just that host.
+    let before = lab::status(spec).unwrap();
+    tokio::task::block_in_place(|| lab::crash(spec, "phl2")).unwrap();
+    tokio::task::block_in_place(|| lab::up(spec)).unwrap();
+    let after = lab::status(spec).unwrap();
+    assert!(after.iter().all(|h| h.up), "{after:?}");
+    assert_eq!(after[0].pid, before[0].pid, "a running host was rebooted");
+    assert_ne!(after[1].pid, before[1].pid);
+    assert_eq!(out(h2, "cat /var/lib/pgherd-disk-test").await, "survives");
 }
 
 async fn partition_blocks_hosts_but_not_controller(
@@ -166,7 +200,9 @@ fn down_removes_namespaces_and_bridge(spec: &LabSpec, pids: &[u32]) {
     for h in spec.host_names() {
         assert!(!Path::new("/run/netns").join(&h).exists(), "netns {h} left");
         assert!(
-            !Path::new("/sys/class/net").join(format!("veth-{h}")).exists(),
+            !Path::new("/sys/class/net")
+                .join(format!("veth-{h}"))
+                .exists(),
             "veth of {h} left"
         );
     }
@@ -174,7 +210,11 @@ fn down_removes_namespaces_and_bridge(spec: &LabSpec, pids: &[u32]) {
     assert!(!spec.state_dir.exists(), "state left");
     for pid in pids {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        assert_ne!(comm.trim(), "tini", "a host's tini (pid {pid}) survived down");
+        assert_ne!(
+            comm.trim(),
+            "tini",
+            "a host's tini (pid {pid}) survived down"
+        );
     }
     // down on a lab that is gone is fine.
     lab::down(spec, true).unwrap();

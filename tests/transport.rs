@@ -82,15 +82,15 @@ async fn ssh_transport_against_lab_hosts() {
 }
 
 async fn runs_commands_with_status_and_output(t: &SshTransport) {
-    let out = t
-        .run("echo out; echo err >&2; exit 3", T)
-        .await
-        .unwrap();
+    let out = t.run("echo out; echo err >&2; exit 3", T).await.unwrap();
     assert_eq!(out.status, 3);
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
     // Quoting survives: the script reaches sh -c intact.
-    let out = t.run_ok(r#"printf '%s|' "a b" 'c'"'"'d'"#, T).await.unwrap();
+    let out = t
+        .run_ok(r#"printf '%s|' "a b" 'c'"'"'d'"#, T)
+        .await
+        .unwrap();
     assert_eq!(out.stdout_str(), "a b|c'd|");
     // A script exiting 124 by itself is not mistaken for our timeout.
     assert_eq!(t.run("exit 124", T).await.unwrap().status, 124);
@@ -133,7 +133,12 @@ async fn secrets_never_appear_in_errors(t: &SshTransport) {
     assert!(!shown.contains(secret), "{shown}");
     // Through stdin the secret never reaches the command line at all.
     let out = t
-        .run_secret("read p; [ \"$p\" = s3cr3t-Pa55 ] && echo ok", Some(b"s3cr3t-Pa55\n"), &[secret], T)
+        .run_secret(
+            "read p; [ \"$p\" = s3cr3t-Pa55 ] && echo ok",
+            Some(b"s3cr3t-Pa55\n"),
+            &[secret],
+            T,
+        )
         .await
         .unwrap();
     assert_eq!(out.stdout_str().trim(), "ok");
@@ -192,7 +197,11 @@ async fn upload_compares_checksum_then_renames_atomically(t: &SshTransport) {
     let v2 = b"setting = 2\n".repeat(1000);
     assert!(t.upload(path, &v2, 0o600, Some("postgres")).await.unwrap());
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let reader = t.run_ok("cat /tmp/reader.sum", T).await.unwrap().stdout_str();
+    let reader = t
+        .run_ok("cat /tmp/reader.sum", T)
+        .await
+        .unwrap()
+        .stdout_str();
     assert!(reader.starts_with(&sha256_hex(&v1)), "reader saw {reader}");
     assert_eq!(t.sha256(path).await.unwrap(), Some(sha256_hex(&v2)));
     let inode2 = t
@@ -213,7 +222,10 @@ async fn upload_compares_checksum_then_renames_atomically(t: &SshTransport) {
         .upload("/nonexistent-dir/x", b"x", 0o644, None)
         .await
         .unwrap_err();
-    assert!(matches!(err, TransportError::CommandFailed { .. }), "{err:?}");
+    assert!(
+        matches!(err, TransportError::CommandFailed { .. }),
+        "{err:?}"
+    );
 }
 
 async fn read_file_and_sha256_report_absent_files(t: &SshTransport) {

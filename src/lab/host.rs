@@ -74,15 +74,20 @@ pub(super) fn prepare(spec: &LabSpec, h: &LabHost) -> Result<(), LabError> {
 /// Stage 1, PID 1 of the host's fresh PID namespace, in its private mount namespace.
 fn boot_script(spec: &LabSpec, h: &LabHost) -> String {
     let dir = shell_quote(&host_dir(spec, h).display().to_string());
-    let pubkey = shell_quote(
-        &spec
-            .state_dir
-            .join("id_ed25519.pub")
-            .display()
-            .to_string(),
-    );
+    let pubkey = shell_quote(&spec.state_dir.join("id_ed25519.pub").display().to_string());
     let dirs = OVERLAID_DIRS.join(" ");
     let name = &h.name;
+    let hosts_lines: String = spec
+        .info()
+        .hosts
+        .iter()
+        .map(|o| {
+            format!(
+                "echo '{} {} # pgherd-lab' >> /etc/hosts\n",
+                o.address, o.name
+            )
+        })
+        .collect();
     format!(
         r#"#!/bin/sh
 # pgherd lab host {name}: mounts its filesystems, then hands over to tini. Generated; do not edit.
@@ -110,7 +115,9 @@ install -m 0600 {pubkey} /root/.ssh/authorized_keys
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 hostname {name}
-exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh
+# Every lab host resolves the others by name (a managed block, rewritten at each boot).
+sed -i '/# pgherd-lab$/d' /etc/hosts
+{hosts_lines}exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh
 "#
     )
 }

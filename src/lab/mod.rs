@@ -82,6 +82,12 @@ impl LabInfo {
         Some(s)
     }
 
+    /// The host's console log (boot script and sshd output): the first place to look when a
+    /// host does not come up.
+    pub fn console_log(&self, host: &str) -> PathBuf {
+        self.state_dir.join(host).join("console.log")
+    }
+
     /// [`LabInfo::host_spec`] for every host, in order.
     pub fn host_specs(&self) -> Vec<HostSpec> {
         self.hosts
@@ -177,9 +183,17 @@ impl LabSpec {
         }
     }
 
+    /// The demo lab: hosts `pg1..pg3` on bridge `pgherd0`, 10.230.0.0/24. `state_dir` must lie
+    /// outside the overlaid directories (e.g. `<repo>/.lab`, which .gitignore already ignores).
+    pub fn demo(state_dir: impl Into<PathBuf>) -> LabSpec {
+        LabSpec::new("pg", 3, "10.230.0", "pgherd0", state_dir)
+    }
+
     /// Host names in order (`<name>1` ...).
     pub fn host_names(&self) -> Vec<String> {
-        (1..=self.hosts).map(|i| format!("{}{i}", self.name)).collect()
+        (1..=self.hosts)
+            .map(|i| format!("{}{i}", self.name))
+            .collect()
     }
 
     pub fn controller_address(&self) -> String {

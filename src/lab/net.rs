@@ -52,7 +52,10 @@ pub(super) fn ensure_host_net(spec: &LabSpec, h: &LabHost) -> Result<(), LabErro
             ],
         )?;
     }
-    sh("ip", &["link", "set", &h.veth, "master", &spec.bridge, "up"])?;
+    sh(
+        "ip",
+        &["link", "set", &h.veth, "master", &spec.bridge, "up"],
+    )?;
     let cidr = format!("{}/24", h.address);
     sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
     sh("ip", &["-n", ns, "addr", "replace", &cidr, "dev", "eth0"])?;
@@ -116,6 +119,5 @@ pub(super) fn heal(ns: &str) -> Result<(), LabError> {
 }
 
 pub(super) fn is_partitioned(ns: &str) -> bool {
-    netns_exists(ns)
-        && iptables(ns, &["-S", "INPUT"]).is_ok_and(|rules| rules.contains("-j DROP"))
+    netns_exists(ns) && iptables(ns, &["-S", "INPUT"]).is_ok_and(|rules| rules.contains("-j DROP"))
 }

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{
-    Exec, Output, RemoteFileState, Transport, TransportError, redact_output, sha256_hex,
-};
+use super::{Exec, Output, RemoteFileState, Transport, TransportError, redact_output, sha256_hex};
 
 /// A file held by a [`FakeTransport`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,9 +219,21 @@ mod tests {
     #[tokio::test]
     async fn second_identical_upload_reports_no_change() {
         let t = FakeTransport::new("n1");
-        assert!(t.upload("/etc/a", b"x", 0o600, Some("postgres")).await.unwrap());
-        assert!(!t.upload("/etc/a", b"x", 0o600, Some("postgres")).await.unwrap());
-        assert!(t.upload("/etc/a", b"x", 0o644, Some("postgres")).await.unwrap());
+        assert!(
+            t.upload("/etc/a", b"x", 0o600, Some("postgres"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !t.upload("/etc/a", b"x", 0o600, Some("postgres"))
+                .await
+                .unwrap()
+        );
+        assert!(
+            t.upload("/etc/a", b"x", 0o644, Some("postgres"))
+                .await
+                .unwrap()
+        );
         assert_eq!(t.sha256("/etc/a").await.unwrap(), Some(sha256_hex(b"x")));
         assert_eq!(t.calls().len(), 2);
     }
@@ -231,11 +241,19 @@ mod tests {
     #[tokio::test]
     async fn records_commands_redacted_and_answers_from_script() {
         let t = FakeTransport::new("n1").on("pg_isready", 2, "no response");
-        let out = t.run("pg_isready -q", Duration::from_secs(1)).await.unwrap();
-        assert_eq!(out.status, 2);
-        t.run_secret("psql -c \"PASSWORD 's3cret'\"", None, &["s3cret"], Duration::from_secs(1))
+        let out = t
+            .run("pg_isready -q", Duration::from_secs(1))
             .await
             .unwrap();
+        assert_eq!(out.status, 2);
+        t.run_secret(
+            "psql -c \"PASSWORD 's3cret'\"",
+            None,
+            &["s3cret"],
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         let cmds = t.commands();
         assert_eq!(cmds[0], "pg_isready -q");
         assert!(!cmds[1].contains("s3cret"));
@@ -245,7 +263,9 @@ mod tests {
     async fn run_ok_turns_failure_into_command_failed() {
         let t = FakeTransport::new("n2").on("false", 1, "");
         let err = t.run_ok("false", Duration::from_secs(1)).await.unwrap_err();
-        assert!(matches!(err, TransportError::CommandFailed { ref host, status: 1, .. } if host == "n2"));
+        assert!(
+            matches!(err, TransportError::CommandFailed { ref host, status: 1, .. } if host == "n2")
+        );
     }
 
     #[tokio::test]

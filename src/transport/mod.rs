@@ -39,7 +39,9 @@ pub enum TransportError {
     AuthRefused { host: String, reason: String },
     /// The host presented a key different from the one recorded in the known_hosts file
     /// (a reinstalled host, or someone in the middle). Never accepted silently.
-    #[error("host {host}: host key does not match {known_hosts} (remove the stale entry if the host was reinstalled)")]
+    #[error(
+        "host {host}: host key does not match {known_hosts} (remove the stale entry if the host was reinstalled)"
+    )]
     HostKeyMismatch { host: String, known_hosts: String },
     /// The command did not finish within its timeout; it was killed on the host.
     #[error("host {host}: command timed out after {timeout:?}: {cmd}")]

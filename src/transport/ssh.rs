@@ -123,7 +123,10 @@ pub struct SshTransport {
 
 impl SshTransport {
     /// Connects to `host`, with control sockets and the known_hosts file in `control_dir`.
-    pub async fn connect(host: &HostSpec, control_dir: &Path) -> Result<SshTransport, TransportError> {
+    pub async fn connect(
+        host: &HostSpec,
+        control_dir: &Path,
+    ) -> Result<SshTransport, TransportError> {
         Self::connect_with(host, &SshOptions::new(control_dir)).await
     }
 
@@ -213,12 +216,13 @@ impl SshTransport {
         }
     }
 
-    async fn exec_inner(
+    /// Starts the command on `session`. Failing here means the command never reached the host.
+    async fn spawn(
         &self,
         session: &Arc<Session>,
         exec: &Exec<'_>,
-    ) -> Result<Output, openssh::Error> {
-        let mut cmd = session.raw_command(self.remote_command(exec));
+    ) -> Result<openssh::Child<Arc<Session>>, openssh::Error> {
+        let mut cmd = Session::to_raw_command(session.clone(), self.remote_command(exec));
         cmd.stdin(if exec.stdin.is_some() {
             openssh::Stdio::piped()
         } else {
@@ -226,7 +230,14 @@ impl SshTransport {
         })
         .stdout(openssh::Stdio::piped())
         .stderr(openssh::Stdio::piped());
-        let mut child = cmd.spawn().await?;
+        cmd.spawn().await
+    }
+
+    /// Feeds stdin and collects the output of a started command.
+    async fn finish(
+        mut child: openssh::Child<Arc<Session>>,
+        exec: &Exec<'_>,
+    ) -> Result<Output, openssh::Error> {
         let stdin = child.stdin().take();
         // Feed stdin while collecting output: a command that writes before reading all of its
         // input would otherwise deadlock on a full pipe.
@@ -245,6 +256,53 @@ impl SshTransport {
             stdout: out.stdout,
             stderr: out.stderr,
         })
+    }
+
+    /// Runs the command, reconnecting once when the master turns out to be dead *before* the
+    /// command started (host rebooted, idle close): then it provably did not run, so starting it
+    /// on a new connection is safe. A failure after the start is never retried.
+    async fn run_once(&self, exec: &Exec<'_>) -> Result<Output, TransportError> {
+        let host = &self.spec.name;
+        let mut reconnected = false;
+        let (session, child) = loop {
+            let session = self.session().await?;
+            match self.spawn(&session, exec).await {
+                Ok(child) => break (session, child),
+                Err(e) => {
+                    let dead = self.drop_if_dead(&session).await;
+                    if dead && !reconnected {
+                        tracing::debug!(host = %host, "ssh master gone before start, reconnecting");
+                        reconnected = true;
+                        continue;
+                    }
+                    return Err(self.channel_error(dead, e, exec));
+                }
+            }
+        };
+        match Self::finish(child, exec).await {
+            Ok(out) => Ok(out),
+            Err(e) => {
+                // The mux protocol cannot tell a dead connection from a killed remote process:
+                // ask the master whether it is still alive.
+                let dead = self.drop_if_dead(&session).await;
+                Err(self.channel_error(dead, e, exec))
+            }
+        }
+    }
+
+    fn channel_error(&self, dead: bool, e: openssh::Error, exec: &Exec<'_>) -> TransportError {
+        if dead {
+            TransportError::Unreachable {
+                host: self.spec.name.clone(),
+                reason: format!("connection lost ({e})"),
+            }
+        } else {
+            TransportError::Io {
+                host: self.spec.name.clone(),
+                what: format!("running {}", exec.shown()),
+                source: std::io::Error::other(e),
+            }
+        }
     }
 }
 
@@ -265,7 +323,6 @@ impl Transport for SshTransport {
             .acquire()
             .await
             .expect("the channel semaphore is never closed");
-        let session = self.session().await?;
         tracing::debug!(host = %host, cmd = %exec.shown(), "run");
         let timed_out = || TransportError::Timeout {
             host: host.clone(),
@@ -273,11 +330,8 @@ impl Transport for SshTransport {
             timeout: exec.timeout,
         };
         let started = Instant::now();
-        let res = tokio::time::timeout(
-            exec.timeout + LOCAL_TIMEOUT_GRACE,
-            self.exec_inner(&session, &exec),
-        )
-        .await;
+        let res =
+            tokio::time::timeout(exec.timeout + LOCAL_TIMEOUT_GRACE, self.run_once(&exec)).await;
         match res {
             Err(_elapsed) => Err(timed_out()),
             // 124 is also an ordinary exit status (e.g. of a `timeout` inside the script): it
@@ -288,22 +342,7 @@ impl Transport for SshTransport {
                 Err(timed_out())
             }
             Ok(Ok(out)) => Ok(redact_output(out, exec.secrets)),
-            Ok(Err(e)) => {
-                // The mux protocol cannot tell a dead connection from a killed remote process:
-                // ask the master whether it is still alive.
-                if self.drop_if_dead(&session).await {
-                    Err(TransportError::Unreachable {
-                        host: host.clone(),
-                        reason: format!("connection lost while running a command ({e})"),
-                    })
-                } else {
-                    Err(TransportError::Io {
-                        host: host.clone(),
-                        what: format!("running {}", exec.shown()),
-                        source: std::io::Error::other(e),
-                    })
-                }
-            }
+            Ok(Err(e)) => Err(e),
         }
     }
 }
