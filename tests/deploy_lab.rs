@@ -75,7 +75,11 @@ async fn pids(s: &DeploySpec, fleet: &Fleet) -> BTreeMap<String, [Option<u32>; 4
         .collect()
 }
 
-async fn pg(host: &str, port: u16, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn pg(
+    host: &str,
+    port: u16,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let conf = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=3");
     let mut c: tokio_postgres::Config = conf.parse().unwrap();
     c.password(password);
@@ -85,7 +89,10 @@ async fn pg(host: &str, port: u16, password: &str) -> Result<tokio_postgres::Cli
 }
 
 async fn get_json(url: &str) -> Option<serde_json::Value> {
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().ok()?;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
     c.get(url).send().await.ok()?.json().await.ok()
 }
 
@@ -99,7 +106,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting until {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -110,7 +120,10 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         eprintln!("skipped: deploy_lab needs root (network namespaces)");
         return;
     }
-    let tmp = tempfile::Builder::new().prefix("pgprov").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("pgprov")
+        .tempdir_in("/tmp")
+        .unwrap();
     let lab_spec = LabSpec::new("prv", 3, SUBNET, "phprov0", tmp.path().join("lab"));
     let _ = lab::down(&lab_spec, true);
     let _guard = LabGuard(lab_spec.clone());
@@ -123,61 +136,113 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     let (inv, s) = build(&inv_path);
     let password = inv.secrets.superuser.expose().to_string();
     let fleet = connect(&inv, &state).await;
-    let opts = ApplyOptions { wait_timeout: Duration::from_secs(120), progress: false };
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(120),
+        progress: false,
+    };
     let t0 = Instant::now();
-    let report = apply::apply(&s, &fleet, &opts).await.unwrap_or_else(|e| panic!("first apply: {}", pgherd::provision::error_chain(&e)));
+    let report = apply::apply(&s, &fleet, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("first apply: {}", pgherd::provision::error_chain(&e)));
     let first_apply = t0.elapsed();
     assert!(!report.done.is_empty());
 
     // etcd: 3 healthy members.
     let t1 = fleet[&info.hosts[0].name].clone();
     let out = t1
-        .run_ok("ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 member list", Duration::from_secs(10))
+        .run_ok(
+            "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 member list",
+            Duration::from_secs(10),
+        )
         .await
         .expect("etcdctl member list");
-    assert_eq!(out.stdout_str().lines().filter(|l| l.contains("started")).count(), 3, "{}", out.stdout_str());
+    assert_eq!(
+        out.stdout_str()
+            .lines()
+            .filter(|l| l.contains("started"))
+            .count(),
+        3,
+        "{}",
+        out.stdout_str()
+    );
 
     // One leader, two streaming replicas.
     let api = |addr: &str| format!("http://{addr}:{}", s.restapi_port);
     let a0 = api(&info.hosts[0].address);
-    let members = eventually("1 leader + 2 streaming replicas", Duration::from_secs(60), || {
-        let url = format!("{a0}/cluster");
-        async move {
-            let v = get_json(&url).await?;
-            let m = v["members"].as_array()?.clone();
-            let leaders = m.iter().filter(|x| x["role"] == "leader").count();
-            let streaming = m.iter().filter(|x| x["role"] == "replica" && x["state"] == "streaming").count();
-            (leaders == 1 && streaming == 2).then_some(m)
-        }
-    })
+    let members = eventually(
+        "1 leader + 2 streaming replicas",
+        Duration::from_secs(60),
+        || {
+            let url = format!("{a0}/cluster");
+            async move {
+                let v = get_json(&url).await?;
+                let m = v["members"].as_array()?.clone();
+                let leaders = m.iter().filter(|x| x["role"] == "leader").count();
+                let streaming = m
+                    .iter()
+                    .filter(|x| x["role"] == "replica" && x["state"] == "streaming")
+                    .count();
+                (leaders == 1 && streaming == 2).then_some(m)
+            }
+        },
+    )
     .await;
-    let leader = members.iter().find(|m| m["role"] == "leader").unwrap()["name"].as_str().unwrap().to_string();
+    let leader = members.iter().find(|m| m["role"] == "leader").unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Writes through HAProxy's primary port, reads from a replica through the replica port.
     let hp = &info.hosts[1].address;
-    let c = pg(hp, s.primary_port, &password).await.expect("connect through haproxy primary port");
-    c.batch_execute("CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)").await.unwrap();
-    let r = pg(hp, s.replica_port, &password).await.expect("connect through haproxy replica port");
-    let in_recovery: bool = r.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0);
+    let c = pg(hp, s.primary_port, &password)
+        .await
+        .expect("connect through haproxy primary port");
+    c.batch_execute("CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let r = pg(hp, s.replica_port, &password)
+        .await
+        .expect("connect through haproxy replica port");
+    let in_recovery: bool = r
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(in_recovery, "the replica port must reach a replica");
 
     // Inventory callbacks/watchdog reached the agents' config.
-    let cfg_path = spec::service_config_path(&s, &info.hosts[0].name, Service::Agent).expect("agent config path");
+    let cfg_path = spec::service_config_path(&s, &info.hosts[0].name, Service::Agent)
+        .expect("agent config path");
     let cfg = String::from_utf8(t1.read_file(&cfg_path).await.unwrap().unwrap()).unwrap();
     let parsed = pgherd::config::AgentConfig::parse(&cfg, &cfg_path).expect("agent config parses");
-    assert_eq!(parsed.postgresql.callbacks.on_role_change.as_deref(), Some("/bin/true"));
+    assert_eq!(
+        parsed.postgresql.callbacks.on_role_change.as_deref(),
+        Some("/bin/true")
+    );
     assert_eq!(parsed.watchdog.mode, pgherd::config::WatchdogMode::Off);
 
     // Second apply: no changes, no restarts.
     let before = pids(&s, &fleet).await;
     let t0 = Instant::now();
     let plan = apply::make_plan(&s, &fleet).await.unwrap();
-    assert!(plan.is_noop(), "{}", pgherd::provision::report::render_plan(&plan, Default::default()));
+    assert!(
+        plan.is_noop(),
+        "{}",
+        pgherd::provision::report::render_plan(&plan, Default::default())
+    );
     let report = apply::apply(&s, &fleet, &opts).await.unwrap();
     let noop_apply = t0.elapsed();
     assert!(report.done.is_empty(), "{:?}", report.done);
-    assert_eq!(pids(&s, &fleet).await, before, "a no-op apply must not restart anything");
-    println!("MEASURED first apply: {:.1}s, no-op re-run (plan + apply): {:.1}s", first_apply.as_secs_f64(), noop_apply.as_secs_f64());
+    assert_eq!(
+        pids(&s, &fleet).await,
+        before,
+        "a no-op apply must not restart anything"
+    );
+    println!(
+        "MEASURED first apply: {:.1}s, no-op re-run (plan + apply): {:.1}s",
+        first_apply.as_secs_f64(),
+        noop_apply.as_secs_f64()
+    );
 
     // One HAProxy setting: only haproxy.cfg changes, only HAProxy reloads.
     write_inventory(&lab_spec, &inv_path, 150);
@@ -186,15 +251,30 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     for hp in &plan.hosts {
         let names: Vec<&str> = hp.changes().map(|st| st.name.as_str()).collect();
         assert_eq!(names.len(), 2, "{}: {names:?}", hp.host);
-        assert!(names[0].starts_with("file ") && names[0].contains("haproxy"), "{names:?}");
+        assert!(
+            names[0].starts_with("file ") && names[0].contains("haproxy"),
+            "{names:?}"
+        );
         assert_eq!(names[1], "service haproxy");
-        let Planned::Change { diff: Some(d), .. } = &hp.changes().next().unwrap().planned else { panic!("no diff") };
-        assert!(d.contains("150") && d.lines().filter(|l| l.starts_with('+') && !l.starts_with("+++")).count() >= 1, "{d}");
+        let Planned::Change { diff: Some(d), .. } = &hp.changes().next().unwrap().planned else {
+            panic!("no diff")
+        };
+        assert!(
+            d.contains("150")
+                && d.lines()
+                    .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+                    .count()
+                    >= 1,
+            "{d}"
+        );
     }
     let before = pids(&s2, &fleet).await;
     let report = apply::apply(&s2, &fleet, &opts).await.unwrap();
     for h in &info.hosts {
-        assert_eq!(report.service_ops(&h.name), vec![(Service::Haproxy, ServiceOp::Reload)]);
+        assert_eq!(
+            report.service_ops(&h.name),
+            vec![(Service::Haproxy, ServiceOp::Reload)]
+        );
     }
     let after = pids(&s2, &fleet).await;
     for (h, p) in &before {
@@ -204,29 +284,52 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
 
     // Crash the primary's host: writes through HAProxy resume on a new primary.
     lab::crash(&lab_spec, &leader).unwrap();
-    let survivor = info.hosts.iter().find(|h| h.name != leader).unwrap().address.clone();
+    let survivor = info
+        .hosts
+        .iter()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .address
+        .clone();
     let t0 = Instant::now();
-    eventually("writes through HAProxy resume", Duration::from_secs(90), || {
-        let (a, p) = (survivor.clone(), password.clone());
-        async move {
-            let c = pg(&a, 5000, &p).await.ok()?;
-            c.batch_execute("INSERT INTO t VALUES (2)").await.ok()
-        }
-    })
+    eventually(
+        "writes through HAProxy resume",
+        Duration::from_secs(90),
+        || {
+            let (a, p) = (survivor.clone(), password.clone());
+            async move {
+                let c = pg(&a, 5000, &p).await.ok()?;
+                c.batch_execute("INSERT INTO t VALUES (2)").await.ok()
+            }
+        },
+    )
     .await;
-    println!("MEASURED writes resumed {:.1}s after crashing {leader}", t0.elapsed().as_secs_f64());
+    println!(
+        "MEASURED writes resumed {:.1}s after crashing {leader}",
+        t0.elapsed().as_secs_f64()
+    );
 
     // Boot it: its agent comes back (boot hook) and rejoins as a replica.
     lab::boot(&lab_spec, &leader).unwrap();
-    let old = info.hosts.iter().find(|h| h.name == leader).unwrap().address.clone();
+    let old = info
+        .hosts
+        .iter()
+        .find(|h| h.name == leader)
+        .unwrap()
+        .address
+        .clone();
     let url = format!("{}/patroni", api(&old));
-    eventually("the old primary rejoins as a streaming replica", Duration::from_secs(120), || {
-        let url = url.clone();
-        async move {
-            let v = get_json(&url).await?;
-            (v["role"] == "replica" && v["replication_state"] == "streaming").then_some(())
-        }
-    })
+    eventually(
+        "the old primary rejoins as a streaming replica",
+        Duration::from_secs(120),
+        || {
+            let url = url.clone();
+            async move {
+                let v = get_json(&url).await?;
+                (v["role"] == "replica" && v["replication_state"] == "streaming").then_some(())
+            }
+        },
+    )
     .await;
 
     // Unreachable host and wrong key: errors name the host, nothing else is attempted.
@@ -236,9 +339,15 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         h.ssh.connect_timeout_secs = 3;
     }
     let t0 = Instant::now();
-    let e = pgherd::cli::connect(&bad, &state).await.err().expect("unreachable host must fail");
+    let e = pgherd::cli::connect(&bad, &state)
+        .await
+        .err()
+        .expect("unreachable host must fail");
     let msg = format!("{e:#}");
-    assert!(msg.contains(bad.hosts[2].name.as_str()) && msg.contains("unreachable"), "{msg}");
+    assert!(
+        msg.contains(bad.hosts[2].name.as_str()) && msg.contains("unreachable"),
+        "{msg}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(15));
     let mut bad = inv.clone();
     let other_key = tmp.path().join("other_key");
@@ -249,7 +358,13 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         .unwrap();
     assert!(st.success());
     bad.hosts[1].ssh.identity_file = Some(other_key);
-    let e = pgherd::cli::connect(&bad, &state).await.err().expect("wrong key must fail");
+    let e = pgherd::cli::connect(&bad, &state)
+        .await
+        .err()
+        .expect("wrong key must fail");
     let msg = format!("{e:#}");
-    assert!(msg.contains(bad.hosts[1].name.as_str()) && msg.contains("authentication refused"), "{msg}");
+    assert!(
+        msg.contains(bad.hosts[1].name.as_str()) && msg.contains("authentication refused"),
+        "{msg}"
+    );
 }

@@ -22,31 +22,61 @@ const HAPROXY_CFG: &str = "/etc/haproxy/haproxy.cfg";
 const UNIT: &str = "/etc/systemd/system/pgherd-agent.service";
 
 fn agent_yml(password: &str) -> String {
-    format!("scope: demo\nname: n1\npostgresql:\n  authentication:\n    superuser:\n      password: {password}\n")
+    format!(
+        "scope: demo\nname: n1\npostgresql:\n  authentication:\n    superuser:\n      password: {password}\n"
+    )
 }
 
 fn haproxy_cfg(inter: &str) -> String {
-    format!("global\n  maxconn 100\ndefaults\n  mode tcp\nlisten primary\n  bind *:5000\n  default-server inter {inter} fall 2\n")
+    format!(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\nlisten primary\n  bind *:5000\n  default-server inter {inter} fall 2\n"
+    )
 }
 
 fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u16) -> DeploySpec {
     let host = |name: &str| HostTarget {
         name: name.to_string(),
         address: "127.0.0.1".to_string(),
-        roles: Roles { postgres: true, etcd: true, haproxy: true },
+        roles: Roles {
+            postgres: true,
+            etcd: true,
+            haproxy: true,
+        },
         files: vec![
             DesiredFile::new(AGENT_CFG, agent_yml(password), 0o600, "postgres:postgres"),
-            DesiredFile::new(ETCD_CFG, "name: n1\ndata-dir: /var/lib/etcd/demo\n", 0o644, "root:root"),
+            DesiredFile::new(
+                ETCD_CFG,
+                "name: n1\ndata-dir: /var/lib/etcd/demo\n",
+                0o644,
+                "root:root",
+            ),
             DesiredFile::new(HAPROXY_CFG, haproxy_cfg(haproxy_inter), 0o644, "root:root"),
-            DesiredFile::new(UNIT, "[Service]\nExecStart=/usr/local/bin/pgherd-agent\n", 0o644, "root:root"),
+            DesiredFile::new(
+                UNIT,
+                "[Service]\nExecStart=/usr/local/bin/pgherd-agent\n",
+                0o644,
+                "root:root",
+            ),
         ],
-        dirs: vec![DesiredDir { path: "/var/lib/pgherd/data".into(), owner: "postgres:postgres".into(), mode: 0o700 }],
-        packages: vec!["postgresql-15".into(), "etcd-server".into(), "haproxy".into()],
+        dirs: vec![DesiredDir {
+            path: "/var/lib/pgherd/data".into(),
+            owner: "postgres:postgres".into(),
+            mode: 0o700,
+        }],
+        packages: vec![
+            "postgresql-15".into(),
+            "etcd-server".into(),
+            "haproxy".into(),
+        ],
         pg_data_dir: Some("/var/lib/pgherd/data".into()),
-        service_configs: [(Service::Agent, AGENT_CFG), (Service::Etcd, ETCD_CFG), (Service::Haproxy, HAPROXY_CFG)]
-            .into_iter()
-            .map(|(s, p)| (s, p.to_string()))
-            .collect(),
+        service_configs: [
+            (Service::Agent, AGENT_CFG),
+            (Service::Etcd, ETCD_CFG),
+            (Service::Haproxy, HAPROXY_CFG),
+        ]
+        .into_iter()
+        .map(|(s, p)| (s, p.to_string()))
+        .collect(),
     };
     DeploySpec {
         cluster: "demo".into(),
@@ -67,18 +97,31 @@ fn spec() -> DeploySpec {
 
 /// What the facts command prints for a host that has exactly `installed` (path → content) and
 /// runs the given services.
-fn facts_stdout(spec: &DeploySpec, installed: &BTreeMap<String, (Vec<u8>, u32, String)>, running: bool, pkgs: bool) -> String {
+fn facts_stdout(
+    spec: &DeploySpec,
+    installed: &BTreeMap<String, (Vec<u8>, u32, String)>,
+    running: bool,
+    pkgs: bool,
+) -> String {
     let h = &spec.hosts[0];
     let q = spec.fact_query(h);
     let mut s = String::from("mode supervisor\n");
     for f in &q.files {
         match installed.get(f) {
-            Some((bytes, mode, owner)) => s.push_str(&format!("file {f} {} {:o} {owner}\n", sha256_hex(bytes), mode)),
+            Some((bytes, mode, owner)) => s.push_str(&format!(
+                "file {f} {} {:o} {owner}\n",
+                sha256_hex(bytes),
+                mode
+            )),
             None => s.push_str(&format!("file {f} -\n")),
         }
     }
     for d in &q.dirs {
-        let owner = spec.dirs_for(h, ServiceMode::Supervisor).into_iter().find(|x| &x.path == d).map(|x| x.owner);
+        let owner = spec
+            .dirs_for(h, ServiceMode::Supervisor)
+            .into_iter()
+            .find(|x| &x.path == d)
+            .map(|x| x.owner);
         match (running, owner) {
             (true, Some(o)) => s.push_str(&format!("dir {d} {o}\n")),
             _ => s.push_str(&format!("dir {d} -\n")),
@@ -94,7 +137,11 @@ fn facts_stdout(spec: &DeploySpec, installed: &BTreeMap<String, (Vec<u8>, u32, S
             s.push_str(&format!("svc {} - -\n", svc.name()));
         }
     }
-    s.push_str(if running { "pg 1 300\netcd 1\n" } else { "pg 0 -\netcd 0\n" });
+    s.push_str(if running {
+        "pg 1 300\netcd 1\n"
+    } else {
+        "pg 0 -\netcd 0\n"
+    });
     s
 }
 
@@ -102,7 +149,12 @@ fn facts_stdout(spec: &DeploySpec, installed: &BTreeMap<String, (Vec<u8>, u32, S
 fn converged(spec: &DeploySpec) -> BTreeMap<String, (Vec<u8>, u32, String)> {
     spec.files_for(&spec.hosts[0], ServiceMode::Supervisor)
         .into_iter()
-        .map(|f| (f.path.clone(), (f.content.to_vec(), f.mode, f.owner.clone())))
+        .map(|f| {
+            (
+                f.path.clone(),
+                (f.content.to_vec(), f.mode, f.owner.clone()),
+            )
+        })
         .collect()
 }
 
@@ -126,25 +178,59 @@ async fn plan_for(spec: &DeploySpec, t: &Arc<FakeTransport>) -> plan::Plan {
 }
 
 fn step<'a>(p: &'a plan::Plan, name: &str) -> &'a Planned {
-    &p.hosts[0].steps.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no step {name}")).planned
+    &p.hosts[0]
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}"))
+        .planned
 }
 
 #[tokio::test]
 async fn fresh_host_plans_files_directories_and_service_starts() {
     let s = spec();
-    let t = fake(&facts_stdout(&s, &BTreeMap::new(), false, true), &BTreeMap::new());
+    let t = fake(
+        &facts_stdout(&s, &BTreeMap::new(), false, true),
+        &BTreeMap::new(),
+    );
     let p = plan_for(&s, &t).await;
     assert!(!p.is_noop());
     assert!(matches!(step(&p, "packages"), Planned::Noop(r) if r.contains("all 3 packages")));
-    assert!(matches!(step(&p, "directories"), Planned::Change { action: Action::MakeDirs(_), .. }));
-    for f in [AGENT_CFG, HAPROXY_CFG, services::SUPERVISE_PATH, services::BOOT_PATH, services::AGENT_BIN_PATH] {
-        assert!(matches!(step(&p, &format!("file {f}")), Planned::Change { action: Action::Upload(_), .. }), "{f}");
+    assert!(matches!(
+        step(&p, "directories"),
+        Planned::Change {
+            action: Action::MakeDirs(_),
+            ..
+        }
+    ));
+    for f in [
+        AGENT_CFG,
+        HAPROXY_CFG,
+        services::SUPERVISE_PATH,
+        services::BOOT_PATH,
+        services::AGENT_BIN_PATH,
+    ] {
+        assert!(
+            matches!(
+                step(&p, &format!("file {f}")),
+                Planned::Change {
+                    action: Action::Upload(_),
+                    ..
+                }
+            ),
+            "{f}"
+        );
     }
     for svc in Service::ALL {
         assert_eq!(p.hosts[0].service_op(svc), Some(ServiceOp::Start), "{svc}");
     }
     // Supervisor mode: unit files are not uploaded (no systemd to read them).
-    assert!(!p.hosts[0].steps.iter().any(|s| s.name == format!("file {UNIT}")));
+    assert!(
+        !p.hosts[0]
+            .steps
+            .iter()
+            .any(|s| s.name == format!("file {UNIT}"))
+    );
 }
 
 #[tokio::test]
@@ -153,9 +239,18 @@ async fn converged_host_plans_no_change_and_names_the_running_pids() {
     let files = converged(&s);
     let t = fake(&facts_stdout(&s, &files, true, true), &files);
     let p = plan_for(&s, &t).await;
-    let text = report::render_plan(&p, ReportOptions { show_noops: true, diffs: true });
+    let text = report::render_plan(
+        &p,
+        ReportOptions {
+            show_noops: true,
+            diffs: true,
+        },
+    );
     assert!(p.is_noop(), "{text}");
-    assert!(text.contains("no change  service pgherd-agent: running (pid 201), inputs unchanged"), "{text}");
+    assert!(
+        text.contains("no change  service pgherd-agent: running (pid 201), inputs unchanged"),
+        "{text}"
+    );
     assert!(text.ends_with("plan: 1 host(s), no changes\n"), "{text}");
 }
 
@@ -167,10 +262,22 @@ async fn haproxy_setting_change_shows_only_its_diff_and_reloads_only_haproxy() {
     let t = fake(&facts_stdout(&new, &files, true, true), &files);
     let p = plan_for(&new, &t).await;
     let changes: Vec<&str> = p.hosts[0].changes().map(|s| s.name.as_str()).collect();
-    assert_eq!(changes, vec![format!("file {HAPROXY_CFG}").as_str(), "service haproxy"]);
-    assert_eq!(p.hosts[0].service_op(Service::Haproxy), Some(ServiceOp::Reload));
-    let Planned::Change { diff: Some(d), .. } = step(&p, &format!("file {HAPROXY_CFG}")) else { panic!() };
-    assert!(d.contains("-  default-server inter 1s fall 2") && d.contains("+  default-server inter 2s fall 2"), "{d}");
+    assert_eq!(
+        changes,
+        vec![format!("file {HAPROXY_CFG}").as_str(), "service haproxy"]
+    );
+    assert_eq!(
+        p.hosts[0].service_op(Service::Haproxy),
+        Some(ServiceOp::Reload)
+    );
+    let Planned::Change { diff: Some(d), .. } = step(&p, &format!("file {HAPROXY_CFG}")) else {
+        panic!()
+    };
+    assert!(
+        d.contains("-  default-server inter 1s fall 2")
+            && d.contains("+  default-server inter 2s fall 2"),
+        "{d}"
+    );
 }
 
 #[tokio::test]
@@ -180,13 +287,28 @@ async fn agent_config_change_reloads_the_agent_and_the_diff_hides_both_passwords
     let new = spec();
     let t = fake(&facts_stdout(&new, &files, true, true), &files);
     let p = plan_for(&new, &t).await;
-    assert_eq!(p.hosts[0].service_op(Service::Agent), Some(ServiceOp::Reload));
+    assert_eq!(
+        p.hosts[0].service_op(Service::Agent),
+        Some(ServiceOp::Reload)
+    );
     assert_eq!(p.hosts[0].service_op(Service::Haproxy), None);
     assert_eq!(p.hosts[0].service_op(Service::Etcd), None);
-    let text = report::render_plan(&p, ReportOptions { show_noops: true, diffs: true });
+    let text = report::render_plan(
+        &p,
+        ReportOptions {
+            show_noops: true,
+            diffs: true,
+        },
+    );
     assert!(text.contains("only secret values differ"), "{text}");
-    assert!(!text.contains(SECRET) && !text.contains(OLD_SECRET), "{text}");
-    assert!(!format!("{p:?}").contains(SECRET), "Debug of a plan must not show file contents");
+    assert!(
+        !text.contains(SECRET) && !text.contains(OLD_SECRET),
+        "{text}"
+    );
+    assert!(
+        !format!("{p:?}").contains(SECRET),
+        "Debug of a plan must not show file contents"
+    );
 }
 
 #[tokio::test]
@@ -195,29 +317,56 @@ async fn new_agent_binary_restarts_only_the_agent() {
     let new = spec_with("1s", SECRET, b"agent-v2", 5000);
     let t = fake(&facts_stdout(&new, &files, true, true), &files);
     let p = plan_for(&new, &t).await;
-    assert_eq!(p.hosts[0].service_op(Service::Agent), Some(ServiceOp::Restart));
+    assert_eq!(
+        p.hosts[0].service_op(Service::Agent),
+        Some(ServiceOp::Restart)
+    );
     assert_eq!(p.hosts[0].service_op(Service::Etcd), None);
-    assert!(matches!(step(&p, &format!("file {}", services::AGENT_BIN_PATH)),
-        Planned::Change { summary, diff: None, .. } if summary.starts_with("replace binary")));
+    assert!(
+        matches!(step(&p, &format!("file {}", services::AGENT_BIN_PATH)),
+        Planned::Change { summary, diff: None, .. } if summary.starts_with("replace binary"))
+    );
 }
 
 #[tokio::test]
 async fn etcd_config_change_restarts_etcd() {
     let s = spec();
     let mut files = converged(&s);
-    files.insert(ETCD_CFG.into(), (b"name: n1\n".to_vec(), 0o644, "root:root".into()));
+    files.insert(
+        ETCD_CFG.into(),
+        (b"name: n1\n".to_vec(), 0o644, "root:root".into()),
+    );
     let t = fake(&facts_stdout(&s, &files, true, true), &files);
     let p = plan_for(&s, &t).await;
-    assert_eq!(p.hosts[0].service_op(Service::Etcd), Some(ServiceOp::Restart));
+    assert_eq!(
+        p.hosts[0].service_op(Service::Etcd),
+        Some(ServiceOp::Restart)
+    );
 }
 
 #[tokio::test]
 async fn only_missing_packages_are_installed() {
     let s = spec();
-    let t = fake(&facts_stdout(&s, &BTreeMap::new(), false, false), &BTreeMap::new());
+    let t = fake(
+        &facts_stdout(&s, &BTreeMap::new(), false, false),
+        &BTreeMap::new(),
+    );
     let p = plan_for(&s, &t).await;
-    let Planned::Change { action: Action::InstallPackages(pk), .. } = step(&p, "packages") else { panic!() };
-    assert_eq!(pk, &vec!["postgresql-15".to_string(), "etcd-server".into(), "haproxy".into()]);
+    let Planned::Change {
+        action: Action::InstallPackages(pk),
+        ..
+    } = step(&p, "packages")
+    else {
+        panic!()
+    };
+    assert_eq!(
+        pk,
+        &vec![
+            "postgresql-15".to_string(),
+            "etcd-server".into(),
+            "haproxy".into()
+        ]
+    );
 }
 
 #[tokio::test]
@@ -227,7 +376,13 @@ async fn wrong_mode_only_fixes_metadata_without_notifying() {
     files.get_mut(AGENT_CFG).unwrap().1 = 0o644;
     let t = fake(&facts_stdout(&s, &files, true, true), &files);
     let p = plan_for(&s, &t).await;
-    assert!(matches!(step(&p, &format!("file {AGENT_CFG}")), Planned::Change { action: Action::FixMetadata(_), .. }));
+    assert!(matches!(
+        step(&p, &format!("file {AGENT_CFG}")),
+        Planned::Change {
+            action: Action::FixMetadata(_),
+            ..
+        }
+    ));
     assert_eq!(p.hosts[0].service_op(Service::Agent), None);
 }
 
@@ -238,7 +393,10 @@ async fn unreachable_host_fails_fact_gathering_naming_the_host() {
     t.set_unreachable(true);
     let e = apply::make_plan(&s, &fleet(&t)).await.unwrap_err();
     let msg = pgherd::provision::error_chain(&e);
-    assert!(msg.contains("host n1") && msg.contains("unreachable"), "{msg}");
+    assert!(
+        msg.contains("host n1") && msg.contains("unreachable"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]
@@ -250,12 +408,23 @@ async fn applying_a_haproxy_change_uploads_the_file_and_reloads_only_haproxy() {
     let files = converged(&old);
     let new = spec_with("2s", SECRET, b"agent-v1", port);
     let t = fake(&facts_stdout(&new, &files, true, true), &files);
-    let opts = ApplyOptions { wait_timeout: Duration::from_secs(5), progress: false };
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(5),
+        progress: false,
+    };
     let r = apply::apply(&new, &fleet(&t), &opts).await.expect("apply");
-    assert_eq!(r.service_ops("n1"), vec![(Service::Haproxy, ServiceOp::Reload)]);
+    assert_eq!(
+        r.service_ops("n1"),
+        vec![(Service::Haproxy, ServiceOp::Reload)]
+    );
     let cmds = t.commands();
     assert!(cmds.iter().any(|c| c.contains("kill -USR2")), "{cmds:#?}");
-    assert!(!cmds.iter().any(|c| c.contains("setsid -f") || c.contains("kill -HUP") || c.contains("kill -TERM")), "{cmds:#?}");
+    assert!(
+        !cmds.iter().any(|c| c.contains("setsid -f")
+            || c.contains("kill -HUP")
+            || c.contains("kill -TERM")),
+        "{cmds:#?}"
+    );
     let uploads: Vec<String> = t
         .calls()
         .into_iter()
@@ -265,5 +434,8 @@ async fn applying_a_haproxy_change_uploads_the_file_and_reloads_only_haproxy() {
         })
         .collect();
     assert_eq!(uploads, vec![HAPROXY_CFG.to_string()]);
-    assert_eq!(t.file(HAPROXY_CFG).unwrap().bytes, haproxy_cfg("2s").into_bytes());
+    assert_eq!(
+        t.file(HAPROXY_CFG).unwrap().bytes,
+        haproxy_cfg("2s").into_bytes()
+    );
 }

@@ -96,16 +96,31 @@ pub struct LabArgs {
 
 impl LabArgs {
     fn spec(&self, hosts: usize) -> LabSpec {
-        let dir = self.lab_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/tmp/pgherd-lab-{}", self.name)));
-        LabSpec::new(self.name.clone(), hosts, self.subnet.clone(), self.bridge.clone(), dir)
+        let dir = self
+            .lab_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/pgherd-lab-{}", self.name)));
+        LabSpec::new(
+            self.name.clone(),
+            hosts,
+            self.subnet.clone(),
+            self.bridge.clone(),
+            dir,
+        )
     }
 
     /// Host count of an existing lab (from its state dir), else `default`.
     fn existing_hosts(&self, default: usize) -> usize {
         let s = self.spec(default);
-        std::fs::read_to_string(s.state_dir.join("hosts")).ok().and_then(|t| t.trim().parse().ok()).unwrap_or_else(|| {
-            (1..=99).take_while(|i| s.state_dir.join(format!("{}{}", self.name, i)).exists()).count().max(default)
-        })
+        std::fs::read_to_string(s.state_dir.join("hosts"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| {
+                (1..=99)
+                    .take_while(|i| s.state_dir.join(format!("{}{}", self.name, i)).exists())
+                    .count()
+                    .max(default)
+            })
     }
 }
 
@@ -150,7 +165,9 @@ pub enum LabCommand {
 
 /// Exit codes: 0 success, 1 a host/run failure, 2 bad usage or invalid inventory.
 pub fn exit_code(e: &anyhow::Error) -> ExitCode {
-    if e.downcast_ref::<SpecError>().is_some_and(SpecError::is_input_error) {
+    if e.downcast_ref::<SpecError>()
+        .is_some_and(SpecError::is_input_error)
+    {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
@@ -177,32 +194,51 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
         return PathBuf::from(x).join("pgherd");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".local/state/pgherd")
 }
 
 fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
     match c {
-        LabCommand::Up { lab: l, hosts, inventory } => {
+        LabCommand::Up {
+            lab: l,
+            hosts,
+            inventory,
+        } => {
             let spec = l.spec(hosts);
             let info = lab::up(&spec)?;
             let inv = inventory.unwrap_or_else(|| spec.state_dir.join("inventory.yml"));
             if !inv.exists() {
                 lab::write_inventory(&spec, &inv)?;
             }
-            println!("lab {} is up ({} hosts, controller {}):", spec.name, info.hosts.len(), info.controller_address);
+            println!(
+                "lab {} is up ({} hosts, controller {}):",
+                spec.name,
+                info.hosts.len(),
+                info.controller_address
+            );
             for h in &info.hosts {
                 println!("  {:<10} {}", h.name, h.address);
             }
             println!("inventory: {}", inv.display());
-            println!("ssh:       ssh -i {} root@{}", info.key_path.display(), info.hosts[0].address);
+            println!(
+                "ssh:       ssh -i {} root@{}",
+                info.key_path.display(),
+                info.hosts[0].address
+            );
             println!("next:      pgherd apply -i {}", inv.display());
             Ok(())
         }
         LabCommand::Down { lab: l, purge } => {
             let spec = l.spec(l.existing_hosts(1));
             lab::down(&spec, purge)?;
-            println!("lab {} is down{}", spec.name, if purge { " (state purged)" } else { "" });
+            println!(
+                "lab {} is down{}",
+                spec.name,
+                if purge { " (state purged)" } else { "" }
+            );
             Ok(())
         }
         LabCommand::Status { lab: l } => {
@@ -241,7 +277,8 @@ pub fn load_spec(a: &DeployArgs) -> Result<(crate::inventory::Inventory, DeployS
 /// Connects to every host of the inventory; all must succeed (else an error naming each
 /// unreachable host, before anything is changed).
 pub async fn connect(inv: &crate::inventory::Inventory, state_dir: &Path) -> anyhow::Result<Fleet> {
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
     let specs: Vec<HostSpec> = spec::host_specs(inv);
     let results = connect_all(&specs, &SshOptions::new(state_dir), 16).await;
     let mut fleet = Fleet::new();
@@ -255,7 +292,11 @@ pub async fn connect(inv: &crate::inventory::Inventory, state_dir: &Path) -> any
         }
     }
     if !errs.is_empty() {
-        anyhow::bail!("cannot connect to {} host(s), nothing was changed:\n  - {}", errs.len(), errs.join("\n  - "));
+        anyhow::bail!(
+            "cannot connect to {} host(s), nothing was changed:\n  - {}",
+            errs.len(),
+            errs.join("\n  - ")
+        );
     }
     Ok(fleet)
 }
@@ -264,7 +305,16 @@ async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
     let (inv, spec) = load_spec(a)?;
     let fleet = connect(&inv, state_dir).await?;
     let plan = apply::make_plan(&spec, &fleet).await?;
-    print!("{}", report::render_plan(&plan, ReportOptions { show_noops: true, diffs: !a.no_diff }));
+    print!(
+        "{}",
+        report::render_plan(
+            &plan,
+            ReportOptions {
+                show_noops: true,
+                diffs: !a.no_diff
+            }
+        )
+    );
     Ok(())
 }
 
@@ -274,7 +324,16 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     let fleet = connect(&inv, state_dir).await?;
     let facts = apply::gather_all(&spec, &fleet).await?;
     let plan = crate::provision::plan::plan(&spec, &facts);
-    print!("{}", report::render_plan(&plan, ReportOptions { show_noops: false, diffs: !a.deploy.no_diff }));
+    print!(
+        "{}",
+        report::render_plan(
+            &plan,
+            ReportOptions {
+                show_noops: false,
+                diffs: !a.deploy.no_diff
+            }
+        )
+    );
     if plan.is_noop() {
         println!("nothing to do ({:.1}s)", t0.elapsed().as_secs_f64());
         return Ok(());
@@ -287,12 +346,19 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
             anyhow::bail!("aborted, nothing changed");
         }
     }
-    let opts = ApplyOptions { wait_timeout: Duration::from_secs(a.wait_timeout), progress: true };
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(a.wait_timeout),
+        progress: true,
+    };
     let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
     for (host, step, what) in &report.done {
         println!("[{host}] {step}: {what}");
     }
-    println!("applied {} change(s) in {:.1}s", report.done.len(), t0.elapsed().as_secs_f64());
+    println!(
+        "applied {} change(s) in {:.1}s",
+        report.done.len(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -305,22 +371,44 @@ async fn status_cmd(a: &InvArgs) -> anyhow::Result<()> {
 
 async fn check_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
     let (inv, spec) = load_spec(a)?;
-    println!("inventory {}: valid ({} hosts)", a.inv.inventory.display(), inv.hosts.len());
+    println!(
+        "inventory {}: valid ({} hosts)",
+        a.inv.inventory.display(),
+        inv.hosts.len()
+    );
     for h in &spec.hosts {
-        println!("  {:<10} {:<15} {} file(s) rendered", h.name, h.address, h.files.len());
+        println!(
+            "  {:<10} {:<15} {} file(s) rendered",
+            h.name,
+            h.address,
+            h.files.len()
+        );
     }
     match &spec.agent_binary {
-        Some(b) => println!("agent binary: {} bytes (sha256 {})", b.bytes.len(), &b.sha256[..12]),
+        Some(b) => println!(
+            "agent binary: {} bytes (sha256 {})",
+            b.bytes.len(),
+            &b.sha256[..12]
+        ),
         None => println!("agent binary: none found (postgres hosts will not get an agent)"),
     }
     let fleet = connect(&inv, state_dir).await?;
     let facts = apply::gather_all(&spec, &fleet).await?;
     for (name, f) in &facts {
-        let missing: Vec<&String> = f.packages.iter().filter(|(_, ok)| !**ok).map(|(p, _)| p).collect();
+        let missing: Vec<&String> = f
+            .packages
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|(p, _)| p)
+            .collect();
         println!(
             "  {name}: reachable, {} mode, {}",
             f.mode,
-            if missing.is_empty() { "packages present".to_string() } else { format!("missing packages: {missing:?}") }
+            if missing.is_empty() {
+                "packages present".to_string()
+            } else {
+                format!("missing packages: {missing:?}")
+            }
         );
     }
     println!("check passed");

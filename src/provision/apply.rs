@@ -46,7 +46,11 @@ pub enum ProvisionError {
         source: TransportError,
     },
     #[error("host {host}: timed out after {timeout:?} waiting until {what}")]
-    Wait { host: String, what: String, timeout: Duration },
+    Wait {
+        host: String,
+        what: String,
+        timeout: Duration,
+    },
     #[error("{}", join_errors(.0))]
     Several(Vec<ProvisionError>),
 }
@@ -63,7 +67,11 @@ fn join_errors(errs: &[ProvisionError]) -> String {
 impl ProvisionError {
     /// One error, or [`ProvisionError::Several`].
     pub fn from_many(mut errs: Vec<ProvisionError>) -> ProvisionError {
-        if errs.len() == 1 { errs.remove(0) } else { ProvisionError::Several(errs) }
+        if errs.len() == 1 {
+            errs.remove(0)
+        } else {
+            ProvisionError::Several(errs)
+        }
     }
 }
 
@@ -78,7 +86,10 @@ pub struct ApplyOptions {
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { wait_timeout: Duration::from_secs(120), progress: true }
+        ApplyOptions {
+            wait_timeout: Duration::from_secs(120),
+            progress: true,
+        }
     }
 }
 
@@ -97,7 +108,12 @@ impl ApplyReport {
     pub fn service_ops(&self, host: &str) -> Vec<(Service, ServiceOp)> {
         self.plan
             .host(host)
-            .map(|h| Service::ALL.into_iter().filter_map(|s| h.service_op(s).map(|op| (s, op))).collect())
+            .map(|h| {
+                Service::ALL
+                    .into_iter()
+                    .filter_map(|s| h.service_op(s).map(|op| (s, op)))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -113,7 +129,10 @@ impl Progress {
     pub fn new(hosts: &[String], enabled: bool) -> Progress {
         let mp = MultiProgress::new();
         if !enabled || mp.is_hidden() {
-            return Progress { mp: None, bars: BTreeMap::new() };
+            return Progress {
+                mp: None,
+                bars: BTreeMap::new(),
+            };
         }
         let style = ProgressStyle::with_template("{spinner} {prefix:>12} {wide_msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
@@ -146,10 +165,15 @@ impl Progress {
 
 /// Reads facts of all hosts in parallel. Any failure is returned (naming the hosts) before
 /// anything is changed.
-pub async fn gather_all(spec: &DeploySpec, fleet: &Fleet) -> Result<BTreeMap<String, HostFacts>, ProvisionError> {
+pub async fn gather_all(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+) -> Result<BTreeMap<String, HostFacts>, ProvisionError> {
     let mut set = JoinSet::new();
     for h in &spec.hosts {
-        let Some(t) = fleet.get(&h.name).cloned() else { continue };
+        let Some(t) = fleet.get(&h.name).cloned() else {
+            continue;
+        };
         let q = spec.fact_query(h);
         let wanted = spec.wanted_sha(h);
         let name = h.name.clone();
@@ -166,7 +190,11 @@ pub async fn gather_all(spec: &DeploySpec, fleet: &Fleet) -> Result<BTreeMap<Str
             Err(e) => errs.push(ProvisionError::Facts(e)),
         }
     }
-    if errs.is_empty() { Ok(out) } else { Err(ProvisionError::from_many(errs)) }
+    if errs.is_empty() {
+        Ok(out)
+    } else {
+        Err(ProvisionError::from_many(errs))
+    }
 }
 
 /// facts → plan (pure planner).
@@ -175,7 +203,11 @@ pub async fn make_plan(spec: &DeploySpec, fleet: &Fleet) -> Result<Plan, Provisi
     Ok(plan::plan(spec, &facts))
 }
 
-async fn run_action(t: &dyn Transport, mode: ServiceMode, action: &Action) -> Result<(), TransportError> {
+async fn run_action(
+    t: &dyn Transport,
+    mode: ServiceMode,
+    action: &Action,
+) -> Result<(), TransportError> {
     let long = Duration::from_secs(600);
     match action {
         Action::InstallPackages(pkgs) => {
@@ -203,13 +235,19 @@ async fn run_action(t: &dyn Transport, mode: ServiceMode, action: &Action) -> Re
             t.run_ok(&cmd.join(" && "), Duration::from_secs(60)).await?;
         }
         Action::Upload(f) | Action::FixMetadata(f) => {
-            t.upload(&f.path, &f.content, f.mode, Some(&f.owner)).await?;
+            t.upload(&f.path, &f.content, f.mode, Some(&f.owner))
+                .await?;
         }
         Action::DaemonReload => {
-            t.run_ok("systemctl daemon-reload", Duration::from_secs(60)).await?;
+            t.run_ok("systemctl daemon-reload", Duration::from_secs(60))
+                .await?;
         }
         Action::Service(svc, op) => {
-            t.run_ok(&services::op_command(*svc, *op, mode), Duration::from_secs(90)).await?;
+            t.run_ok(
+                &services::op_command(*svc, *op, mode),
+                Duration::from_secs(90),
+            )
+            .await?;
         }
     }
     Ok(())
@@ -240,10 +278,19 @@ async fn run_parallel(
         set.spawn(async move {
             let mut ok = Vec::new();
             for s in steps {
-                let Planned::Change { action, .. } = &s.planned else { continue };
+                let Planned::Change { action, .. } = &s.planned else {
+                    continue;
+                };
                 p.msg(&host, &format!("{}: {}", s.name, summary(&s)));
                 if let Err(source) = run_action(t.as_ref(), mode, action).await {
-                    return (ok, Some(ProvisionError::Step { host: host.clone(), step: s.name.clone(), source }));
+                    return (
+                        ok,
+                        Some(ProvisionError::Step {
+                            host: host.clone(),
+                            step: s.name.clone(),
+                            source,
+                        }),
+                    );
                 }
                 ok.push((host.clone(), s.name.clone(), summary(&s)));
             }
@@ -256,7 +303,11 @@ async fn run_parallel(
         done.extend(ok);
         errs.extend(err);
     }
-    if errs.is_empty() { Ok(()) } else { Err(ProvisionError::from_many(errs)) }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ProvisionError::from_many(errs))
+    }
 }
 
 fn service_steps(hp: &HostPlan, svc: Service) -> Vec<PlannedStep> {
@@ -268,7 +319,12 @@ fn service_steps(hp: &HostPlan, svc: Service) -> Vec<PlannedStep> {
 }
 
 /// Polls `probe` every 300 ms until it returns true or `timeout` passes.
-async fn wait_until<F, Fut>(host: &str, what: &str, timeout: Duration, mut probe: F) -> Result<(), ProvisionError>
+async fn wait_until<F, Fut>(
+    host: &str,
+    what: &str,
+    timeout: Duration,
+    mut probe: F,
+) -> Result<(), ProvisionError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -279,7 +335,11 @@ where
             return Ok(());
         }
         if start.elapsed() > timeout {
-            return Err(ProvisionError::Wait { host: host.to_string(), what: what.to_string(), timeout });
+            return Err(ProvisionError::Wait {
+                host: host.to_string(),
+                what: what.to_string(),
+                timeout,
+            });
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -295,7 +355,10 @@ async fn etcd_healthy(t: &dyn Transport, endpoints: &str) -> bool {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("reqwest client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("reqwest client")
 }
 
 /// GET `url`: status code, or `None` when unreachable.
@@ -305,8 +368,12 @@ async fn http_status(c: &reqwest::Client, url: &str) -> Option<u16> {
 
 /// Whether the agent at `addr` reports a streaming replica (`GET /patroni`).
 async fn replica_streaming(c: &reqwest::Client, base: &str) -> bool {
-    let Ok(r) = c.get(format!("{base}/patroni")).send().await else { return false };
-    let Ok(v) = r.json::<serde_json::Value>().await else { return false };
+    let Ok(r) = c.get(format!("{base}/patroni")).send().await else {
+        return false;
+    };
+    let Ok(v) = r.json::<serde_json::Value>().await else {
+        return false;
+    };
     v["role"] == "replica" && v["state"] == "running" && v["replication_state"] == "streaming"
 }
 
@@ -341,7 +408,11 @@ pub async fn execute(
     let r = execute_phases(spec, fleet, &plan, facts, opts, &progress, &mut done).await;
     progress.finish();
     r?;
-    Ok(ApplyReport { plan, done, elapsed: started.elapsed() })
+    Ok(ApplyReport {
+        plan,
+        done,
+        elapsed: started.elapsed(),
+    })
 }
 
 async fn execute_phases(
@@ -362,7 +433,15 @@ async fn execute_phases(
             let steps = hp
                 .steps
                 .iter()
-                .filter(|s| !matches!(&s.planned, Planned::Change { action: Action::Service(..), .. }))
+                .filter(|s| {
+                    !matches!(
+                        &s.planned,
+                        Planned::Change {
+                            action: Action::Service(..),
+                            ..
+                        }
+                    )
+                })
                 .cloned()
                 .collect();
             (hp.host.clone(), hp.mode, steps)
@@ -371,8 +450,11 @@ async fn execute_phases(
     run_parallel(fleet, prepare, progress, done).await?;
 
     // Phase 3: etcd.
-    let etcd_hosts: Vec<&HostPlan> =
-        plan.hosts.iter().filter(|hp| spec.host(&hp.host).is_some_and(|h| h.roles.etcd)).collect();
+    let etcd_hosts: Vec<&HostPlan> = plan
+        .hosts
+        .iter()
+        .filter(|hp| spec.host(&hp.host).is_some_and(|h| h.roles.etcd))
+        .collect();
     if !etcd_hosts.is_empty() {
         let endpoints = spec
             .hosts
@@ -389,7 +471,15 @@ async fn execute_phases(
             .map(|hp| {
                 let s = service_steps(hp, Service::Etcd)
                     .into_iter()
-                    .filter(|s| matches!(&s.planned, Planned::Change { action: Action::Service(_, ServiceOp::Start), .. }))
+                    .filter(|s| {
+                        matches!(
+                            &s.planned,
+                            Planned::Change {
+                                action: Action::Service(_, ServiceOp::Start),
+                                ..
+                            }
+                        )
+                    })
                     .collect();
                 (hp.host.clone(), hp.mode, s)
             })
@@ -399,88 +489,180 @@ async fn execute_phases(
         for hp in &etcd_hosts {
             let restarts: Vec<PlannedStep> = service_steps(hp, Service::Etcd)
                 .into_iter()
-                .filter(|s| !matches!(&s.planned, Planned::Change { action: Action::Service(_, ServiceOp::Start), .. }))
+                .filter(|s| {
+                    !matches!(
+                        &s.planned,
+                        Planned::Change {
+                            action: Action::Service(_, ServiceOp::Start),
+                            ..
+                        }
+                    )
+                })
                 .collect();
             if restarts.is_empty() {
                 continue;
             }
-            run_parallel(fleet, vec![(hp.host.clone(), hp.mode, restarts)], progress, done).await?;
+            run_parallel(
+                fleet,
+                vec![(hp.host.clone(), hp.mode, restarts)],
+                progress,
+                done,
+            )
+            .await?;
             progress.msg(&hp.host, "waiting for etcd health");
-            wait_until(&hp.host, "etcd is healthy", opts.wait_timeout, || etcd_healthy(probe_t.as_ref(), &endpoints))
-                .await?;
-        }
-        let all_healthy = etcd_hosts.iter().all(|hp| facts.get(&hp.host).and_then(|f| f.etcd_healthy) == Some(true));
-        let any_etcd_change = etcd_hosts.iter().any(|hp| hp.service_op(Service::Etcd).is_some());
-        if any_etcd_change || !all_healthy {
-            progress.msg(&probe_host, "waiting for etcd cluster health");
-            wait_until(&probe_host, "the etcd cluster is healthy", opts.wait_timeout, || {
+            wait_until(&hp.host, "etcd is healthy", opts.wait_timeout, || {
                 etcd_healthy(probe_t.as_ref(), &endpoints)
             })
+            .await?;
+        }
+        let all_healthy = etcd_hosts
+            .iter()
+            .all(|hp| facts.get(&hp.host).and_then(|f| f.etcd_healthy) == Some(true));
+        let any_etcd_change = etcd_hosts
+            .iter()
+            .any(|hp| hp.service_op(Service::Etcd).is_some());
+        if any_etcd_change || !all_healthy {
+            progress.msg(&probe_host, "waiting for etcd cluster health");
+            wait_until(
+                &probe_host,
+                "the etcd cluster is healthy",
+                opts.wait_timeout,
+                || etcd_healthy(probe_t.as_ref(), &endpoints),
+            )
             .await?;
         }
     }
 
     // Phase 4: agents.
-    let pg_hosts: Vec<&HostPlan> =
-        plan.hosts.iter().filter(|hp| spec.host(&hp.host).is_some_and(|h| h.roles.postgres)).collect();
-    let any_agent_running = pg_hosts
+    let pg_hosts: Vec<&HostPlan> = plan
+        .hosts
         .iter()
-        .any(|hp| facts.get(&hp.host).is_some_and(|f| f.service(Service::Agent).running()));
+        .filter(|hp| spec.host(&hp.host).is_some_and(|h| h.roles.postgres))
+        .collect();
+    let any_agent_running = pg_hosts.iter().any(|hp| {
+        facts
+            .get(&hp.host)
+            .is_some_and(|f| f.service(Service::Agent).running())
+    });
     let starts_of = |hp: &HostPlan| -> Vec<PlannedStep> {
         service_steps(hp, Service::Agent)
             .into_iter()
-            .filter(|s| matches!(&s.planned, Planned::Change { action: Action::Service(_, ServiceOp::Start), .. }))
+            .filter(|s| {
+                matches!(
+                    &s.planned,
+                    Planned::Change {
+                        action: Action::Service(_, ServiceOp::Start),
+                        ..
+                    }
+                )
+            })
             .collect()
     };
     let mut started_replicas: Vec<String> = Vec::new();
     if !any_agent_running && !pg_hosts.is_empty() {
         // Fresh cluster: the first primary bootstraps alone, so that it (and not a racing
         // replica with an empty data dir) runs initdb and takes the leader key.
-        let first = spec.first_primary().map(|h| h.name.clone()).unwrap_or_default();
+        let first = spec
+            .first_primary()
+            .map(|h| h.name.clone())
+            .unwrap_or_default();
         if let Some(hp) = pg_hosts.iter().find(|hp| hp.host == first) {
-            run_parallel(fleet, vec![(hp.host.clone(), hp.mode, starts_of(hp))], progress, done).await?;
+            run_parallel(
+                fleet,
+                vec![(hp.host.clone(), hp.mode, starts_of(hp))],
+                progress,
+                done,
+            )
+            .await?;
             progress.msg(&first, "waiting until it leads");
             let url = format!("{}/primary", api_base(spec, &first));
-            wait_until(&first, "its agent leads the cluster (GET /primary = 200)", opts.wait_timeout, || {
-                let c = c.clone();
-                let url = url.clone();
-                async move { http_status(&c, &url).await == Some(200) }
-            })
+            wait_until(
+                &first,
+                "its agent leads the cluster (GET /primary = 200)",
+                opts.wait_timeout,
+                || {
+                    let c = c.clone();
+                    let url = url.clone();
+                    async move { http_status(&c, &url).await == Some(200) }
+                },
+            )
             .await?;
         }
-        let rest = pg_hosts.iter().filter(|hp| hp.host != first).map(|hp| (hp.host.clone(), hp.mode, starts_of(hp)));
+        let rest = pg_hosts
+            .iter()
+            .filter(|hp| hp.host != first)
+            .map(|hp| (hp.host.clone(), hp.mode, starts_of(hp)));
         let rest: Vec<_> = rest.collect();
-        started_replicas.extend(rest.iter().filter(|(_, _, s)| !s.is_empty()).map(|(h, _, _)| h.clone()));
+        started_replicas.extend(
+            rest.iter()
+                .filter(|(_, _, s)| !s.is_empty())
+                .map(|(h, _, _)| h.clone()),
+        );
         run_parallel(fleet, rest, progress, done).await?;
     } else {
         // Existing cluster: agents that are not running join as replicas (or take over if no
         // one leads; the agents decide that, not us).
-        let work: Vec<_> = pg_hosts.iter().map(|hp| (hp.host.clone(), hp.mode, starts_of(hp))).collect();
-        started_replicas.extend(work.iter().filter(|(_, _, s)| !s.is_empty()).map(|(h, _, _)| h.clone()));
+        let work: Vec<_> = pg_hosts
+            .iter()
+            .map(|hp| (hp.host.clone(), hp.mode, starts_of(hp)))
+            .collect();
+        started_replicas.extend(
+            work.iter()
+                .filter(|(_, _, s)| !s.is_empty())
+                .map(|(h, _, _)| h.clone()),
+        );
         run_parallel(fleet, work, progress, done).await?;
     }
     // Restarts/reloads: replicas first, the leader last, one at a time, so at most one member
     // is in transition and the leader's own restart (a possible failover) comes when every
     // replica is already on the new inputs.
     let leader = find_leader(spec).await;
-    let mut order: Vec<&HostPlan> = pg_hosts.iter().copied().filter(|hp| Some(&hp.host) != leader.as_ref()).collect();
-    order.extend(pg_hosts.iter().copied().filter(|hp| Some(&hp.host) == leader.as_ref()));
+    let mut order: Vec<&HostPlan> = pg_hosts
+        .iter()
+        .copied()
+        .filter(|hp| Some(&hp.host) != leader.as_ref())
+        .collect();
+    order.extend(
+        pg_hosts
+            .iter()
+            .copied()
+            .filter(|hp| Some(&hp.host) == leader.as_ref()),
+    );
     for hp in order {
         let steps: Vec<PlannedStep> = service_steps(hp, Service::Agent)
             .into_iter()
-            .filter(|s| !matches!(&s.planned, Planned::Change { action: Action::Service(_, ServiceOp::Start), .. }))
+            .filter(|s| {
+                !matches!(
+                    &s.planned,
+                    Planned::Change {
+                        action: Action::Service(_, ServiceOp::Start),
+                        ..
+                    }
+                )
+            })
             .collect();
         if steps.is_empty() {
             continue;
         }
-        run_parallel(fleet, vec![(hp.host.clone(), hp.mode, steps)], progress, done).await?;
+        run_parallel(
+            fleet,
+            vec![(hp.host.clone(), hp.mode, steps)],
+            progress,
+            done,
+        )
+        .await?;
         let base = api_base(spec, &hp.host);
         progress.msg(&hp.host, "waiting for the agent's REST API");
-        wait_until(&hp.host, "its agent answers (GET /health)", opts.wait_timeout, || {
-            let c = c.clone();
-            let url = format!("{base}/health");
-            async move { http_status(&c, &url).await == Some(200) }
-        })
+        wait_until(
+            &hp.host,
+            "its agent answers (GET /health)",
+            opts.wait_timeout,
+            || {
+                let c = c.clone();
+                let url = format!("{base}/health");
+                async move { http_status(&c, &url).await == Some(200) }
+            },
+        )
         .await?;
     }
     // Newly started replicas must stream before the proxy routes to them.
@@ -491,16 +673,21 @@ async fn execute_phases(
         let timeout = opts.wait_timeout;
         progress.msg(&host, "waiting until streaming from the leader");
         waits.spawn(async move {
-            let r = wait_until(&host, "it streams from the leader as a replica", timeout, || {
-                let c = c.clone();
-                let base = base.clone();
-                async move {
-                    // A replica started on a cluster that lost its leader may itself lead now.
-                    replica_streaming(&c, &base).await || http_status(&c, &format!("{base}/primary")).await == Some(200)
-                }
-            })
-            .await;
-            r
+            wait_until(
+                &host,
+                "it streams from the leader as a replica",
+                timeout,
+                || {
+                    let c = c.clone();
+                    let base = base.clone();
+                    async move {
+                        // A replica started on a cluster that lost its leader may itself lead now.
+                        replica_streaming(&c, &base).await
+                            || http_status(&c, &format!("{base}/primary")).await == Some(200)
+                    }
+                },
+            )
+            .await
         });
     }
     let mut errs = Vec::new();
@@ -517,18 +704,36 @@ async fn execute_phases(
     let work: Vec<_> = plan
         .hosts
         .iter()
-        .map(|hp| (hp.host.clone(), hp.mode, service_steps(hp, Service::Haproxy)))
+        .map(|hp| {
+            (
+                hp.host.clone(),
+                hp.mode,
+                service_steps(hp, Service::Haproxy),
+            )
+        })
         .collect();
-    let touched: Vec<String> = work.iter().filter(|(_, _, s)| !s.is_empty()).map(|(h, _, _)| h.clone()).collect();
+    let touched: Vec<String> = work
+        .iter()
+        .filter(|(_, _, s)| !s.is_empty())
+        .map(|(h, _, _)| h.clone())
+        .collect();
     run_parallel(fleet, work, progress, done).await?;
     for host in touched {
-        let addr = spec.host(&host).map(|h| h.address.clone()).unwrap_or_default();
+        let addr = spec
+            .host(&host)
+            .map(|h| h.address.clone())
+            .unwrap_or_default();
         let port = spec.primary_port;
         progress.msg(&host, "waiting for HAProxy");
-        wait_until(&host, "HAProxy listens on the primary port", opts.wait_timeout, || {
-            let a = format!("{addr}:{port}");
-            async move { tokio::net::TcpStream::connect(a).await.is_ok() }
-        })
+        wait_until(
+            &host,
+            "HAProxy listens on the primary port",
+            opts.wait_timeout,
+            || {
+                let a = format!("{addr}:{port}");
+                async move { tokio::net::TcpStream::connect(a).await.is_ok() }
+            },
+        )
         .await?;
     }
     for h in &plan.hosts {
@@ -538,7 +743,11 @@ async fn execute_phases(
 }
 
 /// facts → plan → execute.
-pub async fn apply(spec: &DeploySpec, fleet: &Fleet, opts: &ApplyOptions) -> Result<ApplyReport, ProvisionError> {
+pub async fn apply(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, ProvisionError> {
     let started = Instant::now();
     let facts = gather_all(spec, fleet).await?;
     let plan = plan::plan(spec, &facts);

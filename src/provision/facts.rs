@@ -161,7 +161,10 @@ fn pid(s: &str) -> Option<u32> {
 /// Parses the output of [`facts_script`] (pure; tested with fixtures).
 pub fn parse_facts(host: &str, stdout: &str) -> Result<HostFacts, FactParseError> {
     let mut f = HostFacts::blank(ServiceMode::Supervisor);
-    let bad = |line: &str| FactParseError { host: host.to_string(), line: line.to_string() };
+    let bad = |line: &str| FactParseError {
+        host: host.to_string(),
+        line: line.to_string(),
+    };
     for line in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let w: Vec<&str> = line.split_whitespace().collect();
         match w.as_slice() {
@@ -190,8 +193,17 @@ pub fn parse_facts(host: &str, stdout: &str) -> Result<HostFacts, FactParseError
                 f.packages.insert(name.to_string(), *v == "1");
             }
             ["svc", name, mgr, p] => {
-                let svc = Service::ALL.into_iter().find(|s| s.name() == *name).ok_or_else(|| bad(line))?;
-                f.services.insert(svc, ServiceFact { manager_pid: pid(mgr), pid: pid(p) });
+                let svc = Service::ALL
+                    .into_iter()
+                    .find(|s| s.name() == *name)
+                    .ok_or_else(|| bad(line))?;
+                f.services.insert(
+                    svc,
+                    ServiceFact {
+                        manager_pid: pid(mgr),
+                        pid: pid(p),
+                    },
+                );
             }
             ["pg", init @ ("0" | "1"), p] => {
                 f.pg_initialized = *init == "1";
@@ -223,13 +235,15 @@ pub async fn gather(
     let out = t.run_ok(&facts_script(q), Duration::from_secs(30)).await?;
     let mut facts = parse_facts(t.host(), &out.stdout_str())?;
     for (path, (sha, len)) in wanted_sha {
-        let Some(Some(cur)) = facts.files.get(path) else { continue };
-        if &cur.sha256 != sha && *len <= DIFF_MAX_BYTES {
-            if let Some(bytes) = t.read_file(path).await? {
-                if bytes.len() <= DIFF_MAX_BYTES {
-                    facts.old_contents.insert(path.clone(), bytes);
-                }
-            }
+        let Some(Some(cur)) = facts.files.get(path) else {
+            continue;
+        };
+        if &cur.sha256 != sha
+            && *len <= DIFF_MAX_BYTES
+            && let Some(bytes) = t.read_file(path).await?
+            && bytes.len() <= DIFF_MAX_BYTES
+        {
+            facts.old_contents.insert(path.clone(), bytes);
         }
     }
     Ok(facts)
@@ -270,7 +284,10 @@ mod tests {
 
     #[test]
     fn script_asks_only_for_what_the_query_names() {
-        let q = FactQuery { packages: vec!["haproxy".into()], ..Default::default() };
+        let q = FactQuery {
+            packages: vec!["haproxy".into()],
+            ..Default::default()
+        };
         let s = facts_script(&q);
         assert!(s.contains("dpkg-query"));
         assert!(!s.contains("PG_VERSION"));

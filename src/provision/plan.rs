@@ -117,14 +117,22 @@ pub struct AgentBinary {
 
 impl fmt::Debug for AgentBinary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AgentBinary({} bytes, sha256 {})", self.bytes.len(), &self.sha256[..12])
+        write!(
+            f,
+            "AgentBinary({} bytes, sha256 {})",
+            self.bytes.len(),
+            &self.sha256[..12]
+        )
     }
 }
 
 impl AgentBinary {
     pub fn new(bytes: Vec<u8>) -> AgentBinary {
         let sha256 = sha256_hex(&bytes);
-        AgentBinary { bytes: Arc::new(bytes), sha256 }
+        AgentBinary {
+            bytes: Arc::new(bytes),
+            sha256,
+        }
     }
 }
 
@@ -149,7 +157,10 @@ impl fmt::Debug for DeploySpec {
             .field("cluster", &self.cluster)
             .field("hosts", &self.hosts)
             .field("agent_binary", &self.agent_binary)
-            .field("secrets", &format_args!("[{} redacted]", self.secrets.len()))
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -185,11 +196,30 @@ impl DeploySpec {
             });
         }
         if mode == ServiceMode::Supervisor {
-            files.push(DesiredFile::new(SUPERVISE_PATH, services::supervise_script(), 0o755, "root:root"));
-            files.push(DesiredFile::new(BOOT_PATH, services::boot_script(), 0o755, "root:root"));
+            files.push(DesiredFile::new(
+                SUPERVISE_PATH,
+                services::supervise_script(),
+                0o755,
+                "root:root",
+            ));
+            files.push(DesiredFile::new(
+                BOOT_PATH,
+                services::boot_script(),
+                0o755,
+                "root:root",
+            ));
             for svc in h.services() {
-                let cfg = h.service_configs.get(&svc).map(String::as_str).unwrap_or("");
-                files.push(DesiredFile::new(&svc.run_file(), services::run_file(svc, cfg), 0o644, "root:root"));
+                let cfg = h
+                    .service_configs
+                    .get(&svc)
+                    .map(String::as_str)
+                    .unwrap_or("");
+                files.push(DesiredFile::new(
+                    &svc.run_file(),
+                    services::run_file(svc, cfg),
+                    0o644,
+                    "root:root",
+                ));
             }
         }
         files
@@ -197,10 +227,22 @@ impl DeploySpec {
 
     /// Directories a host needs (the host's own plus pgherd's).
     pub fn dirs_for(&self, h: &HostTarget, mode: ServiceMode) -> Vec<DesiredDir> {
-        let mut dirs = vec![DesiredDir { path: "/etc/pgherd".into(), owner: "root:root".into(), mode: 0o755 }];
+        let mut dirs = vec![DesiredDir {
+            path: "/etc/pgherd".into(),
+            owner: "root:root".into(),
+            mode: 0o755,
+        }];
         if mode == ServiceMode::Supervisor {
-            for p in ["/usr/local/lib/pgherd", services::RUN_DIR, services::LOG_DIR] {
-                dirs.push(DesiredDir { path: p.into(), owner: "root:root".into(), mode: 0o755 });
+            for p in [
+                "/usr/local/lib/pgherd",
+                services::RUN_DIR,
+                services::LOG_DIR,
+            ] {
+                dirs.push(DesiredDir {
+                    path: p.into(),
+                    owner: "root:root".into(),
+                    mode: 0o755,
+                });
             }
         }
         for d in &h.dirs {
@@ -214,7 +256,11 @@ impl DeploySpec {
                 && !parent.is_empty()
                 && !dirs.iter().any(|x| x.path == parent)
             {
-                dirs.push(DesiredDir { path: parent.into(), owner: "root:root".into(), mode: 0o755 });
+                dirs.push(DesiredDir {
+                    path: parent.into(),
+                    owner: "root:root".into(),
+                    mode: 0o755,
+                });
             }
         }
         dirs
@@ -310,7 +356,10 @@ impl HostPlan {
     /// The service operation planned for `svc`, if any.
     pub fn service_op(&self, svc: Service) -> Option<ServiceOp> {
         self.steps.iter().find_map(|s| match &s.planned {
-            Planned::Change { action: Action::Service(x, op), .. } if *x == svc => Some(*op),
+            Planned::Change {
+                action: Action::Service(x, op),
+                ..
+            } if *x == svc => Some(*op),
             _ => None,
         })
     }
@@ -357,31 +406,55 @@ pub fn file_diff(path: &str, old: Option<&[u8]>, new: &[u8], secrets: &[String])
     let new_r = redact_all(new_s, secrets);
     if old.is_some() && old_r == new_r {
         // The only differences are secret values: say so without showing either.
-        return Some(format!("--- a{path}\n+++ b{path}\n(only secret values differ; both redacted)\n"));
+        return Some(format!(
+            "--- a{path}\n+++ b{path}\n(only secret values differ; both redacted)\n"
+        ));
     }
     let d = similar::TextDiff::from_lines(&old_r, &new_r);
-    let from = if old.is_some() { format!("a{path}") } else { "/dev/null".to_string() };
-    let text = d.unified_diff().context_radius(3).header(&from, &format!("b{path}")).to_string();
+    let from = if old.is_some() {
+        format!("a{path}")
+    } else {
+        "/dev/null".to_string()
+    };
+    let text = d
+        .unified_diff()
+        .context_radius(3)
+        .header(&from, &format!("b{path}"))
+        .to_string();
     Some(text)
 }
 
 fn file_mode_differs(want: u32, have: &str) -> bool {
-    u32::from_str_radix(have, 8).map(|m| m != want).unwrap_or(true)
+    u32::from_str_radix(have, 8)
+        .map(|m| m != want)
+        .unwrap_or(true)
 }
 
 fn owner_differs(want: &str, have: &str) -> bool {
-    if want.contains(':') { want != have } else { have.split(':').next() != Some(want) }
+    if want.contains(':') {
+        want != have
+    } else {
+        have.split(':').next() != Some(want)
+    }
 }
 
 /// Plans one host (pure).
 pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPlan {
     let mode = facts.mode;
     let mut steps = Vec::new();
-    let change = |name: String, action: Action, summary: String, diff: Option<String>| PlannedStep {
+    let change =
+        |name: String, action: Action, summary: String, diff: Option<String>| PlannedStep {
+            name,
+            planned: Planned::Change {
+                action,
+                summary,
+                diff,
+            },
+        };
+    let noop = |name: String, why: String| PlannedStep {
         name,
-        planned: Planned::Change { action, summary, diff },
+        planned: Planned::Noop(why),
     };
-    let noop = |name: String, why: String| PlannedStep { name, planned: Planned::Noop(why) };
 
     // Packages: only the missing ones are installed (in the lab they all come from /usr).
     if !h.packages.is_empty() {
@@ -392,10 +465,18 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
             .cloned()
             .collect();
         if missing.is_empty() {
-            steps.push(noop("packages".into(), format!("all {} packages installed", h.packages.len())));
+            steps.push(noop(
+                "packages".into(),
+                format!("all {} packages installed", h.packages.len()),
+            ));
         } else {
             let s = format!("install {}", missing.join(" "));
-            steps.push(change("packages".into(), Action::InstallPackages(missing), s, None));
+            steps.push(change(
+                "packages".into(),
+                Action::InstallPackages(missing),
+                s,
+                None,
+            ));
         }
     }
 
@@ -410,13 +491,25 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
         .cloned()
         .collect();
     if missing.is_empty() {
-        steps.push(noop("directories".into(), format!("all {} directories present", dirs.len())));
+        steps.push(noop(
+            "directories".into(),
+            format!("all {} directories present", dirs.len()),
+        ));
     } else {
         let s = format!(
             "create/fix {}",
-            missing.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(" ")
+            missing
+                .iter()
+                .map(|d| d.path.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
         );
-        steps.push(change("directories".into(), Action::MakeDirs(missing), s, None));
+        steps.push(change(
+            "directories".into(),
+            Action::MakeDirs(missing),
+            s,
+            None,
+        ));
     }
 
     // Files; remember which service each change notifies.
@@ -454,18 +547,27 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
                     .filter(|_| f.path != AGENT_BIN_PATH)
                     .and_then(|old| file_diff(&f.path, Some(old), &f.content, &spec.secrets));
                 let what = if f.path == AGENT_BIN_PATH {
-                    format!("replace binary (sha256 {} → {})", &cur.sha256[..12], &want[..12])
+                    format!(
+                        "replace binary (sha256 {} → {})",
+                        &cur.sha256[..12],
+                        &want[..12]
+                    )
                 } else {
                     "update content".to_string()
                 };
                 steps.push(change(name, Action::Upload(f.clone()), what, diff));
                 true
             }
-            Some(cur) if file_mode_differs(f.mode, &cur.mode) || owner_differs(&f.owner, &cur.owner) => {
+            Some(cur)
+                if file_mode_differs(f.mode, &cur.mode) || owner_differs(&f.owner, &cur.owner) =>
+            {
                 steps.push(change(
                     name,
                     Action::FixMetadata(f.clone()),
-                    format!("fix mode/owner ({} {} → {:o} {})", cur.mode, cur.owner, f.mode, f.owner),
+                    format!(
+                        "fix mode/owner ({} {} → {:o} {})",
+                        cur.mode, cur.owner, f.mode, f.owner
+                    ),
                     None,
                 ));
                 false
@@ -500,7 +602,12 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
     }
     if mode == ServiceMode::Systemd {
         if units_changed {
-            steps.push(change("systemd".into(), Action::DaemonReload, "daemon-reload".into(), None));
+            steps.push(change(
+                "systemd".into(),
+                Action::DaemonReload,
+                "daemon-reload".into(),
+                None,
+            ));
         } else {
             steps.push(noop("systemd".into(), "unit files unchanged".into()));
         }
@@ -511,7 +618,12 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
         let name = format!("service {svc}");
         let fact = facts.service(svc);
         if !fact.running() {
-            steps.push(change(name, Action::Service(svc, ServiceOp::Start), "start (not running)".into(), None));
+            steps.push(change(
+                name,
+                Action::Service(svc, ServiceOp::Start),
+                "start (not running)".into(),
+                None,
+            ));
         } else if let Some(op) = notify.get(&svc) {
             let why = match op {
                 ServiceOp::Restart => "restart (binary, run file or unit changed)",
@@ -519,11 +631,19 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
             };
             steps.push(change(name, Action::Service(svc, *op), why.into(), None));
         } else {
-            let pid = fact.pid.or(fact.manager_pid).map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+            let pid = fact
+                .pid
+                .or(fact.manager_pid)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "?".into());
             steps.push(noop(name, format!("running (pid {pid}), inputs unchanged")));
         }
     }
-    HostPlan { host: h.name.clone(), mode, steps }
+    HostPlan {
+        host: h.name.clone(),
+        mode,
+        steps,
+    }
 }
 
 /// Plans every host that has facts (pure). Hosts are in inventory order.

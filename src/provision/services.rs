@@ -213,7 +213,10 @@ pub fn run_file(svc: Service, config: &str) -> String {
         // -W master-worker so that USR2 reloads seamlessly; -db stays in the foreground.
         Service::Haproxy => format!("exec /usr/sbin/haproxy -W -db -f {config}"),
     };
-    format!("# pgherd run file for {} (managed by pgherd)\n{body}\n", svc.name())
+    format!(
+        "# pgherd run file for {} (managed by pgherd)\n{body}\n",
+        svc.name()
+    )
 }
 
 /// Shell that performs `op` on `svc` in `mode`. Supervisor-mode commands wait (bounded) until
@@ -285,9 +288,18 @@ mod tests {
 
     #[test]
     fn config_files_notify_their_service() {
-        assert_eq!(service_for_path("/etc/haproxy/haproxy.cfg"), Some(Service::Haproxy));
-        assert_eq!(service_for_path("/etc/pgherd/etcd.yml"), Some(Service::Etcd));
-        assert_eq!(service_for_path("/etc/pgherd/pgherd-agent.yml"), Some(Service::Agent));
+        assert_eq!(
+            service_for_path("/etc/haproxy/haproxy.cfg"),
+            Some(Service::Haproxy)
+        );
+        assert_eq!(
+            service_for_path("/etc/pgherd/etcd.yml"),
+            Some(Service::Etcd)
+        );
+        assert_eq!(
+            service_for_path("/etc/pgherd/pgherd-agent.yml"),
+            Some(Service::Agent)
+        );
         assert_eq!(service_for_path("/etc/pgherd/pg_hba.extra"), None);
     }
 

@@ -71,11 +71,17 @@ pub fn packages_for(inv: &Inventory, roles: Roles) -> Vec<String> {
 }
 
 /// Builds the desired state of every host. `templates`: a user template directory.
-pub fn build(inv: &Inventory, agent_binary: Option<&Path>, templates: Option<&Path>) -> Result<DeploySpec, SpecError> {
+pub fn build(
+    inv: &Inventory,
+    agent_binary: Option<&Path>,
+    templates: Option<&Path>,
+) -> Result<DeploySpec, SpecError> {
     let binary = match agent_binary_path(inv, agent_binary) {
         Some(path) => {
-            let bytes = std::fs::read(&path)
-                .map_err(|source| SpecError::AgentBinary { path: path.display().to_string(), source })?;
+            let bytes = std::fs::read(&path).map_err(|source| SpecError::AgentBinary {
+                path: path.display().to_string(),
+                source,
+            })?;
             Some(AgentBinary::new(bytes))
         }
         None => None,
@@ -108,14 +114,26 @@ pub fn build(inv: &Inventory, agent_binary: Option<&Path>, templates: Option<&Pa
             if let Some((parent, _)) = data.rsplit_once('/')
                 && !parent.is_empty()
             {
-                dirs.push(DesiredDir { path: parent.into(), owner: "postgres:postgres".into(), mode: 0o755 });
+                dirs.push(DesiredDir {
+                    path: parent.into(),
+                    owner: "postgres:postgres".into(),
+                    mode: 0o755,
+                });
             }
-            dirs.push(DesiredDir { path: data, owner: "postgres:postgres".into(), mode: 0o700 });
+            dirs.push(DesiredDir {
+                path: data,
+                owner: "postgres:postgres".into(),
+                mode: 0o700,
+            });
         }
         if roles.etcd
             && let Some((_, dir)) = &etcd_ports
         {
-            dirs.push(DesiredDir { path: dir.clone(), owner: "etcd:etcd".into(), mode: 0o700 });
+            dirs.push(DesiredDir {
+                path: dir.clone(),
+                owner: "etcd:etcd".into(),
+                mode: 0o700,
+            });
         }
         hosts.push(HostTarget {
             name: h.name.as_str().to_string(),
@@ -124,11 +142,17 @@ pub fn build(inv: &Inventory, agent_binary: Option<&Path>, templates: Option<&Pa
             files: rendered,
             dirs,
             packages: packages_for(inv, roles),
-            pg_data_dir: roles.postgres.then(|| inv.postgresql.data_dir.display().to_string()),
+            pg_data_dir: roles
+                .postgres
+                .then(|| inv.postgresql.data_dir.display().to_string()),
             service_configs,
         });
     }
-    let mut secrets: Vec<String> = inv.secret_values().into_iter().map(str::to_string).collect();
+    let mut secrets: Vec<String> = inv
+        .secret_values()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     // Longest first, so a secret containing another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     Ok(DeploySpec {
@@ -144,17 +168,29 @@ pub fn build(inv: &Inventory, agent_binary: Option<&Path>, templates: Option<&Pa
     })
 }
 
-fn render_host(inv: &Inventory, host: &str, templates: Option<&Path>) -> Result<Vec<DesiredFile>, SpecError> {
+fn render_host(
+    inv: &Inventory,
+    host: &str,
+    templates: Option<&Path>,
+) -> Result<Vec<DesiredFile>, SpecError> {
     let files = match templates {
         Some(dir) => crate::render::Renderer::with_dir(dir).and_then(|r| r.render_all(inv, host)),
         None => crate::render::render_all(inv, host),
     }
-    .map_err(|source| SpecError::Render { host: host.to_string(), source })?;
+    .map_err(|source| SpecError::Render {
+        host: host.to_string(),
+        source,
+    })?;
     Ok(files
         .into_iter()
         .map(|f| {
             let owner = format!("{}:{}", f.owner, f.group);
-            DesiredFile::new(&f.path.display().to_string(), f.content.into_bytes(), f.mode, &owner)
+            DesiredFile::new(
+                &f.path.display().to_string(),
+                f.content.into_bytes(),
+                f.mode,
+                &owner,
+            )
         })
         .collect())
 }
@@ -179,7 +215,9 @@ pub fn host_specs(inv: &Inventory) -> Vec<HostSpec> {
 /// `pgherd status`: the cluster as the agents see it (`GET /cluster` from the first agent that
 /// answers) plus how to connect through HAProxy.
 pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
-    let c = reqwest::Client::builder().timeout(Duration::from_secs(3)).build()?;
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()?;
     let mut body: Option<serde_json::Value> = None;
     let mut tried = Vec::new();
     for h in inv.hosts_with(Role::Postgres) {
@@ -200,10 +238,22 @@ pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
     };
     let mut out = String::new();
     let _ = writeln!(out, "cluster {} (namespace {})", inv.cluster, inv.namespace);
-    let _ = writeln!(out, "{:<12} {:<16} {:<8} {:<10} {:>3} {:>10}", "member", "host", "role", "state", "TL", "lag(B)");
+    let _ = writeln!(
+        out,
+        "{:<12} {:<16} {:<8} {:<10} {:>3} {:>10}",
+        "member", "host", "role", "state", "TL", "lag(B)"
+    );
     for m in v["members"].as_array().into_iter().flatten() {
-        let s = |k: &str| m[k].as_str().map(str::to_string).unwrap_or_else(|| m[k].to_string());
-        let lag = if m["lag"].is_null() { String::new() } else { m["lag"].to_string() };
+        let s = |k: &str| {
+            m[k].as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| m[k].to_string())
+        };
+        let lag = if m["lag"].is_null() {
+            String::new()
+        } else {
+            m["lag"].to_string()
+        };
         let _ = writeln!(
             out,
             "{:<12} {:<16} {:<8} {:<10} {:>3} {:>10}",
@@ -215,7 +265,11 @@ pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
             lag
         );
     }
-    let _ = writeln!(out, "connect through HAProxy (user postgres, password in {}):", inv.secrets_file.display());
+    let _ = writeln!(
+        out,
+        "connect through HAProxy (user postgres, password in {}):",
+        inv.secrets_file.display()
+    );
     for h in inv.hosts_with(Role::Haproxy) {
         let _ = writeln!(
             out,
@@ -233,5 +287,6 @@ pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
 
 /// Default ports used in fixtures (documentation of what the inventory defaults are).
 pub fn service_config_path(spec: &DeploySpec, host: &str, svc: Service) -> Option<String> {
-    spec.host(host).and_then(|h| h.service_configs.get(&svc).cloned())
+    spec.host(host)
+        .and_then(|h| h.service_configs.get(&svc).cloned())
 }
