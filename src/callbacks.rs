@@ -7,6 +7,10 @@
 use async_trait::async_trait;
 
 use crate::pg::Role;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CallbackAction {
@@ -43,4 +47,360 @@ pub trait Hooks: Send + Sync {
     fn callback(&self, action: CallbackAction, role: Role);
     async fn pre_promote(&self) -> bool;
     async fn before_stop(&self);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real runner: configured shell commands.
+// ---------------------------------------------------------------------------------------------
+
+use crate::config::AgentConfig;
+
+/// Default bound on `pre_promote`: the promotion (and with it the leader's first cycles) waits
+/// for it, so a hung script must not hold the cluster leaderless for long.
+pub const DEFAULT_PRE_PROMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default bound on `before_stop`: Patroni has none, but the HA loop (and thus lease renewal)
+/// waits for it, so a hung script must not stall a demotion past the lease.
+pub const DEFAULT_BEFORE_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Splits a command line like a POSIX shell (and Python's `shlex.split`): whitespace separates
+/// words, single quotes are literal, double quotes allow `\"`, `\\`, `\$`, `` \` `` escapes, a
+/// backslash outside quotes escapes the next character. `None` on an unclosed quote or a
+/// trailing backslash.
+pub fn shell_split(s: &str) -> Option<Vec<String>> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        c => cur.push(c),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => match chars.next()? {
+                            c @ ('"' | '\\' | '$' | '`') => cur.push(c),
+                            '\n' => {}
+                            c => {
+                                cur.push('\\');
+                                cur.push(c);
+                            }
+                        },
+                        c => cur.push(c),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                match chars.next()? {
+                    '\n' => {}
+                    c => cur.push(c),
+                }
+            }
+            c => {
+                in_word = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Some(words)
+}
+
+/// The role word passed to callbacks: `promoted` is reported as `primary` (Patroni does the same,
+/// scripts only know the stable roles).
+pub fn callback_role(role: Role) -> &'static str {
+    match role {
+        Role::Promoted => "primary",
+        other => other.as_str(),
+    }
+}
+
+/// Kills a process group with SIGKILL. The group id is the pid of a child we have not reaped
+/// yet, so it cannot have been recycled for an unrelated process.
+fn kill_group(pgid: u32) {
+    if pgid == 0 || pgid > i32::MAX as u32 {
+        return;
+    }
+    // SAFETY: kill(2) with a negative pid signals the process group; no memory is involved.
+    unsafe {
+        libc::kill(-(pgid as i32), libc::SIGKILL);
+    }
+}
+
+/// One "executor" slot: at most one callback process runs in it at a time.
+#[derive(Default)]
+struct Slot {
+    running: Mutex<Option<Child>>,
+}
+
+impl Slot {
+    /// Kills the running process group (if the leader has not exited yet) and reaps it.
+    fn kill_running(&self, guard: &mut Option<Child>) {
+        if let Some(mut old) = guard.take() {
+            match old.try_wait() {
+                Ok(Some(_)) => {}
+                _ => {
+                    tracing::info!(
+                        pid = old.id(),
+                        "killing the previous callback (a newer one starts)"
+                    );
+                    kill_group(old.id());
+                    let _ = old.wait();
+                }
+            }
+        }
+    }
+}
+
+/// Runs the commands configured in `postgresql.callbacks`, `pre_promote` and `before_stop`.
+///
+/// Callbacks run asynchronously in two slots (`on_reload` alone in the second one); starting a
+/// callback kills the process group of the one still running in its slot, as Patroni does, so a
+/// slow `on_role_change replica` can never finish *after* a newer `on_role_change primary`.
+/// Each command is started in its own process group (`setpgid(0, 0)`) so that killing it also
+/// kills whatever it spawned. Commands run as the agent's user with its environment.
+pub struct CommandHooks {
+    scope: String,
+    callbacks: crate::config::Callbacks,
+    pre_promote: Option<String>,
+    before_stop: Option<String>,
+    pre_promote_timeout: Duration,
+    before_stop_timeout: Duration,
+    main: Arc<Slot>,
+    reload: Arc<Slot>,
+}
+
+impl CommandHooks {
+    pub fn new(
+        scope: impl Into<String>,
+        callbacks: crate::config::Callbacks,
+        pre_promote: Option<String>,
+        before_stop: Option<String>,
+    ) -> Self {
+        CommandHooks {
+            scope: scope.into(),
+            callbacks,
+            pre_promote,
+            before_stop,
+            pre_promote_timeout: DEFAULT_PRE_PROMOTE_TIMEOUT,
+            before_stop_timeout: DEFAULT_BEFORE_STOP_TIMEOUT,
+            main: Arc::default(),
+            reload: Arc::default(),
+        }
+    }
+
+    /// From the agent config (`scope`, `postgresql.callbacks`, `.pre_promote`, `.before_stop`).
+    pub fn from_config(cfg: &AgentConfig) -> Self {
+        Self::new(
+            cfg.scope.clone(),
+            cfg.postgresql.callbacks.clone(),
+            cfg.postgresql.pre_promote.clone(),
+            cfg.postgresql.before_stop.clone(),
+        )
+    }
+
+    pub fn with_pre_promote_timeout(mut self, t: Duration) -> Self {
+        self.pre_promote_timeout = t;
+        self
+    }
+
+    pub fn with_before_stop_timeout(mut self, t: Duration) -> Self {
+        self.before_stop_timeout = t;
+        self
+    }
+
+    fn command_for(&self, action: CallbackAction) -> Option<&str> {
+        let c = &self.callbacks;
+        match action {
+            CallbackAction::OnStart => c.on_start.as_deref(),
+            CallbackAction::OnStop => c.on_stop.as_deref(),
+            CallbackAction::OnRestart => c.on_restart.as_deref(),
+            CallbackAction::OnReload => c.on_reload.as_deref(),
+            CallbackAction::OnRoleChange => c.on_role_change.as_deref(),
+        }
+        .filter(|s| !s.trim().is_empty())
+    }
+
+    /// The argv a callback runs with: `shell-split(cmd) + [action, role, scope]`.
+    pub fn callback_argv(&self, action: CallbackAction, role: Role) -> Option<Vec<String>> {
+        let cmd = self.command_for(action)?;
+        let mut argv = match shell_split(cmd) {
+            Some(a) if !a.is_empty() => a,
+            _ => {
+                tracing::error!(
+                    action = action.as_str(),
+                    "cannot parse callback command line"
+                );
+                return None;
+            }
+        };
+        argv.push(action.as_str().to_string());
+        argv.push(callback_role(role).to_string());
+        argv.push(self.scope.clone());
+        Some(argv)
+    }
+}
+
+fn base_command(argv: &[String]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).process_group(0);
+    cmd
+}
+
+/// Runs `argv` to completion within `timeout`; on timeout kills its process group. Returns the
+/// exit success, `None` when it could not be spawned or timed out.
+async fn run_bounded(what: &str, argv: &[String], timeout: Duration) -> Option<bool> {
+    let mut cmd = tokio::process::Command::from(base_command(argv));
+    cmd.kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(hook = what, error = %e, "cannot start hook");
+            return None;
+        }
+    };
+    let pid = child.id();
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            tracing::info!(hook = what, %status, "hook finished");
+            Some(status.success())
+        }
+        Ok(Err(e)) => {
+            tracing::error!(hook = what, error = %e, "cannot wait for hook");
+            None
+        }
+        Err(_) => {
+            tracing::error!(hook = what, ?timeout, "hook timed out, killing it");
+            if let Some(pid) = pid {
+                kill_group(pid);
+            }
+            let _ = child.wait().await;
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl Hooks for CommandHooks {
+    fn callback(&self, action: CallbackAction, role: Role) {
+        let Some(argv) = self.callback_argv(action, role) else {
+            return;
+        };
+        let slot = if action == CallbackAction::OnReload {
+            &self.reload
+        } else {
+            &self.main
+        };
+        let mut guard = slot.running.lock().unwrap_or_else(|p| p.into_inner());
+        // One at a time: the newest callback reflects the current state, an older one still
+        // running would act on a stale role.
+        slot.kill_running(&mut guard);
+        let child = match base_command(&argv).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(action = action.as_str(), error = %e, "cannot start callback");
+                return;
+            }
+        };
+        let pid = child.id();
+        tracing::info!(
+            action = action.as_str(),
+            role = callback_role(role),
+            pid,
+            "callback started"
+        );
+        *guard = Some(child);
+        drop(guard);
+        // Reaper: polls the slot until our child exits or is replaced (then the replacer has
+        // reaped it). A thread rather than a task so it works without (or with a paused) runtime.
+        let slot = Arc::clone(slot);
+        let spawned = std::thread::Builder::new()
+            .name("callback-reaper".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let mut g = slot.running.lock().unwrap_or_else(|p| p.into_inner());
+                    match g.as_mut() {
+                        Some(c) if c.id() == pid => {
+                            if let Ok(Some(status)) = c.try_wait() {
+                                tracing::info!(pid, %status, "callback finished");
+                                *g = None;
+                                return;
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start callback reaper thread");
+        }
+    }
+
+    async fn pre_promote(&self) -> bool {
+        let Some(cmd) = self.pre_promote.as_deref().filter(|s| !s.trim().is_empty()) else {
+            return true;
+        };
+        let Some(argv) = shell_split(cmd).filter(|a| !a.is_empty()) else {
+            tracing::error!("cannot parse pre_promote command line; refusing to promote");
+            return false;
+        };
+        // A failing or hung pre_promote vetoes the promotion: the operator asked for a gate.
+        run_bounded("pre_promote", &argv, self.pre_promote_timeout).await == Some(true)
+    }
+
+    async fn before_stop(&self) {
+        let Some(cmd) = self.before_stop.as_deref().filter(|s| !s.trim().is_empty()) else {
+            return;
+        };
+        let Some(argv) = shell_split(cmd).filter(|a| !a.is_empty()) else {
+            tracing::error!("cannot parse before_stop command line; skipping it");
+            return;
+        };
+        // Exit code ignored (as Patroni): the stop happens anyway.
+        let _ = run_bounded("before_stop", &argv, self.before_stop_timeout).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_split_handles_quotes_and_escapes() {
+        assert_eq!(shell_split("a b  c").unwrap(), ["a", "b", "c"]);
+        assert_eq!(
+            shell_split("'a b' \"c \\\"d\\\"\" e\\ f").unwrap(),
+            ["a b", "c \"d\"", "e f"]
+        );
+        assert_eq!(shell_split("x''y \"\"").unwrap(), ["xy", ""]);
+        assert!(shell_split("'open").is_none());
+        assert!(shell_split("trailing\\").is_none());
+        assert!(shell_split("   ").unwrap().is_empty());
+    }
+
+    #[test]
+    fn promoted_is_reported_as_primary() {
+        assert_eq!(callback_role(Role::Promoted), "primary");
+        assert_eq!(callback_role(Role::StandbyLeader), "standby_leader");
+    }
 }

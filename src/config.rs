@@ -471,32 +471,53 @@ mod tests {
     #[test]
     fn unknown_key_is_an_error_with_line_and_column() {
         let bad = VALID.replace("  use_slots: true", "  use_slotz: true");
-        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
+        let e = AgentConfig::parse(&bad, "node.yml")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("node.yml:"), "{e}");
         assert!(e.contains("use_slotz"), "{e}");
         let line = bad.lines().position(|l| l.contains("use_slotz")).unwrap() + 1;
-        assert!(e.contains(&format!(":{line}:")), "expected line {line} in {e}");
+        assert!(
+            e.contains(&format!(":{line}:")),
+            "expected line {line} in {e}"
+        );
     }
 
     #[test]
     fn wrong_type_is_located() {
         let bad = VALID.replace("safety_margin: 5", "safety_margin: lots");
-        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
-        let line = bad.lines().position(|l| l.contains("safety_margin: lots")).unwrap() + 1;
+        let e = AgentConfig::parse(&bad, "node.yml")
+            .unwrap_err()
+            .to_string();
+        let line = bad
+            .lines()
+            .position(|l| l.contains("safety_margin: lots"))
+            .unwrap()
+            + 1;
         assert!(e.contains(&format!("node.yml:{line}:")), "{e}");
     }
 
     #[test]
     fn timing_rule_violation_is_rejected() {
         let bad = VALID.replace("retry_timeout: 3", "retry_timeout: 5");
-        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
-        assert!(e.contains("loop_wait + 2*retry_timeout must be <= ttl"), "{e}");
+        let e = AgentConfig::parse(&bad, "node.yml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("loop_wait + 2*retry_timeout must be <= ttl"),
+            "{e}"
+        );
     }
 
     #[test]
     fn ttl_below_minimum_is_rejected() {
-        let bad = VALID.replace("ttl: 10", "ttl: 4").replace("loop_wait: 2", "loop_wait: 1").replace("retry_timeout: 3", "retry_timeout: 1");
-        let e = AgentConfig::parse(&bad, "node.yml").unwrap_err().to_string();
+        let bad = VALID
+            .replace("ttl: 10", "ttl: 4")
+            .replace("loop_wait: 2", "loop_wait: 1")
+            .replace("retry_timeout: 3", "retry_timeout: 1");
+        let e = AgentConfig::parse(&bad, "node.yml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("below the minimum"), "{e}");
     }
 

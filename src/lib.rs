@@ -9,6 +9,7 @@
 //! - [`status`]: what the loop publishes for the REST API and the commands the API sends back.
 //! - [`api`]: the Patroni-compatible REST API (axum).
 //! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
+//! - [`peers`]: fetching other members' `/patroni` status before the leader race.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
 //! - [`inventory`]: the cluster inventory (validated, located errors) and its secrets.
 //! - [`render`]: minijinja rendering of the per-host files (agent config, etcd, HAProxy, units).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod dcs;
 pub mod ha;
 pub mod inventory;
+pub mod peers;
 pub mod lab;
 pub mod pg;
 pub mod provision;

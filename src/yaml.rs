@@ -22,7 +22,11 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
             Some(loc) => (loc.line() as usize, loc.column() as usize),
             None => (0, 0),
         };
-        YamlError { line, column, message: tidy_message(&e.to_string(), line, column) }
+        YamlError {
+            line,
+            column,
+            message: tidy_message(&e.to_string(), line, column),
+        }
     })
 }
 
@@ -31,5 +35,9 @@ pub fn from_str<T: DeserializeOwned>(text: &str) -> Result<T, YamlError> {
 /// snippet (it shows the operator the offending line).
 fn tidy_message(raw: &str, line: usize, column: usize) -> String {
     let prefix = format!("error: line {line} column {column}: ");
-    raw.strip_prefix(&prefix).unwrap_or(raw).replace("<input>", "here").trim_end().to_string()
+    raw.strip_prefix(&prefix)
+        .unwrap_or(raw)
+        .replace("<input>", "here")
+        .trim_end()
+        .to_string()
 }

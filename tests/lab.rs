@@ -53,9 +53,9 @@ async fn out(t: &SshTransport, cmd: &str) -> String {
         .to_string()
 }
 
-/// Whether `from` opens a TCP connection to `to`:22 within 2 s.
+/// Whether `from` opens a TCP connection to `to`:22 within 1 s (a dropped SYN never answers).
 async fn tcp_reaches(from: &SshTransport, to: &str) -> bool {
-    let cmd = format!("timeout 2 bash -c 'exec 3<>/dev/tcp/{to}/22' 2>/dev/null");
+    let cmd = format!("timeout 1 bash -c 'exec 3<>/dev/tcp/{to}/22' 2>/dev/null");
     from.run(&cmd, T).await.unwrap().success()
 }
 
@@ -67,7 +67,13 @@ async fn lab_hosts_behave_like_separate_machines() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let spec = LabSpec::new("phl", 3, "10.231.7", "phtest0", tmp.path().join("lab"));
-    // Leftovers of an aborted earlier run would make `up` reuse stale namespaces.
+    // Leftovers of an aborted earlier run (this file's or the other lab test's, which uses the
+    // same bridge and addresses) would clash with the new hosts.
+    lab::down(
+        &LabSpec::new("pht", 2, "10.231.7", "phtest0", tmp.path().join("other")),
+        false,
+    )
+    .unwrap();
     lab::down(&spec, false).unwrap();
     let guard = LabGuard(spec.clone());
 
@@ -77,6 +83,7 @@ async fn lab_hosts_behave_like_separate_machines() {
     // `up` is idempotent: a second call on a running lab changes nothing and succeeds.
     let st_before = lab::status(&spec).unwrap();
     tokio::task::block_in_place(|| lab::up(&spec)).unwrap();
+    eprintln!("{:>6.1?} up again", started.elapsed());
     assert_eq!(lab::status(&spec).unwrap(), st_before);
     assert!(st_before.iter().all(|h| h.up && !h.partitioned));
     // The hosts are detached from the process that built them (`pgherd lab up` may exit).
@@ -89,12 +96,24 @@ async fn lab_hosts_behave_like_separate_machines() {
     let h1 = connect(&info, &ctl, "phl1").await;
     let h2 = connect(&info, &ctl, "phl2").await;
     let h3 = connect(&info, &ctl, "phl3").await;
+    eprintln!("{:>6.1?} connected", started.elapsed());
 
     hosts_have_own_hostname_and_address(&h1, &h2).await;
+    eprintln!(
+        "{:>6.1?} hosts_have_own_hostname_and_address",
+        started.elapsed()
+    );
     hosts_have_separate_etc(&h1, &h2).await;
+    eprintln!("{:>6.1?} hosts_have_separate_etc", started.elapsed());
     root_commands_use_a_lean_shell(&h1).await;
+    eprintln!("{:>6.1?} root_commands_use_a_lean_shell", started.elapsed());
     crash_and_boot_keep_the_disk(&spec, &h2).await;
+    eprintln!("{:>6.1?} crash_and_boot_keep_the_disk", started.elapsed());
     partition_blocks_hosts_but_not_controller(&spec, &h1, &h3).await;
+    eprintln!(
+        "{:>6.1?} partition_blocks_hosts_but_not_controller",
+        started.elapsed()
+    );
 
     drop((h1, h2, h3));
     let pids: Vec<u32> = lab::status(&spec)
@@ -112,10 +131,23 @@ async fn hosts_have_own_hostname_and_address(h1: &SshTransport, h2: &SshTranspor
     assert_eq!(out(h2, "hostname").await, "phl2");
     let addr = out(h2, "ip -4 -o addr show dev eth0").await;
     assert!(addr.contains("10.231.7.12/24"), "{addr}");
-    // Lab hosts resolve each other by name.
+    // Lab hosts resolve each other by name, and a name that is not a lab host fails at once
+    // instead of waiting for an unreachable DNS server.
     assert_eq!(
         out(h1, "getent hosts phl2 | cut -d' ' -f1").await,
         "10.231.7.12"
+    );
+    let start = Instant::now();
+    assert!(
+        !h1.run("getent hosts no-such-host", T)
+            .await
+            .unwrap()
+            .success()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
     );
     // Each host is PID 1 = tini in its own PID namespace, with sshd under it.
     assert_eq!(out(h1, "cat /proc/1/comm").await, "tini");

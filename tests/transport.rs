@@ -45,6 +45,13 @@ async fn ssh_transport_against_lab_hosts() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let spec = LabSpec::new("pht", 2, "10.231.7", "phtest0", tmp.path().join("lab"));
+    // Leftovers of an aborted earlier run (this file's or the other lab test's, which uses the
+    // same bridge and addresses) would clash with the new hosts.
+    lab::down(
+        &LabSpec::new("phl", 3, "10.231.7", "phtest0", tmp.path().join("other")),
+        false,
+    )
+    .unwrap();
     lab::down(&spec, false).unwrap();
     let _guard = LabGuard(spec.clone());
     let info = tokio::task::block_in_place(|| lab::up(&spec)).unwrap();

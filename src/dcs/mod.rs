@@ -7,6 +7,7 @@
 //! - `memory`: an in-memory fake with leases and a controllable clock, for unit tests and the
 //!   multi-agent simulation only.
 
+pub mod etcd;
 pub mod model;
 
 use std::time::Duration;

@@ -117,7 +117,11 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 hostname {name}
 # Every lab host resolves the others by name (a managed block, rewritten at each boot).
 sed -i '/# pgherd-lab$/d' /etc/hosts
-{hosts_lines}exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh
+{hosts_lines}# No DNS: the lab network has no route to the machine's resolver, and every lookup that
+# misses /etc/hosts would hang for the resolver timeout (seconds) instead of failing at once.
+rm -f /etc/resolv.conf
+printf '# pgherd lab: no DNS, names come from /etc/hosts\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > /etc/resolv.conf
+exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh
 "#
     )
 }

@@ -5,6 +5,9 @@
 //!   `tokio::process`; SQL via tokio-postgres; generated postgresql.conf / pg_hba.conf).
 //! - `fake`: an in-memory PostgreSQL (role, LSN, timeline) for unit tests and the simulation.
 
+pub mod conf;
+pub mod local;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

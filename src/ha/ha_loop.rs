@@ -1,0 +1,1696 @@
+//! The observe → decide → act loop: [`HaLoop`] owns the trait objects (DCS, PostgreSQL, hooks,
+//! watchdog, peer probe), runs one HA cycle every `loop_wait` (or sooner when the DCS changes
+//! or the REST API sends a [`Command`]), and publishes an [`AgentStatus`] after every cycle.
+//!
+//! One cycle:
+//! 1. reap a finished long action; renew the leader lock first if we held it (so the renewal
+//!    deadline argument in [`decide`](super::decide) holds), else refresh our lease;
+//! 2. load the cluster view, renew if the key names us, observe PostgreSQL, ask the peers when
+//!    a race or a switchover needs them;
+//! 3. [`decide`](super::decide) (pure) and log the decision;
+//! 4. execute it through the traits; long actions (initdb, basebackup, start, promote, restart,
+//!    switchover stop) run in a named task while the loop keeps cycling and renewing;
+//! 5. leader bookkeeping (initialize, config, status, history, slots, sync), apply the dynamic
+//!    config, touch our member key, publish the status.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::callbacks::{CallbackAction, Hooks};
+use crate::config::{AgentConfig, WatchdogMode};
+use crate::dcs::{
+    ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, MemberData,
+    PATRONI_COMPAT_VERSION, Status, SyncState,
+};
+use crate::peers::{DEFAULT_PEER_TIMEOUT, PeerProbe};
+use crate::pg::{ControlState, PgState, PgStatus, Postgres, Role, StartAs, StopMode, Upstream};
+use crate::status::{AgentStatus, Command, CommandReply, RestartRequest};
+use crate::types::{MemberName, Timeline};
+use crate::watchdog::WatchdogDevice;
+
+use super::candidates::plan_sync;
+use super::decide::decide;
+use super::decision::Decision;
+use super::inputs::{ActionKind, Finished, Inputs, LocalFacts, Renewal, Tags, WatchdogFacts};
+
+/// Result of a long action's task: `Err` carries a log-safe message.
+type ActionResult = Result<(), String>;
+
+/// A long action running in its own task.
+struct RunningAction {
+    kind: ActionKind,
+    started_at: Instant,
+    cancel: CancellationToken,
+    handle: JoinHandle<ActionResult>,
+    /// `POST /restart` waiting for the outcome.
+    reply: Option<oneshot::Sender<CommandReply>>,
+    /// The action ran the pg_rewind check: success clears `rewind_check_pending`.
+    rewind_checked: bool,
+}
+
+/// What one cycle did (returned by [`HaLoop::run_cycle`] for step-driven simulations).
+#[derive(Debug, Clone)]
+pub struct CycleReport {
+    /// The decision, after the executor resolved two-phase ones (lock race, bootstrap race).
+    pub decision: Decision,
+    /// Whether the next cycle should run without waiting (a follow-up is due).
+    pub rerun: bool,
+}
+
+/// The HA loop of one agent. Construct with [`HaLoop::new`], drive with [`HaLoop::run`] (or
+/// [`HaLoop::run_cycle`] step by step in simulations).
+pub struct HaLoop {
+    cfg: AgentConfig,
+    config_path: Option<PathBuf>,
+    me: MemberName,
+    dcs: Arc<dyn Dcs>,
+    pg: Arc<dyn Postgres>,
+    hooks: Arc<dyn Hooks>,
+    watchdog: Box<dyn WatchdogDevice>,
+    peers: Arc<dyn PeerProbe>,
+    status_tx: watch::Sender<AgentStatus>,
+    commands: mpsc::Receiver<Command>,
+    peer_timeout: Duration,
+
+    // --- state carried between cycles ---
+    held_lock: bool,
+    /// When the last successful lease refresh (keepalive / update_leader / acquire) was sent.
+    lease_ok_sent: Option<Instant>,
+    pre_promote_failed_at: Option<Instant>,
+    rewind_check_pending: bool,
+    action: Option<RunningAction>,
+    finished: Option<Finished>,
+    action_done: Arc<Notify>,
+    last_view: Option<Arc<ClusterView>>,
+    config: DynamicConfig,
+    applied_config: Option<String>,
+    watchdog_usable: bool,
+    dcs_last_seen: Option<i64>,
+    scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
+    last_slots_wanted: Option<Vec<String>>,
+    last_member: Option<MemberData>,
+    last_pg: PgStatus,
+    last_decision: String,
+    role_after_stop: Option<Role>,
+    wake_now: bool,
+}
+
+impl HaLoop {
+    /// Builds the loop. Nothing happens until [`HaLoop::run`]. `status_tx` is typically made
+    /// with `watch::channel(HaLoop::initial_status(&cfg))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: AgentConfig,
+        dcs: Arc<dyn Dcs>,
+        pg: Arc<dyn Postgres>,
+        hooks: Arc<dyn Hooks>,
+        watchdog: Box<dyn WatchdogDevice>,
+        peers: Arc<dyn PeerProbe>,
+        status_tx: watch::Sender<AgentStatus>,
+        commands: mpsc::Receiver<Command>,
+    ) -> HaLoop {
+        let me = MemberName::new(cfg.name.clone());
+        let config = DynamicConfig(cfg.bootstrap.dcs.clone());
+        HaLoop {
+            me,
+            dcs,
+            pg,
+            hooks,
+            watchdog,
+            peers,
+            status_tx,
+            commands,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            config_path: None,
+            held_lock: false,
+            lease_ok_sent: None,
+            pre_promote_failed_at: None,
+            rewind_check_pending: false,
+            action: None,
+            finished: None,
+            action_done: Arc::new(Notify::new()),
+            last_view: None,
+            config,
+            applied_config: None,
+            watchdog_usable: true,
+            dcs_last_seen: None,
+            scheduled_restart: None,
+            last_slots_wanted: None,
+            last_member: None,
+            last_pg: PgStatus::default(),
+            last_decision: String::new(),
+            role_after_stop: None,
+            wake_now: false,
+            cfg,
+        }
+    }
+
+    /// The file `POST /reload` re-reads (tags, callbacks); without it reload only re-applies
+    /// the dynamic config.
+    pub fn with_config_path(mut self, path: PathBuf) -> HaLoop {
+        self.config_path = Some(path);
+        self
+    }
+
+    /// Overrides the peer probe timeout ([`DEFAULT_PEER_TIMEOUT`]).
+    pub fn with_peer_timeout(mut self, t: Duration) -> HaLoop {
+        self.peer_timeout = t;
+        self
+    }
+
+    /// The status to seed the watch channel with before the first cycle.
+    pub fn initial_status(cfg: &AgentConfig) -> AgentStatus {
+        let c = DynamicConfig(cfg.bootstrap.dcs.clone());
+        AgentStatus {
+            scope: cfg.scope.clone(),
+            name: cfg.name.clone(),
+            role: Role::Uninitialized,
+            state: PgState::Stopped,
+            pg: PgStatus::default(),
+            cluster: None,
+            dcs_ok: false,
+            dcs_last_seen: None,
+            leader_until: None,
+            paused: false,
+            tags: cfg.tags.clone(),
+            pending_restart: false,
+            pending_restart_reason: None,
+            scheduled_restart: None,
+            watchdog_failed: false,
+            last_decision: String::new(),
+            action_in_progress: None,
+            last_cycle: std::time::Instant::now(),
+            ttl: c.ttl(),
+            loop_wait: c.loop_wait(),
+            updated_at: std::time::SystemTime::now(),
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.config.ttl())
+    }
+    fn loop_wait(&self) -> Duration {
+        Duration::from_secs(self.config.loop_wait())
+    }
+    fn retry_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.retry_timeout())
+    }
+    fn tags(&self) -> Tags {
+        Tags::from_map(&self.cfg.tags)
+    }
+
+    /// Runs cycles until `shutdown` is cancelled, then shuts down like Patroni on SIGTERM:
+    /// unless paused, stop PostgreSQL (fast), release the leader key, disarm the watchdog.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        info!(member = %self.me, "starting HA loop");
+        let mut reran = false;
+        loop {
+            let started = Instant::now();
+            let report = self.run_cycle().await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // A follow-up cycle runs at once, but only one in a row: a decision that keeps
+            // asking for a rerun must not spin (under paused test time it would never yield).
+            if report.rerun && !reran {
+                reran = true;
+                continue;
+            }
+            reran = false;
+            // Cycles are scheduled from their *start* (Patroni's next_run += loop_wait): this
+            // bounds the gap between two lock renewals by loop_wait (plus an overrunning
+            // cycle), which the demotion deadline relies on.
+            let deadline = started + self.loop_wait();
+            if !self.sleep_until(deadline, &shutdown).await {
+                break;
+            }
+        }
+        self.shutdown().await;
+    }
+
+    /// Sleeps until `deadline`, a relevant DCS change, a command, or a finished action.
+    /// Returns `false` when shutdown was requested.
+    async fn sleep_until(&mut self, deadline: Instant, shutdown: &CancellationToken) -> bool {
+        let mut after = self.last_view.as_ref().map(|v| v.revision).unwrap_or(0);
+        // Cleared when the watch returns early without a change (DCS trouble): we then nap on
+        // the timer alone instead of spinning on a failing watch.
+        let mut watching = true;
+        loop {
+            let now = Instant::now();
+            if now >= deadline || self.wake_now {
+                self.wake_now = false;
+                return true;
+            }
+            let remaining = deadline - now;
+            let dcs = self.dcs.clone();
+            let done = self.action_done.clone();
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(deadline) => return true,
+                _ = done.notified() => return true,
+                cmd = self.commands.recv() => {
+                    match cmd {
+                        Some(c) => {
+                            if self.handle_command(c).await {
+                                return true;
+                            }
+                        }
+                        // The API is gone: keep cycling on the timer alone.
+                        None => {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return false,
+                                _ = tokio::time::sleep_until(deadline) => return true,
+                            }
+                        }
+                    }
+                }
+                changed = dcs.wait_for_change(after, remaining), if watching => {
+                    if !changed {
+                        watching = false;
+                        continue;
+                    }
+                    // Only changes that can alter a decision end the nap early (Patroni wakes
+                    // on leader/config/failover changes); our own member writes would
+                    // otherwise keep waking every agent.
+                    match dcs.load().await {
+                        Ok(v) => {
+                            after = v.revision;
+                            if self.interesting_change(&v) {
+                                return true;
+                            }
+                        }
+                        Err(_) => return true,
+                    }
+                }
+            }
+        }
+    }
+
+    fn interesting_change(&self, v: &ClusterView) -> bool {
+        let Some(old) = &self.last_view else {
+            return true;
+        };
+        old.leader.as_ref().map(|l| (&l.name, l.revision))
+            != v.leader.as_ref().map(|l| (&l.name, l.revision))
+            || old.initialize != v.initialize
+            || old.config.as_ref().map(|c| c.1) != v.config.as_ref().map(|c| c.1)
+            || old.failover.as_ref().map(|c| c.1) != v.failover.as_ref().map(|c| c.1)
+            || old.sync.as_ref().map(|c| c.1) != v.sync.as_ref().map(|c| c.1)
+            || old.members.len() != v.members.len()
+    }
+
+    /// One full HA cycle. Public so that simulations can drive agents step by step.
+    pub async fn run_cycle(&mut self) -> CycleReport {
+        // Drain commands that arrived while we were busy.
+        while let Ok(c) = self.commands.try_recv() {
+            self.handle_command(c).await;
+        }
+        let now = Instant::now();
+        self.reap_action().await;
+
+        // 1. Renew first when we lead: see decide.rs `dcs_unreachable` for why the deadline
+        //    argument needs the renewal at the top of the cycle.
+        let mut renewal = Renewal::NotAttempted;
+        if self.held_lock {
+            renewal = self.renew(now).await;
+        } else {
+            self.refresh_lease(now).await;
+        }
+
+        // 2. Observe. A failed renewal skips the load: we demote without spending another
+        //    retry_timeout on a DCS that just failed us.
+        let view = if renewal == Renewal::Failed {
+            None
+        } else {
+            match self.bounded(self.dcs.load()).await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    warn!(error = %e, "failed to load the cluster from the DCS");
+                    None
+                }
+            }
+        };
+        if let Some(v) = &view {
+            self.dcs_last_seen = Some(Utc::now().timestamp());
+            if let Some((c, _)) = &v.config {
+                self.config = c.clone();
+            }
+            if !self.held_lock && v.leader_name() == Some(&self.me) {
+                // A restarted agent whose key still names it re-attaches it (Patroni: "I am
+                // the leader but not owner of the lease").
+                renewal = self.renew(Instant::now()).await;
+            }
+        }
+        let pg = self.pg.observe().await;
+        let peers = match &view {
+            Some(v) if self.needs_peers(v, &pg) => {
+                let members: Vec<_> = v
+                    .members
+                    .values()
+                    .filter(|m| m.name != self.me)
+                    .cloned()
+                    .collect();
+                self.peers.fetch(&members, self.peer_timeout).await
+            }
+            _ => Vec::new(),
+        };
+
+        // 3. Decide.
+        let inputs = Inputs {
+            me: self.me.clone(),
+            cluster: view.clone(),
+            renewal,
+            last_renewal_sent: self.lease_ok_sent,
+            pg: pg.clone(),
+            local: LocalFacts {
+                tags: self.tags(),
+                watchdog: WatchdogFacts {
+                    mode: self.cfg.watchdog.mode,
+                    usable: self.watchdog_usable,
+                },
+                held_lock: self.held_lock,
+                pre_promote_failed_at: self.pre_promote_failed_at,
+                action: self.action.as_ref().map(|a| a.kind),
+                action_started_at: self.action.as_ref().map(|a| a.started_at),
+                finished: self.finished.take(),
+                rewind_check_pending: self.rewind_check_pending,
+            },
+            peers,
+            config: self.config.clone(),
+            now,
+            wall_now: Utc::now(),
+        };
+        let decision = decide(&inputs);
+
+        // 4. Act.
+        let (decision, rerun) = self.execute(decision, &inputs).await;
+        let paused = inputs.paused();
+        if paused {
+            info!(member = %self.me, "PAUSE: {decision}");
+        } else {
+            info!(member = %self.me, "{decision}");
+        }
+        if let Decision::NotHealthiest { reason } = &decision {
+            debug!(%reason, "not racing");
+        }
+        self.last_decision = decision.to_string();
+
+        // 5. Bookkeeping.
+        if paused || !self.held_lock {
+            // The watchdog protects a primary whose agent hangs; a non-leader or a paused
+            // cluster must not be reset by it.
+            self.watchdog_close();
+        }
+        let pg_after = if decision.demotes() || rerun {
+            self.pg.observe().await
+        } else {
+            pg
+        };
+        if let Some(v) = &view {
+            self.apply_dynamic_config(&pg_after).await;
+            if self.held_lock && pg_after.is_running_primary() && self.action.is_none() {
+                self.leader_bookkeeping(v, &inputs, &pg_after).await;
+            }
+            self.check_scheduled_restart(&pg_after).await;
+            self.touch_member(&pg_after, paused).await;
+        }
+        self.last_view = view.map(Arc::new).or(self.last_view.take());
+        self.last_pg = pg_after;
+        self.publish(view_ok(&inputs), paused);
+        CycleReport { decision, rerun }
+    }
+
+    /// Peers are needed to race (no leader) and, on the leader, to judge a switchover or a
+    /// crash failover.
+    fn needs_peers(&self, v: &ClusterView, pg: &PgStatus) -> bool {
+        match v.leader_name() {
+            None => true,
+            Some(l) if *l == self.me => v.failover_request().is_some() || !pg.running,
+            Some(_) => false,
+        }
+    }
+
+    /// Wraps a DCS call in a retry_timeout deadline (belt and braces: the trait promises it).
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, DcsError>>,
+    ) -> Result<T, DcsError> {
+        match tokio::time::timeout(self.retry_timeout(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(DcsError::Unavailable("timed out".into())),
+        }
+    }
+
+    /// Renews the leader lock. The time budget is capped so that, if renewal fails, at least
+    /// retry_timeout remains before the lease (last success + ttl) can lapse: that is the time
+    /// reserved to stop PostgreSQL.
+    async fn renew(&mut self, sent: Instant) -> Renewal {
+        let ttl = self.ttl();
+        let retry = self.retry_timeout();
+        let budget = match self.lease_ok_sent {
+            Some(t) if self.held_lock => (t + ttl)
+                .saturating_duration_since(sent)
+                .saturating_sub(retry)
+                .min(retry),
+            _ => retry,
+        };
+        if budget.is_zero() {
+            warn!("leader lease too close to expiry to risk a renewal");
+            return Renewal::Failed;
+        }
+        let dcs = self.dcs.clone();
+        let me = self.me.clone();
+        let attempt = async {
+            match dcs.update_leader(&me).await {
+                Err(DcsError::LeaseNotFound) => {
+                    // Our lease expired (e.g. a long pause of the process): take a new one; the
+                    // update re-attaches the key if it still names us.
+                    dcs.ensure_lease(ttl).await?;
+                    dcs.update_leader(&me).await
+                }
+                r => r,
+            }
+        };
+        let r = match tokio::time::timeout(budget, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(DcsError::Unavailable("renewal timed out".into())),
+        };
+        match r {
+            Ok(true) => {
+                self.lease_ok_sent = Some(sent);
+                self.held_lock = true;
+                // Pet the watchdog only after a successful renewal: a hung loop then cannot
+                // keep the host alive past its lease.
+                if self.watchdog.is_open()
+                    && let Err(e) = self.watchdog.keepalive()
+                {
+                    warn!(error = %e, "watchdog keepalive failed");
+                }
+                Renewal::Renewed
+            }
+            Ok(false) => {
+                self.held_lock = false;
+                Renewal::Lost
+            }
+            Err(e) => {
+                warn!(error = %e, "failed to update leader lock");
+                Renewal::Failed
+            }
+        }
+    }
+
+    /// Keeps a non-leader's lease (and with it the member key) alive.
+    async fn refresh_lease(&mut self, sent: Instant) {
+        let ttl = self.ttl();
+        let dcs = self.dcs.clone();
+        let r = self
+            .bounded(async {
+                dcs.ensure_lease(ttl).await?;
+                match dcs.keepalive().await {
+                    Err(DcsError::LeaseNotFound) => {
+                        dcs.ensure_lease(ttl).await?;
+                        Ok(())
+                    }
+                    r => r,
+                }
+            })
+            .await;
+        match r {
+            Ok(()) => self.lease_ok_sent = Some(sent),
+            Err(e) => debug!(error = %e, "lease refresh failed"),
+        }
+    }
+
+    // ------------------------------------------------------------------ execution
+
+    /// Carries out a decision. Returns the decision to report (two-phase decisions resolve to
+    /// their outcome) and whether to run the next cycle at once.
+    async fn execute(&mut self, d: Decision, i: &Inputs) -> (Decision, bool) {
+        let view = i.cluster.as_ref();
+        match &d {
+            Decision::DemoteDcsUnreachable | Decision::DemoteRenewalFailed => {
+                // Emergency: before_stop is skipped (it could eat the time reserved to stop).
+                self.cancel_action().await;
+                self.stop_pg(StopMode::Immediate, false).await;
+                self.lose_lock(false).await;
+            }
+            Decision::DcsUnreachablePaused | Decision::DcsUnreachableSecondary => {}
+            Decision::PausedRenewalFailed => {}
+            Decision::LeaderDuringAction { .. } | Decision::ActionInProgress { .. } => {}
+            Decision::CancelPromoteLostLock => {
+                self.cancel_action().await;
+                self.stop_pg(StopMode::Immediate, false).await;
+                self.lose_lock(false).await;
+            }
+            Decision::ReleaseAfterStartTimeout => {
+                self.cancel_action().await;
+                self.stop_pg(StopMode::Immediate, false).await;
+                self.lose_lock(true).await;
+                return (d, true);
+            }
+            Decision::RaceBootstrap => match self.bounded(self.dcs.race_initialize()).await {
+                Ok(true) => {
+                    self.spawn_bootstrap();
+                }
+                Ok(false) => {
+                    info!("failed to acquire initialize lock");
+                    return (Decision::WaitForLeaderToBootstrap, false);
+                }
+                Err(e) => {
+                    warn!(error = %e, "bootstrap race failed");
+                    return (Decision::WaitForLeaderToBootstrap, false);
+                }
+            },
+            Decision::FinishBootstrap => {
+                if !self.finish_bootstrap(i).await {
+                    return (Decision::AbortBootstrap, true);
+                }
+            }
+            Decision::AbortBootstrap => {
+                let _ = self.bounded(self.dcs.delete_initialize()).await;
+                self.stop_pg(StopMode::Immediate, false).await;
+                if let Err(e) = self.pg.wipe_data_dir().await {
+                    error!(error = %e, "failed to wipe the data directory after a failed bootstrap");
+                }
+            }
+            Decision::WaitForLeaderToBootstrap => {}
+            Decision::CloneFrom { source, .. } => {
+                if let Some(v) = view {
+                    self.spawn_clone(v, source, ActionKind::Clone, None);
+                }
+            }
+            Decision::ReleaseLockDataDirEmpty
+            | Decision::PausedReleaseNotPrimary
+            | Decision::ReleaseLockWatchdog => {
+                self.lose_lock(true).await;
+            }
+            Decision::PausedUninitialized => {}
+            Decision::SysidMismatch { .. } => {
+                error!(
+                    "refusing to act on a data directory of another cluster; consider reinitialize"
+                );
+            }
+            Decision::NoInitializeRunningReplica => {
+                error!("refusing to adopt a running replica without an initialize key");
+            }
+            Decision::AdoptExistingData { sysid } => {
+                if let Err(e) = self.bounded(self.dcs.set_initialize(sysid)).await {
+                    warn!(error = %e, "failed to write initialize");
+                }
+                return (d, true);
+            }
+            Decision::StartPrimaryAfterFailure => {
+                let timeout = Duration::from_secs(self.config.primary_start_timeout().max(10));
+                self.spawn_start(ActionKind::StartPrimary, StartAs::Primary, None, timeout);
+            }
+            Decision::ReleaseAfterFailedStart | Decision::FailoverAfterCrash => {
+                self.stop_pg(StopMode::Immediate, false).await;
+                self.lose_lock(true).await;
+                self.rewind_check_pending = true;
+            }
+            Decision::StartAsReplica {
+                leader,
+                rewind_check,
+            } => {
+                let up = leader
+                    .as_ref()
+                    .and_then(|l| view.and_then(|v| upstream_of(v, l)));
+                let rewind = if *rewind_check { up.clone() } else { None };
+                self.spawn_start(
+                    ActionKind::StartReplica,
+                    StartAs::Replica { upstream: up },
+                    rewind,
+                    Duration::from_secs(60),
+                );
+            }
+            Decision::PausedStopped { release_lock } => {
+                if *release_lock {
+                    self.lose_lock(true).await;
+                }
+            }
+            Decision::LeaderRenewed { .. } => {}
+            Decision::PromoteWithLock => {
+                self.promote(i).await;
+            }
+            Decision::SwitchoverDemote { .. } => {
+                self.spawn_switchover_demote();
+            }
+            Decision::ReleaseAfterSwitchover => {
+                self.lose_lock(true).await;
+                self.rewind_check_pending = true;
+                self.hooks
+                    .callback(CallbackAction::OnRoleChange, Role::Demoted);
+                // Give the candidate a moment (Patroni sleeps 2 s) — we simply wake on the DCS
+                // change that its new leader key causes.
+            }
+            Decision::ClearFailover { .. } => {
+                let rev = view.and_then(|v| v.failover.as_ref().map(|f| f.1));
+                let _ = self
+                    .bounded(self.dcs.set_failover(&Failover::default(), rev))
+                    .await;
+            }
+            Decision::AwaitScheduledSwitchover { .. } => {}
+            Decision::DemoteNotLeader { .. } => {
+                // Another node holds the lock: two writable primaries must not coexist, so
+                // stop at once (immediate, like Patroni's immediate-nolock).
+                self.cancel_action().await;
+                self.stop_pg(StopMode::Immediate, false).await;
+                self.lose_lock(false).await;
+                self.rewind_check_pending = true;
+                self.hooks
+                    .callback(CallbackAction::OnRoleChange, Role::Demoted);
+                return (d, true);
+            }
+            Decision::PausedPrimaryWithoutLock { .. } => {}
+            Decision::FollowLeader {
+                leader,
+                reconfigure,
+                ..
+            } => {
+                if *reconfigure
+                    && let Some(up) = view.and_then(|v| upstream_of(v, leader))
+                    && let Err(e) = self.pg.follow(Some(&up)).await
+                {
+                    warn!(error = %e, "failed to point the replica at the new leader");
+                }
+            }
+            Decision::AcquireLock => {
+                return self.acquire(i).await;
+            }
+            Decision::PromotedByLock | Decision::FollowAfterFailedRace => {}
+            Decision::NotHealthiest { .. } | Decision::NotAllowedToPromote => {}
+        }
+        (d, false)
+    }
+
+    /// The race: create the leader key; on success clear the failover request and promote.
+    async fn acquire(&mut self, i: &Inputs) -> (Decision, bool) {
+        let ttl = self.ttl();
+        let dcs = self.dcs.clone();
+        let me = self.me.clone();
+        let sent = Instant::now();
+        let r = self
+            .bounded(async {
+                dcs.ensure_lease(ttl).await?;
+                dcs.acquire_leader(&me).await
+            })
+            .await;
+        match r {
+            Ok(true) => {
+                self.held_lock = true;
+                self.lease_ok_sent = Some(sent);
+                if let Some(v) = &i.cluster
+                    && let Some((f, rev)) = &v.failover
+                    && !f.is_empty()
+                {
+                    // Paused with leader+candidate: keep the candidate request alive as
+                    // a plain failover (Patroni).
+                    let next = if i.paused() && f.leader.is_some() && f.member.is_some() {
+                        Failover {
+                            member: f.member.clone(),
+                            ..Default::default()
+                        }
+                    } else {
+                        Failover::default()
+                    };
+                    let _ = self.bounded(self.dcs.set_failover(&next, Some(*rev))).await;
+                }
+                if !i.pg.is_running_primary() {
+                    self.promote(i).await;
+                }
+                (Decision::PromotedByLock, false)
+            }
+            Ok(false) => (Decision::FollowAfterFailedRace, true),
+            Err(e) => {
+                warn!(error = %e, "leader race failed");
+                (Decision::FollowAfterFailedRace, false)
+            }
+        }
+    }
+
+    /// Promotion while holding the lock: watchdog, pre_promote, sync pre-promote, then the
+    /// async `pg_ctl promote`.
+    async fn promote(&mut self, i: &Inputs) {
+        if !self.watchdog_activate() {
+            // required + unusable: never become primary without the reset guarantee.
+            self.lose_lock(true).await;
+            return;
+        }
+        if !self.hooks.pre_promote().await {
+            warn!("pre_promote script failed: releasing the lock and not racing for ttl");
+            self.pre_promote_failed_at = Some(Instant::now());
+            self.lose_lock(true).await;
+            return;
+        }
+        if self.config.synchronous_mode() {
+            // Before promoting in sync mode publish ourselves as the sync leader with no
+            // standby: from now on only nodes we confirm may take over (§3.10).
+            let rev = i
+                .cluster
+                .as_ref()
+                .and_then(|v| v.sync.as_ref().map(|s| s.1));
+            let s = SyncState {
+                leader: Some(self.me.to_string()),
+                quorum: 0,
+                sync_standby: None,
+            };
+            match self.bounded(self.dcs.set_sync(Some(&s), rev)).await {
+                Ok(true) => {}
+                _ => {
+                    warn!("failed to write /sync before promotion; postponing promotion");
+                    return;
+                }
+            }
+            let ssn = if self.config.synchronous_mode_strict() {
+                "*"
+            } else {
+                ""
+            };
+            let _ = self.pg.set_synchronous_standby_names(ssn).await;
+        }
+        let pg = self.pg.clone();
+        let hooks = self.hooks.clone();
+        let timeout = self.retry_timeout().max(Duration::from_secs(30));
+        self.spawn_action(ActionKind::Promote, None, async move {
+            pg.promote(timeout).await.map_err(|e| e.to_string())?;
+            hooks.callback(CallbackAction::OnRoleChange, Role::Primary);
+            // A checkpoint right after promotion lets ex-primaries pg_rewind from us.
+            if let Err(e) = pg.checkpoint().await {
+                warn!(error = %e, "checkpoint after promote failed");
+            }
+            Ok(())
+        });
+    }
+
+    /// Gives up the lock. `release`: delete the key (CAS on our name); otherwise it is left to
+    /// expire or is already someone else's.
+    async fn lose_lock(&mut self, release: bool) {
+        if release
+            && (self.held_lock
+                || self.last_view.as_ref().and_then(|v| v.leader_name()) == Some(&self.me))
+            && let Err(e) = self.bounded(self.dcs.release_leader(&self.me)).await
+        {
+            warn!(error = %e, "failed to release the leader key");
+        }
+        self.held_lock = false;
+        self.watchdog_close();
+    }
+
+    /// Stops PostgreSQL (bounded by retry_timeout for immediate stops) and fires on_stop.
+    async fn stop_pg(&mut self, mode: StopMode, run_before_stop: bool) {
+        let observed = self.pg.observe().await;
+        if !observed.running {
+            return;
+        }
+        if run_before_stop {
+            self.hooks.before_stop().await;
+        }
+        let timeout = match mode {
+            StopMode::Immediate => self.retry_timeout(),
+            _ => Duration::from_secs(60),
+        };
+        if let Err(e) = self.pg.stop(mode, timeout).await {
+            error!(error = %e, "failed to stop postgres");
+            // Last resort: an immediate stop must not be skipped when safety depends on it.
+            let _ = self
+                .pg
+                .stop(StopMode::Immediate, self.retry_timeout())
+                .await;
+        }
+        self.role_after_stop = Some(Role::Demoted);
+        self.hooks.callback(CallbackAction::OnStop, Role::Demoted);
+    }
+
+    /// Opens the watchdog per mode before becoming primary. `false` when leadership must be
+    /// refused (required mode and unusable).
+    fn watchdog_activate(&mut self) -> bool {
+        let mode = self.cfg.watchdog.mode;
+        if mode == WatchdogMode::Off || self.watchdog.is_open() {
+            return true;
+        }
+        let ttl = self.config.ttl() as i64;
+        let margin = self.cfg.watchdog.safety_margin;
+        // Timeout = ttl − safety_margin (ttl/2 when −1): the host resets before (or as) the
+        // lease expires if the loop stops petting it.
+        let secs = if margin == -1 { ttl / 2 } else { ttl - margin };
+        let supported = secs >= self.config.loop_wait() as i64 && secs > 0;
+        let r = if supported {
+            self.watchdog
+                .open(Duration::from_secs(secs as u64))
+                .map_err(|e| e.to_string())
+        } else {
+            Err(format!("watchdog timeout {secs}s shorter than loop_wait"))
+        };
+        match r {
+            Ok(()) => {
+                self.watchdog_usable = true;
+                true
+            }
+            Err(e) => {
+                self.watchdog_usable = false;
+                if mode == WatchdogMode::Required {
+                    error!(error = %e, "watchdog required but unusable: refusing leadership");
+                    false
+                } else {
+                    warn!(error = %e, "watchdog unusable, continuing without it");
+                    true
+                }
+            }
+        }
+    }
+
+    fn watchdog_close(&mut self) {
+        if self.watchdog.is_open() {
+            self.watchdog.close();
+        }
+    }
+
+    // ------------------------------------------------------------------ long actions
+
+    fn spawn_action(
+        &mut self,
+        kind: ActionKind,
+        reply: Option<oneshot::Sender<CommandReply>>,
+        fut: impl std::future::Future<Output = ActionResult> + Send + 'static,
+    ) {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let done = self.action_done.clone();
+        let span = info_span!("ha_action", action = kind.as_str(), member = %self.me);
+        let handle = tokio::spawn(
+            async move {
+                let r = tokio::select! {
+                    _ = c.cancelled() => Err("cancelled".to_string()),
+                    r = fut => r,
+                };
+                done.notify_one();
+                r
+            }
+            .instrument(span),
+        );
+        self.action = Some(RunningAction {
+            kind,
+            started_at: Instant::now(),
+            cancel,
+            handle,
+            reply,
+            rewind_checked: false,
+        });
+    }
+
+    /// Collects a finished action's outcome for the next decision.
+    async fn reap_action(&mut self) {
+        let finished = self.action.as_ref().is_some_and(|a| a.handle.is_finished());
+        if !finished {
+            return;
+        }
+        let a = self.action.take().expect("checked");
+        let r = match a.handle.await {
+            Ok(r) => r,
+            Err(e) => Err(format!("task failed: {e}")),
+        };
+        match &r {
+            Ok(()) => info!(action = a.kind.as_str(), "action finished"),
+            Err(e) => warn!(action = a.kind.as_str(), error = %e, "action failed"),
+        }
+        if (a.rewind_checked || matches!(a.kind, ActionKind::Clone | ActionKind::Reinitialize))
+            && r.is_ok()
+        {
+            self.rewind_check_pending = false;
+        }
+        if let Some(reply) = a.reply {
+            let msg = match (&r, a.kind) {
+                (Ok(()), ActionKind::Restart) => CommandReply::new(200, "restarted successfully"),
+                (Err(_), ActionKind::Restart) => CommandReply::new(503, "restart failed"),
+                (Ok(()), k) => CommandReply::new(200, format!("{k} finished")),
+                (Err(_), k) => CommandReply::new(503, format!("{k} failed")),
+            };
+            let _ = reply.send(msg);
+        }
+        self.finished = Some(Finished {
+            kind: a.kind,
+            ok: r.is_ok(),
+        });
+    }
+
+    async fn cancel_action(&mut self) {
+        if let Some(a) = self.action.take() {
+            a.cancel.cancel();
+            let _ = a.handle.await;
+            if let Some(reply) = a.reply {
+                let _ = reply.send(CommandReply::new(503, format!("{} cancelled", a.kind)));
+            }
+        }
+    }
+
+    fn spawn_bootstrap(&mut self) {
+        let pg = self.pg.clone();
+        let timeout = Duration::from_secs(self.config.primary_start_timeout().max(60));
+        self.spawn_action(ActionKind::Bootstrap, None, async move {
+            pg.initdb().await.map_err(|e| e.to_string())?;
+            pg.start(&StartAs::Primary, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            pg.post_bootstrap().await.map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
+    /// After a successful bootstrap task: watchdog, `initialize`, `config`, the lock.
+    async fn finish_bootstrap(&mut self, i: &Inputs) -> bool {
+        if !self.watchdog_activate() {
+            return false;
+        }
+        let Some(sysid) = i.pg.sysid.clone() else {
+            error!("bootstrapped cluster has no system identifier");
+            return false;
+        };
+        if let Err(e) = self.bounded(self.dcs.set_initialize(&sysid)).await {
+            warn!(error = %e, "failed to publish initialize");
+            return false;
+        }
+        if i.cluster.as_ref().is_some_and(|v| v.config.is_none()) {
+            let c = DynamicConfig(self.cfg.bootstrap.dcs.clone());
+            let _ = self.bounded(self.dcs.set_config(&c, None)).await;
+        }
+        let sent = Instant::now();
+        let me = self.me.clone();
+        let ttl = self.ttl();
+        let dcs = self.dcs.clone();
+        if let Err(e) = self
+            .bounded(async {
+                dcs.ensure_lease(ttl).await?;
+                dcs.take_leader(&me).await
+            })
+            .await
+        {
+            warn!(error = %e, "failed to take the leader key after bootstrap");
+            return false;
+        }
+        self.held_lock = true;
+        self.lease_ok_sent = Some(sent);
+        if self.config.synchronous_mode() && self.config.synchronous_mode_strict() {
+            let _ = self.pg.set_synchronous_standby_names("*").await;
+        }
+        self.hooks.callback(CallbackAction::OnStart, Role::Primary);
+        true
+    }
+
+    fn spawn_clone(
+        &mut self,
+        v: &ClusterView,
+        source: &MemberName,
+        kind: ActionKind,
+        reply: Option<oneshot::Sender<CommandReply>>,
+    ) {
+        let Some(from) = upstream_of(v, source) else {
+            warn!(%source, "clone source has no usable conn_url");
+            return;
+        };
+        let follow = v.leader_name().and_then(|l| upstream_of(v, l));
+        let pg = self.pg.clone();
+        let hooks = self.hooks.clone();
+        self.spawn_action(kind, reply, async move {
+            if kind == ActionKind::Reinitialize {
+                let _ = pg.stop(StopMode::Immediate, Duration::from_secs(30)).await;
+                pg.wipe_data_dir().await.map_err(|e| e.to_string())?;
+            }
+            pg.basebackup(&from).await.map_err(|e| e.to_string())?;
+            pg.start(
+                &StartAs::Replica { upstream: follow },
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            hooks.callback(CallbackAction::OnStart, Role::Replica);
+            Ok(())
+        });
+    }
+
+    fn spawn_start(
+        &mut self,
+        kind: ActionKind,
+        start_as: StartAs,
+        rewind_from: Option<Upstream>,
+        timeout: Duration,
+    ) {
+        let pg = self.pg.clone();
+        let hooks = self.hooks.clone();
+        let rewind_allowed = self
+            .config
+            .use_pg_rewind()
+            .unwrap_or(self.cfg.postgresql.use_pg_rewind);
+        let role = if start_as == StartAs::Primary {
+            Role::Primary
+        } else {
+            Role::Replica
+        };
+        let rewind_checked = rewind_from.is_some();
+        self.spawn_action(kind, None, async move {
+            if let Some(leader) = rewind_from {
+                // The check needs a stopped cluster (we may be a running replica without an
+                // upstream); stopping a stopped server is a no-op.
+                pg.stop(StopMode::Fast, Duration::from_secs(60))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // Our WAL may contain changes the new leader never received (we were primary):
+                // streaming would then fail or, worse, silently diverge.
+                if pg.needs_rewind(&leader).await.map_err(|e| e.to_string())? {
+                    if !rewind_allowed {
+                        return Err(
+                            "timeline diverged and use_pg_rewind is off: reinitialize required"
+                                .into(),
+                        );
+                    }
+                    pg.rewind(&leader).await.map_err(|e| e.to_string())?;
+                }
+            }
+            pg.start(&start_as, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            hooks.callback(CallbackAction::OnStart, role);
+            Ok(())
+        });
+        if let Some(a) = self.action.as_mut() {
+            a.rewind_checked = rewind_checked;
+        }
+    }
+
+    fn spawn_switchover_demote(&mut self) {
+        let pg = self.pg.clone();
+        let hooks = self.hooks.clone();
+        let stop_timeout = Duration::from_secs(self.config.primary_stop_timeout().max(60));
+        self.spawn_action(ActionKind::SwitchoverDemote, None, async move {
+            // Graceful demote, simplest safe form: checkpoint (shortens the shutdown), stop
+            // fast while still holding the lock so no candidate promotes while we accept
+            // writes; the loop releases the lock once the stop finished.
+            if let Err(e) = pg.checkpoint().await {
+                warn!(error = %e, "checkpoint before switchover failed");
+            }
+            hooks.before_stop().await;
+            pg.stop(StopMode::Fast, stop_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            hooks.callback(CallbackAction::OnStop, Role::Demoted);
+            Ok(())
+        });
+    }
+
+    // ------------------------------------------------------------------ leader bookkeeping
+
+    async fn leader_bookkeeping(&mut self, v: &ClusterView, i: &Inputs, pg: &PgStatus) {
+        // initialize / config: the leader repairs missing cluster records.
+        if let Some(sysid) = &pg.sysid
+            && v.initialize.as_deref().is_none_or(|s| s.is_empty())
+        {
+            let _ = self.bounded(self.dcs.set_initialize(sysid)).await;
+        }
+        if v.config.is_none() {
+            let c = DynamicConfig(self.cfg.bootstrap.dcs.clone());
+            let _ = self.bounded(self.dcs.set_config(&c, None)).await;
+        }
+        // Replication slots: one per member, created the cycle the member appears so a new
+        // replica never streams without WAL retention.
+        let use_slots = self
+            .config
+            .use_slots()
+            .unwrap_or(self.cfg.postgresql.use_slots);
+        let mut wanted: Vec<String> = v
+            .members
+            .values()
+            .filter(|m| m.name != self.me && !m.data.tag_bool("nostream"))
+            .map(|m| m.name.slot_name())
+            .collect();
+        wanted.sort();
+        if use_slots {
+            let have: Vec<String> = {
+                let mut h: Vec<String> = pg
+                    .slots
+                    .iter()
+                    .filter(|s| s.physical)
+                    .map(|s| s.name.clone())
+                    .collect();
+                h.sort();
+                h
+            };
+            if have != wanted || self.last_slots_wanted.as_ref() != Some(&wanted) {
+                match self.pg.sync_slots(&wanted, &[]).await {
+                    Ok(()) => self.last_slots_wanted = Some(wanted.clone()),
+                    Err(e) => warn!(error = %e, "failed to sync replication slots"),
+                }
+            }
+        }
+        // status: optime and slot positions, written only when changed.
+        let optime = pg.wal_position().0;
+        let mut slots: BTreeMap<String, u64> = pg
+            .slots
+            .iter()
+            .filter_map(|s| s.restart_lsn.map(|l| (s.name.clone(), l.0)))
+            .collect();
+        slots.insert(self.me.slot_name(), optime);
+        let status = Status {
+            optime,
+            slots,
+            retain_slots: wanted,
+        };
+        if status != v.status {
+            let _ = self.bounded(self.dcs.set_status(&status)).await;
+        }
+        // history after a promotion: the timeline history file, 5-field lines.
+        self.update_history(v, pg).await;
+        // synchronous replication.
+        self.apply_sync_plan(v, i).await;
+    }
+
+    async fn update_history(&mut self, v: &ClusterView, pg: &PgStatus) {
+        let Some(Timeline(tl)) = pg.timeline else {
+            return;
+        };
+        if tl <= 1 {
+            return;
+        }
+        let last_ok = v.history.last().is_some_and(|h| {
+            h.parent_timeline + 1 == tl && h.new_leader.is_some() && h.timestamp.is_some()
+        });
+        if last_ok {
+            return;
+        }
+        let Ok(mut lines) = self.pg.timeline_history().await else {
+            return;
+        };
+        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
+        let n = lines.len();
+        for (idx, l) in lines.iter_mut().enumerate() {
+            // Keep timestamps/leaders the DCS copy already had for older lines.
+            if let Some(old) = v
+                .history
+                .iter()
+                .find(|h| h.parent_timeline == l.parent_timeline)
+            {
+                l.timestamp = l.timestamp.clone().or(old.timestamp.clone());
+                l.new_leader = l.new_leader.clone().or(old.new_leader.clone());
+            }
+            if idx + 1 == n {
+                l.timestamp.get_or_insert(now.clone());
+                l.new_leader.get_or_insert(self.me.to_string());
+            }
+        }
+        if !lines.is_empty() {
+            let lines: Vec<HistoryLine> = lines;
+            let _ = self.bounded(self.dcs.set_history(&lines)).await;
+        }
+    }
+
+    /// Applies the [`plan_sync`] steps in their safe order.
+    async fn apply_sync_plan(&mut self, v: &ClusterView, i: &Inputs) {
+        let plan = plan_sync(i, v);
+        let mut rev = v.sync.as_ref().map(|s| s.1);
+        if plan.disable {
+            if let Some(ssn) = &plan.ssn {
+                let _ = self.pg.set_synchronous_standby_names(ssn).await;
+            }
+            let _ = self.bounded(self.dcs.set_sync(None, rev)).await;
+            return;
+        }
+        let state = |names: &[String]| SyncState {
+            leader: Some(self.me.to_string()),
+            quorum: 0,
+            sync_standby: if names.is_empty() {
+                None
+            } else {
+                Some(names.join(","))
+            },
+        };
+        if let Some(shrunk) = &plan.shrink {
+            // Remove from /sync first, then from PostgreSQL.
+            match self
+                .bounded(self.dcs.set_sync(Some(&state(shrunk)), rev))
+                .await
+            {
+                Ok(true) => {
+                    if let Ok(nv) = self.bounded(self.dcs.load()).await {
+                        rev = nv.sync.as_ref().map(|s| s.1);
+                    }
+                }
+                _ => return,
+            }
+        }
+        if let Some(ssn) = &plan.ssn
+            && let Err(e) = self.pg.set_synchronous_standby_names(ssn).await
+        {
+            warn!(error = %e, "failed to set synchronous_standby_names");
+            return;
+        }
+        if let Some(publish) = &plan.publish {
+            let _ = self
+                .bounded(self.dcs.set_sync(Some(&state(publish)), rev))
+                .await;
+        }
+    }
+
+    async fn apply_dynamic_config(&mut self, pg: &PgStatus) {
+        if !pg.data_dir_initialized {
+            // Nothing to configure yet (initdb/basebackup write the files first).
+            return;
+        }
+        let json = self.config.to_json();
+        if self.applied_config.as_deref() == Some(json.as_str()) {
+            return;
+        }
+        match self.pg.apply_dynamic_config(&self.config).await {
+            Ok(needs_reload) => {
+                self.applied_config = Some(json);
+                if needs_reload && pg.running && self.pg.reload().await.is_ok() {
+                    self.hooks
+                        .callback(CallbackAction::OnReload, self.role_of(pg));
+                }
+            }
+            Err(e) => warn!(error = %e, "failed to apply the dynamic configuration"),
+        }
+    }
+
+    // ------------------------------------------------------------------ commands
+
+    /// Handles an API command. Returns `true` when a cycle should run now.
+    async fn handle_command(&mut self, c: Command) -> bool {
+        match c {
+            Command::Wakeup => true,
+            Command::Reload { reply } => {
+                if let Some(p) = &self.config_path {
+                    match AgentConfig::load(p) {
+                        Ok(new) => self.cfg = new,
+                        Err(e) => warn!(error = %e, "reload: keeping the old configuration"),
+                    }
+                }
+                self.applied_config = None;
+                let _ = reply.send(CommandReply::new(202, "reload scheduled"));
+                true
+            }
+            Command::CancelScheduledRestart { reply } => {
+                let r = if self.scheduled_restart.take().is_some() {
+                    CommandReply::new(200, "scheduled restart deleted")
+                } else {
+                    CommandReply::new(404, "no restarts are scheduled")
+                };
+                let _ = reply.send(r);
+                false
+            }
+            Command::Restart { req, reply } => {
+                let paused = self.config.pause();
+                if let Some(s) = &req.schedule {
+                    if paused {
+                        let _ = reply.send(CommandReply::new(
+                            500,
+                            "Can't schedule restart in the paused state",
+                        ));
+                        return false;
+                    }
+                    if self.scheduled_restart.is_some() {
+                        let _ = reply.send(CommandReply::new(
+                            409,
+                            "Another restart is already scheduled",
+                        ));
+                        return false;
+                    }
+                    match DateTime::parse_from_rfc3339(s) {
+                        Ok(t) => {
+                            self.scheduled_restart = Some((t.with_timezone(&Utc), req));
+                            let _ = reply.send(CommandReply::new(202, "Restart scheduled"));
+                        }
+                        Err(_) => {
+                            let _ = reply.send(CommandReply::new(
+                                422,
+                                "Unable to parse scheduled timestamp",
+                            ));
+                        }
+                    }
+                    return false;
+                }
+                let pg = self.pg.observe().await;
+                if let Some(a) = &self.action {
+                    let _ = reply.send(CommandReply::new(
+                        503,
+                        format!("{} already in progress", a.kind),
+                    ));
+                    return false;
+                }
+                if !self.restart_conditions_ok(&req, &pg) {
+                    let _ = reply.send(CommandReply::new(
+                        503,
+                        "restart conditions are not satisfied",
+                    ));
+                    return false;
+                }
+                self.spawn_restart(&req, Some(reply));
+                false
+            }
+            Command::Reinitialize {
+                force,
+                from_leader,
+                reply,
+            } => {
+                let view = self.last_view.clone();
+                let Some(v) = view.filter(|v| v.leader.is_some()) else {
+                    let _ = reply.send(CommandReply::new(
+                        503,
+                        "Cluster has no leader, can not reinitialize",
+                    ));
+                    return false;
+                };
+                if v.leader_name() == Some(&self.me) || self.held_lock {
+                    let _ = reply.send(CommandReply::new(
+                        503,
+                        "I am the leader, can not reinitialize",
+                    ));
+                    return false;
+                }
+                if let Some(a) = &self.action {
+                    if !force {
+                        let _ = reply.send(CommandReply::new(
+                            503,
+                            format!("{} already in progress", a.kind),
+                        ));
+                        return false;
+                    }
+                    self.cancel_action().await;
+                }
+                let dummy = Inputs {
+                    me: self.me.clone(),
+                    cluster: Some((*v).clone()),
+                    renewal: Renewal::NotAttempted,
+                    last_renewal_sent: None,
+                    pg: PgStatus::default(),
+                    local: LocalFacts {
+                        tags: self.tags(),
+                        ..Default::default()
+                    },
+                    peers: Vec::new(),
+                    config: self.config.clone(),
+                    now: Instant::now(),
+                    wall_now: Utc::now(),
+                };
+                let source = if from_leader {
+                    v.leader_name().cloned()
+                } else {
+                    super::candidates::clone_source(&dummy, &v).map(|(n, _)| n)
+                };
+                match source {
+                    Some(s) => {
+                        self.spawn_clone(&v, &s, ActionKind::Reinitialize, None);
+                        let _ = reply.send(CommandReply::new(200, "reinitialize started"));
+                    }
+                    None => {
+                        let _ = reply.send(CommandReply::new(
+                            503,
+                            "Cluster has no leader, can not reinitialize",
+                        ));
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    fn restart_conditions_ok(&self, req: &RestartRequest, pg: &PgStatus) -> bool {
+        if let Some(role) = &req.role {
+            let mine = self.role_of(pg).as_str();
+            let matches = role == mine || (role == "master" && mine == "primary");
+            if !matches {
+                return false;
+            }
+        }
+        if req.restart_pending == Some(true) && pg.pending_restart.is_empty() {
+            return false;
+        }
+        if let (Some(want), Some(have)) = (&req.postgres_version, pg.server_version)
+            && let Some(w) = parse_pg_version(want)
+            && have >= w
+        {
+            return false;
+        }
+        true
+    }
+
+    fn spawn_restart(
+        &mut self,
+        req: &RestartRequest,
+        reply: Option<oneshot::Sender<CommandReply>>,
+    ) {
+        let pg = self.pg.clone();
+        let hooks = self.hooks.clone();
+        let start_as = if self.held_lock {
+            StartAs::Primary
+        } else {
+            let up = self
+                .last_view
+                .as_ref()
+                .and_then(|v| v.leader_name().and_then(|l| upstream_of(v, l)));
+            StartAs::Replica { upstream: up }
+        };
+        let role = if self.held_lock {
+            Role::Primary
+        } else {
+            Role::Replica
+        };
+        let timeout = Duration::from_secs_f64(
+            req.timeout
+                .unwrap_or(self.config.primary_start_timeout().max(10) as f64),
+        );
+        self.spawn_action(ActionKind::Restart, reply, async move {
+            hooks.before_stop().await;
+            pg.stop(StopMode::Fast, Duration::from_secs(60))
+                .await
+                .map_err(|e| e.to_string())?;
+            pg.start(&start_as, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            hooks.callback(CallbackAction::OnRestart, role);
+            Ok(())
+        });
+    }
+
+    async fn check_scheduled_restart(&mut self, pg: &PgStatus) {
+        let due = self
+            .scheduled_restart
+            .as_ref()
+            .is_some_and(|(t, _)| *t <= Utc::now());
+        if !due || self.action.is_some() {
+            return;
+        }
+        let (_, req) = self.scheduled_restart.take().expect("checked");
+        if self.restart_conditions_ok(&req, pg) {
+            self.spawn_restart(&req, None);
+        } else {
+            info!("scheduled restart skipped: restart conditions are not satisfied");
+        }
+    }
+
+    // ------------------------------------------------------------------ member key / status
+
+    fn role_of(&self, pg: &PgStatus) -> Role {
+        if self
+            .action
+            .as_ref()
+            .is_some_and(|a| a.kind == ActionKind::Promote)
+        {
+            return Role::Promoted;
+        }
+        if !pg.data_dir_initialized {
+            return Role::Uninitialized;
+        }
+        if pg.is_running_primary() {
+            return Role::Primary;
+        }
+        if !pg.running
+            && let Some(r) = self.role_after_stop
+        {
+            return r;
+        }
+        Role::Replica
+    }
+
+    fn state_of(&self, pg: &PgStatus) -> PgState {
+        match self.action.as_ref().map(|a| a.kind) {
+            Some(ActionKind::Bootstrap) if !pg.running => PgState::InitializingNewCluster,
+            Some(ActionKind::Clone | ActionKind::Reinitialize) => PgState::CreatingReplica,
+            Some(ActionKind::StartPrimary | ActionKind::StartReplica) if !pg.running => {
+                PgState::Starting
+            }
+            Some(ActionKind::Restart) => PgState::Restarting,
+            Some(ActionKind::SwitchoverDemote) if pg.running => PgState::Stopping,
+            _ if pg.running => PgState::Running,
+            _ if matches!(pg.control_state, Some(ControlState::InProduction)) => PgState::Crashed,
+            _ => PgState::Stopped,
+        }
+    }
+
+    fn pending_reason(pg: &PgStatus) -> Option<Value> {
+        if pg.pending_restart.is_empty() {
+            return None;
+        }
+        let mut m = Map::new();
+        for (k, (old, new)) in &pg.pending_restart {
+            let mut e = Map::new();
+            e.insert("old_value".into(), Value::from(old.clone()));
+            e.insert("new_value".into(), Value::from(new.clone()));
+            m.insert(k.clone(), Value::Object(e));
+        }
+        Some(Value::Object(m))
+    }
+
+    fn member_data(&self, pg: &PgStatus, paused: bool) -> MemberData {
+        let state = self.state_of(pg);
+        let role = self.role_of(pg);
+        let running = matches!(
+            state,
+            PgState::Running | PgState::Restarting | PgState::Starting
+        );
+        let replica = pg.running && pg.in_recovery == Some(true);
+        MemberData {
+            conn_url: self.cfg.conn_url(),
+            api_url: self.cfg.api_url(),
+            state: state.as_str().to_string(),
+            role: if role == Role::Promoted {
+                "primary".into()
+            } else {
+                role.as_str().to_string()
+            },
+            version: PATRONI_COMPAT_VERSION.to_string(),
+            xlog_location: (running && pg.running).then(|| pg.wal_position().0),
+            replay_lsn: if replica {
+                pg.replay_lsn.map(|l| l.0)
+            } else {
+                None
+            },
+            receive_lsn: if replica {
+                pg.receive_lsn.map(|l| l.0)
+            } else {
+                None
+            },
+            replication_state: if replica {
+                pg.replication_state.clone()
+            } else {
+                None
+            },
+            timeline: pg.timeline.map(|t| t.0),
+            tags: self.cfg.tags.clone(),
+            pending_restart: (!pg.pending_restart.is_empty()).then_some(true),
+            pending_restart_reason: Self::pending_reason(pg),
+            scheduled_restart: self
+                .scheduled_restart
+                .as_ref()
+                .map(|(t, _)| serde_json::json!({"schedule": t.to_rfc3339()})),
+            pause: paused.then_some(true),
+            checkpoint_after_promote: None,
+            extra: Map::new(),
+        }
+    }
+
+    async fn touch_member(&mut self, pg: &PgStatus, paused: bool) {
+        let data = self.member_data(pg, paused);
+        if let Err(e) = self.bounded(self.dcs.touch_member(&self.me, &data)).await {
+            debug!(error = %e, "failed to update the member key");
+        } else {
+            self.last_member = Some(data);
+        }
+    }
+
+    fn publish(&mut self, dcs_ok: bool, paused: bool) {
+        let pg = self.last_pg.clone();
+        let leader_until = if self.held_lock {
+            self.lease_ok_sent.map(|t| (t + self.ttl()).into_std())
+        } else {
+            None
+        };
+        let watchdog_failed =
+            self.cfg.watchdog.mode == WatchdogMode::Required && !self.watchdog_usable;
+        let s = AgentStatus {
+            scope: self.cfg.scope.clone(),
+            name: self.cfg.name.clone(),
+            role: self.role_of(&pg),
+            state: self.state_of(&pg),
+            cluster: self.last_view.clone(),
+            dcs_ok,
+            dcs_last_seen: self.dcs_last_seen,
+            leader_until,
+            paused,
+            tags: self.cfg.tags.clone(),
+            pending_restart: !pg.pending_restart.is_empty(),
+            pending_restart_reason: Self::pending_reason(&pg),
+            scheduled_restart: self
+                .scheduled_restart
+                .as_ref()
+                .map(|(t, _)| serde_json::json!({"schedule": t.to_rfc3339()})),
+            watchdog_failed,
+            last_decision: self.last_decision.clone(),
+            action_in_progress: self.action.as_ref().map(|a| a.kind.as_str().to_string()),
+            last_cycle: Instant::now().into_std(),
+            ttl: self.config.ttl(),
+            loop_wait: self.config.loop_wait(),
+            updated_at: std::time::SystemTime::now(),
+            pg,
+        };
+        self.status_tx.send_replace(s);
+    }
+
+    /// Patroni on SIGTERM: unless paused, stop PostgreSQL (fast), release the leader key and
+    /// disarm the watchdog.
+    async fn shutdown(&mut self) {
+        info!(member = %self.me, "shutting down");
+        self.cancel_action().await;
+        let paused = self.config.pause();
+        if !paused {
+            self.stop_pg(StopMode::Fast, true).await;
+            if self.held_lock {
+                // Release only after the stop: a replica must not promote while we still
+                // accept writes.
+                self.lose_lock(true).await;
+            }
+            let pg = self.pg.observe().await;
+            self.last_pg = pg.clone();
+            self.touch_member(&pg, paused).await;
+        }
+        self.watchdog_close();
+        self.publish(false, paused);
+    }
+}
+
+fn view_ok(i: &Inputs) -> bool {
+    i.cluster.is_some()
+}
+
+/// The PostgreSQL address of member `name`, from its `conn_url`.
+pub fn upstream_of(v: &ClusterView, name: &MemberName) -> Option<Upstream> {
+    let m = v.members.get(name)?;
+    let (host, port) = m.data.conn_host_port()?;
+    Some(Upstream {
+        member: name.clone(),
+        host,
+        port,
+    })
+}
+
+/// `"15"`, `"15.4"`, `"9.6.24"` → server_version_num.
+fn parse_pg_version(s: &str) -> Option<u32> {
+    let parts: Vec<u32> = s
+        .split('.')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [major] if *major >= 10 => Some(major * 10000),
+        [major, minor] if *major >= 10 => Some(major * 10000 + minor),
+        [major, minor] => Some(major * 10000 + minor * 100),
+        [major, minor, patch] => Some(major * 10000 + minor * 100 + patch),
+        _ => None,
+    }
+}

@@ -1,0 +1,247 @@
+//! Everything [`decide`](super::decide) looks at, as plain data: the cluster view (or the fact
+//! that the DCS could not be read), the local PostgreSQL observation, the outcome of this
+//! cycle's lock renewal, facts the loop remembers between cycles, the peers' `/patroni`
+//! answers, the effective dynamic config, and the clock.
+//!
+//! Nothing here performs I/O or reads a clock: the loop gathers all of it first ("observe"),
+//! so the decision is a pure function that table tests can drive row by row.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::config::WatchdogMode;
+use crate::dcs::{ClusterView, DynamicConfig, tag_is_true};
+use crate::pg::PgStatus;
+use crate::types::{Lsn, MemberName, Timeline};
+
+/// What the loop learnt when it tried to renew the leader lock this cycle.
+///
+/// Renewal is attempted *before* deciding, whenever we held the lock last cycle or the `leader`
+/// key names us, so that the decision already knows whether we still lead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Renewal {
+    /// We had no reason to renew (the key does not name us and we did not hold it).
+    #[default]
+    NotAttempted,
+    /// `update_leader` succeeded: the key names us and lives ≥ ttl from when it was sent.
+    Renewed,
+    /// The DCS answered that the key names somebody else.
+    Lost,
+    /// The DCS could not be reached (or our lease could not be refreshed) within retry_timeout.
+    Failed,
+}
+
+/// Long-running actions the loop runs as a spawned task while it keeps cycling (and, as
+/// leader, keeps renewing the lock): Patroni's async executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActionKind {
+    /// initdb + start + post_bootstrap of a brand-new cluster.
+    Bootstrap,
+    /// pg_basebackup from a member, then start as a replica.
+    Clone,
+    /// Start a crashed primary in place while we hold the lock.
+    StartPrimary,
+    /// Start as a replica (with a pg_rewind check/run first when asked).
+    StartReplica,
+    /// pg_ctl promote after winning the lock.
+    Promote,
+    /// Switchover: stop fast while holding the lock; the loop releases the lock afterwards.
+    SwitchoverDemote,
+    /// `POST /restart`.
+    Restart,
+    /// `POST /reinitialize`: wipe and clone again.
+    Reinitialize,
+}
+
+impl ActionKind {
+    /// The name Patroni uses in "<action> already in progress" / "<action> in progress".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Bootstrap => "bootstrap",
+            ActionKind::Clone => "creating replica",
+            ActionKind::StartPrimary => "starting primary after failure",
+            ActionKind::StartReplica => "starting as a secondary",
+            ActionKind::Promote => "promote",
+            ActionKind::SwitchoverDemote => "demote",
+            ActionKind::Restart => "restart",
+            ActionKind::Reinitialize => "reinitialize",
+        }
+    }
+}
+
+impl std::fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The effective tags of this node (patroni.md §3.18), parsed once.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tags {
+    pub nofailover: bool,
+    /// Default 1; ≤ 0 acts as nofailover.
+    pub failover_priority: i64,
+    pub clonefrom: bool,
+    pub nosync: bool,
+    pub nostream: bool,
+    pub replicatefrom: Option<String>,
+}
+
+impl Tags {
+    /// Parses Patroni tags. An explicit `nofailover` bool wins over `failover_priority`.
+    pub fn from_map(m: &Map<String, Value>) -> Tags {
+        let prio = m
+            .get("failover_priority")
+            .and_then(|v| match v {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            })
+            .unwrap_or(1);
+        let nofailover = match m.get("nofailover") {
+            Some(v) => tag_is_true(Some(v)),
+            None => prio <= 0,
+        };
+        let sync_prio = m.get("sync_priority").and_then(Value::as_i64).unwrap_or(1);
+        Tags {
+            nofailover,
+            failover_priority: if nofailover { prio.min(0) } else { prio },
+            clonefrom: tag_is_true(m.get("clonefrom")),
+            nosync: tag_is_true(m.get("nosync")) || sync_prio <= 0,
+            nostream: tag_is_true(m.get("nostream")),
+            replicatefrom: m
+                .get("replicatefrom")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }
+    }
+
+    /// May this node ever take the leader lock automatically?
+    pub fn may_promote(&self) -> bool {
+        !self.nofailover && self.failover_priority > 0
+    }
+}
+
+/// The watchdog as the decision needs to see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchdogFacts {
+    pub mode: WatchdogMode,
+    /// Whether the device could be opened (probed at start-up / on the last activation).
+    pub usable: bool,
+}
+
+impl Default for WatchdogFacts {
+    fn default() -> Self {
+        WatchdogFacts {
+            mode: WatchdogMode::Off,
+            usable: false,
+        }
+    }
+}
+
+impl WatchdogFacts {
+    /// `required` + unusable: the node must never lead (patroni.md §3.13).
+    pub fn blocks_leadership(&self) -> bool {
+        self.mode == WatchdogMode::Required && !self.usable
+    }
+}
+
+/// A long action that finished since the last cycle, with its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub kind: ActionKind,
+    pub ok: bool,
+}
+
+/// What the loop remembers between cycles (and static local facts).
+#[derive(Debug, Clone, Default)]
+pub struct LocalFacts {
+    pub tags: Tags,
+    pub watchdog: WatchdogFacts,
+    /// We held the lock at the end of the previous cycle.
+    pub held_lock: bool,
+    /// When a `pre_promote` script last refused a promotion: no racing for `ttl` afterwards.
+    pub pre_promote_failed_at: Option<Instant>,
+    /// A long action currently running in its own task.
+    pub action: Option<ActionKind>,
+    /// When the running action started.
+    pub action_started_at: Option<Instant>,
+    /// A long action finished since the last decision (consumed by it).
+    pub finished: Option<Finished>,
+    /// We demoted ourselves (or were a primary that crashed): the next start as a replica must
+    /// first check whether a pg_rewind is needed.
+    pub rewind_check_pending: bool,
+}
+
+/// One peer's answer to `GET /patroni`, reduced to what the leader race compares
+/// (Patroni's `_MemberStatus`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub name: MemberName,
+    /// Answered within the timeout with a usable body (an `xlog` section).
+    pub reachable: bool,
+    /// `role` primary or `xlog.location` present: PostgreSQL runs read-write there.
+    pub is_primary: bool,
+    /// Replica: max(received, replayed); primary: its location.
+    pub wal_position: Lsn,
+    pub timeline: Option<Timeline>,
+    pub nofailover: bool,
+    pub failover_priority: i64,
+    pub watchdog_failed: bool,
+}
+
+impl PeerStatus {
+    /// A peer that did not answer (it is ignored by the race, never counted against us).
+    pub fn unreachable(name: MemberName) -> PeerStatus {
+        PeerStatus {
+            name,
+            reachable: false,
+            is_primary: false,
+            wal_position: Lsn(0),
+            timeline: None,
+            nofailover: false,
+            failover_priority: 1,
+            watchdog_failed: false,
+        }
+    }
+
+    /// Reachable and allowed to become leader (Patroni's "without limitation").
+    pub fn is_healthy_candidate(&self) -> bool {
+        self.reachable && !self.nofailover && self.failover_priority > 0 && !self.watchdog_failed
+    }
+}
+
+/// Input of [`decide`](super::decide).
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub me: MemberName,
+    /// The cluster as read this cycle; `None` when the DCS could not be read within
+    /// retry_timeout.
+    pub cluster: Option<ClusterView>,
+    pub renewal: Renewal,
+    /// When the last *successful* lease renewal was sent (leader only).
+    pub last_renewal_sent: Option<Instant>,
+    pub pg: PgStatus,
+    pub local: LocalFacts,
+    /// `/patroni` answers of the other members, fetched before deciding when a race or a
+    /// switchover needs them (empty otherwise).
+    pub peers: Vec<PeerStatus>,
+    /// Effective dynamic config (the DCS `config`, else the last one seen, else bootstrap.dcs).
+    pub config: DynamicConfig,
+    pub now: Instant,
+    /// Wall clock, for `scheduled_at` of a scheduled switchover.
+    pub wall_now: DateTime<Utc>,
+}
+
+impl Inputs {
+    pub fn paused(&self) -> bool {
+        self.config.pause()
+    }
+
+    /// Do we hold the lock this cycle: the key names us and we renewed it.
+    pub fn holds_lock(&self) -> bool {
+        self.renewal == Renewal::Renewed
+            && self.cluster.as_ref().and_then(|c| c.leader_name()) == Some(&self.me)
+    }
+}

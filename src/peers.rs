@@ -1,0 +1,315 @@
+//! Asking the other members how they are, before the HA core decides on a leader race or a
+//! switchover: Patroni's parallel `GET <api_url>` (= `/patroni`) calls, reduced to
+//! [`PeerStatus`].
+//!
+//! - [`PeerProbe`]: the contract the loop uses.
+//! - [`HttpPeerProbe`]: the real one (reqwest, all members in parallel, one short timeout).
+//! - [`FakePeerProbe`], [`StatusPeerProbe`]: test doubles (fixed answers / answers derived from
+//!   other in-process agents' published [`AgentStatus`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::dcs::{Member, tag_is_true};
+use crate::ha::inputs::{PeerStatus, Tags};
+use crate::status::AgentStatus;
+use crate::types::{Lsn, MemberName, Timeline};
+
+pub use crate::ha::inputs::PeerStatus as Peer;
+
+/// How long the loop waits for peers. Patroni uses 2 s. pgherd's REST API answers `/patroni`
+/// from the HA loop's published snapshot without running SQL, so a live peer answers in
+/// milliseconds even when its PostgreSQL is busy; 1 s is ample for a LAN and caps what a
+/// dead host (whose packets vanish) adds to a failover, since all calls run in parallel.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Contract of a peer prober.
+///
+/// `fetch` queries every given member (callers exclude themselves) concurrently and returns
+/// exactly one [`PeerStatus`] per member, in input order, within about `timeout` overall.
+/// A member that does not answer in time, answers with an error status, or whose body lacks
+/// an `xlog` section is reported with `reachable: false` — the race ignores such members
+/// rather than counting them against us (Patroni semantics). It never fails as a whole.
+#[async_trait]
+pub trait PeerProbe: Send + Sync {
+    async fn fetch(&self, members: &[Member], timeout: Duration) -> Vec<PeerStatus>;
+}
+
+/// Parses a `GET /patroni` body the way Patroni's `_MemberStatus.from_api_response` does.
+pub fn parse_patroni_status(name: &MemberName, body: &Value) -> PeerStatus {
+    let Some(xlog) = body.get("xlog").and_then(Value::as_object) else {
+        return PeerStatus::unreachable(name.clone());
+    };
+    let role = body.get("role").and_then(Value::as_str).unwrap_or("");
+    let u = |k: &str| xlog.get(k).and_then(Value::as_u64);
+    let location = u("location");
+    let is_primary = location.is_some() || matches!(role, "primary" | "master");
+    let wal = match location {
+        Some(l) => l,
+        None => u("received_location")
+            .unwrap_or(0)
+            .max(u("replayed_location").unwrap_or(0)),
+    };
+    let tags = body
+        .get("tags")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let t = Tags::from_map(&tags);
+    PeerStatus {
+        name: name.clone(),
+        reachable: true,
+        is_primary,
+        wal_position: Lsn(wal),
+        timeline: body
+            .get("timeline")
+            .and_then(Value::as_u64)
+            .map(|t| Timeline(t as u32)),
+        nofailover: t.nofailover,
+        failover_priority: t.failover_priority,
+        watchdog_failed: tag_is_true(body.get("watchdog_failed")),
+    }
+}
+
+/// The real prober: plain HTTP (reqwest, no TLS), no retries.
+#[derive(Clone)]
+pub struct HttpPeerProbe {
+    client: reqwest::Client,
+    /// Optional basic-auth credentials (GET endpoints are unauthenticated in Patroni, but a
+    /// proxy may require them).
+    auth: Option<(String, String)>,
+}
+
+impl HttpPeerProbe {
+    pub fn new() -> HttpPeerProbe {
+        HttpPeerProbe {
+            client: reqwest::Client::new(),
+            auth: None,
+        }
+    }
+
+    pub fn with_auth(mut self, user: String, password: String) -> HttpPeerProbe {
+        self.auth = Some((user, password));
+        self
+    }
+
+    async fn one(&self, m: &Member, timeout: Duration) -> PeerStatus {
+        let url = if m.data.api_url.is_empty() {
+            return PeerStatus::unreachable(m.name.clone());
+        } else {
+            m.data.api_url.clone()
+        };
+        let mut req = self.client.get(&url).timeout(timeout);
+        if let Some((u, p)) = &self.auth {
+            req = req.basic_auth(u, Some(p));
+        }
+        // Health endpoints answer 503 with the same body on replicas of unhealthy clusters;
+        // `/patroni` itself always answers 200, but accept any body that parses.
+        let body = match req.send().await {
+            Ok(r) => r.json::<Value>().await.ok(),
+            Err(_) => None,
+        };
+        match body {
+            Some(b) => parse_patroni_status(&m.name, &b),
+            None => PeerStatus::unreachable(m.name.clone()),
+        }
+    }
+}
+
+impl Default for HttpPeerProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl PeerProbe for HttpPeerProbe {
+    async fn fetch(&self, members: &[Member], timeout: Duration) -> Vec<PeerStatus> {
+        let futs = members.iter().map(|m| self.one(m, timeout));
+        // All in parallel: the race costs one timeout, not one per dead member.
+        let all = futures_join_all(futs);
+        match tokio::time::timeout(timeout + Duration::from_millis(200), all).await {
+            Ok(v) => v,
+            Err(_) => members
+                .iter()
+                .map(|m| PeerStatus::unreachable(m.name.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Minimal join_all over tokio (no futures crate dependency): polls all futures concurrently.
+async fn futures_join_all<F, T>(futs: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut results: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    let mut futs: Vec<Option<_>> = futs.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, slot) in futs.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results
+        .into_iter()
+        .map(|r| r.expect("all futures completed"))
+        .collect()
+}
+
+/// Test double: answers from a table set by the test; unknown members are unreachable.
+#[derive(Default, Clone)]
+pub struct FakePeerProbe {
+    answers: Arc<Mutex<BTreeMap<MemberName, PeerStatus>>>,
+}
+
+impl FakePeerProbe {
+    pub fn new() -> FakePeerProbe {
+        FakePeerProbe::default()
+    }
+
+    pub fn set(&self, status: PeerStatus) {
+        self.answers
+            .lock()
+            .expect("peer table")
+            .insert(status.name.clone(), status);
+    }
+
+    pub fn remove(&self, name: &MemberName) {
+        self.answers.lock().expect("peer table").remove(name);
+    }
+}
+
+#[async_trait]
+impl PeerProbe for FakePeerProbe {
+    async fn fetch(&self, members: &[Member], _timeout: Duration) -> Vec<PeerStatus> {
+        let t = self.answers.lock().expect("peer table");
+        members
+            .iter()
+            .map(|m| {
+                t.get(&m.name)
+                    .cloned()
+                    .unwrap_or_else(|| PeerStatus::unreachable(m.name.clone()))
+            })
+            .collect()
+    }
+}
+
+/// What `GET /patroni` would report for an agent, reduced to a [`PeerStatus`] (used by
+/// [`StatusPeerProbe`]; the REST API builds the full JSON itself).
+pub fn peer_status_from_agent(name: &MemberName, s: &AgentStatus) -> PeerStatus {
+    if !s.pg.running || !s.pg.accepting_connections {
+        // No SQL answer → no xlog section → Patroni counts the member as unreachable.
+        return PeerStatus::unreachable(name.clone());
+    }
+    let t = Tags::from_map(&s.tags);
+    PeerStatus {
+        name: name.clone(),
+        reachable: true,
+        is_primary: s.pg.is_running_primary(),
+        wal_position: s.pg.wal_position(),
+        timeline: s.pg.timeline,
+        nofailover: t.nofailover,
+        failover_priority: t.failover_priority,
+        watchdog_failed: s.watchdog_failed,
+    }
+}
+
+/// Each agent's status channel and whether it is reachable.
+type AgentTable = BTreeMap<MemberName, (watch::Receiver<AgentStatus>, bool)>;
+
+/// Test double for multi-agent simulations: each member's answer is derived from that
+/// agent's latest published [`AgentStatus`]; a member can be made unreachable (partition,
+/// crashed agent).
+#[derive(Default, Clone)]
+pub struct StatusPeerProbe {
+    agents: Arc<Mutex<AgentTable>>,
+}
+
+impl StatusPeerProbe {
+    pub fn new() -> StatusPeerProbe {
+        StatusPeerProbe::default()
+    }
+
+    /// Registers (or replaces) an agent's status channel; it starts reachable.
+    pub fn register(&self, name: MemberName, rx: watch::Receiver<AgentStatus>) {
+        self.agents.lock().expect("agents").insert(name, (rx, true));
+    }
+
+    pub fn set_reachable(&self, name: &MemberName, reachable: bool) {
+        if let Some(e) = self.agents.lock().expect("agents").get_mut(name) {
+            e.1 = reachable;
+        }
+    }
+}
+
+#[async_trait]
+impl PeerProbe for StatusPeerProbe {
+    async fn fetch(&self, members: &[Member], _timeout: Duration) -> Vec<PeerStatus> {
+        let a = self.agents.lock().expect("agents");
+        members
+            .iter()
+            .map(|m| match a.get(&m.name) {
+                Some((rx, true)) => peer_status_from_agent(&m.name, &rx.borrow()),
+                _ => PeerStatus::unreachable(m.name.clone()),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_body_reports_max_of_received_and_replayed() {
+        let b: Value = serde_json::from_str(
+            r#"{"state":"running","role":"replica","xlog":{"received_location":200,"replayed_location":150},"timeline":3,"tags":{"failover_priority":2}}"#,
+        )
+        .unwrap();
+        let p = parse_patroni_status(&"n2".into(), &b);
+        assert!(p.reachable && !p.is_primary);
+        assert_eq!(p.wal_position, Lsn(200));
+        assert_eq!(p.timeline, Some(Timeline(3)));
+        assert_eq!(p.failover_priority, 2);
+    }
+
+    #[test]
+    fn primary_body_is_primary_and_missing_xlog_is_unreachable() {
+        let b: Value =
+            serde_json::from_str(r#"{"role":"primary","xlog":{"location":500}}"#).unwrap();
+        assert!(parse_patroni_status(&"n1".into(), &b).is_primary);
+        let b: Value = serde_json::from_str(r#"{"state":"stopped","role":"replica"}"#).unwrap();
+        assert!(!parse_patroni_status(&"n1".into(), &b).reachable);
+    }
+
+    #[test]
+    fn nofailover_tag_and_watchdog_failed_are_parsed() {
+        let b: Value = serde_json::from_str(
+            r#"{"role":"replica","xlog":{"received_location":1},"tags":{"nofailover":true},"watchdog_failed":true}"#,
+        )
+        .unwrap();
+        let p = parse_patroni_status(&"n3".into(), &b);
+        assert!(p.nofailover && p.watchdog_failed && !p.is_healthy_candidate());
+    }
+}
