@@ -439,3 +439,34 @@ async fn applying_a_haproxy_change_uploads_the_file_and_reloads_only_haproxy() {
         haproxy_cfg("2s").into_bytes()
     );
 }
+
+#[test]
+fn bad_inventory_is_a_located_error_with_exit_code_2_before_any_host_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("bad.yml");
+    // A typo'd key: no host could even be named, let alone contacted.
+    std::fs::write(
+        &inv,
+        "cluster: demo\nhosts:\n  - name: n1\n    adress: 10.0.0.1\n",
+    )
+    .unwrap();
+    for verb in ["plan", "apply", "check"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+            .args([verb, "-i"])
+            .arg(&inv)
+            .args(["--state-dir"])
+            .arg(dir.path().join("st"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{verb}: {err}");
+        assert!(
+            err.contains("bad.yml:4:") && err.contains("adress"),
+            "{verb}: {err}"
+        );
+        assert!(
+            !dir.path().join("st").exists(),
+            "{verb}: nothing may be set up before validation"
+        );
+    }
+}

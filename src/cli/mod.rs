@@ -165,9 +165,12 @@ pub enum LabCommand {
 
 /// Exit codes: 0 success, 1 a host/run failure, 2 bad usage or invalid inventory.
 pub fn exit_code(e: &anyhow::Error) -> ExitCode {
-    if e.downcast_ref::<SpecError>()
+    let input = e
+        .downcast_ref::<SpecError>()
         .is_some_and(SpecError::is_input_error)
-    {
+        || e.downcast_ref::<crate::inventory::InventoryError>()
+            .is_some();
+    if input {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::plan::{AgentBinary, DeploySpec, DesiredDir, DesiredFile, HostTarget, Roles};
+use super::playbook::{Playbook, StepKind};
 use super::services::{self, Service};
 use crate::inventory::{Etcd, Inventory, InventoryError, Role};
+use crate::render::Renderer;
 use crate::transport::HostSpec;
 
 /// Why the desired state could not be built.
@@ -54,20 +56,58 @@ pub fn agent_binary_path(inv: &Inventory, cli: Option<&Path>) -> Option<PathBuf>
     p.exists().then_some(p)
 }
 
-/// Debian packages each role needs.
-pub fn packages_for(inv: &Inventory, roles: Roles) -> Vec<String> {
-    let mut p = Vec::new();
-    if roles.postgres {
-        p.push(format!("postgresql-{}", inv.postgresql.version));
+/// Packages and directories the deploy playbook's `ensure_packages` / `ensure_directory` steps
+/// ask for on `host` (arguments expanded for that host). The playbook is the data; the order
+/// of the service phases lives in [`super::apply`] (it mirrors the playbook's later steps).
+pub fn playbook_needs(
+    pb: &Playbook,
+    inv: &Inventory,
+    renderer: &Renderer,
+    host: &str,
+) -> Result<(Vec<String>, Vec<DesiredDir>), SpecError> {
+    let mut pkgs: Vec<String> = Vec::new();
+    let mut dirs: Vec<DesiredDir> = Vec::new();
+    for step in &pb.steps {
+        if !step
+            .hosts
+            .resolve(inv)
+            .iter()
+            .any(|h| h.name.as_str() == host)
+        {
+            continue;
+        }
+        let kind = step
+            .kind
+            .expand(|t| renderer.render_str(t, inv, host))
+            .map_err(|source| SpecError::Render {
+                host: host.to_string(),
+                source,
+            })?;
+        match kind {
+            StepKind::EnsurePackages { packages } => {
+                for p in packages {
+                    if !pkgs.contains(&p) {
+                        pkgs.push(p);
+                    }
+                }
+            }
+            StepKind::EnsureDirectory {
+                path,
+                owner,
+                group,
+                mode,
+            } => {
+                dirs.retain(|d| d.path != path);
+                dirs.push(DesiredDir {
+                    path,
+                    owner: format!("{owner}:{group}"),
+                    mode,
+                });
+            }
+            _ => {}
+        }
     }
-    if roles.etcd {
-        p.push("etcd-server".to_string());
-        p.push("etcd-client".to_string());
-    }
-    if roles.haproxy {
-        p.push("haproxy".to_string());
-    }
-    p
+    Ok((pkgs, dirs))
 }
 
 /// Builds the desired state of every host. `templates`: a user template directory.
@@ -90,6 +130,15 @@ pub fn build(
         Etcd::Embedded(e) => Some((e.client_port, e.data_dir.display().to_string())),
         Etcd::External { .. } => None,
     };
+    let renderer = match templates {
+        Some(dir) => Renderer::with_dir(dir),
+        None => Ok(Renderer::builtin()),
+    }
+    .map_err(|source| SpecError::Render {
+        host: "-".into(),
+        source,
+    })?;
+    let pb = Playbook::deploy();
     let mut hosts = Vec::new();
     for h in &inv.hosts {
         let roles = Roles {
@@ -97,7 +146,7 @@ pub fn build(
             etcd: h.has(Role::Etcd) && etcd_ports.is_some(),
             haproxy: h.has(Role::Haproxy),
         };
-        let rendered = render_host(inv, h.name.as_str(), templates)?;
+        let rendered = render_host(inv, h.name.as_str(), &renderer)?;
         let mut service_configs = BTreeMap::new();
         for f in &rendered {
             if !services::is_unit_file(&f.path)
@@ -106,34 +155,24 @@ pub fn build(
                 service_configs.entry(svc).or_insert_with(|| f.path.clone());
             }
         }
-        let mut dirs = Vec::new();
+        let (packages, mut dirs) = playbook_needs(&pb, inv, &renderer, h.name.as_str())?;
         if roles.postgres {
-            // The agent runs initdb / pg_basebackup into the data directory: it must belong to
-            // postgres with mode 0700 (PostgreSQL refuses anything looser).
+            // The agent runs initdb / pg_basebackup into the data directory, whose parent must
+            // exist (the playbook creates the data directory itself, 0700 postgres).
             let data = inv.postgresql.data_dir.display().to_string();
             if let Some((parent, _)) = data.rsplit_once('/')
                 && !parent.is_empty()
+                && !dirs.iter().any(|d| d.path == parent)
             {
-                dirs.push(DesiredDir {
-                    path: parent.into(),
-                    owner: "postgres:postgres".into(),
-                    mode: 0o755,
-                });
+                dirs.insert(
+                    0,
+                    DesiredDir {
+                        path: parent.into(),
+                        owner: "postgres:postgres".into(),
+                        mode: 0o755,
+                    },
+                );
             }
-            dirs.push(DesiredDir {
-                path: data,
-                owner: "postgres:postgres".into(),
-                mode: 0o700,
-            });
-        }
-        if roles.etcd
-            && let Some((_, dir)) = &etcd_ports
-        {
-            dirs.push(DesiredDir {
-                path: dir.clone(),
-                owner: "etcd:etcd".into(),
-                mode: 0o700,
-            });
         }
         hosts.push(HostTarget {
             name: h.name.as_str().to_string(),
@@ -141,7 +180,7 @@ pub fn build(
             roles,
             files: rendered,
             dirs,
-            packages: packages_for(inv, roles),
+            packages,
             pg_data_dir: roles
                 .postgres
                 .then(|| inv.postgresql.data_dir.display().to_string()),
@@ -171,16 +210,14 @@ pub fn build(
 fn render_host(
     inv: &Inventory,
     host: &str,
-    templates: Option<&Path>,
+    renderer: &Renderer,
 ) -> Result<Vec<DesiredFile>, SpecError> {
-    let files = match templates {
-        Some(dir) => crate::render::Renderer::with_dir(dir).and_then(|r| r.render_all(inv, host)),
-        None => crate::render::render_all(inv, host),
-    }
-    .map_err(|source| SpecError::Render {
-        host: host.to_string(),
-        source,
-    })?;
+    let files = renderer
+        .render_all(inv, host)
+        .map_err(|source| SpecError::Render {
+            host: host.to_string(),
+            source,
+        })?;
     Ok(files
         .into_iter()
         .map(|f| {
