@@ -244,6 +244,42 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         noop_apply.as_secs_f64()
     );
 
+    // The CLI says the same: `pgherd plan` has no changes, `pgherd status` shows the leader.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .arg("-i")
+            .arg(&inv_path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "pgherd {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !text.contains(&password),
+            "pgherd {args:?} printed a password"
+        );
+        text
+    };
+    let text = cli(&["plan", "--agent-binary", env!("CARGO_BIN_EXE_pgherd-agent")]);
+    assert!(text.contains("plan: 3 host(s), no changes"), "{text}");
+    assert!(
+        text.contains("no change  service pgherd-agent: running (pid"),
+        "{text}"
+    );
+    let text = cli(&["status"]);
+    assert!(
+        text.contains(&format!("{leader:<12}"))
+            && text.contains("leader")
+            && text.contains("port=5000"),
+        "{text}"
+    );
+
     // One HAProxy setting: only haproxy.cfg changes, only HAProxy reloads.
     write_inventory(&lab_spec, &inv_path, 150);
     let (_, s2) = build(&inv_path);

@@ -77,6 +77,7 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         .into_iter()
         .map(|(s, p)| (s, p.to_string()))
         .collect(),
+        stop_units: vec!["postgresql".into()],
     };
     DeploySpec {
         cluster: "demo".into(),
@@ -469,4 +470,43 @@ fn bad_inventory_is_a_located_error_with_exit_code_2_before_any_host_is_touched(
             "{verb}: nothing may be set up before validation"
         );
     }
+}
+
+#[tokio::test]
+async fn systemd_host_gets_units_daemon_reload_and_the_distribution_postgresql_stopped() {
+    let s = spec();
+    let out = facts_stdout(&s, &BTreeMap::new(), false, true)
+        .replace("mode supervisor", "mode systemd")
+        + "unit postgresql 1\n";
+    let t = fake(&out, &BTreeMap::new());
+    let p = plan_for(&s, &t).await;
+    assert_eq!(p.hosts[0].mode, ServiceMode::Systemd);
+    assert!(
+        matches!(step(&p, "unit postgresql"), Planned::Change { action: Action::StopUnit(u), .. } if u == "postgresql")
+    );
+    assert!(matches!(
+        step(&p, "systemd"),
+        Planned::Change {
+            action: Action::DaemonReload,
+            ..
+        }
+    ));
+    assert!(matches!(
+        step(&p, &format!("file {UNIT}")),
+        Planned::Change {
+            action: Action::Upload(_),
+            ..
+        }
+    ));
+    // No supervisor machinery on a systemd host.
+    assert!(
+        !p.hosts[0]
+            .steps
+            .iter()
+            .any(|st| st.name.contains("supervise") || st.name.ends_with(".run"))
+    );
+    assert_eq!(
+        services::op_command(Service::Agent, ServiceOp::Start, p.hosts[0].mode),
+        "systemctl enable --now pgherd-agent.service"
+    );
 }

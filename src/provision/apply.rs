@@ -242,6 +242,10 @@ async fn run_action(
             t.run_ok("systemctl daemon-reload", Duration::from_secs(60))
                 .await?;
         }
+        Action::StopUnit(u) => {
+            let cmd = format!("systemctl disable --now {}", shell_quote(u));
+            t.run_ok(&cmd, Duration::from_secs(90)).await?;
+        }
         Action::Service(svc, op) => {
             t.run_ok(
                 &services::op_command(*svc, *op, mode),

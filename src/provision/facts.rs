@@ -5,7 +5,8 @@
 //! Output protocol of the script (one fact per line, space-separated, paths without spaces):
 //! `mode systemd|supervisor`, `file <path> <sha256> <mode> <user:group>` or `file <path> -`,
 //! `dir <path> <owner>|-`, `pkg <name> 0|1`, `svc <name> <sup pid|-> <pid|->`,
-//! `pg <initialized 0|1> <postmaster pid|->`, `etcd 0|1|-` (local member healthy).
+//! `pg <initialized 0|1> <postmaster pid|->`, `etcd 0|1` (local member healthy),
+//! `unit <name> 0|1` (another systemd unit active or enabled; systemd mode only).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,6 +24,9 @@ pub struct FactQuery {
     pub pg_data_dir: Option<String>,
     /// `http://addr:port` of the local etcd member (etcd hosts only).
     pub etcd_endpoint: Option<String>,
+    /// Other systemd units whose state matters (e.g. the distribution's `postgresql`, which
+    /// must not run next to the agent). Only probed in systemd mode.
+    pub units: Vec<String>,
 }
 
 /// A file as it is on the host.
@@ -64,6 +68,8 @@ pub struct HostFacts {
     pub postgres_pid: Option<u32>,
     /// `None` when not asked (not an etcd host).
     pub etcd_healthy: Option<bool>,
+    /// Other units asked about (systemd mode): active or enabled?
+    pub units: BTreeMap<String, bool>,
     /// Current content of files that differ from the desired ones (for diffs), filled by
     /// [`gather`] only for text files below [`DIFF_MAX_BYTES`].
     pub old_contents: BTreeMap<String, Vec<u8>>,
@@ -85,6 +91,7 @@ impl HostFacts {
             pg_initialized: false,
             postgres_pid: None,
             etcd_healthy: None,
+            units: BTreeMap::new(),
             old_contents: BTreeMap::new(),
         }
     }
@@ -150,6 +157,13 @@ pub fn facts_script(q: &FactQuery) -> String {
             shell_quote(e)
         ));
     }
+    for u in &q.units {
+        let u = shell_quote(u);
+        s.push_str(&format!(
+            "if [ \"$mode\" = systemd ]; then if systemctl is-active --quiet {u} || systemctl is-enabled --quiet {u}; \
+             then echo 'unit {u} 1'; else echo 'unit {u} 0'; fi; fi\n"
+        ));
+    }
     s.push_str("exit 0\n");
     s
 }
@@ -210,6 +224,9 @@ pub fn parse_facts(host: &str, stdout: &str) -> Result<HostFacts, FactParseError
                 f.postgres_pid = pid(p);
             }
             ["etcd", v @ ("0" | "1")] => f.etcd_healthy = Some(*v == "1"),
+            ["unit", name, v @ ("0" | "1")] => {
+                f.units.insert(name.to_string(), *v == "1");
+            }
             _ => return Err(bad(line)),
         }
     }

@@ -89,6 +89,9 @@ pub struct HostTarget {
     pub pg_data_dir: Option<String>,
     /// Main config file of each service (what its run file points at).
     pub service_configs: BTreeMap<Service, String>,
+    /// Distribution units that must be stopped and disabled (systemd mode), e.g. Debian's
+    /// `postgresql`, which would otherwise start a second PostgreSQL on the same port.
+    pub stop_units: Vec<String>,
 }
 
 impl HostTarget {
@@ -284,6 +287,7 @@ impl DeploySpec {
                 .roles
                 .etcd
                 .then(|| format!("http://{}:{}", h.address, self.etcd_client_port)),
+            units: h.stop_units.clone(),
         }
     }
 
@@ -310,6 +314,8 @@ pub enum Action {
     FixMetadata(DesiredFile),
     /// systemd only: unit files changed.
     DaemonReload,
+    /// systemd only: stop and disable a distribution unit.
+    StopUnit(String),
     Service(Service, ServiceOp),
 }
 
@@ -601,6 +607,19 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
         }
     }
     if mode == ServiceMode::Systemd {
+        for u in &h.stop_units {
+            let name = format!("unit {u}");
+            if facts.units.get(u).copied().unwrap_or(false) {
+                steps.push(change(
+                    name,
+                    Action::StopUnit(u.clone()),
+                    "stop and disable (pgherd runs this service itself)".into(),
+                    None,
+                ));
+            } else {
+                steps.push(noop(name, "inactive and disabled".into()));
+            }
+        }
         if units_changed {
             steps.push(change(
                 "systemd".into(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::plan::{AgentBinary, DeploySpec, DesiredDir, DesiredFile, HostTarget, Roles};
-use super::playbook::{Playbook, StepKind};
+use super::playbook::{Playbook, ServiceAction, StepKind};
 use super::services::{self, Service};
 use crate::inventory::{Etcd, Inventory, InventoryError, Role};
 use crate::render::Renderer;
@@ -64,8 +64,9 @@ pub fn playbook_needs(
     inv: &Inventory,
     renderer: &Renderer,
     host: &str,
-) -> Result<(Vec<String>, Vec<DesiredDir>), SpecError> {
+) -> Result<PlaybookNeeds, SpecError> {
     let mut pkgs: Vec<String> = Vec::new();
+    let mut stop_units: Vec<String> = Vec::new();
     let mut dirs: Vec<DesiredDir> = Vec::new();
     for step in &pb.steps {
         if !step
@@ -104,10 +105,33 @@ pub fn playbook_needs(
                     mode,
                 });
             }
+            // Units the playbook stops that pgherd does not itself run (the distribution's
+            // postgresql): planned as "stop and disable" in systemd mode.
+            StepKind::Service {
+                name,
+                action: ServiceAction::Stop,
+                ..
+            } if !Service::ALL.iter().any(|s| s.name() == name) => {
+                if !stop_units.contains(&name) {
+                    stop_units.push(name);
+                }
+            }
             _ => {}
         }
     }
-    Ok((pkgs, dirs))
+    Ok(PlaybookNeeds {
+        packages: pkgs,
+        dirs,
+        stop_units,
+    })
+}
+
+/// What the deploy playbook's data asks of one host (see [`playbook_needs`]).
+#[derive(Debug, Clone, Default)]
+pub struct PlaybookNeeds {
+    pub packages: Vec<String>,
+    pub dirs: Vec<DesiredDir>,
+    pub stop_units: Vec<String>,
 }
 
 /// Builds the desired state of every host. `templates`: a user template directory.
@@ -155,7 +179,11 @@ pub fn build(
                 service_configs.entry(svc).or_insert_with(|| f.path.clone());
             }
         }
-        let (packages, mut dirs) = playbook_needs(&pb, inv, &renderer, h.name.as_str())?;
+        let PlaybookNeeds {
+            packages,
+            mut dirs,
+            stop_units,
+        } = playbook_needs(&pb, inv, &renderer, h.name.as_str())?;
         if roles.postgres {
             // The agent runs initdb / pg_basebackup into the data directory, whose parent must
             // exist (the playbook creates the data directory itself, 0700 postgres).
@@ -185,6 +213,7 @@ pub fn build(
                 .postgres
                 .then(|| inv.postgresql.data_dir.display().to_string()),
             service_configs,
+            stop_units,
         });
     }
     let mut secrets: Vec<String> = inv
