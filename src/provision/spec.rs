@@ -111,10 +111,8 @@ pub fn playbook_needs(
                 name,
                 action: ServiceAction::Stop,
                 ..
-            } if !Service::ALL.iter().any(|s| s.name() == name) => {
-                if !stop_units.contains(&name) {
-                    stop_units.push(name);
-                }
+            } if !Service::ALL.iter().any(|s| s.name() == name) && !stop_units.contains(&name) => {
+                stop_units.push(name);
             }
             _ => {}
         }
