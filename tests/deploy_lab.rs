@@ -272,6 +272,12 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         text.contains("no change  service pgherd-agent: running (pid"),
         "{text}"
     );
+    let text = cli(&[
+        "check",
+        "--agent-binary",
+        env!("CARGO_BIN_EXE_pgherd-agent"),
+    ]);
+    assert!(text.contains("check passed"), "{text}");
     let text = cli(&["status"]);
     assert!(
         text.contains(&format!("{leader:<12}"))

@@ -510,3 +510,41 @@ async fn systemd_host_gets_units_daemon_reload_and_the_distribution_postgresql_s
         "systemctl enable --now pgherd-agent.service"
     );
 }
+
+#[tokio::test]
+async fn a_host_failing_mid_phase_stops_the_run_before_any_service_step_on_any_host() {
+    let mut s = spec();
+    let mut n2 = s.hosts[0].clone();
+    n2.name = "n2".into();
+    s.hosts.push(n2);
+    let blank = facts_stdout(&s, &BTreeMap::new(), false, true);
+    let t1 = fake(&blank, &BTreeMap::new());
+    // n2 cannot create directories (e.g. a read-only filesystem).
+    let t2 = Arc::new(
+        FakeTransport::new("n2")
+            .on("echo \"mode $mode\"", 0, &blank)
+            .on("install -d", 1, ""),
+    );
+    let mut f = fleet(&t1);
+    f.insert("n2".into(), t2.clone() as Arc<dyn Transport>);
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(1),
+        progress: false,
+    };
+    let e = apply::apply(&s, &f, &opts).await.unwrap_err();
+    let msg = pgherd::provision::error_chain(&e);
+    assert!(
+        msg.contains("host n2") && msg.contains("step `directories`"),
+        "{msg}"
+    );
+    // n1 finished its prepare phase (all files written) ...
+    assert!(t1.file(AGENT_CFG).is_some() && t1.file(services::AGENT_BIN_PATH).is_some());
+    // ... and no host started a service: the next phase never began.
+    for t in [&t1, &t2] {
+        assert!(
+            !t.commands().iter().any(|c| c.contains("setsid -f")),
+            "{:#?}",
+            t.commands()
+        );
+    }
+}
