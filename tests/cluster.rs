@@ -105,8 +105,21 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     let log = std::fs::read_to_string(c.nodes[p0].log()).unwrap();
     assert!(log.contains("rewind"), "the rejoin did not go through pg_rewind");
 
-    step("switchover via REST to a named candidate");
-    let cand = (0..3).find(|i| *i != p1).unwrap();
+    step("switchover via REST to a named candidate (in sync mode: the sync standby)");
+    let cand = eventually(Duration::from_secs(20), "a sync standby", || async {
+        for i in 0..3 {
+            if i != p1 && c.code(i, "GET", "/sync").await == Some(200) {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let not_sync = (0..3).find(|i| *i != p1 && *i != cand).unwrap();
+    let (code, body) = c
+        .call(p1, "POST", "/switchover", Some(json!({"leader": c.nodes[p1].name, "candidate": c.nodes[not_sync].name})))
+        .await;
+    assert_eq!((code, body.as_str()), (412, "candidate name does not match with sync_standby"));
     let (code, body) = c
         .call(p1, "POST", "/switchover", Some(json!({"leader": c.nodes[p1].name, "candidate": c.nodes[cand].name})))
         .await;
@@ -127,16 +140,25 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     let before = c.get(r, "/patroni").await.unwrap().1["postmaster_start_time"].clone();
     let (code, body) = c.call(r, "POST", "/restart", Some(json!({}))).await;
     assert_eq!(code, 200, "{body}");
-    let after = c.get(r, "/patroni").await.unwrap().1["postmaster_start_time"].clone();
-    assert_ne!(before, after, "postmaster start time unchanged after restart");
+    // The API answers from the snapshot the loop publishes each cycle.
+    eventually(Duration::from_secs(5), "a new postmaster start time", || async {
+        let after = c.get(r, "/patroni").await?.1["postmaster_start_time"].clone();
+        (after != before && !after.is_null()).then_some(())
+    })
+    .await;
     c.wait_healthy(Duration::from_secs(60)).await;
 
     step("reinitialize a replica via REST");
     let (code, body) = c.call(r, "POST", "/reinitialize", Some(json!({"force": true}))).await;
     assert_eq!(code, 200, "{body}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    c.wait_healthy(Duration::from_secs(90)).await;
-    assert_eq!(count_rows(&c, r).await.unwrap(), count_rows(&c, p3).await.unwrap());
+    let want = count_rows(&c, p3).await.unwrap();
+    eventually(Duration::from_secs(90), "the reinitialized replica streaming the primary's rows", || async {
+        let (_, v) = c.get(r, "/patroni").await?;
+        let streaming = v["state"] == "running" && v["replication_state"] == "streaming";
+        (streaming && count_rows(&c, r).await.ok()? == want).then_some(())
+    })
+    .await;
+    c.wait_healthy(Duration::from_secs(30)).await;
 
     step("PATCH /config: reload-only parameter applied, restart-only one pending");
     let (code, body) = c

@@ -61,7 +61,15 @@ async fn unmodified_patronictl_manages_a_pgherd_cluster() {
     let ctl = Ctl::new(&c);
     let s = ctl.scope.clone();
 
-    let list = ctl.run(&["list", &s]);
+    // Member keys are refreshed every cycle: wait until both replicas report streaming.
+    let mut list = String::new();
+    for _ in 0..60 {
+        list = ctl.run(&["list", &s]);
+        if list.matches("streaming").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert!(list.contains(&format!("Cluster: {s}")), "{list}");
     assert!(list.contains("Leader") && list.contains("Replica"), "{list}");
     assert_eq!(list.matches("streaming").count(), 2, "{list}");

@@ -72,6 +72,12 @@ pub fn race_eligibility(i: &Inputs, view: &ClusterView) -> Result<(), NotHealthi
         }
         return Err(NotHealthiest::Paused);
     }
+    // Stricter than Patroni, which lets a running primary retake the lock and only demotes it
+    // once watchdog activation fails: in `required` mode without a usable watchdog nothing
+    // guarantees a hung primary cannot outlive its lease, so we never take the lock at all.
+    if i.local.watchdog.blocks_leadership() {
+        return Err(NotHealthiest::WatchdogUnusable);
+    }
     if i.pg.is_running_primary() {
         // A primary that lost its key (e.g. the agent restarted) may take it back, but never
         // a stale ex-primary from an older timeline: that would resurrect a diverged history.

@@ -195,8 +195,9 @@ fn action_in_progress(i: &Inputs, view: &ClusterView, action: ActionKind, holds:
 /// Empty data directory (patroni.md §3.15, §3.16).
 fn bootstrap_or_clone(i: &Inputs, view: &ClusterView) -> Decision {
     if view.leader.is_none() && view.initialize.is_none() {
-        if !i.local.tags.may_promote() {
-            // A nofailover node never creates the cluster: it could never lead it.
+        if !i.local.tags.may_promote() || i.local.watchdog.blocks_leadership() {
+            // A nofailover node, or one whose required watchdog proved unusable, never creates
+            // the cluster: it could never lead it.
             return Decision::WaitForLeaderToBootstrap;
         }
         return Decision::RaceBootstrap;

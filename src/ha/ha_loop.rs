@@ -573,16 +573,13 @@ impl HaLoop {
             },
             Decision::FinishBootstrap => {
                 if !self.finish_bootstrap(i).await {
+                    // The abort must happen now: left running, the fresh primary would be
+                    // adopted (and the lock taken) on the next cycle.
+                    self.abort_bootstrap().await;
                     return (Decision::AbortBootstrap, true);
                 }
             }
-            Decision::AbortBootstrap => {
-                let _ = self.bounded(self.dcs.delete_initialize()).await;
-                self.stop_pg(StopMode::Immediate, false).await;
-                if let Err(e) = self.pg.wipe_data_dir().await {
-                    error!(error = %e, "failed to wipe the data directory after a failed bootstrap");
-                }
-            }
+            Decision::AbortBootstrap => self.abort_bootstrap().await,
             Decision::WaitForLeaderToBootstrap => {}
             Decision::CloneFrom { source, .. } => {
                 if let Some(v) = view {
@@ -646,6 +643,7 @@ impl HaLoop {
                 self.spawn_switchover_demote();
             }
             Decision::ReleaseAfterSwitchover => {
+                self.role_after_stop = Some(Role::Demoted);
                 self.lose_lock(true).await;
                 self.rewind_check_pending = true;
                 self.hooks
@@ -966,6 +964,16 @@ impl HaLoop {
         });
     }
 
+    /// Gives up a bootstrap: frees `initialize` for another node, stops and wipes the new
+    /// cluster (it never had a leader, so no data is lost).
+    async fn abort_bootstrap(&mut self) {
+        let _ = self.bounded(self.dcs.delete_initialize()).await;
+        self.stop_pg(StopMode::Immediate, false).await;
+        if let Err(e) = self.pg.wipe_data_dir().await {
+            error!(error = %e, "failed to wipe the data directory after a failed bootstrap");
+        }
+    }
+
     /// After a successful bootstrap task: watchdog, `initialize`, `config`, the lock.
     async fn finish_bootstrap(&mut self, i: &Inputs) -> bool {
         if !self.watchdog_activate() {
@@ -1056,6 +1064,14 @@ impl HaLoop {
             Role::Replica
         };
         let rewind_checked = rewind_from.is_some();
+        // Patroni semantics: a node coming back as a replica after it was demoted changed
+        // role, so it fires on_role_change (and not on_start); a plain (re)start fires on_start.
+        let callback = if role == Role::Replica && self.role_after_stop == Some(Role::Demoted) {
+            CallbackAction::OnRoleChange
+        } else {
+            CallbackAction::OnStart
+        };
+        self.role_after_stop = None;
         self.spawn_action(kind, None, async move {
             if let Some(leader) = rewind_from {
                 // The check needs a stopped cluster (we may be a running replica without an
@@ -1072,13 +1088,17 @@ impl HaLoop {
                                 .into(),
                         );
                     }
+                    tracing::info!("running pg_rewind from {}", leader.member);
                     pg.rewind(&leader).await.map_err(|e| e.to_string())?;
+                    tracing::info!("pg_rewind from {} finished", leader.member);
+                } else {
+                    tracing::info!("no rewind required to follow {}", leader.member);
                 }
             }
             pg.start(&start_as, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            hooks.callback(CallbackAction::OnStart, role);
+            hooks.callback(callback, role);
             Ok(())
         });
         if let Some(a) = self.action.as_mut() {

@@ -98,6 +98,11 @@ pub struct LocalPostgres {
     /// uid/gid to run PostgreSQL binaries as (only when the agent is root).
     run_as: Option<(u32, u32)>,
     shared: Mutex<Shared>,
+    /// Serialises config-file generation: the loop's `apply_dynamic_config` and an action's
+    /// `start` may both write; unserialised, both could move the initdb postgresql.conf aside
+    /// and the second would move our generated file onto postgresql.base.conf (which then
+    /// includes itself).
+    config_write: Mutex<()>,
     /// Persistent superuser connection for observe(); dropped and re-made on any error.
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
@@ -257,6 +262,7 @@ impl LocalPostgres {
             log_file,
             run_as,
             shared: Mutex::new(shared),
+            config_write: Mutex::new(()),
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -560,6 +566,7 @@ impl LocalPostgres {
     /// postgresql.conf or pg_hba.conf changed (the server needs a reload). Before the first
     /// write the initdb postgresql.conf is kept as postgresql.base.conf.
     fn write_config(&self) -> Result<bool, PgError> {
+        let _serial = self.config_write.lock().unwrap_or_else(|e| e.into_inner());
         if !self.initialized() {
             // Nothing to configure yet (the parent directory may not even exist before the
             // first initdb/clone); initdb/basebackup/start write everything when it exists.
@@ -1064,12 +1071,10 @@ impl Postgres for LocalPostgres {
             let _ = self.wipe_contents();
             return Err(e);
         }
-        // Keep initdb's postgresql.conf as the base file and add bootstrap.pg_hba to initdb's
-        // pg_hba.conf (it also serves as the fallback for the generated one, see hba_lines).
-        std::fs::rename(
-            self.data_dir.join("postgresql.conf"),
-            self.data_dir.join(conf::BASE_CONF),
-        )?;
+        // Add bootstrap.pg_hba to initdb's pg_hba.conf (it also serves as the fallback for the
+        // generated one, see hba_lines). initdb's postgresql.conf becomes the base file inside
+        // write_config, under its lock: renaming it here too raced with the HA loop's
+        // apply_dynamic_config and could move our generated file onto the base file.
         if !self.cfg.bootstrap.pg_hba.is_empty() {
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
