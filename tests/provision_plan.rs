@@ -402,9 +402,19 @@ async fn unreachable_host_fails_fact_gathering_naming_the_host() {
 
 #[tokio::test]
 async fn applying_a_haproxy_change_uploads_the_file_and_reloads_only_haproxy() {
-    // A listener stands in for HAProxy's primary port (apply waits until it accepts).
+    // A listener stands in for HAProxy's primary port (apply waits until it routes).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    // It answers PostgreSQL's SSLRequest with "N" (no TLS), as a server behind HAProxy would.
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = listener.accept().await {
+            let mut req = [0u8; 8];
+            if c.read_exact(&mut req).await.is_ok() {
+                let _ = c.write_all(b"N").await;
+            }
+        }
+    });
     let old = spec_with("1s", SECRET, b"agent-v1", port);
     let files = converged(&old);
     let new = spec_with("2s", SECRET, b"agent-v1", port);

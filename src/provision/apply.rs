@@ -386,6 +386,27 @@ fn api_base(spec: &DeploySpec, host: &str) -> String {
     format!("http://{addr}:{}", spec.restapi_port)
 }
 
+/// Whether a PostgreSQL server answers at `addr` (directly or through a proxy): sends the
+/// protocol's SSLRequest and expects the one-byte answer (`S` or `N`). A proxy with no
+/// healthy backend accepts and then closes instead.
+pub async fn postgres_answers(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        // Length 8, code 80877103: the SSLRequest every libpq client may send first.
+        s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+            .await
+            .ok()?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.ok()?;
+        Some(b[0] == b'N' || b[0] == b'S')
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), probe).await,
+        Ok(Some(true))
+    )
+}
+
 /// Which postgres host currently leads (asks each agent's `/primary`).
 pub async fn find_leader(spec: &DeploySpec) -> Option<String> {
     let c = http();
@@ -722,23 +743,35 @@ async fn execute_phases(
         .map(|(h, _, _)| h.clone())
         .collect();
     run_parallel(fleet, work, progress, done).await?;
+    // Wait until each touched HAProxy actually routes to PostgreSQL, not merely listens: right
+    // after a start its health checks have not yet marked any server up, and a client would be
+    // disconnected. The replica port is awaited too when the cluster has replicas.
+    let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
     for host in touched {
         let addr = spec
             .host(&host)
             .map(|h| h.address.clone())
             .unwrap_or_default();
-        let port = spec.primary_port;
-        progress.msg(&host, "waiting for HAProxy");
-        wait_until(
-            &host,
-            "HAProxy listens on the primary port",
-            opts.wait_timeout,
-            || {
-                let a = format!("{addr}:{port}");
-                async move { tokio::net::TcpStream::connect(a).await.is_ok() }
-            },
-        )
-        .await?;
+        let mut ports = vec![("primary", spec.primary_port)];
+        if has_replicas {
+            ports.push(("replica", spec.replica_port));
+        }
+        for (what, port) in ports {
+            progress.msg(
+                &host,
+                &format!("waiting until HAProxy routes its {what} port"),
+            );
+            wait_until(
+                &host,
+                &format!("HAProxy routes its {what} port ({port}) to PostgreSQL"),
+                opts.wait_timeout,
+                || {
+                    let a = format!("{addr}:{port}");
+                    async move { postgres_answers(&a).await }
+                },
+            )
+            .await?;
+        }
     }
     for h in &plan.hosts {
         progress.msg(&h.host, "done");
