@@ -89,6 +89,7 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         etcd_client_port: 2379,
         primary_port,
         replica_port: 5001,
+        stats_port: 0, // 0: not checked (no HAProxy stats in these tests)
     }
 }
 

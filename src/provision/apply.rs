@@ -407,6 +407,33 @@ pub async fn postgres_answers(addr: &str) -> bool {
     )
 }
 
+/// Whether HAProxy's stats CSV shows `<cluster>_primary` routing to `leader` only and
+/// `<cluster>_replicas` not routing to it (and to at least one replica when there are some).
+pub fn haproxy_settled(csv: &str, cluster: &str, leader: &str, has_replicas: bool) -> bool {
+    let primary_px = format!("{cluster}_primary");
+    let replica_px = format!("{cluster}_replica");
+    let mut primary_up = Vec::new();
+    let mut replica_up = Vec::new();
+    for line in csv.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split(',').collect();
+        // pxname, svname, ... status is the 18th column (index 17).
+        let (Some(px), Some(sv), Some(status)) = (f.first(), f.get(1), f.get(17)) else {
+            continue;
+        };
+        if *sv == "FRONTEND" || *sv == "BACKEND" || !status.starts_with("UP") {
+            continue;
+        }
+        if *px == primary_px {
+            primary_up.push(sv.to_string());
+        } else if px.starts_with(&replica_px) {
+            replica_up.push(sv.to_string());
+        }
+    }
+    primary_up == [leader.to_string()]
+        && !replica_up.iter().any(|s| s == leader)
+        && (!has_replicas || !replica_up.is_empty())
+}
+
 /// Which postgres host currently leads (asks each agent's `/primary`).
 pub async fn find_leader(spec: &DeploySpec) -> Option<String> {
     let c = http();
@@ -743,35 +770,49 @@ async fn execute_phases(
         .map(|(h, _, _)| h.clone())
         .collect();
     run_parallel(fleet, work, progress, done).await?;
-    // Wait until each touched HAProxy actually routes to PostgreSQL, not merely listens: right
-    // after a start its health checks have not yet marked any server up, and a client would be
-    // disconnected. The replica port is awaited too when the cluster has replicas.
+    // Wait until each touched HAProxy routes correctly, not merely listens: HAProxy (2.6)
+    // considers every server up when it starts, so until the first checks fail the primary
+    // port may reach a replica. Its stats must show the leader as the only server up in the
+    // primary proxy, and no leader in the replica proxy.
+    let leader = find_leader(spec).await;
     let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
     for host in touched {
         let addr = spec
             .host(&host)
             .map(|h| h.address.clone())
             .unwrap_or_default();
-        let mut ports = vec![("primary", spec.primary_port)];
-        if has_replicas {
-            ports.push(("replica", spec.replica_port));
-        }
-        for (what, port) in ports {
-            progress.msg(
-                &host,
-                &format!("waiting until HAProxy routes its {what} port"),
-            );
-            wait_until(
-                &host,
-                &format!("HAProxy routes its {what} port ({port}) to PostgreSQL"),
-                opts.wait_timeout,
-                || {
-                    let a = format!("{addr}:{port}");
-                    async move { postgres_answers(&a).await }
-                },
-            )
-            .await?;
-        }
+        let port = spec.primary_port;
+        progress.msg(&host, "waiting until HAProxy routes to the leader");
+        wait_until(
+            &host,
+            "HAProxy routes the primary port to the leader only",
+            opts.wait_timeout,
+            || {
+                let a = format!("{addr}:{port}");
+                let c = c.clone();
+                let stats = (spec.stats_port != 0)
+                    .then(|| format!("http://{addr}:{}/;csv", spec.stats_port));
+                let leader = leader.clone();
+                async move {
+                    if !postgres_answers(&a).await {
+                        return false;
+                    }
+                    match (stats, leader) {
+                        (Some(url), Some(l)) => {
+                            let Ok(r) = c.get(&url).send().await else {
+                                return false;
+                            };
+                            let Ok(csv) = r.text().await else {
+                                return false;
+                            };
+                            haproxy_settled(&csv, &spec.cluster, &l, has_replicas)
+                        }
+                        _ => true,
+                    }
+                }
+            },
+        )
+        .await?;
     }
     for h in &plan.hosts {
         progress.msg(&h.host, "done");
@@ -791,4 +832,41 @@ pub async fn apply(
     let mut report = execute(spec, fleet, plan, &facts, opts).await?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::haproxy_settled;
+
+    const HEAD: &str = "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status\n";
+
+    fn csv(rows: &[(&str, &str, &str)]) -> String {
+        let mut s = HEAD.to_string();
+        for (px, sv, st) in rows {
+            s.push_str(&format!("{px},{sv},0,0,0,0,,0,0,0,0,0,0,0,0,0,0,{st}\n"));
+        }
+        s
+    }
+
+    #[test]
+    fn haproxy_is_settled_only_when_the_leader_alone_serves_the_primary_port() {
+        let good = csv(&[
+            ("c_primary", "FRONTEND", "OPEN"),
+            ("c_primary", "n1", "UP"),
+            ("c_primary", "n2", "DOWN"),
+            ("c_replicas", "n1", "DOWN"),
+            ("c_replicas", "n2", "UP"),
+        ]);
+        assert!(haproxy_settled(&good, "c", "n1", true));
+        // Fresh HAProxy: every server still "UP" from startup.
+        let fresh = csv(&[
+            ("c_primary", "n1", "UP"),
+            ("c_primary", "n2", "UP 1/2"),
+            ("c_replicas", "n2", "UP"),
+        ]);
+        assert!(!haproxy_settled(&fresh, "c", "n1", true));
+        let no_replica = csv(&[("c_primary", "n1", "UP"), ("c_replicas", "n2", "DOWN")]);
+        assert!(!haproxy_settled(&no_replica, "c", "n1", true));
+        assert!(haproxy_settled(&no_replica, "c", "n1", false));
+    }
 }

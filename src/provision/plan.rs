@@ -152,6 +152,8 @@ pub struct DeploySpec {
     pub etcd_client_port: u16,
     pub primary_port: u16,
     pub replica_port: u16,
+    /// HAProxy stats port (`/;csv` tells which servers each proxy routes to).
+    pub stats_port: u16,
 }
 
 impl fmt::Debug for DeploySpec {

@@ -231,6 +231,7 @@ pub fn build(
         etcd_client_port: etcd_ports.map(|(p, _)| p).unwrap_or(2379),
         primary_port: inv.haproxy.primary_port,
         replica_port: inv.haproxy.replica_port,
+        stats_port: inv.haproxy.stats_port,
     })
 }
 
