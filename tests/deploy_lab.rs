@@ -34,13 +34,13 @@ fn is_root() -> bool {
 }
 
 /// The lab inventory plus the settings this test checks end up in the agents' config.
-fn write_inventory(spec: &LabSpec, path: &Path, maxconn: u32) {
+fn write_inventory(spec: &LabSpec, path: &Path, maxconn: u32, on_role_change: &str) {
     let mut y = lab::inventory_yaml(spec);
     y.push_str(&format!(
         "profile: fast\n\
          haproxy:\n  maxconn: {maxconn}\n\
          watchdog:\n  mode: \"off\"\n\
-         callbacks:\n  on_role_change: /bin/true\n"
+         callbacks:\n  on_role_change: {on_role_change}\n"
     ));
     std::fs::write(path, y).unwrap();
 }
@@ -130,7 +130,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     let info = lab::up(&lab_spec).expect("lab up");
     let state = tmp.path().join("st");
     let inv_path = tmp.path().join("lab.yml");
-    write_inventory(&lab_spec, &inv_path, 100);
+    write_inventory(&lab_spec, &inv_path, 100, "/bin/true");
 
     // First apply.
     let (inv, s) = build(&inv_path);
@@ -287,7 +287,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     );
 
     // One HAProxy setting: only haproxy.cfg changes, only HAProxy reloads.
-    write_inventory(&lab_spec, &inv_path, 150);
+    write_inventory(&lab_spec, &inv_path, 150, "/bin/true");
     let (_, s2) = build(&inv_path);
     let plan = apply::make_plan(&s2, &fleet).await.unwrap();
     for hp in &plan.hosts {
@@ -323,6 +323,39 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         assert_eq!(p[..2], after[h][..2], "{h}: etcd/agent restarted");
         assert_eq!(p[3], after[h][3], "{h}: postgres restarted");
     }
+
+    // An agent setting (a callback): only the agent configs change, and the agents reload
+    // (SIGHUP) in place: no process restarts anywhere.
+    write_inventory(&lab_spec, &inv_path, 150, "/bin/echo");
+    let (_, s3) = build(&inv_path);
+    let plan = apply::make_plan(&s3, &fleet).await.unwrap();
+    for hp in &plan.hosts {
+        let names: Vec<&str> = hp.changes().map(|st| st.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                format!("file {}", pgherd::render::AGENT_CONFIG_PATH).as_str(),
+                "service pgherd-agent"
+            ],
+            "{}",
+            hp.host
+        );
+    }
+    let before = pids(&s3, &fleet).await;
+    let report = apply::apply(&s3, &fleet, &opts).await.unwrap();
+    for h in &info.hosts {
+        assert_eq!(
+            report.service_ops(&h.name),
+            vec![(Service::Agent, ServiceOp::Reload)]
+        );
+    }
+    assert_eq!(
+        pids(&s3, &fleet).await,
+        before,
+        "a reload must not restart anything"
+    );
+    let cfg = String::from_utf8(t1.read_file(&cfg_path).await.unwrap().unwrap()).unwrap();
+    assert!(cfg.contains("/bin/echo"), "{cfg}");
 
     // Crash the primary's host: writes through HAProxy resume on a new primary.
     lab::crash(&lab_spec, &leader).unwrap();
