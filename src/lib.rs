@@ -17,10 +17,12 @@
 //! - [`provision`]: playbooks as data and the provisioning planner.
 //! - [`transport`]: reaching hosts for provisioning (SSH, in-memory fake).
 //! - [`lab`]: a local multi-host lab built from Linux namespaces (tests and demos).
+//! - [`cli`]: the `pgherd` command line (lab, plan, apply, status, check).
 
 pub mod agent;
 pub mod api;
 pub mod callbacks;
+pub mod cli;
 pub mod config;
 pub mod dcs;
 pub mod ha;

@@ -133,6 +133,8 @@ fn init_script() -> String {
 set -eu
 install -d -m 0755 /run/sshd
 install -d -o postgres -g postgres -m 2775 /run/postgresql
+# pgherd's boot hook (supervisor mode): brings deployed services back after a "reboot".
+if [ -x /etc/pgherd/boot.sh ]; then /etc/pgherd/boot.sh || true; fi
 exec /usr/sbin/sshd -D -e -h /etc/pgherd-lab/ssh_host_ed25519_key \
   -o PidFile=/run/sshd.pid \
   -o PermitRootLogin=prohibit-password \

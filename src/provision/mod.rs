@@ -1,3 +1,32 @@
-//! Provisioning: playbooks as data, and (elsewhere) the planner and the apply layer.
+//! Provisioning: inventory → desired state → facts → plan → apply, pyinfra-style, in types.
+//!
+//! - [`facts`]: read-only facts of a host in one batched command, parsed purely.
+//! - [`plan`]: the desired state ([`plan::DeploySpec`]) and the pure planner.
+//! - [`apply`]: executes a plan in cluster order (etcd → first primary → replicas → HAProxy).
+//! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands.
+//! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
+//! - [`playbook`]: playbooks as data (the deploy step vocabulary).
+//! - [`spec`]: inventory + rendered templates → the desired state.
 
+pub mod apply;
+pub mod facts;
+pub mod plan;
 pub mod playbook;
+pub mod report;
+pub mod services;
+pub mod spec;
+
+/// An error with its `source()` chain on one line (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

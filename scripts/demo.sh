@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# pgherd demo on one fresh Debian 12 machine, as root: a 3-host lab (network namespaces, no
+# VMs), then a full deploy (etcd ×3, PostgreSQL 15 + pgherd-agent ×3, HAProxy ×3) and the
+# cluster status. Lab hosts have no systemd, so services run in pgherd's supervisor mode
+# (see src/provision/services.rs). Tear down with: target/debug/pgherd lab down --purge
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root (the lab uses network namespaces)" >&2; exit 1; }
+./scripts/install-deps.sh
+cargo build --bins
+pgherd=target/debug/pgherd
+lab_dir=/tmp/pgherd-lab-pg
+$pgherd lab up --hosts 3 --lab-dir "$lab_dir"
+inv="$lab_dir/inventory.yml"
+time $pgherd apply -i "$inv" --agent-binary target/debug/pgherd-agent --yes
+$pgherd status -i "$inv"
+echo
+echo "re-running apply (should change nothing):"
+time $pgherd apply -i "$inv" --agent-binary target/debug/pgherd-agent --yes

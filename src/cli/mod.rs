@@ -1,0 +1,419 @@
+//! The `pgherd` command line: argument parsing (clap) and the verbs — `lab up|down|status|crash|
+//! boot`, `plan`, `apply`, `status`, `check`. Each verb loads and validates the inventory before
+//! touching any host; the binary only maps [`run`]'s result to an exit code.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::lab::{self, LabSpec};
+use crate::provision::apply::{self, ApplyOptions, Fleet};
+use crate::provision::plan::DeploySpec;
+use crate::provision::report::{self, ReportOptions};
+use crate::provision::spec::{self, SpecError};
+use crate::transport::{HostSpec, SshOptions, Transport, connect_all};
+
+/// Highly available PostgreSQL on VMs and bare metal.
+#[derive(Parser, Debug)]
+#[command(name = "pgherd", version)]
+pub struct Cli {
+    /// Directory for pgherd's local state (ssh control sockets, known_hosts).
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// A local multi-host lab (network namespaces) to try pgherd on one machine.
+    #[command(subcommand)]
+    Lab(LabCommand),
+    /// Show what `apply` would change, host by host, with file diffs.
+    Plan(DeployArgs),
+    /// Converge the hosts to the inventory (etcd, agents, HAProxy).
+    Apply(ApplyArgs),
+    /// Cluster status from the agents, and how to connect through HAProxy.
+    Status(InvArgs),
+    /// Validate the inventory, render every file, reach every host.
+    Check(DeployArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InvArgs {
+    /// Inventory file.
+    #[arg(short, long)]
+    pub inventory: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub inv: InvArgs,
+    /// The pgherd-agent binary to install (default: the inventory's, else next to `pgherd`).
+    #[arg(long)]
+    pub agent_binary: Option<PathBuf>,
+    /// Template directory overriding the built-in templates/.
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
+    /// Do not print file diffs.
+    #[arg(long)]
+    pub no_diff: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub deploy: DeployArgs,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
+    /// Seconds to wait for etcd health, a leader, streaming replicas, HAProxy.
+    #[arg(long, default_value_t = 180)]
+    pub wait_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabArgs {
+    /// Lab name (host names are NAME1, NAME2, ...).
+    #[arg(long, default_value = "pg")]
+    pub name: String,
+    /// First three octets of the lab's /24.
+    #[arg(long, default_value = "10.230.0")]
+    pub subnet: String,
+    #[arg(long, default_value = "pgherd0")]
+    pub bridge: String,
+    /// Lab state (keys, host disks); default /tmp/pgherd-lab-NAME (must be outside the
+    /// directories every lab host overlays: /etc /var /root /usr/local /opt /home /srv).
+    #[arg(long)]
+    pub lab_dir: Option<PathBuf>,
+}
+
+impl LabArgs {
+    fn spec(&self, hosts: usize) -> LabSpec {
+        let dir = self
+            .lab_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/pgherd-lab-{}", self.name)));
+        LabSpec::new(
+            self.name.clone(),
+            hosts,
+            self.subnet.clone(),
+            self.bridge.clone(),
+            dir,
+        )
+    }
+
+    /// Host count of an existing lab (from its state dir), else `default`.
+    fn existing_hosts(&self, default: usize) -> usize {
+        let s = self.spec(default);
+        std::fs::read_to_string(s.state_dir.join("hosts"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| {
+                (1..=99)
+                    .take_while(|i| s.state_dir.join(format!("{}{}", self.name, i)).exists())
+                    .count()
+                    .max(default)
+            })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Create (or repair) the lab and write its inventory.
+    Up {
+        #[command(flatten)]
+        lab: LabArgs,
+        #[arg(long, default_value_t = 3)]
+        hosts: usize,
+        /// Where to write the lab inventory (default: <lab dir>/inventory.yml).
+        #[arg(long)]
+        inventory: Option<PathBuf>,
+    },
+    /// Stop every lab host and remove its network.
+    Down {
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Also delete the hosts' disks and keys.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// List lab hosts.
+    Status {
+        #[command(flatten)]
+        lab: LabArgs,
+    },
+    /// Power-cut a lab host (disk kept).
+    Crash {
+        #[command(flatten)]
+        lab: LabArgs,
+        host: String,
+    },
+    /// Boot a crashed lab host.
+    Boot {
+        #[command(flatten)]
+        lab: LabArgs,
+        host: String,
+    },
+}
+
+/// Exit codes: 0 success, 1 a host/run failure, 2 bad usage or invalid inventory.
+pub fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let input = e
+        .downcast_ref::<SpecError>()
+        .is_some_and(SpecError::is_input_error)
+        || e.downcast_ref::<crate::inventory::InventoryError>()
+            .is_some();
+    if input {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs the CLI.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    match cli.command {
+        Command::Lab(c) => lab_cmd(c),
+        Command::Plan(a) => plan_cmd(&a, &state_dir).await,
+        Command::Apply(a) => apply_cmd(&a, &state_dir).await,
+        Command::Status(a) => status_cmd(&a).await,
+        Command::Check(a) => check_cmd(&a, &state_dir).await,
+    }
+}
+
+/// `$PGHERD_STATE_DIR`, else `$XDG_STATE_HOME/pgherd`, else `~/.local/state/pgherd` (short enough for control sockets).
+pub fn default_state_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("PGHERD_STATE_DIR") {
+        return PathBuf::from(x);
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(x).join("pgherd");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/state/pgherd")
+}
+
+fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
+    match c {
+        LabCommand::Up {
+            lab: l,
+            hosts,
+            inventory,
+        } => {
+            let spec = l.spec(hosts);
+            let info = lab::up(&spec)?;
+            let inv = inventory.unwrap_or_else(|| spec.state_dir.join("inventory.yml"));
+            if !inv.exists() {
+                lab::write_inventory(&spec, &inv)?;
+            }
+            println!(
+                "lab {} is up ({} hosts, controller {}):",
+                spec.name,
+                info.hosts.len(),
+                info.controller_address
+            );
+            for h in &info.hosts {
+                println!("  {:<10} {}", h.name, h.address);
+            }
+            println!("inventory: {}", inv.display());
+            println!(
+                "ssh:       ssh -i {} root@{}",
+                info.key_path.display(),
+                info.hosts[0].address
+            );
+            println!("next:      pgherd apply -i {}", inv.display());
+            Ok(())
+        }
+        LabCommand::Down { lab: l, purge } => {
+            let spec = l.spec(l.existing_hosts(1));
+            lab::down(&spec, purge)?;
+            println!(
+                "lab {} is down{}",
+                spec.name,
+                if purge { " (state purged)" } else { "" }
+            );
+            Ok(())
+        }
+        LabCommand::Status { lab: l } => {
+            let spec = l.spec(l.existing_hosts(1));
+            for h in lab::status(&spec)? {
+                println!(
+                    "{:<10} {:<15} {}{}",
+                    h.name,
+                    h.address,
+                    if h.up { "up" } else { "down" },
+                    if h.partitioned { " (partitioned)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        LabCommand::Crash { lab: l, host } => {
+            lab::crash(&l.spec(l.existing_hosts(1)), &host)?;
+            println!("{host} crashed");
+            Ok(())
+        }
+        LabCommand::Boot { lab: l, host } => {
+            lab::boot(&l.spec(l.existing_hosts(1)), &host)?;
+            println!("{host} booted");
+            Ok(())
+        }
+    }
+}
+
+/// Loads the inventory and builds the desired state (no host touched).
+pub fn load_spec(a: &DeployArgs) -> Result<(crate::inventory::Inventory, DeploySpec), SpecError> {
+    let inv = crate::inventory::load(&a.inv.inventory)?;
+    let spec = spec::build(&inv, a.agent_binary.as_deref(), a.templates.as_deref())?;
+    Ok((inv, spec))
+}
+
+/// Connects to every host of the inventory; all must succeed (else an error naming each
+/// unreachable host, before anything is changed).
+pub async fn connect(inv: &crate::inventory::Inventory, state_dir: &Path) -> anyhow::Result<Fleet> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let specs: Vec<HostSpec> = spec::host_specs(inv);
+    let results = connect_all(&specs, &SshOptions::new(state_dir), 16).await;
+    let mut fleet = Fleet::new();
+    let mut errs = Vec::new();
+    for (name, r) in results {
+        match r {
+            Ok(t) => {
+                fleet.insert(name, Arc::new(t) as Arc<dyn Transport>);
+            }
+            Err(e) => errs.push(e.to_string()),
+        }
+    }
+    if !errs.is_empty() {
+        anyhow::bail!(
+            "cannot connect to {} host(s), nothing was changed:\n  - {}",
+            errs.len(),
+            errs.join("\n  - ")
+        );
+    }
+    Ok(fleet)
+}
+
+async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let (inv, spec) = load_spec(a)?;
+    let fleet = connect(&inv, state_dir).await?;
+    let plan = apply::make_plan(&spec, &fleet).await?;
+    print!(
+        "{}",
+        report::render_plan(
+            &plan,
+            ReportOptions {
+                show_noops: true,
+                diffs: !a.no_diff
+            }
+        )
+    );
+    Ok(())
+}
+
+async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let (inv, spec) = load_spec(&a.deploy)?;
+    let fleet = connect(&inv, state_dir).await?;
+    let facts = apply::gather_all(&spec, &fleet).await?;
+    let plan = crate::provision::plan::plan(&spec, &facts);
+    print!(
+        "{}",
+        report::render_plan(
+            &plan,
+            ReportOptions {
+                show_noops: false,
+                diffs: !a.deploy.no_diff
+            }
+        )
+    );
+    if plan.is_noop() {
+        println!("nothing to do ({:.1}s)", t0.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    if !a.yes && std::io::stdin().is_terminal() {
+        eprint!("apply these changes? [y/N] ");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        if !matches!(line.trim(), "y" | "Y" | "yes") {
+            anyhow::bail!("aborted, nothing changed");
+        }
+    }
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(a.wait_timeout),
+        progress: true,
+    };
+    let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
+    for (host, step, what) in &report.done {
+        println!("[{host}] {step}: {what}");
+    }
+    println!(
+        "applied {} change(s) in {:.1}s",
+        report.done.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn status_cmd(a: &InvArgs) -> anyhow::Result<()> {
+    let inv = crate::inventory::load(&a.inventory)?;
+    let text = spec::cluster_status(&inv).await?;
+    print!("{text}");
+    Ok(())
+}
+
+async fn check_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let (inv, spec) = load_spec(a)?;
+    println!(
+        "inventory {}: valid ({} hosts)",
+        a.inv.inventory.display(),
+        inv.hosts.len()
+    );
+    for h in &spec.hosts {
+        println!(
+            "  {:<10} {:<15} {} file(s) rendered",
+            h.name,
+            h.address,
+            h.files.len()
+        );
+    }
+    match &spec.agent_binary {
+        Some(b) => println!(
+            "agent binary: {} bytes (sha256 {})",
+            b.bytes.len(),
+            &b.sha256[..12]
+        ),
+        None => println!("agent binary: none found (postgres hosts will not get an agent)"),
+    }
+    let fleet = connect(&inv, state_dir).await?;
+    let facts = apply::gather_all(&spec, &fleet).await?;
+    for (name, f) in &facts {
+        let missing: Vec<&String> = f
+            .packages
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|(p, _)| p)
+            .collect();
+        println!(
+            "  {name}: reachable, {} mode, {}",
+            f.mode,
+            if missing.is_empty() {
+                "packages present".to_string()
+            } else {
+                format!("missing packages: {missing:?}")
+            }
+        );
+    }
+    println!("check passed");
+    Ok(())
+}

@@ -1,0 +1,678 @@
+//! The planner: desired state ([`DeploySpec`]) + facts ([`HostFacts`]) → [`Plan`], a list of
+//! per-host steps, each either a change (with the exact action and, for files, a unified diff)
+//! or "no change" with the reason. It is pure and synchronous — no transport, no clock — so
+//! every branch is tested with fixture facts (tests/provision_plan.rs), and `plan` shows exactly
+//! what `apply` would do: apply executes the same [`Plan`] value.
+//!
+//! Notify rule: a service is restarted or reloaded only when one of its inputs changed in this
+//! plan (its config file, its run file / unit, or the agent binary), never "just in case". That
+//! is what makes a second `apply` with an unchanged inventory leave every pid alone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+use super::facts::{FactQuery, HostFacts};
+use super::services::{
+    self, AGENT_BIN_PATH, BOOT_PATH, SUPERVISE_PATH, Service, ServiceMode, ServiceOp,
+};
+use crate::transport::{REDACTED, sha256_hex};
+
+/// Roles a host plays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles {
+    pub postgres: bool,
+    pub etcd: bool,
+    pub haproxy: bool,
+}
+
+/// A file pgherd wants on a host.
+#[derive(Clone)]
+pub struct DesiredFile {
+    pub path: String,
+    pub content: Arc<Vec<u8>>,
+    pub mode: u32,
+    /// `user` or `user:group`.
+    pub owner: String,
+    /// sha256 of `content`, computed once (the agent binary is large).
+    pub sha: Arc<str>,
+}
+
+impl fmt::Debug for DesiredFile {
+    // Content may hold secrets: never print it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DesiredFile")
+            .field("path", &self.path)
+            .field("bytes", &self.content.len())
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("owner", &self.owner)
+            .finish()
+    }
+}
+
+impl DesiredFile {
+    pub fn new(path: &str, content: impl Into<Vec<u8>>, mode: u32, owner: &str) -> DesiredFile {
+        let content: Vec<u8> = content.into();
+        DesiredFile {
+            path: path.to_string(),
+            sha: sha256_hex(&content).into(),
+            content: Arc::new(content),
+            mode,
+            owner: owner.to_string(),
+        }
+    }
+
+    pub fn sha256(&self) -> String {
+        self.sha.to_string()
+    }
+}
+
+/// A directory pgherd wants on a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredDir {
+    pub path: String,
+    /// `user:group`.
+    pub owner: String,
+    pub mode: u32,
+}
+
+/// Desired state of one host.
+#[derive(Debug, Clone)]
+pub struct HostTarget {
+    pub name: String,
+    pub address: String,
+    pub roles: Roles,
+    /// Rendered files (templates), uploaded in every mode.
+    pub files: Vec<DesiredFile>,
+    pub dirs: Vec<DesiredDir>,
+    pub packages: Vec<String>,
+    pub pg_data_dir: Option<String>,
+    /// Main config file of each service (what its run file points at).
+    pub service_configs: BTreeMap<Service, String>,
+    /// Distribution units that must be stopped and disabled (systemd mode), e.g. Debian's
+    /// `postgresql`, which would otherwise start a second PostgreSQL on the same port.
+    pub stop_units: Vec<String>,
+}
+
+impl HostTarget {
+    /// The services this host runs, in start order.
+    pub fn services(&self) -> Vec<Service> {
+        let mut v = Vec::new();
+        if self.roles.etcd {
+            v.push(Service::Etcd);
+        }
+        if self.roles.postgres {
+            v.push(Service::Agent);
+        }
+        if self.roles.haproxy {
+            v.push(Service::Haproxy);
+        }
+        v
+    }
+}
+
+/// The agent binary to install on postgres hosts.
+#[derive(Clone)]
+pub struct AgentBinary {
+    pub bytes: Arc<Vec<u8>>,
+    pub sha256: String,
+}
+
+impl fmt::Debug for AgentBinary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "AgentBinary({} bytes, sha256 {})",
+            self.bytes.len(),
+            &self.sha256[..12]
+        )
+    }
+}
+
+impl AgentBinary {
+    pub fn new(bytes: Vec<u8>) -> AgentBinary {
+        let sha256 = sha256_hex(&bytes);
+        AgentBinary {
+            bytes: Arc::new(bytes),
+            sha256,
+        }
+    }
+}
+
+/// Everything `plan`/`apply` needs, built from the inventory (see `provision::spec`).
+#[derive(Clone)]
+pub struct DeploySpec {
+    pub cluster: String,
+    pub hosts: Vec<HostTarget>,
+    pub agent_binary: Option<AgentBinary>,
+    /// Values to redact from diffs, logs and errors.
+    pub secrets: Vec<String>,
+    pub restapi_port: u16,
+    pub pg_port: u16,
+    pub etcd_client_port: u16,
+    pub primary_port: u16,
+    pub replica_port: u16,
+    /// HAProxy stats port (`/;csv` tells which servers each proxy routes to).
+    pub stats_port: u16,
+}
+
+impl fmt::Debug for DeploySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeploySpec")
+            .field("cluster", &self.cluster)
+            .field("hosts", &self.hosts)
+            .field("agent_binary", &self.agent_binary)
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeploySpec {
+    pub fn host(&self, name: &str) -> Option<&HostTarget> {
+        self.hosts.iter().find(|h| h.name == name)
+    }
+
+    /// The host bootstrapped as the first primary: the first postgres host in inventory order.
+    pub fn first_primary(&self) -> Option<&HostTarget> {
+        self.hosts.iter().find(|h| h.roles.postgres)
+    }
+
+    /// Every file a host should have in `mode`: rendered files, plus the agent binary and, in
+    /// supervisor mode, the supervisor loop, the boot hook and the run files.
+    pub fn files_for(&self, h: &HostTarget, mode: ServiceMode) -> Vec<DesiredFile> {
+        let mut files: Vec<DesiredFile> = h
+            .files
+            .iter()
+            .filter(|f| mode == ServiceMode::Systemd || !services::is_unit_file(&f.path))
+            .cloned()
+            .collect();
+        if h.roles.postgres
+            && let Some(bin) = &self.agent_binary
+        {
+            files.push(DesiredFile {
+                path: AGENT_BIN_PATH.to_string(),
+                content: bin.bytes.clone(),
+                mode: 0o755,
+                owner: "root:root".into(),
+                sha: bin.sha256.as_str().into(),
+            });
+        }
+        if mode == ServiceMode::Supervisor {
+            files.push(DesiredFile::new(
+                SUPERVISE_PATH,
+                services::supervise_script(),
+                0o755,
+                "root:root",
+            ));
+            files.push(DesiredFile::new(
+                BOOT_PATH,
+                services::boot_script(),
+                0o755,
+                "root:root",
+            ));
+            for svc in h.services() {
+                let cfg = h
+                    .service_configs
+                    .get(&svc)
+                    .map(String::as_str)
+                    .unwrap_or("");
+                files.push(DesiredFile::new(
+                    &svc.run_file(),
+                    services::run_file(svc, cfg),
+                    0o644,
+                    "root:root",
+                ));
+            }
+        }
+        files
+    }
+
+    /// Directories a host needs (the host's own plus pgherd's).
+    pub fn dirs_for(&self, h: &HostTarget, mode: ServiceMode) -> Vec<DesiredDir> {
+        let mut dirs = vec![DesiredDir {
+            path: "/etc/pgherd".into(),
+            owner: "root:root".into(),
+            mode: 0o755,
+        }];
+        if mode == ServiceMode::Supervisor {
+            for p in [
+                "/usr/local/lib/pgherd",
+                services::RUN_DIR,
+                services::LOG_DIR,
+            ] {
+                dirs.push(DesiredDir {
+                    path: p.into(),
+                    owner: "root:root".into(),
+                    mode: 0o755,
+                });
+            }
+        }
+        for d in &h.dirs {
+            if !dirs.iter().any(|x| x.path == d.path) {
+                dirs.push(d.clone());
+            }
+        }
+        // Parents of every file, so uploads never fail on a missing directory.
+        for f in self.files_for(h, mode) {
+            if let Some((parent, _)) = f.path.rsplit_once('/')
+                && !parent.is_empty()
+                && !dirs.iter().any(|x| x.path == parent)
+            {
+                dirs.push(DesiredDir {
+                    path: parent.into(),
+                    owner: "root:root".into(),
+                    mode: 0o755,
+                });
+            }
+        }
+        dirs
+    }
+
+    /// The fact query for a host. Files of both modes are asked for, since the mode is itself
+    /// a fact of the same round trip.
+    pub fn fact_query(&self, h: &HostTarget) -> FactQuery {
+        let mut files: BTreeSet<String> = BTreeSet::new();
+        let mut dirs: BTreeSet<String> = BTreeSet::new();
+        for mode in [ServiceMode::Systemd, ServiceMode::Supervisor] {
+            files.extend(self.files_for(h, mode).into_iter().map(|f| f.path));
+            dirs.extend(self.dirs_for(h, mode).into_iter().map(|d| d.path));
+        }
+        FactQuery {
+            files: files.into_iter().collect(),
+            dirs: dirs.into_iter().collect(),
+            packages: h.packages.clone(),
+            pg_data_dir: h.pg_data_dir.clone().filter(|_| h.roles.postgres),
+            etcd_endpoint: h
+                .roles
+                .etcd
+                .then(|| format!("http://{}:{}", h.address, self.etcd_client_port)),
+            units: h.stop_units.clone(),
+        }
+    }
+
+    /// Wanted sha256 and size of every file of `h` (for fetching diffs of the differing ones).
+    pub fn wanted_sha(&self, h: &HostTarget) -> BTreeMap<String, (String, usize)> {
+        let mut m = BTreeMap::new();
+        for mode in [ServiceMode::Systemd, ServiceMode::Supervisor] {
+            for f in self.files_for(h, mode) {
+                m.insert(f.path.clone(), (f.sha256(), f.content.len()));
+            }
+        }
+        m
+    }
+}
+
+/// What executing a step does.
+#[derive(Debug, Clone)]
+pub enum Action {
+    InstallPackages(Vec<String>),
+    MakeDirs(Vec<DesiredDir>),
+    /// Write the file (content differs or it is missing).
+    Upload(DesiredFile),
+    /// Same content: only mode/owner differ.
+    FixMetadata(DesiredFile),
+    /// systemd only: unit files changed.
+    DaemonReload,
+    /// systemd only: stop and disable a distribution unit.
+    StopUnit(String),
+    Service(Service, ServiceOp),
+}
+
+/// A step's outcome in the plan.
+#[derive(Debug, Clone)]
+pub enum Planned {
+    Change {
+        action: Action,
+        /// One line for the change table.
+        summary: String,
+        /// Unified diff (files only; secrets redacted).
+        diff: Option<String>,
+    },
+    Noop(String),
+}
+
+/// One step of a host's plan.
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    /// `packages`, `directories`, `file /etc/...`, `service etcd`, ...
+    pub name: String,
+    pub planned: Planned,
+}
+
+impl PlannedStep {
+    pub fn is_change(&self) -> bool {
+        matches!(self.planned, Planned::Change { .. })
+    }
+}
+
+/// The plan of one host.
+#[derive(Debug, Clone)]
+pub struct HostPlan {
+    pub host: String,
+    pub mode: ServiceMode,
+    pub steps: Vec<PlannedStep>,
+}
+
+impl HostPlan {
+    pub fn changes(&self) -> impl Iterator<Item = &PlannedStep> {
+        self.steps.iter().filter(|s| s.is_change())
+    }
+
+    /// The service operation planned for `svc`, if any.
+    pub fn service_op(&self, svc: Service) -> Option<ServiceOp> {
+        self.steps.iter().find_map(|s| match &s.planned {
+            Planned::Change {
+                action: Action::Service(x, op),
+                ..
+            } if *x == svc => Some(*op),
+            _ => None,
+        })
+    }
+}
+
+/// The whole plan.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub hosts: Vec<HostPlan>,
+}
+
+impl Plan {
+    pub fn change_count(&self) -> usize {
+        self.hosts.iter().map(|h| h.changes().count()).sum()
+    }
+
+    pub fn is_noop(&self) -> bool {
+        self.change_count() == 0
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostPlan> {
+        self.hosts.iter().find(|h| h.host == name)
+    }
+}
+
+/// Replaces every secret in `text`.
+pub fn redact_all(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s.as_str(), REDACTED);
+    }
+    out
+}
+
+/// Unified diff old → new of a text file, secrets redacted on both sides; when only secret
+/// values differ, a note says so instead of an (empty) diff.
+pub fn file_diff(path: &str, old: Option<&[u8]>, new: &[u8], secrets: &[String]) -> Option<String> {
+    let new_s = std::str::from_utf8(new).ok()?;
+    let old_s = match old {
+        Some(b) => std::str::from_utf8(b).ok()?.to_string(),
+        None => String::new(),
+    };
+    let old_r = redact_all(&old_s, secrets);
+    let new_r = redact_all(new_s, secrets);
+    if old.is_some() && old_r == new_r {
+        // The only differences are secret values: say so without showing either.
+        return Some(format!(
+            "--- a{path}\n+++ b{path}\n(only secret values differ; both redacted)\n"
+        ));
+    }
+    let d = similar::TextDiff::from_lines(&old_r, &new_r);
+    let from = if old.is_some() {
+        format!("a{path}")
+    } else {
+        "/dev/null".to_string()
+    };
+    let text = d
+        .unified_diff()
+        .context_radius(3)
+        .header(&from, &format!("b{path}"))
+        .to_string();
+    Some(text)
+}
+
+fn file_mode_differs(want: u32, have: &str) -> bool {
+    u32::from_str_radix(have, 8)
+        .map(|m| m != want)
+        .unwrap_or(true)
+}
+
+fn owner_differs(want: &str, have: &str) -> bool {
+    if want.contains(':') {
+        want != have
+    } else {
+        have.split(':').next() != Some(want)
+    }
+}
+
+/// Plans one host (pure).
+pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPlan {
+    let mode = facts.mode;
+    let mut steps = Vec::new();
+    let change =
+        |name: String, action: Action, summary: String, diff: Option<String>| PlannedStep {
+            name,
+            planned: Planned::Change {
+                action,
+                summary,
+                diff,
+            },
+        };
+    let noop = |name: String, why: String| PlannedStep {
+        name,
+        planned: Planned::Noop(why),
+    };
+
+    // Packages: only the missing ones are installed (in the lab they all come from /usr).
+    if !h.packages.is_empty() {
+        let missing: Vec<String> = h
+            .packages
+            .iter()
+            .filter(|p| !facts.packages.get(*p).copied().unwrap_or(false))
+            .cloned()
+            .collect();
+        if missing.is_empty() {
+            steps.push(noop(
+                "packages".into(),
+                format!("all {} packages installed", h.packages.len()),
+            ));
+        } else {
+            let s = format!("install {}", missing.join(" "));
+            steps.push(change(
+                "packages".into(),
+                Action::InstallPackages(missing),
+                s,
+                None,
+            ));
+        }
+    }
+
+    // Directories.
+    let dirs = spec.dirs_for(h, mode);
+    let missing: Vec<DesiredDir> = dirs
+        .iter()
+        .filter(|d| match facts.dirs.get(&d.path) {
+            Some(Some(owner)) => owner_differs(&d.owner, owner),
+            _ => true,
+        })
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        steps.push(noop(
+            "directories".into(),
+            format!("all {} directories present", dirs.len()),
+        ));
+    } else {
+        let s = format!(
+            "create/fix {}",
+            missing
+                .iter()
+                .map(|d| d.path.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        steps.push(change(
+            "directories".into(),
+            Action::MakeDirs(missing),
+            s,
+            None,
+        ));
+    }
+
+    // Files; remember which service each change notifies.
+    let mut notify: BTreeMap<Service, ServiceOp> = BTreeMap::new();
+    let mut bump = |svc: Service, op: ServiceOp| {
+        let e = notify.entry(svc).or_insert(op);
+        // A restart subsumes a reload.
+        if op == ServiceOp::Restart {
+            *e = ServiceOp::Restart;
+        }
+    };
+    let mut units_changed = false;
+    for f in spec.files_for(h, mode) {
+        let name = format!("file {}", f.path);
+        let want = f.sha256();
+        let content_changed = match facts.file(&f.path) {
+            None => {
+                let diff = if f.path == AGENT_BIN_PATH {
+                    None
+                } else {
+                    file_diff(&f.path, None, &f.content, &spec.secrets)
+                };
+                steps.push(change(
+                    name,
+                    Action::Upload(f.clone()),
+                    format!("create ({} bytes, mode {:o})", f.content.len(), f.mode),
+                    diff,
+                ));
+                true
+            }
+            Some(cur) if cur.sha256 != want => {
+                let diff = facts
+                    .old_contents
+                    .get(&f.path)
+                    .filter(|_| f.path != AGENT_BIN_PATH)
+                    .and_then(|old| file_diff(&f.path, Some(old), &f.content, &spec.secrets));
+                let what = if f.path == AGENT_BIN_PATH {
+                    format!(
+                        "replace binary (sha256 {} → {})",
+                        &cur.sha256[..12],
+                        &want[..12]
+                    )
+                } else {
+                    "update content".to_string()
+                };
+                steps.push(change(name, Action::Upload(f.clone()), what, diff));
+                true
+            }
+            Some(cur)
+                if file_mode_differs(f.mode, &cur.mode) || owner_differs(&f.owner, &cur.owner) =>
+            {
+                steps.push(change(
+                    name,
+                    Action::FixMetadata(f.clone()),
+                    format!(
+                        "fix mode/owner ({} {} → {:o} {})",
+                        cur.mode, cur.owner, f.mode, f.owner
+                    ),
+                    None,
+                ));
+                false
+            }
+            Some(_) => {
+                steps.push(noop(name, format!("up to date (sha256 {})", &want[..12])));
+                false
+            }
+        };
+        if !content_changed {
+            continue;
+        }
+        // Who must notice this change, and how.
+        if f.path == AGENT_BIN_PATH {
+            bump(Service::Agent, ServiceOp::Restart);
+        } else if f.path == SUPERVISE_PATH {
+            // A new supervisor loop only takes effect for loops started afterwards; running
+            // services keep their (equivalent) old loop until their next restart. Restarting
+            // PostgreSQL's agent for a comment change would be worse.
+        } else if f.path == BOOT_PATH {
+            // Read only at boot.
+        } else if let Some(svc) = Service::ALL.into_iter().find(|s| s.run_file() == f.path) {
+            bump(svc, ServiceOp::Restart);
+        } else if services::is_unit_file(&f.path) {
+            units_changed = true;
+            if let Some(svc) = services::service_for_path(&f.path) {
+                bump(svc, ServiceOp::Restart);
+            }
+        } else if let Some(svc) = services::service_for_path(&f.path) {
+            bump(svc, svc.config_change_op());
+        }
+    }
+    if mode == ServiceMode::Systemd {
+        for u in &h.stop_units {
+            let name = format!("unit {u}");
+            if facts.units.get(u).copied().unwrap_or(false) {
+                steps.push(change(
+                    name,
+                    Action::StopUnit(u.clone()),
+                    "stop and disable (pgherd runs this service itself)".into(),
+                    None,
+                ));
+            } else {
+                steps.push(noop(name, "inactive and disabled".into()));
+            }
+        }
+        if units_changed {
+            steps.push(change(
+                "systemd".into(),
+                Action::DaemonReload,
+                "daemon-reload".into(),
+                None,
+            ));
+        } else {
+            steps.push(noop("systemd".into(), "unit files unchanged".into()));
+        }
+    }
+
+    // Services: start what is not running; otherwise act only on notified changes.
+    for svc in h.services() {
+        let name = format!("service {svc}");
+        let fact = facts.service(svc);
+        if !fact.running() {
+            steps.push(change(
+                name,
+                Action::Service(svc, ServiceOp::Start),
+                "start (not running)".into(),
+                None,
+            ));
+        } else if let Some(op) = notify.get(&svc) {
+            let why = match op {
+                ServiceOp::Restart => "restart (binary, run file or unit changed)",
+                _ => "reload (configuration changed)",
+            };
+            steps.push(change(name, Action::Service(svc, *op), why.into(), None));
+        } else {
+            let pid = fact
+                .pid
+                .or(fact.manager_pid)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "?".into());
+            steps.push(noop(name, format!("running (pid {pid}), inputs unchanged")));
+        }
+    }
+    HostPlan {
+        host: h.name.clone(),
+        mode,
+        steps,
+    }
+}
+
+/// Plans every host that has facts (pure). Hosts are in inventory order.
+pub fn plan(spec: &DeploySpec, facts: &BTreeMap<String, HostFacts>) -> Plan {
+    let hosts = spec
+        .hosts
+        .iter()
+        .filter_map(|h| facts.get(&h.name).map(|f| plan_host(spec, h, f)))
+        .collect();
+    Plan { hosts }
+}

@@ -1,0 +1,445 @@
+//! End to end on a real 3-host namespace lab (subnet 10.232.9.0/24, bridge `phprov0`):
+//! `apply` builds etcd + PostgreSQL/agents + HAProxy; a second `apply` changes nothing and
+//! restarts nothing; a HAProxy setting change touches only haproxy.cfg and reloads only HAProxy;
+//! a crashed primary host fails over (writes through HAProxy resume) and rejoins as a replica
+//! when booted; an unreachable host and a wrong key give errors naming the host.
+//! Needs root (namespaces); skipped with a message otherwise. Prints the apply wall times.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pgherd::inventory::{self, Inventory};
+use pgherd::lab::{self, LabSpec};
+use pgherd::provision::apply::{self, ApplyOptions, Fleet};
+use pgherd::provision::plan::{DeploySpec, Planned};
+use pgherd::provision::services::{Service, ServiceOp};
+use pgherd::provision::spec;
+
+const SUBNET: &str = "10.232.9";
+
+struct LabGuard(LabSpec);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if std::env::var_os("PGHERD_KEEP_LAB").is_none() {
+            let _ = lab::down(&self.0, true);
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The lab inventory plus the settings this test checks end up in the agents' config.
+fn write_inventory(spec: &LabSpec, path: &Path, maxconn: u32, on_role_change: &str) {
+    let mut y = lab::inventory_yaml(spec);
+    y.push_str(&format!(
+        "profile: fast\n\
+         haproxy:\n  maxconn: {maxconn}\n\
+         watchdog:\n  mode: \"off\"\n\
+         callbacks:\n  on_role_change: {on_role_change}\n"
+    ));
+    std::fs::write(path, y).unwrap();
+}
+
+fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
+    let inv = inventory::load(inv_path).expect("inventory");
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
+    let s = spec::build(&inv, Some(&agent), None).expect("desired state");
+    (inv, s)
+}
+
+async fn connect(inv: &Inventory, state: &Path) -> Fleet {
+    pgherd::cli::connect(inv, state).await.expect("connect")
+}
+
+/// (etcd, agent, haproxy, postgres) pids per host.
+async fn pids(s: &DeploySpec, fleet: &Fleet) -> BTreeMap<String, [Option<u32>; 4]> {
+    let facts = apply::gather_all(s, fleet).await.expect("facts");
+    facts
+        .into_iter()
+        .map(|(h, f)| {
+            (
+                h,
+                [
+                    f.service(Service::Etcd).pid,
+                    f.service(Service::Agent).pid,
+                    f.service(Service::Haproxy).pid,
+                    f.postgres_pid,
+                ],
+            )
+        })
+        .collect()
+}
+
+async fn pg(
+    host: &str,
+    port: u16,
+    password: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let conf = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=3");
+    let mut c: tokio_postgres::Config = conf.parse().unwrap();
+    c.password(password);
+    let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn get_json(url: &str) -> Option<serde_json::Value> {
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    c.get(url).send().await.ok()?.json().await.ok()
+}
+
+async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
+    if !is_root() {
+        eprintln!("skipped: deploy_lab needs root (network namespaces)");
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("pgprov")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let lab_spec = LabSpec::new("prv", 3, SUBNET, "phprov0", tmp.path().join("lab"));
+    let _ = lab::down(&lab_spec, true);
+    let _guard = LabGuard(lab_spec.clone());
+    let info = lab::up(&lab_spec).expect("lab up");
+    let state = tmp.path().join("st");
+    let inv_path = tmp.path().join("lab.yml");
+    write_inventory(&lab_spec, &inv_path, 100, "/bin/true");
+
+    // First apply.
+    let (inv, s) = build(&inv_path);
+    let password = inv.secrets.superuser.expose().to_string();
+    let fleet = connect(&inv, &state).await;
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(120),
+        progress: false,
+    };
+    let t0 = Instant::now();
+    let report = apply::apply(&s, &fleet, &opts)
+        .await
+        .unwrap_or_else(|e| panic!("first apply: {}", pgherd::provision::error_chain(&e)));
+    let first_apply = t0.elapsed();
+    assert!(!report.done.is_empty());
+
+    // etcd: 3 healthy members.
+    let t1 = fleet[&info.hosts[0].name].clone();
+    let out = t1
+        .run_ok(
+            "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 member list",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("etcdctl member list");
+    assert_eq!(
+        out.stdout_str()
+            .lines()
+            .filter(|l| l.contains("started"))
+            .count(),
+        3,
+        "{}",
+        out.stdout_str()
+    );
+
+    // One leader, two streaming replicas.
+    let api = |addr: &str| format!("http://{addr}:{}", s.restapi_port);
+    let a0 = api(&info.hosts[0].address);
+    let members = eventually(
+        "1 leader + 2 streaming replicas",
+        Duration::from_secs(60),
+        || {
+            let url = format!("{a0}/cluster");
+            async move {
+                let v = get_json(&url).await?;
+                let m = v["members"].as_array()?.clone();
+                let leaders = m.iter().filter(|x| x["role"] == "leader").count();
+                let streaming = m
+                    .iter()
+                    .filter(|x| x["role"] == "replica" && x["state"] == "streaming")
+                    .count();
+                (leaders == 1 && streaming == 2).then_some(m)
+            }
+        },
+    )
+    .await;
+    let leader = members.iter().find(|m| m["role"] == "leader").unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Writes through HAProxy's primary port, reads from a replica through the replica port.
+    let hp = &info.hosts[1].address;
+    let c = pg(hp, s.primary_port, &password)
+        .await
+        .expect("connect through haproxy primary port");
+    c.batch_execute("CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let r = pg(hp, s.replica_port, &password)
+        .await
+        .expect("connect through haproxy replica port");
+    let in_recovery: bool = r
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "the replica port must reach a replica");
+
+    // Inventory callbacks/watchdog reached the agents' config.
+    let cfg_path = spec::service_config_path(&s, &info.hosts[0].name, Service::Agent)
+        .expect("agent config path");
+    let cfg = String::from_utf8(t1.read_file(&cfg_path).await.unwrap().unwrap()).unwrap();
+    let parsed = pgherd::config::AgentConfig::parse(&cfg, &cfg_path).expect("agent config parses");
+    assert_eq!(
+        parsed.postgresql.callbacks.on_role_change.as_deref(),
+        Some("/bin/true")
+    );
+    assert_eq!(parsed.watchdog.mode, pgherd::config::WatchdogMode::Off);
+
+    // Second apply: no changes, no restarts.
+    let before = pids(&s, &fleet).await;
+    let t0 = Instant::now();
+    let plan = apply::make_plan(&s, &fleet).await.unwrap();
+    assert!(
+        plan.is_noop(),
+        "{}",
+        pgherd::provision::report::render_plan(&plan, Default::default())
+    );
+    let report = apply::apply(&s, &fleet, &opts).await.unwrap();
+    let noop_apply = t0.elapsed();
+    assert!(report.done.is_empty(), "{:?}", report.done);
+    assert_eq!(
+        pids(&s, &fleet).await,
+        before,
+        "a no-op apply must not restart anything"
+    );
+    println!(
+        "MEASURED first apply: {:.1}s, no-op re-run (plan + apply): {:.1}s",
+        first_apply.as_secs_f64(),
+        noop_apply.as_secs_f64()
+    );
+
+    // The CLI says the same: `pgherd plan` has no changes, `pgherd status` shows the leader.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .arg("-i")
+            .arg(&inv_path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "pgherd {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !text.contains(&password),
+            "pgherd {args:?} printed a password"
+        );
+        text
+    };
+    let text = cli(&["plan", "--agent-binary", env!("CARGO_BIN_EXE_pgherd-agent")]);
+    assert!(text.contains("plan: 3 host(s), no changes"), "{text}");
+    assert!(
+        text.contains("no change  service pgherd-agent: running (pid"),
+        "{text}"
+    );
+    let text = cli(&[
+        "check",
+        "--agent-binary",
+        env!("CARGO_BIN_EXE_pgherd-agent"),
+    ]);
+    assert!(text.contains("check passed"), "{text}");
+    let text = cli(&["status"]);
+    assert!(
+        text.contains(&format!("{leader:<12}"))
+            && text.contains("leader")
+            && text.contains("port=5000"),
+        "{text}"
+    );
+
+    // One HAProxy setting: only haproxy.cfg changes, only HAProxy reloads.
+    write_inventory(&lab_spec, &inv_path, 150, "/bin/true");
+    let (_, s2) = build(&inv_path);
+    let plan = apply::make_plan(&s2, &fleet).await.unwrap();
+    for hp in &plan.hosts {
+        let names: Vec<&str> = hp.changes().map(|st| st.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{}: {names:?}", hp.host);
+        assert!(
+            names[0].starts_with("file ") && names[0].contains("haproxy"),
+            "{names:?}"
+        );
+        assert_eq!(names[1], "service haproxy");
+        let Planned::Change { diff: Some(d), .. } = &hp.changes().next().unwrap().planned else {
+            panic!("no diff")
+        };
+        assert!(
+            d.contains("150")
+                && d.lines()
+                    .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+                    .count()
+                    >= 1,
+            "{d}"
+        );
+    }
+    let before = pids(&s2, &fleet).await;
+    let report = apply::apply(&s2, &fleet, &opts).await.unwrap();
+    for h in &info.hosts {
+        assert_eq!(
+            report.service_ops(&h.name),
+            vec![(Service::Haproxy, ServiceOp::Reload)]
+        );
+    }
+    let after = pids(&s2, &fleet).await;
+    for (h, p) in &before {
+        assert_eq!(p[..2], after[h][..2], "{h}: etcd/agent restarted");
+        assert_eq!(p[3], after[h][3], "{h}: postgres restarted");
+    }
+
+    // An agent setting (a callback): only the agent configs change, and the agents reload
+    // (SIGHUP) in place: no process restarts anywhere.
+    write_inventory(&lab_spec, &inv_path, 150, "/bin/echo");
+    let (_, s3) = build(&inv_path);
+    let plan = apply::make_plan(&s3, &fleet).await.unwrap();
+    for hp in &plan.hosts {
+        let names: Vec<&str> = hp.changes().map(|st| st.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec![
+                format!("file {}", pgherd::render::AGENT_CONFIG_PATH).as_str(),
+                "service pgherd-agent"
+            ],
+            "{}",
+            hp.host
+        );
+    }
+    let before = pids(&s3, &fleet).await;
+    let report = apply::apply(&s3, &fleet, &opts).await.unwrap();
+    for h in &info.hosts {
+        assert_eq!(
+            report.service_ops(&h.name),
+            vec![(Service::Agent, ServiceOp::Reload)]
+        );
+    }
+    assert_eq!(
+        pids(&s3, &fleet).await,
+        before,
+        "a reload must not restart anything"
+    );
+    let cfg = String::from_utf8(t1.read_file(&cfg_path).await.unwrap().unwrap()).unwrap();
+    assert!(cfg.contains("/bin/echo"), "{cfg}");
+
+    // Crash the primary's host: writes through HAProxy resume on a new primary.
+    lab::crash(&lab_spec, &leader).unwrap();
+    let survivor = info
+        .hosts
+        .iter()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .address
+        .clone();
+    let t0 = Instant::now();
+    eventually(
+        "writes through HAProxy resume",
+        Duration::from_secs(90),
+        || {
+            let (a, p) = (survivor.clone(), password.clone());
+            async move {
+                let c = pg(&a, 5000, &p).await.ok()?;
+                c.batch_execute("INSERT INTO t VALUES (2)").await.ok()
+            }
+        },
+    )
+    .await;
+    println!(
+        "MEASURED writes resumed {:.1}s after crashing {leader}",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Boot it: its agent comes back (boot hook) and rejoins as a replica.
+    lab::boot(&lab_spec, &leader).unwrap();
+    let old = info
+        .hosts
+        .iter()
+        .find(|h| h.name == leader)
+        .unwrap()
+        .address
+        .clone();
+    let url = format!("{}/patroni", api(&old));
+    eventually(
+        "the old primary rejoins as a streaming replica",
+        Duration::from_secs(120),
+        || {
+            let url = url.clone();
+            async move {
+                let v = get_json(&url).await?;
+                (v["role"] == "replica" && v["replication_state"] == "streaming").then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Unreachable host and wrong key: errors name the host, nothing else is attempted.
+    let mut bad = inv.clone();
+    bad.hosts[2].address = format!("{SUBNET}.99");
+    for h in &mut bad.hosts {
+        h.ssh.connect_timeout_secs = 3;
+    }
+    let t0 = Instant::now();
+    let e = pgherd::cli::connect(&bad, &state)
+        .await
+        .err()
+        .expect("unreachable host must fail");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains(bad.hosts[2].name.as_str()) && msg.contains("unreachable"),
+        "{msg}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    let mut bad = inv.clone();
+    let other_key = tmp.path().join("other_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other_key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    bad.hosts[1].ssh.identity_file = Some(other_key);
+    let e = pgherd::cli::connect(&bad, &state)
+        .await
+        .err()
+        .expect("wrong key must fail");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains(bad.hosts[1].name.as_str()) && msg.contains("authentication refused"),
+        "{msg}"
+    );
+}
