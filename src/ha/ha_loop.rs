@@ -402,6 +402,12 @@ impl HaLoop {
         };
         let decision = decide(&inputs);
 
+        // PostgreSQL must know the DCS parameters before this cycle's action starts it (a clone
+        // started with initdb defaults would otherwise run with them until a restart).
+        if view.is_some() {
+            self.apply_dynamic_config(&inputs.pg).await;
+        }
+
         // 4. Act.
         let (decision, rerun) = self.execute(decision, &inputs).await;
         let paused = inputs.paused();
@@ -1297,10 +1303,8 @@ impl HaLoop {
     }
 
     async fn apply_dynamic_config(&mut self, pg: &PgStatus) {
-        if !pg.data_dir_initialized {
-            // Nothing to configure yet (initdb/basebackup write the files first).
-            return;
-        }
+        // Also with an empty data directory: the controller records the config and writes it
+        // into the files that initdb / basebackup create before the first start.
         let json = self.config.to_json();
         if self.applied_config.as_deref() == Some(json.as_str()) {
             return;

@@ -799,3 +799,62 @@ Data page checksum version:           1
         assert_eq!(timeline_from_walfile("zz"), None);
     }
 }
+
+/// Parameters a hot standby must run with at least the primary's value, and the pg_controldata
+/// field recording the primary's value (with PostgreSQL's default when unset locally).
+const HOT_STANDBY_PARAMS: &[(&str, &str, i64)] = &[
+    ("max_connections", "max_connections setting", 100),
+    ("max_worker_processes", "max_worker_processes setting", 8),
+    ("max_wal_senders", "max_wal_senders setting", 10),
+    ("max_prepared_transactions", "max_prepared_xacts setting", 0),
+    ("max_locks_per_transaction", "max_locks_per_xact setting", 64),
+];
+
+/// The hot-standby parameters recorded in pg_control (the values the primary last ran with).
+pub fn hot_standby_minimums(cd: &ControlData) -> BTreeMap<String, String> {
+    HOT_STANDBY_PARAMS
+        .iter()
+        .filter_map(|(name, field, _)| {
+            let v: i64 = cd.get(field)?.parse().ok()?;
+            Some((name.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Raises each hot-standby parameter in `params` to at least its minimum (Patroni does the
+/// same from pg_controldata): a standby with a lower value than its primary refuses to start.
+pub fn raise_to_minimums(params: &mut BTreeMap<String, String>, minimums: &BTreeMap<String, String>) {
+    for (name, _, default) in HOT_STANDBY_PARAMS {
+        let Some(min) = minimums.get(*name).and_then(|m| m.parse::<i64>().ok()) else {
+            continue;
+        };
+        let current = params
+            .get(*name)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(*default);
+        if min > current {
+            params.insert(name.to_string(), min.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod hot_standby_tests {
+    use super::*;
+
+    #[test]
+    fn standby_parameters_are_raised_to_the_primarys_recorded_values() {
+        let cd = ControlData::parse(
+            "max_connections setting:              100\nmax_worker_processes setting:         8\nmax_locks_per_xact setting:           64\n",
+        );
+        let min = hot_standby_minimums(&cd);
+        let mut p = BTreeMap::from([("max_connections".to_string(), "50".to_string())]);
+        raise_to_minimums(&mut p, &min);
+        assert_eq!(p["max_connections"], "100");
+        // Defaults that already satisfy the minimum are not written out.
+        assert!(!p.contains_key("max_worker_processes"));
+        let mut p = BTreeMap::from([("max_connections".to_string(), "200".to_string())]);
+        raise_to_minimums(&mut p, &min);
+        assert_eq!(p["max_connections"], "200");
+    }
+}

@@ -84,6 +84,9 @@ struct Shared {
     standby: Option<StandbySettings>,
     /// `synchronous_standby_names` once the HA loop set it.
     synchronous_standby_names: Option<String>,
+    /// Standby only: hot-standby parameters raised to the values recorded in pg_control (see
+    /// [`conf::hot_standby_minimums`]).
+    standby_minimums: BTreeMap<String, String>,
 }
 
 /// The real PostgreSQL controller for one node (see module docs).
@@ -554,12 +557,16 @@ impl LocalPostgres {
                 .into_owned(),
             synchronous_standby_names: sh.synchronous_standby_names.clone(),
         };
-        conf::merged_parameters(
+        let mut params = conf::merged_parameters(
             &self.cfg.scope,
             &sh.dynamic.parameters(),
             &self.cfg.local_parameters(),
             &owned,
-        )
+        );
+        if sh.standby.is_some() {
+            conf::raise_to_minimums(&mut params, &sh.standby_minimums);
+        }
+        params
     }
 
     /// Regenerates postgresql.conf, pg_hba.conf and the pgpass file; `true` when
@@ -1288,7 +1295,22 @@ impl Postgres for LocalPostgres {
             StartAs::Replica { upstream } => Some(self.standby_settings(upstream.as_ref())),
         };
         let is_standby = standby.is_some();
-        self.shared().standby = standby;
+        // A standby refuses to start when max_connections & co. are below the values its
+        // primary ran with (recorded in pg_control): e.g. a node whose settings were lowered in
+        // the DCS while the primary still awaits the restart that applies them.
+        let minimums = if is_standby {
+            match self.controldata().await {
+                Ok(cd) => conf::hot_standby_minimums(&cd),
+                Err(_) => BTreeMap::new(),
+            }
+        } else {
+            BTreeMap::new()
+        };
+        {
+            let mut sh = self.shared();
+            sh.standby = standby;
+            sh.standby_minimums = minimums;
+        }
         self.write_config()?;
         if self.postmaster_pid().is_some() {
             // Already up (e.g. the agent restarted): the files are current, nothing to start.
