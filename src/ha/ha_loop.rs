@@ -76,7 +76,9 @@ pub struct HaLoop {
     dcs: Arc<dyn Dcs>,
     pg: Arc<dyn Postgres>,
     hooks: Arc<dyn Hooks>,
-    watchdog: Box<dyn WatchdogDevice>,
+    /// Behind a mutex only so that the loop's future is `Send` (the device is `Send`, not
+    /// `Sync`); the guard is never held across an await.
+    watchdog: std::sync::Mutex<Box<dyn WatchdogDevice>>,
     peers: Arc<dyn PeerProbe>,
     status_tx: watch::Sender<AgentStatus>,
     commands: mpsc::Receiver<Command>,
@@ -126,7 +128,7 @@ impl HaLoop {
             dcs,
             pg,
             hooks,
-            watchdog,
+            watchdog: std::sync::Mutex::new(watchdog),
             peers,
             status_tx,
             commands,
@@ -196,6 +198,10 @@ impl HaLoop {
         }
     }
 
+    fn wd(&self) -> std::sync::MutexGuard<'_, Box<dyn WatchdogDevice>> {
+        self.watchdog.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn ttl(&self) -> Duration {
         Duration::from_secs(self.config.ttl())
     }
@@ -257,7 +263,10 @@ impl HaLoop {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep_until(deadline) => return true,
-                _ = done.notified() => return true,
+                _ = done.notified() => {
+                    tracing::trace!(member = %self.me, "woken by a finished action");
+                    return true;
+                }
                 cmd = self.commands.recv() => {
                     match cmd {
                         Some(c) => {
@@ -279,6 +288,7 @@ impl HaLoop {
                         watching = false;
                         continue;
                     }
+                    tracing::trace!(member = %self.me, after, "woken by a DCS change");
                     // Only changes that can alter a decision end the nap early (Patroni wakes
                     // on leader/config/failover changes); our own member writes would
                     // otherwise keep waking every agent.
@@ -491,9 +501,15 @@ impl HaLoop {
                 self.held_lock = true;
                 // Pet the watchdog only after a successful renewal: a hung loop then cannot
                 // keep the host alive past its lease.
-                if self.watchdog.is_open()
-                    && let Err(e) = self.watchdog.keepalive()
-                {
+                let pet = {
+                    let mut wd = self.wd();
+                    if wd.is_open() {
+                        Some(wd.keepalive())
+                    } else {
+                        None
+                    }
+                };
+                if let Some(Err(e)) = pet {
                     warn!(error = %e, "watchdog keepalive failed");
                 }
                 Renewal::Renewed
@@ -835,7 +851,7 @@ impl HaLoop {
     /// refused (required mode and unusable).
     fn watchdog_activate(&mut self) -> bool {
         let mode = self.cfg.watchdog.mode;
-        if mode == WatchdogMode::Off || self.watchdog.is_open() {
+        if mode == WatchdogMode::Off || self.wd().is_open() {
             return true;
         }
         let ttl = self.config.ttl() as i64;
@@ -845,7 +861,7 @@ impl HaLoop {
         let secs = if margin == -1 { ttl / 2 } else { ttl - margin };
         let supported = secs >= self.config.loop_wait() as i64 && secs > 0;
         let r = if supported {
-            self.watchdog
+            self.wd()
                 .open(Duration::from_secs(secs as u64))
                 .map_err(|e| e.to_string())
         } else {
@@ -870,8 +886,9 @@ impl HaLoop {
     }
 
     fn watchdog_close(&mut self) {
-        if self.watchdog.is_open() {
-            self.watchdog.close();
+        let mut wd = self.wd();
+        if wd.is_open() {
+            wd.close();
         }
     }
 
@@ -893,6 +910,7 @@ impl HaLoop {
                     _ = c.cancelled() => Err("cancelled".to_string()),
                     r = fut => r,
                 };
+                debug!(ok = r.is_ok(), "action task ended");
                 done.notify_one();
                 r
             }
