@@ -717,6 +717,24 @@ impl Postgres for FakePostgres {
         self.record(&format!("stop {mode:?}").to_lowercase());
         self.delay(|d| d.stop).await;
         self.with(|st| {
+            if mode != StopMode::Immediate && st.node(&self.name).run == Some(Run::Primary) {
+                // A clean primary shutdown waits for its walsenders to ship everything up to
+                // the shutdown checkpoint to the connected standbys (what makes a switchover
+                // lossless).
+                let addr = st.node(&self.name).addr.clone();
+                let followers: Vec<String> = st
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| {
+                        matches!(&n.run, Some(Run::Replica { upstream: Some(u) })
+                            if format!("{}:{}", u.host, u.port) == addr)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for f in followers {
+                    st.replicate_one(&f, u64::MAX);
+                }
+            }
             let node = st.node_mut(&self.name);
             if node.run.take().is_some()
                 && let Some(d) = node.data.as_mut()
@@ -1050,6 +1068,15 @@ mod tests {
             !n3.needs_rewind(&up("n2", 5002)).await.unwrap(),
             "n3 is behind the switchpoint"
         );
+    }
+
+    #[tokio::test]
+    async fn clean_primary_shutdown_ships_all_wal_to_streaming_replicas() {
+        let (_net, n1, n2, n3) = three_nodes().await;
+        n1.write(5000);
+        n1.stop(StopMode::Fast, T).await.unwrap();
+        assert_eq!(n2.lsn(), n1.lsn());
+        assert_eq!(n3.lsn(), n1.lsn());
     }
 
     #[tokio::test]
