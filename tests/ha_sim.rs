@@ -820,7 +820,7 @@ fn run_sequence(seed: u64, events: usize, print: bool) -> SeqOutcome {
 /// suite unless `SIM_STRICT=1`, so the rest of the suite stays a regression gate. Matching is
 /// by signature, not by seed: `tokio::select!` polls branches in a random order, so a seed
 /// replays the same events but not always the same interleaving. Remove an entry once fixed.
-const KNOWN_DEFECTS: &[&str] = &[KNOWN_LIVELOCK, KNOWN_UNFENCED];
+const KNOWN_DEFECTS: &[&str] = &[KNOWN_LIVELOCK];
 const KNOWN_LIVELOCK: &str = "[known defect: livelock]";
 const KNOWN_UNFENCED: &str = "[known defect: restarted agent does not re-arm the watchdog]";
 
@@ -1200,8 +1200,6 @@ fn replica_ahead_of_the_new_primary_is_rewound_when_its_agent_returns() {
 /// also (re)open the watchdog (Patroni activates it in `enforce_primary_role` every cycle), or a
 /// second agent crash leaves a primary nobody fences once the lease lapses — split brain.
 #[test]
-#[ignore = "HA-core defect: the watchdog is only opened before promote/bootstrap, never by a \
-            restarted agent that keeps the lock; enable once fixed"]
 fn restarted_leader_agent_rearms_the_watchdog() {
     run_local(async {
         let mut sim = Sim::new(1007, 3);

@@ -657,7 +657,21 @@ impl HaLoop {
                     self.lose_lock(true).await;
                 }
             }
-            Decision::LeaderRenewed { .. } => {}
+            Decision::LeaderRenewed { .. } => {
+                // The watchdog must fence a leader's primary every cycle, also after this agent
+                // restarted and re-attached a lock it still held (Patroni re-activates it in
+                // enforce_primary_role each cycle): otherwise a second crash of the agent would
+                // leave a primary that nothing stops once its lease lapses.
+                if !i.paused() && !self.watchdog_activate() {
+                    // `required` and unusable: we may not lead, so stop being primary now.
+                    self.stop_pg(StopMode::Immediate, false).await;
+                    self.lose_lock(true).await;
+                    self.rewind_check_pending = true;
+                    self.hooks
+                        .callback(CallbackAction::OnRoleChange, Role::Demoted);
+                    return (d, true);
+                }
+            }
             Decision::PromoteWithLock => {
                 self.promote(i).await;
             }
