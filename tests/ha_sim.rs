@@ -820,9 +820,12 @@ fn run_sequence(seed: u64, events: usize, print: bool) -> SeqOutcome {
 /// suite unless `SIM_STRICT=1`, so the rest of the suite stays a regression gate. Matching is
 /// by signature, not by seed: `tokio::select!` polls branches in a random order, so a seed
 /// replays the same events but not always the same interleaving. Remove an entry once fixed.
-const KNOWN_DEFECTS: &[&str] = &[KNOWN_LIVELOCK];
-const KNOWN_LIVELOCK: &str = "[known defect: livelock]";
-const KNOWN_UNFENCED: &str = "[known defect: restarted agent does not re-arm the watchdog]";
+// Failure signatures that are tolerated (reported, not failed) unless SIM_STRICT=1. Empty: the
+// livelock and the unfenced-primary defects the simulation found are fixed, so any recurrence
+// fails the suite; the signatures below still label a failure to speed up diagnosis.
+const KNOWN_DEFECTS: &[&str] = &[];
+const KNOWN_LIVELOCK: &str = "[signature: livelock]";
+const KNOWN_UNFENCED: &str = "[signature: unfenced primary (watchdog not armed)]";
 
 fn run_seeds(range: std::ops::Range<u64>) {
     let strict = std::env::var("SIM_STRICT").is_ok_and(|v| v != "0");

@@ -299,7 +299,9 @@ impl HaLoop {
                                 return true;
                             }
                         }
-                        Err(_) => return true,
+                        // The DCS woke us but cannot be read: nap on the timer alone (a
+                        // cycle now would fail the same way; returning at once spun the loop).
+                        Err(_) => watching = false,
                     }
                 }
             }
@@ -482,6 +484,13 @@ impl HaLoop {
         };
         if budget.is_zero() {
             warn!("leader lease too close to expiry to risk a renewal");
+            // Past the lease deadline the lock may already belong to someone else: stop
+            // counting it as ours (the decision demotes a primary on this failed renewal), so
+            // later cycles go through the normal, time-consuming lease refresh instead of
+            // retrying this instant refusal in a hot loop.
+            if self.lease_ok_sent.is_none_or(|t| sent >= t + ttl) {
+                self.held_lock = false;
+            }
             return Renewal::Failed;
         }
         let dcs = self.dcs.clone();
@@ -929,7 +938,13 @@ impl HaLoop {
                     r = fut => r,
                 };
                 debug!(ok = r.is_ok(), "action task ended");
-                done.notify_one();
+                // Only a success cuts the nap short (its follow-up, e.g. taking the lock after a
+                // bootstrap, should not wait): a failure is retried on the normal cadence, or an
+                // action that fails at once (pg_rewind with the source unreachable) would be
+                // re-run in a hot loop.
+                if r.is_ok() {
+                    done.notify_one();
+                }
                 r
             }
             .instrument(span),

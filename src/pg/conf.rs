@@ -807,7 +807,11 @@ const HOT_STANDBY_PARAMS: &[(&str, &str, i64)] = &[
     ("max_worker_processes", "max_worker_processes setting", 8),
     ("max_wal_senders", "max_wal_senders setting", 10),
     ("max_prepared_transactions", "max_prepared_xacts setting", 0),
-    ("max_locks_per_transaction", "max_locks_per_xact setting", 64),
+    (
+        "max_locks_per_transaction",
+        "max_locks_per_xact setting",
+        64,
+    ),
 ];
 
 /// The hot-standby parameters recorded in pg_control (the values the primary last ran with).
@@ -823,7 +827,10 @@ pub fn hot_standby_minimums(cd: &ControlData) -> BTreeMap<String, String> {
 
 /// Raises each hot-standby parameter in `params` to at least its minimum (Patroni does the
 /// same from pg_controldata): a standby with a lower value than its primary refuses to start.
-pub fn raise_to_minimums(params: &mut BTreeMap<String, String>, minimums: &BTreeMap<String, String>) {
+pub fn raise_to_minimums(
+    params: &mut BTreeMap<String, String>,
+    minimums: &BTreeMap<String, String>,
+) {
     for (name, _, default) in HOT_STANDBY_PARAMS {
         let Some(min) = minimums.get(*name).and_then(|m| m.parse::<i64>().ok()) else {
             continue;
