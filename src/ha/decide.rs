@@ -395,15 +395,12 @@ fn needs_rejoin_check(i: &Inputs, view: &ClusterView, leader: &crate::types::Mem
         // problem that restarting PostgreSQL would not fix.
         return false;
     }
-    if mine < theirs {
-        // Behind the leader's timeline: diverged only if we went past the point where the
-        // leader's history left our timeline. A replica still before it is merely slow to
-        // pick up the timeline switch. Without the history in the DCS we cannot tell: check.
-        if let Some(h) = view.history.iter().find(|h| h.parent_timeline == mine.0) {
-            return i.pg.wal_position().0 > h.switchpoint;
-        }
-    }
-    // Ahead of the leader's timeline (a sibling branch) or no usable history: check.
+    // Ahead of the leader's timeline (a sibling branch), or behind it without streaming
+    // although we were already pointed at the leader for a cycle: we may have replayed past
+    // the switchpoint. The DCS `history` cannot settle it (two nodes promoted from the same
+    // timeline get the same timeline number, so its switchpoint may describe a sibling):
+    // only the check against the leader itself can. The mark keeps it to once per leader
+    // timeline.
     true
 }
 
