@@ -12,8 +12,8 @@ use pgherd::dcs::{
 };
 use pgherd::ha::candidates::{format_ssn, plan_sync, rank};
 use pgherd::ha::{
-    ActionKind, Decision, Finished, Inputs, LocalFacts, NotHealthiest, PeerStatus, Renewal, Tags,
-    WatchdogFacts, decide,
+    ActionKind, Decision, Finished, Inputs, LocalFacts, NotHealthiest, PeerStatus, RejoinMark,
+    Renewal, Tags, WatchdogFacts, decide,
 };
 use pgherd::pg::{ControlState, PgStatus, ReplicationRow};
 use pgherd::types::{Lsn, MemberName, Revision, Timeline};
@@ -493,6 +493,134 @@ fn starts_crashed_ex_primary_with_rewind_check() {
             rewind_check: true
         }
     );
+}
+
+// ------------------------------------------------------------------ rejoin (§3.9)
+
+/// A running replica of n3 (already pointed at it) that stopped streaming, at `pos` on
+/// timeline `my_tl`; leader n3 runs as primary on `leader_tl`, whose history says timeline 1
+/// ended at 150.
+fn diverged_replica(pos: u64, my_tl: u32, leader_tl: u32) -> Case {
+    let mut leader = member_data("running", "primary", 300, port_of("n3"));
+    leader.timeline = Some(leader_tl);
+    let mut view = cluster()
+        .put("n3", leader)
+        .leader("n3")
+        .member("n2", lsn(pos))
+        .timeline(leader_tl);
+    for h in &mut view.0.history {
+        h.switchpoint = 150;
+    }
+    let mut c = node("n2").replica(lsn(pos)).pg_timeline(my_tl);
+    c.i.pg.replication_state = Some("in archive recovery".into());
+    c.i.pg.upstream = Some(format!("127.0.0.1:{}", port_of("n3")));
+    c.in_cluster(view)
+}
+
+fn rejoin_of(n: &str) -> Decision {
+    Decision::RejoinCheck { leader: name(n) }
+}
+
+#[test]
+fn replica_past_the_switchpoint_of_the_new_timeline_is_rejoined_through_a_rewind_check() {
+    // §3.9: a replica whose timeline is behind the leader's and which replayed beyond the
+    // switchpoint cannot stream: stop, check, rewind.
+    let d = diverged_replica(200, 1, 2).decide();
+    assert_eq!(d, rejoin_of("n3"));
+    assert_eq!(
+        d.to_string(),
+        "not streaming from leader (n3) on its timeline: restarting through a pg_rewind check \
+         before following it"
+    );
+    assert!(!d.demotes());
+}
+
+#[test]
+fn replica_on_a_sibling_timeline_is_rejoined_through_a_rewind_check() {
+    // Our timeline is ahead of the leader's: we followed a primary that lost the race.
+    assert_eq!(diverged_replica(100, 3, 2).decide(), rejoin_of("n3"));
+}
+
+#[test]
+fn replica_behind_the_leader_timeline_that_does_not_stream_is_checked() {
+    // Even before the switchpoint recorded in the DCS history: that history may describe a
+    // sibling timeline with the same number, so only the check itself can tell.
+    assert_eq!(diverged_replica(100, 1, 2).decide(), rejoin_of("n3"));
+}
+
+#[test]
+fn streaming_replica_is_never_rejoined() {
+    let mut c = diverged_replica(200, 1, 2);
+    c.i.pg.replication_state = Some("streaming".into());
+    assert!(matches!(c.decide(), Decision::FollowLeader { .. }));
+}
+
+#[test]
+fn replica_on_the_leader_timeline_is_not_restarted_when_streaming_stalls() {
+    // Same timeline: a connection problem, which a restart would not fix.
+    let d = diverged_replica(200, 2, 2).decide();
+    assert!(
+        matches!(
+            d,
+            Decision::FollowLeader {
+                reconfigure: false,
+                ..
+            }
+        ),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn rejoin_check_is_not_repeated_for_the_same_leader_and_timeline() {
+    let mut c = diverged_replica(200, 1, 2);
+    c.i.local.rejoin_checked = Some(RejoinMark {
+        leader: name("n3"),
+        leader_timeline: Some(Timeline(2)),
+    });
+    assert!(matches!(c.decide(), Decision::FollowLeader { .. }));
+}
+
+#[test]
+fn rejoin_check_runs_again_once_the_leader_timeline_changed() {
+    let mut c = diverged_replica(200, 1, 3);
+    c.i.local.rejoin_checked = Some(RejoinMark {
+        leader: name("n3"),
+        leader_timeline: Some(Timeline(2)),
+    });
+    assert_eq!(c.decide(), rejoin_of("n3"));
+}
+
+#[test]
+fn replica_still_pointed_at_the_old_leader_is_repointed_before_any_check() {
+    // The cheap fix first: maybe it only streamed from the old leader.
+    let mut c = diverged_replica(200, 1, 2);
+    c.i.pg.upstream = Some("127.0.0.1:5431".into());
+    assert_eq!(
+        c.decide(),
+        Decision::FollowLeader {
+            me: name("n2"),
+            leader: name("n3"),
+            reconfigure: true
+        }
+    );
+}
+
+#[test]
+fn no_rejoin_check_against_a_leader_not_yet_running_as_primary() {
+    // Patroni checks only against a primary: mid-promotion the timeline is not final.
+    let mut c = diverged_replica(200, 1, 2);
+    let v = c.i.cluster.as_mut().unwrap();
+    v.members.get_mut(&name("n3")).unwrap().data.role = "replica".into();
+    assert!(matches!(c.decide(), Decision::FollowLeader { .. }));
+}
+
+#[test]
+fn paused_replica_is_not_rejoined() {
+    let d = diverged_replica(200, 1, 2)
+        .cfg("pause", json!(true))
+        .decide();
+    assert!(matches!(d, Decision::FollowLeader { .. }), "{d:?}");
 }
 
 // ------------------------------------------------------------------ leader race (§3.4)

@@ -1158,8 +1158,6 @@ fn lagging_replicas_are_not_promoted_beyond_maximum_lag() {
 /// (Patroni: `trigger_check_diverged_lsn` on the first cycle of a running replica, patroni.md
 /// §3.2 step 13), rewind and stream from the new leader.
 #[test]
-#[ignore = "HA-core defect: a running replica that diverged from the new timeline is never \
-            rewound (no diverged-LSN check on a running replica); enable once fixed"]
 fn replica_ahead_of_the_new_primary_is_rewound_when_its_agent_returns() {
     run_local(async {
         let mut sim = Sim::new(1006, 3);

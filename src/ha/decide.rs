@@ -13,7 +13,8 @@ use crate::dcs::ClusterView;
 
 use super::candidates::{clone_source, race_eligibility, switchover_target};
 use super::decision::Decision;
-use super::inputs::{ActionKind, Inputs, Renewal};
+use super::inputs::{ActionKind, Inputs, RejoinMark, Renewal};
+use crate::types::Timeline;
 
 /// Decides what this node does this cycle. Pure: same inputs, same decision.
 pub fn decide(i: &Inputs) -> Decision {
@@ -343,11 +344,64 @@ fn follow(i: &Inputs, view: &ClusterView) -> Decision {
             rewind_check: true,
         };
     }
+    if !reconfigure && !i.paused() && needs_rejoin_check(i, view, &leader) {
+        // Streaming stopped and our timeline is not the leader's: we may have received WAL
+        // past the leader's switchpoint (asynchronous replication) or sit on a sibling
+        // timeline. PostgreSQL will never stream again on its own, so stop it and let
+        // pg_rewind decide (patroni.md §3.9).
+        return Decision::RejoinCheck { leader };
+    }
     Decision::FollowLeader {
         me: i.me.clone(),
         leader,
         reconfigure,
     }
+}
+
+/// Whether a running replica already pointed at `leader` must be restarted through a
+/// divergence check. Only a replica that does *not* stream qualifies (PostgreSQL refuses to
+/// stream from a timeline that forked before its replay position, so streaming proves it is
+/// fine), and only once per leader and leader timeline ([`RejoinMark`]): a check that found
+/// nothing to rewind is not repeated every cycle.
+///
+/// [`RejoinMark`]: super::inputs::RejoinMark
+fn needs_rejoin_check(i: &Inputs, view: &ClusterView, leader: &crate::types::MemberName) -> bool {
+    if !(i.pg.running && i.pg.in_recovery == Some(true)) {
+        return false;
+    }
+    if i.pg.replication_state.as_deref() == Some("streaming") {
+        return false;
+    }
+    let Some(lm) = view.members.get(leader) else {
+        return false;
+    };
+    // Like Patroni, judge only against a leader whose PostgreSQL runs as primary: during its
+    // promotion the timeline is not final yet and a check would compare against the old one.
+    if !matches!(lm.data.role.as_str(), "primary" | "master") || lm.data.state != "running" {
+        return false;
+    }
+    let (Some(mine), Some(theirs)) = (i.pg.timeline, lm.data.timeline.map(Timeline)) else {
+        return false;
+    };
+    let mark = RejoinMark {
+        leader: leader.clone(),
+        leader_timeline: Some(theirs),
+    };
+    if i.local.rejoin_checked.as_ref() == Some(&mark) {
+        return false;
+    }
+    if mine == theirs {
+        // Same timeline: the histories cannot have forked; not streaming is a connection
+        // problem that restarting PostgreSQL would not fix.
+        return false;
+    }
+    // Ahead of the leader's timeline (a sibling branch), or behind it without streaming
+    // although we were already pointed at the leader for a cycle: we may have replayed past
+    // the switchpoint. The DCS `history` cannot settle it (two nodes promoted from the same
+    // timeline get the same timeline number, so its switchpoint may describe a sibling):
+    // only the check against the leader itself can. The mark keeps it to once per leader
+    // timeline.
+    true
 }
 
 /// No leader key: the race (patroni.md §3.4).

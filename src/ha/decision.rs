@@ -159,6 +159,10 @@ pub enum Decision {
     DemoteNotLeader { leader: MemberName },
     /// Paused primary without the lock: keep running.
     PausedPrimaryWithoutLock { leader: MemberName },
+    /// A running replica that does not stream from `leader` while its timeline differs from
+    /// the leader's may hold WAL the leader never had (patroni.md §3.9): stop it, check for
+    /// divergence, pg_rewind when needed, and start it again following `leader`.
+    RejoinCheck { leader: MemberName },
     /// Replicate from the leader. `reconfigure`: our upstream is not the leader yet.
     FollowLeader {
         me: MemberName,
@@ -294,6 +298,11 @@ impl fmt::Display for Decision {
             Decision::PausedPrimaryWithoutLock { .. } => {
                 f.write_str("continue to run as primary without lock")
             }
+            Decision::RejoinCheck { leader } => write!(
+                f,
+                "not streaming from leader ({leader}) on its timeline: restarting through a \
+                 pg_rewind check before following it"
+            ),
             Decision::FollowLeader { me, leader, reconfigure: false } => {
                 write!(f, "no action. I am ({me}), a secondary, and following a leader ({leader})")
             }

@@ -41,7 +41,9 @@ use crate::watchdog::WatchdogDevice;
 use super::candidates::plan_sync;
 use super::decide::decide;
 use super::decision::Decision;
-use super::inputs::{ActionKind, Finished, Inputs, LocalFacts, Renewal, Tags, WatchdogFacts};
+use super::inputs::{
+    ActionKind, Finished, Inputs, LocalFacts, RejoinMark, Renewal, Tags, WatchdogFacts,
+};
 
 /// Result of a long action's task: `Err` carries a log-safe message.
 type ActionResult = Result<(), String>;
@@ -56,6 +58,9 @@ struct RunningAction {
     reply: Option<oneshot::Sender<CommandReply>>,
     /// The action ran the pg_rewind check: success clears `rewind_check_pending`.
     rewind_checked: bool,
+    /// The leader this action's divergence check was run against: success records it as
+    /// `rejoin_checked` so the check is not repeated for the same leader and timeline.
+    rejoin_mark: Option<RejoinMark>,
 }
 
 /// What one cycle did (returned by [`HaLoop::run_cycle`] for step-driven simulations).
@@ -90,6 +95,8 @@ pub struct HaLoop {
     lease_ok_sent: Option<Instant>,
     pre_promote_failed_at: Option<Instant>,
     rewind_check_pending: bool,
+    /// See [`LocalFacts::rejoin_checked`].
+    rejoin_checked: Option<RejoinMark>,
     action: Option<RunningAction>,
     finished: Option<Finished>,
     action_done: Arc<Notify>,
@@ -138,6 +145,7 @@ impl HaLoop {
             lease_ok_sent: None,
             pre_promote_failed_at: None,
             rewind_check_pending: false,
+            rejoin_checked: None,
             action: None,
             finished: None,
             action_done: Arc::new(Notify::new()),
@@ -396,6 +404,7 @@ impl HaLoop {
                 action_started_at: self.action.as_ref().map(|a| a.started_at),
                 finished: self.finished.take(),
                 rewind_check_pending: self.rewind_check_pending,
+                rejoin_checked: self.rejoin_checked.clone(),
             },
             peers,
             config: self.config.clone(),
@@ -654,12 +663,19 @@ impl HaLoop {
                     .as_ref()
                     .and_then(|l| view.and_then(|v| upstream_of(v, l)));
                 let rewind = if *rewind_check { up.clone() } else { None };
+                let mark = match (leader, &rewind) {
+                    (Some(l), Some(_)) => view.map(|v| rejoin_mark(v, l)),
+                    _ => None,
+                };
                 self.spawn_start(
                     ActionKind::StartReplica,
                     StartAs::Replica { upstream: up },
                     rewind,
                     Duration::from_secs(60),
                 );
+                if let Some(a) = self.action.as_mut() {
+                    a.rejoin_mark = mark;
+                }
             }
             Decision::PausedStopped { release_lock } => {
                 if *release_lock {
@@ -715,6 +731,32 @@ impl HaLoop {
                 return (d, true);
             }
             Decision::PausedPrimaryWithoutLock { .. } => {}
+            Decision::RejoinCheck { leader } => {
+                let Some(v) = view else {
+                    return (d, false);
+                };
+                let Some(up) = upstream_of(v, leader) else {
+                    warn!(%leader, "leader has no usable conn_url: cannot check for divergence");
+                    return (d, false);
+                };
+                // The replica is stopped inside the action (pg_rewind and the divergence check
+                // need a shut-down data directory); it is not streaming anyway, so no reader
+                // loses anything it could still get. Should the action fail after the stop,
+                // the next start must go through the check again rather than start the
+                // possibly diverged data as is.
+                self.rewind_check_pending = true;
+                self.spawn_start(
+                    ActionKind::StartReplica,
+                    StartAs::Replica {
+                        upstream: Some(up.clone()),
+                    },
+                    Some(up),
+                    Duration::from_secs(60),
+                );
+                if let Some(a) = self.action.as_mut() {
+                    a.rejoin_mark = Some(rejoin_mark(v, leader));
+                }
+            }
             Decision::FollowLeader {
                 leader,
                 reconfigure,
@@ -956,6 +998,7 @@ impl HaLoop {
             handle,
             reply,
             rewind_checked: false,
+            rejoin_mark: None,
         });
     }
 
@@ -978,6 +1021,11 @@ impl HaLoop {
             && r.is_ok()
         {
             self.rewind_check_pending = false;
+        }
+        if r.is_ok()
+            && let Some(mark) = a.rejoin_mark
+        {
+            self.rejoin_checked = Some(mark);
         }
         if let Some(reply) = a.reply {
             let msg = match (&r, a.kind) {
@@ -1733,6 +1781,18 @@ impl HaLoop {
         }
         self.watchdog_close();
         self.publish(false, paused);
+    }
+}
+
+/// The [`RejoinMark`] for following `leader` as the view shows it now.
+fn rejoin_mark(v: &ClusterView, leader: &MemberName) -> RejoinMark {
+    RejoinMark {
+        leader: leader.clone(),
+        leader_timeline: v
+            .members
+            .get(leader)
+            .and_then(|m| m.data.timeline)
+            .map(Timeline),
     }
 }
 

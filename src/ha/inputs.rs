@@ -172,6 +172,18 @@ pub struct LocalFacts {
     /// We demoted ourselves (or were a primary that crashed): the next start as a replica must
     /// first check whether a pg_rewind is needed.
     pub rewind_check_pending: bool,
+    /// The leader (at the timeline its member key published) against which this node's data
+    /// last passed a divergence check: a running replica that does not stream is checked again
+    /// only once the leader or its timeline changes, never every cycle.
+    pub rejoin_checked: Option<RejoinMark>,
+}
+
+/// Whom a divergence check (pg_rewind check, or a rewind) last cleared us to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejoinMark {
+    pub leader: MemberName,
+    /// The leader's timeline as its member key showed it when the check was decided.
+    pub leader_timeline: Option<Timeline>,
 }
 
 /// One peer's answer to `GET /patroni`, reduced to what the leader race compares

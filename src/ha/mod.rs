@@ -19,5 +19,5 @@ pub use decide::decide;
 pub use decision::{Decision, NotHealthiest};
 pub use ha_loop::HaLoop;
 pub use inputs::{
-    ActionKind, Finished, Inputs, LocalFacts, PeerStatus, Renewal, Tags, WatchdogFacts,
+    ActionKind, Finished, Inputs, LocalFacts, PeerStatus, RejoinMark, Renewal, Tags, WatchdogFacts,
 };
