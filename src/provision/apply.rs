@@ -827,10 +827,11 @@ async fn execute_phases(
         .map(|(h, _, _)| h.clone())
         .collect();
     run_parallel(fleet, work, progress, done).await?;
-    // Wait until each touched HAProxy routes correctly, not merely listens: HAProxy (2.6)
-    // considers every server up when it starts, so until the first checks fail the primary
-    // port may reach a replica. Its stats must show the leader as the only server up in the
-    // primary proxy, and no leader in the replica proxy.
+    // Wait until each touched HAProxy routes correctly, not merely listens. Servers start
+    // DOWN (or keep their state across a reload) thanks to the server-state file written by
+    // the haproxy-state script, so this is mostly waiting for `rise` passing checks; the stats
+    // must show the leader as the only server up in the primary proxy, and no leader in the
+    // replica proxy.
     let leader = find_leader(spec).await;
     let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
     for host in touched {

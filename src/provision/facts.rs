@@ -341,6 +341,44 @@ mod tests {
         assert!(e.to_string().contains("host n2"), "{e}");
     }
 
+    fn local_facts(q: &FactQuery) -> HostFacts {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(facts_script(q))
+            .output()
+            .unwrap();
+        parse_facts("local", &String::from_utf8_lossy(&out.stdout)).unwrap()
+    }
+
+    #[test]
+    fn checksum_comes_from_the_sidecar_only_while_the_file_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bin");
+        let path = path.to_str().unwrap();
+        std::fs::write(path, b"agent v1").unwrap();
+        let real = crate::transport::sha256_hex(b"agent v1");
+        // A sidecar claiming another checksum proves which source the fact came from.
+        let claimed = "ab".repeat(32);
+        let rec = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(checksum_sidecar(path, &claimed, ""))
+            .status()
+            .unwrap();
+        assert!(rec.success());
+        let q = FactQuery {
+            files: vec![path.to_string()],
+            ..Default::default()
+        };
+        assert_eq!(local_facts(&q).file(path).unwrap().sha256, claimed);
+        // Same size, new content: ctime/mtime move on, so the file is hashed again.
+        std::fs::write(path, b"agent v2").unwrap();
+        assert_eq!(
+            local_facts(&q).file(path).unwrap().sha256,
+            crate::transport::sha256_hex(b"agent v2")
+        );
+        assert_ne!(real, claimed);
+    }
+
     #[test]
     fn script_asks_only_for_what_the_query_names() {
         let q = FactQuery {

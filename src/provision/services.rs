@@ -391,7 +391,9 @@ mod tests {
     #[test]
     fn haproxy_server_states_are_written_before_every_start() {
         let run = run_file(Service::Haproxy, "/etc/haproxy/haproxy.cfg");
-        let state = run.find(HAPROXY_STATE_SCRIPT).expect("state script in run file");
+        let state = run
+            .find(HAPROXY_STATE_SCRIPT)
+            .expect("state script in run file");
         assert!(state < run.find("exec /usr/sbin/haproxy").unwrap());
         for op in [ServiceOp::Start, ServiceOp::Restart, ServiceOp::Reload] {
             let c = op_command(Service::Haproxy, op, ServiceMode::Systemd);
