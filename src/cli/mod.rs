@@ -64,6 +64,45 @@ pub struct DeployArgs {
     /// Do not print file diffs.
     #[arg(long)]
     pub no_diff: bool,
+    /// Print how long each stage took (inventory + rendering, connecting, facts per host,
+    /// planning, executing) on stderr.
+    #[arg(long)]
+    pub timings: bool,
+}
+
+/// Stage durations for `--timings` (stderr, so stdout stays the plan/report).
+struct Timings {
+    on: bool,
+    last: Instant,
+}
+
+impl Timings {
+    fn new(on: bool) -> Timings {
+        Timings {
+            on,
+            last: Instant::now(),
+        }
+    }
+
+    /// Prints the time since the previous mark as `stage`.
+    fn mark(&mut self, stage: &str) {
+        if self.on {
+            eprintln!(
+                "timing: {stage:<34} {:>7.3}s",
+                self.last.elapsed().as_secs_f64()
+            );
+        }
+        self.last = Instant::now();
+    }
+
+    fn facts(&mut self, per_host: &std::collections::BTreeMap<String, Duration>) {
+        if self.on {
+            for (h, d) in per_host {
+                eprintln!("timing:   facts {h:<28} {:>7.3}s", d.as_secs_f64());
+            }
+        }
+        self.mark("facts (all hosts, parallel)");
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -305,9 +344,15 @@ pub async fn connect(inv: &crate::inventory::Inventory, state_dir: &Path) -> any
 }
 
 async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let mut tm = Timings::new(a.timings);
     let (inv, spec) = load_spec(a)?;
+    tm.mark("inventory, templates, agent binary");
     let fleet = connect(&inv, state_dir).await?;
-    let plan = apply::make_plan(&spec, &fleet).await?;
+    tm.mark("connect (ssh)");
+    let (facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
+    tm.facts(&took);
+    let plan = crate::provision::plan::plan(&spec, &facts);
+    tm.mark("plan");
     print!(
         "{}",
         report::render_plan(
@@ -323,10 +368,15 @@ async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
 
 async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let mut tm = Timings::new(a.deploy.timings);
     let (inv, spec) = load_spec(&a.deploy)?;
+    tm.mark("inventory, templates, agent binary");
     let fleet = connect(&inv, state_dir).await?;
-    let facts = apply::gather_all(&spec, &fleet).await?;
+    tm.mark("connect (ssh)");
+    let (facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
+    tm.facts(&took);
     let plan = crate::provision::plan::plan(&spec, &facts);
+    tm.mark("plan");
     print!(
         "{}",
         report::render_plan(
@@ -354,6 +404,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
         progress: true,
     };
     let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
+    tm.mark("execute");
     for (host, step, what) in &report.done {
         println!("[{host}] {step}: {what}");
     }

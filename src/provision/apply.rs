@@ -169,6 +169,14 @@ pub async fn gather_all(
     spec: &DeploySpec,
     fleet: &Fleet,
 ) -> Result<BTreeMap<String, HostFacts>, ProvisionError> {
+    Ok(gather_all_timed(spec, fleet).await?.0)
+}
+
+/// [`gather_all`], also returning how long each host took (for `--timings`).
+pub async fn gather_all_timed(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+) -> Result<(BTreeMap<String, HostFacts>, BTreeMap<String, Duration>), ProvisionError> {
     let mut set = JoinSet::new();
     for h in &spec.hosts {
         let Some(t) = fleet.get(&h.name).cloned() else {
@@ -177,12 +185,19 @@ pub async fn gather_all(
         let q = spec.fact_query(h);
         let wanted = spec.wanted_sha(h);
         let name = h.name.clone();
-        set.spawn(async move { (name, facts::gather(t.as_ref(), &q, &wanted).await) });
+        set.spawn(async move {
+            let t0 = Instant::now();
+            let r = facts::gather(t.as_ref(), &q, &wanted).await;
+            (name, r, t0.elapsed())
+        });
     }
     let mut out = BTreeMap::new();
+    let mut took = BTreeMap::new();
     let mut errs = Vec::new();
     while let Some(j) = set.join_next().await {
-        let (name, r) = j.expect("facts task panicked");
+        let (name, r, elapsed) = j.expect("facts task panicked");
+        tracing::debug!(host = %name, ms = elapsed.as_millis() as u64, "facts gathered");
+        took.insert(name.clone(), elapsed);
         match r {
             Ok(f) => {
                 out.insert(name, f);
@@ -191,7 +206,7 @@ pub async fn gather_all(
         }
     }
     if errs.is_empty() {
-        Ok(out)
+        Ok((out, took))
     } else {
         Err(ProvisionError::from_many(errs))
     }
@@ -234,6 +249,17 @@ async fn run_action(
                 .collect();
             t.run_ok(&cmd.join(" && "), Duration::from_secs(60)).await?;
         }
+        Action::Upload(f) if f.content.len() >= facts::SIDECAR_MIN_BYTES => {
+            upload_with_sidecar(t, f).await?;
+        }
+        Action::FixMetadata(f) if f.content.len() >= facts::SIDECAR_MIN_BYTES => {
+            t.upload(&f.path, &f.content, f.mode, Some(&f.owner))
+                .await?;
+            // chmod/chown changed the file's ctime: record its checksum again, or every later
+            // `plan` would hash it.
+            let cmd = format!("{}; exit 0", facts::checksum_sidecar(&f.path, &f.sha, ""));
+            t.run_ok(&cmd, Duration::from_secs(30)).await?;
+        }
         Action::Upload(f) | Action::FixMetadata(f) => {
             t.upload(&f.path, &f.content, f.mode, Some(&f.owner))
                 .await?;
@@ -254,6 +280,37 @@ async fn run_action(
             .await?;
         }
     }
+    Ok(())
+}
+
+/// Uploads a large file (the agent binary) and records its checksum sidecar in the same
+/// command, so the next `plan` reads the checksum instead of hashing the file on the host.
+/// Like [`Transport::upload`]: a temporary file in the target directory, mode and owner set,
+/// then renamed over the target (atomic). Unlike it, no checksum of the old file is taken first
+/// — the plan already knows the content differs. The sidecar is only written while the file
+/// is still the inode pgherd renamed into place.
+async fn upload_with_sidecar(
+    t: &dyn Transport,
+    f: &plan::DesiredFile,
+) -> Result<(), TransportError> {
+    let q = shell_quote(&f.path);
+    let (u, g) = f.owner.split_once(':').unwrap_or((&f.owner, &f.owner));
+    let script = format!(
+        "set -e; d=$(dirname -- {q}); b=$(basename -- {q}); \
+         t=$(mktemp \"$d/.$b.pgherd-XXXXXX\"); trap 'rm -f \"$t\"' EXIT; \
+         cat > \"$t\"; chmod {mode:o} \"$t\"; chown {owner} \"$t\"; i=$(stat -c %i \"$t\"); \
+         mv -f \"$t\" {q}; trap - EXIT; set +e; {side}; exit 0",
+        mode = f.mode,
+        owner = shell_quote(&format!("{u}:{g}")),
+        side = facts::checksum_sidecar(&f.path, &f.sha, "$i"),
+    );
+    let exec = crate::transport::Exec {
+        script: &script,
+        stdin: Some(&f.content),
+        secrets: &[],
+        timeout: Duration::from_secs(600),
+    };
+    t.exec(exec).await?.check(t.host(), &script)?;
     Ok(())
 }
 
@@ -770,10 +827,11 @@ async fn execute_phases(
         .map(|(h, _, _)| h.clone())
         .collect();
     run_parallel(fleet, work, progress, done).await?;
-    // Wait until each touched HAProxy routes correctly, not merely listens: HAProxy (2.6)
-    // considers every server up when it starts, so until the first checks fail the primary
-    // port may reach a replica. Its stats must show the leader as the only server up in the
-    // primary proxy, and no leader in the replica proxy.
+    // Wait until each touched HAProxy routes correctly, not merely listens. Servers start
+    // DOWN (or keep their state across a reload) thanks to the server-state file written by
+    // the haproxy-state script, so this is mostly waiting for `rise` passing checks; the stats
+    // must show the leader as the only server up in the primary proxy, and no leader in the
+    // replica proxy.
     let leader = find_leader(spec).await;
     let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
     for host in touched {

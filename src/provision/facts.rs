@@ -113,6 +113,41 @@ pub struct FactParseError {
     pub line: String,
 }
 
+/// Suffix of a file's checksum sidecar: `<path>.sha256` holds `<sha256> <stat identity>`.
+pub const SIDECAR_SUFFIX: &str = ".sha256";
+
+/// The `stat -c` format of the identity a sidecar records: inode, size, mtime and ctime in
+/// nanoseconds. Any write, truncation, `touch`, chmod/chown or replacement of the file changes
+/// at least one of them (ctime cannot be set from user space), so a sidecar whose identity
+/// matches describes the current content, and a mismatch just means "hash it".
+pub const SIDECAR_STAT: &str = "%i %s %.9Y %.9Z";
+
+/// Files at least this large get a checksum sidecar when pgherd writes them (the agent binary,
+/// ~180 MB in a debug build): hashing it on every host made a no-op `plan` take seconds.
+pub const SIDECAR_MIN_BYTES: usize = 1024 * 1024;
+
+/// Shell fragment recording `sha` (the content pgherd just wrote or verified) as the sidecar of
+/// `path`, written to a temporary file and renamed, so readers see a whole sidecar or none.
+/// `expect_inode`: a shell expression; when non-empty, the sidecar is only written if the
+/// file's inode is still that one (the file pgherd itself renamed into place).
+pub fn checksum_sidecar(path: &str, sha: &str, expect_inode: &str) -> String {
+    let q = shell_quote(path);
+    let side = shell_quote(&format!("{path}{SIDECAR_SUFFIX}"));
+    let guard = if expect_inode.is_empty() {
+        String::new()
+    } else {
+        format!("[ \"$(stat -L -c %i -- {q})\" = \"{expect_inode}\" ] && ")
+    };
+    // The sleep: file timestamps advance in coarse clock ticks (a few ms). Taking the identity
+    // a tick after pgherd's own write means any later write to the file lands in a later tick
+    // and so changes its ctime, i.e. cannot go unnoticed by a sidecar taken in the same tick.
+    format!(
+        "sleep 0.02; {guard}{{ st=$(stat -L -c '{SIDECAR_STAT}' -- {q}) && s=$(mktemp {side}.XXXXXX) && \
+         printf '%s %s\\n' {sha} \"$st\" > \"$s\" && mv -f \"$s\" {side}; }}",
+        sha = shell_quote(sha)
+    )
+}
+
 /// The read-only shell command that prints the facts for `q`.
 pub fn facts_script(q: &FactQuery) -> String {
     let mut s = String::from(
@@ -121,8 +156,15 @@ pub fn facts_script(q: &FactQuery) -> String {
     );
     if !q.files.is_empty() {
         let list: Vec<String> = q.files.iter().map(|p| shell_quote(p)).collect();
+        // The checksum comes from the file's sidecar (see [`checksum_sidecar`]) when the
+        // sidecar's recorded identity still matches `stat`; otherwise the file is hashed.
         s.push_str(&format!(
-            "for f in {}; do if [ -f \"$f\" ]; then echo \"file $f $(sha256sum < \"$f\" | cut -d' ' -f1) $(stat -L -c '%a %U:%G' \"$f\")\"; \
+            "for f in {}; do if [ -f \"$f\" ]; then h=; \
+             if [ -f \"$f{SIDECAR_SUFFIX}\" ]; then cs=; cst=; read -r cs cst < \"$f{SIDECAR_SUFFIX}\" 2>/dev/null; \
+             case $cs in *[!0-9a-f]*) cs=;; esac; \
+             if [ ${{#cs}} -eq 64 ] && [ \"$cst\" = \"$(stat -L -c '{SIDECAR_STAT}' \"$f\")\" ]; then h=$cs; fi; fi; \
+             [ -n \"$h\" ] || h=$(sha256sum < \"$f\" | cut -d' ' -f1); \
+             echo \"file $f $h $(stat -L -c '%a %U:%G' \"$f\")\"; \
              else echo \"file $f -\"; fi; done\n",
             list.join(" ")
         ));
@@ -297,6 +339,44 @@ mod tests {
     fn garbage_line_is_an_error_naming_the_host() {
         let e = parse_facts("n2", "mode supervisor\nwhat is this\n").unwrap_err();
         assert!(e.to_string().contains("host n2"), "{e}");
+    }
+
+    fn local_facts(q: &FactQuery) -> HostFacts {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(facts_script(q))
+            .output()
+            .unwrap();
+        parse_facts("local", &String::from_utf8_lossy(&out.stdout)).unwrap()
+    }
+
+    #[test]
+    fn checksum_comes_from_the_sidecar_only_while_the_file_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bin");
+        let path = path.to_str().unwrap();
+        std::fs::write(path, b"agent v1").unwrap();
+        let real = crate::transport::sha256_hex(b"agent v1");
+        // A sidecar claiming another checksum proves which source the fact came from.
+        let claimed = "ab".repeat(32);
+        let rec = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(checksum_sidecar(path, &claimed, ""))
+            .status()
+            .unwrap();
+        assert!(rec.success());
+        let q = FactQuery {
+            files: vec![path.to_string()],
+            ..Default::default()
+        };
+        assert_eq!(local_facts(&q).file(path).unwrap().sha256, claimed);
+        // Same size, new content: ctime/mtime move on, so the file is hashed again.
+        std::fs::write(path, b"agent v2").unwrap();
+        assert_eq!(
+            local_facts(&q).file(path).unwrap().sha256,
+            crate::transport::sha256_hex(b"agent v2")
+        );
+        assert_ne!(real, claimed);
     }
 
     #[test]

@@ -200,6 +200,16 @@ impl DeploySpec {
                 sha: bin.sha256.as_str().into(),
             });
         }
+        if h.roles.haproxy
+            && let Some(cfg) = h.service_configs.get(&Service::Haproxy)
+        {
+            files.push(DesiredFile::new(
+                services::HAPROXY_STATE_SCRIPT,
+                services::haproxy_state_script(cfg),
+                0o755,
+                "root:root",
+            ));
+        }
         if mode == ServiceMode::Supervisor {
             files.push(DesiredFile::new(
                 SUPERVISE_PATH,

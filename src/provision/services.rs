@@ -26,6 +26,13 @@ pub const PID_DIR: &str = "/run/pgherd";
 pub const LOG_DIR: &str = "/var/log/pgherd";
 /// Where the agent binary is installed.
 pub const AGENT_BIN_PATH: &str = "/usr/local/bin/pgherd-agent";
+/// Script writing HAProxy's server-state file before every HAProxy start, restart and reload
+/// (see [`haproxy_state_script`]).
+pub const HAPROXY_STATE_SCRIPT: &str = "/usr/local/lib/pgherd/haproxy-state";
+/// HAProxy's `server-state-file` (named in templates/haproxy.cfg.j2).
+pub const HAPROXY_STATE_FILE: &str = "/var/lib/haproxy/pgherd-server-state";
+/// HAProxy's admin socket (named in templates/haproxy.cfg.j2), read for `show servers state`.
+pub const HAPROXY_ADMIN_SOCK: &str = "/var/lib/haproxy/pgherd-admin.sock";
 
 /// How services are managed on a host (a fact, see [`crate::provision::facts`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +204,48 @@ pub fn boot_script() -> String {
     s
 }
 
+/// The script at [`HAPROXY_STATE_SCRIPT`] for a HAProxy whose config is `config`.
+///
+/// Why: HAProxy 2.6 starts every server UP and only marks it DOWN after a failed check
+/// (`init-state` exists from 3.1 on), so right after a start or reload the primary port could
+/// route to a replica. With `load-server-state-from-file`, HAProxy instead takes each server's
+/// state from this file. The script writes one line per `server` of the config: the running
+/// HAProxy's current line for it (kept across a reload) when HAProxy answers on its admin socket
+/// and the server's address and port are unchanged, else a line "DOWN, health 0" — so a cold
+/// start or a new/moved server only gets traffic after `rise` passing checks. perl (always on
+/// Debian, `perl-base`) talks to the socket; no socat needed.
+pub fn haproxy_state_script(config: &str) -> String {
+    let cfg = crate::transport::shell_quote(config);
+    format!(
+        r#"#!/bin/sh
+# pgherd (managed by pgherd, do not edit): writes {HAPROXY_STATE_FILE} before HAProxy
+# starts or reloads: servers keep their current state across reloads, and start DOWN otherwise.
+cfg={cfg}
+state={HAPROXY_STATE_FILE}
+mkdir -p "$(dirname "$state")"
+cur=$(perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or exit 1; print $s "show servers state
+"; print while <$s>' {HAPROXY_ADMIN_SOCK} 2>/dev/null)
+tmp=$(mktemp "$state.XXXXXX") || exit 1
+{{
+  echo 1
+  echo '# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port'
+  printf '%s
+' "$cur" | awk '
+    FNR == NR {{ if ($0 !~ /^#/ && NF >= 19) cur[$2 " " $4 " " $5 " " $19] = $0; next }}
+    $1 == "listen" || $1 == "backend" {{ px = $2; next }}
+    $1 == "global" || $1 == "defaults" || $1 == "frontend" || $1 == "resolvers" || $1 == "peers" {{ px = ""; next }}
+    $1 == "server" && px != "" {{
+      addr = $3; port = $3; sub(/:[^:]*$/, "", addr); sub(/^.*:/, "", port); gsub(/[][]/, "", addr)
+      cport = port; for (i = 4; i < NF; i++) if ($i == "port") cport = $(i + 1)
+      key = px " " $2 " " addr " " port
+      if (key in cur) print cur[key]
+      else print "0 " px " 0 " $2 " " addr " 0 0 1 1 0 8 2 0 6 0 0 0 - " port " - 0 " cport " - - " cport
+    }}' - "$cfg"
+}} > "$tmp" && mv -f "$tmp" "$state" || {{ rm -f "$tmp"; exit 1; }}
+"#
+    )
+}
+
 /// The run file of `svc` in supervisor mode (`exec`s, so the pid the supervisor records is the
 /// service's own). `config` is the service's main config file path on the host.
 pub fn run_file(svc: Service, config: &str) -> String {
@@ -211,7 +260,10 @@ pub fn run_file(svc: Service, config: &str) -> String {
              env HOME=/var/lib/postgresql {AGENT_BIN_PATH} {config}"
         ),
         // -W master-worker so that USR2 reloads seamlessly; -db stays in the foreground.
-        Service::Haproxy => format!("exec /usr/sbin/haproxy -W -db -f {config}"),
+        // The state script first, so a (re)started HAProxy routes nothing before its checks.
+        Service::Haproxy => {
+            format!("{HAPROXY_STATE_SCRIPT}\nexec /usr/sbin/haproxy -W -db -f {config}")
+        }
     };
     format!(
         "# pgherd run file for {} (managed by pgherd)\n{body}\n",
@@ -222,6 +274,19 @@ pub fn run_file(svc: Service, config: &str) -> String {
 /// Shell that performs `op` on `svc` in `mode`. Supervisor-mode commands wait (bounded) until
 /// the new process is recorded, so the caller can read its pid right after.
 pub fn op_command(svc: Service, op: ServiceOp, mode: ServiceMode) -> String {
+    let cmd = op_command_inner(svc, op, mode);
+    // HAProxy reads its server states at start-up: write them first (see
+    // [`haproxy_state_script`]). In supervisor mode the run file does it for starts.
+    match (svc, mode, op) {
+        (Service::Haproxy, ServiceMode::Systemd, _)
+        | (Service::Haproxy, ServiceMode::Supervisor, ServiceOp::Reload) => {
+            format!("{HAPROXY_STATE_SCRIPT} && {cmd}")
+        }
+        _ => cmd,
+    }
+}
+
+fn op_command_inner(svc: Service, op: ServiceOp, mode: ServiceMode) -> String {
     let unit = svc.unit();
     match mode {
         ServiceMode::Systemd => match op {
@@ -313,11 +378,29 @@ mod tests {
     #[test]
     fn haproxy_reload_is_usr2_to_the_master() {
         let c = op_command(Service::Haproxy, ServiceOp::Reload, ServiceMode::Supervisor);
-        assert_eq!(c, "kill -USR2 \"$(cat /run/pgherd/haproxy.pid)\"");
+        assert_eq!(
+            c,
+            "/usr/local/lib/pgherd/haproxy-state && kill -USR2 \"$(cat /run/pgherd/haproxy.pid)\""
+        );
         assert_eq!(
             op_command(Service::Haproxy, ServiceOp::Reload, ServiceMode::Systemd),
-            "systemctl reload haproxy.service"
+            "/usr/local/lib/pgherd/haproxy-state && systemctl reload haproxy.service"
         );
+    }
+
+    #[test]
+    fn haproxy_server_states_are_written_before_every_start() {
+        let run = run_file(Service::Haproxy, "/etc/haproxy/haproxy.cfg");
+        let state = run
+            .find(HAPROXY_STATE_SCRIPT)
+            .expect("state script in run file");
+        assert!(state < run.find("exec /usr/sbin/haproxy").unwrap());
+        for op in [ServiceOp::Start, ServiceOp::Restart, ServiceOp::Reload] {
+            let c = op_command(Service::Haproxy, op, ServiceMode::Systemd);
+            assert!(c.starts_with(HAPROXY_STATE_SCRIPT), "{c}");
+        }
+        let script = haproxy_state_script("/etc/haproxy/haproxy.cfg");
+        assert!(script.contains("show servers state") && script.contains(HAPROXY_STATE_FILE));
     }
 
     #[test]
