@@ -379,6 +379,20 @@ fn service_steps(hp: &HostPlan, svc: Service) -> Vec<PlannedStep> {
         .collect()
 }
 
+/// `svc`'s planned service changes on `hp`, split into the starts (service not running yet)
+/// and the rest (restarts / reloads of a running service), which the phases order differently.
+fn split_service_steps(hp: &HostPlan, svc: Service) -> (Vec<PlannedStep>, Vec<PlannedStep>) {
+    service_steps(hp, svc).into_iter().partition(|s| {
+        matches!(
+            &s.planned,
+            Planned::Change {
+                action: Action::Service(_, ServiceOp::Start),
+                ..
+            }
+        )
+    })
+}
+
 /// Polls `probe` every 300 ms until it returns true or `timeout` passes.
 async fn wait_until<F, Fut>(
     host: &str,
@@ -578,36 +592,14 @@ async fn execute_phases(
         let starts = etcd_hosts
             .iter()
             .map(|hp| {
-                let s = service_steps(hp, Service::Etcd)
-                    .into_iter()
-                    .filter(|s| {
-                        matches!(
-                            &s.planned,
-                            Planned::Change {
-                                action: Action::Service(_, ServiceOp::Start),
-                                ..
-                            }
-                        )
-                    })
-                    .collect();
+                let s = split_service_steps(hp, Service::Etcd).0;
                 (hp.host.clone(), hp.mode, s)
             })
             .collect();
         run_parallel(fleet, starts, progress, done).await?;
         // Restarts one member at a time, healthy in between, so quorum is never lost.
         for hp in &etcd_hosts {
-            let restarts: Vec<PlannedStep> = service_steps(hp, Service::Etcd)
-                .into_iter()
-                .filter(|s| {
-                    !matches!(
-                        &s.planned,
-                        Planned::Change {
-                            action: Action::Service(_, ServiceOp::Start),
-                            ..
-                        }
-                    )
-                })
-                .collect();
+            let restarts: Vec<PlannedStep> = split_service_steps(hp, Service::Etcd).1;
             if restarts.is_empty() {
                 continue;
             }
@@ -653,20 +645,8 @@ async fn execute_phases(
             .get(&hp.host)
             .is_some_and(|f| f.service(Service::Agent).running())
     });
-    let starts_of = |hp: &HostPlan| -> Vec<PlannedStep> {
-        service_steps(hp, Service::Agent)
-            .into_iter()
-            .filter(|s| {
-                matches!(
-                    &s.planned,
-                    Planned::Change {
-                        action: Action::Service(_, ServiceOp::Start),
-                        ..
-                    }
-                )
-            })
-            .collect()
-    };
+    let starts_of =
+        |hp: &HostPlan| -> Vec<PlannedStep> { split_service_steps(hp, Service::Agent).0 };
     let mut started_replicas: Vec<String> = Vec::new();
     if !any_agent_running && !pg_hosts.is_empty() {
         // Fresh cluster: the first primary bootstraps alone, so that it (and not a racing
@@ -738,18 +718,7 @@ async fn execute_phases(
             .filter(|hp| Some(&hp.host) == leader.as_ref()),
     );
     for hp in order {
-        let steps: Vec<PlannedStep> = service_steps(hp, Service::Agent)
-            .into_iter()
-            .filter(|s| {
-                !matches!(
-                    &s.planned,
-                    Planned::Change {
-                        action: Action::Service(_, ServiceOp::Start),
-                        ..
-                    }
-                )
-            })
-            .collect();
+        let steps: Vec<PlannedStep> = split_service_steps(hp, Service::Agent).1;
         if steps.is_empty() {
             continue;
         }
