@@ -15,6 +15,19 @@ fn step(s: &str) {
     eprintln!("\n=== step: {s} ===");
 }
 
+/// The replica answering 200 on `/sync` (waits up to 20 s for one).
+async fn sync_standby(c: &Cluster, primary: usize) -> usize {
+    eventually(Duration::from_secs(20), "a sync standby", || async {
+        for i in 0..c.nodes.len() {
+            if i != primary && c.code(i, "GET", "/sync").await == Some(200) {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
 async fn count_rows(c: &Cluster, i: usize) -> Result<i64, String> {
     c.query_one_i64(i, "SELECT count(*) FROM acked").await
 }
@@ -36,15 +49,7 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     assert_eq!(cl["members"].as_array().unwrap().len(), 3, "{cl}");
 
     step("synchronous mode: one replica is the sync standby");
-    let sync = eventually(Duration::from_secs(20), "a sync standby", || async {
-        for i in 0..3 {
-            if i != p0 && c.code(i, "GET", "/sync").await == Some(200) {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await;
+    let sync = sync_standby(&c, p0).await;
     eprintln!("sync standby: node{sync}");
 
     step("acknowledged writes on the primary");
@@ -144,15 +149,7 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
     );
 
     step("switchover via REST to a named candidate (in sync mode: the sync standby)");
-    let cand = eventually(Duration::from_secs(20), "a sync standby", || async {
-        for i in 0..3 {
-            if i != p1 && c.code(i, "GET", "/sync").await == Some(200) {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await;
+    let cand = sync_standby(&c, p1).await;
     let not_sync = (0..3).find(|i| *i != p1 && *i != cand).unwrap();
     let (code, body) = c
         .call(
