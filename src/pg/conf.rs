@@ -435,7 +435,34 @@ const BASEBACKUP_FORBIDDEN: &[&str] = &[
 /// User options from `postgresql.basebackup` (a list of `"flag"` / `{k: v}`, or a map).
 pub fn basebackup_args(options: Option<&Value>) -> Result<Vec<String>, String> {
     let items = option_items(options.unwrap_or(&Value::Null))?;
-    option_args(&items, BASEBACKUP_FORBIDDEN)
+    let mut args = option_args(&items, BASEBACKUP_FORBIDDEN)?;
+    // pg_basebackup's default is a *spread* checkpoint on the source, which can keep a new
+    // replica (or a reinitialize) waiting for up to checkpoint_completion_target ×
+    // checkpoint_timeout. A clone is what restores redundancy, so we ask for an immediate
+    // checkpoint (a short I/O burst on the source) unless the operator chose a mode
+    // (`basebackup: [{checkpoint: spread}]`).
+    if !args
+        .iter()
+        .any(|a| a.starts_with("--checkpoint") || a.starts_with("-c"))
+    {
+        args.push("--checkpoint=fast".to_string());
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod basebackup_tests {
+    use super::*;
+
+    #[test]
+    fn clones_use_a_fast_checkpoint_unless_the_operator_chose_one() {
+        assert_eq!(basebackup_args(None).unwrap(), vec!["--checkpoint=fast"]);
+        let spread = serde_json::json!([{"checkpoint": "spread"}]);
+        assert_eq!(
+            basebackup_args(Some(&spread)).unwrap(),
+            vec!["--checkpoint=spread"]
+        );
+    }
 }
 
 /// Parsed `pg_controldata` output (run with `LANG=C`).
@@ -704,11 +731,12 @@ mod tests {
     fn basebackup_options_accept_list_or_map() {
         let a =
             basebackup_args(Some(&serde_json::json!(["verbose", {"max-rate": "100M"}]))).unwrap();
-        assert_eq!(a, vec!["--verbose", "--max-rate=100M"]);
+        // No checkpoint mode given: the fast default is appended.
+        assert_eq!(a, vec!["--verbose", "--max-rate=100M", "--checkpoint=fast"]);
         let a = basebackup_args(Some(&serde_json::json!({"checkpoint": "fast"}))).unwrap();
         assert_eq!(a, vec!["--checkpoint=fast"]);
         assert!(basebackup_args(Some(&serde_json::json!(["pgdata"]))).is_err());
-        assert!(basebackup_args(None).unwrap().is_empty());
+        assert_eq!(basebackup_args(None).unwrap(), vec!["--checkpoint=fast"]);
     }
 
     const CONTROLDATA: &str = "pg_control version number:            1300
