@@ -11,7 +11,8 @@ cargo build --bins
 pgherd=target/debug/pgherd
 lab_dir=/tmp/pgherd-lab-pg
 $pgherd lab up --hosts 3 --lab-dir "$lab_dir"
-inv="$lab_dir/inventory.yml"
+# inventories/lab.yml describes exactly this lab (hosts pg1..pg3 on 10.230.0.0/24, the lab's key).
+inv=inventories/lab.yml
 time $pgherd apply -i "$inv" --agent-binary target/debug/pgherd-agent --yes
 $pgherd status -i "$inv"
 echo
