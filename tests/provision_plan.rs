@@ -523,6 +523,50 @@ async fn systemd_host_gets_units_daemon_reload_and_the_distribution_postgresql_s
 }
 
 #[tokio::test]
+async fn systemd_haproxy_writes_server_states_before_every_start_via_a_drop_in() {
+    // Under systemd, HAProxy is also (re)started by systemd itself (crash restart, boot): the
+    // server-state script must run then too, or HAProxy would count every server UP at start.
+    let s = spec();
+    let out =
+        facts_stdout(&s, &BTreeMap::new(), false, true).replace("mode supervisor", "mode systemd");
+    let p = plan_for(&s, &fake(&out, &BTreeMap::new())).await;
+    let Planned::Change {
+        action: Action::Upload(f),
+        ..
+    } = step(&p, &format!("file {}", services::HAPROXY_STATE_DROPIN))
+    else {
+        panic!("no drop-in upload planned");
+    };
+    let text = String::from_utf8(f.content.to_vec()).unwrap();
+    assert!(
+        text.contains(&format!("ExecStartPre={}", services::HAPROXY_STATE_SCRIPT)),
+        "{text}"
+    );
+    // A drop-in is a unit file: it triggers daemon-reload, and is not written in supervisor mode.
+    assert!(matches!(
+        step(&p, "systemd"),
+        Planned::Change {
+            action: Action::DaemonReload,
+            ..
+        }
+    ));
+    let sup = plan_for(
+        &s,
+        &fake(
+            &facts_stdout(&s, &BTreeMap::new(), false, true),
+            &BTreeMap::new(),
+        ),
+    )
+    .await;
+    assert!(
+        !sup.hosts[0]
+            .steps
+            .iter()
+            .any(|st| st.name.ends_with("pgherd-state.conf"))
+    );
+}
+
+#[tokio::test]
 async fn a_host_failing_mid_phase_stops_the_run_before_any_service_step_on_any_host() {
     let mut s = spec();
     let mut n2 = s.hosts[0].clone();

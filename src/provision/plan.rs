@@ -209,6 +209,14 @@ impl DeploySpec {
                 0o755,
                 "root:root",
             ));
+            if mode == ServiceMode::Systemd {
+                files.push(DesiredFile::new(
+                    services::HAPROXY_STATE_DROPIN,
+                    services::haproxy_state_dropin(),
+                    0o644,
+                    "root:root",
+                ));
+            }
         }
         if mode == ServiceMode::Supervisor {
             files.push(DesiredFile::new(

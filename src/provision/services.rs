@@ -31,6 +31,20 @@ pub const AGENT_BIN_PATH: &str = "/usr/local/bin/pgherd-agent";
 pub const HAPROXY_STATE_SCRIPT: &str = "/usr/local/lib/pgherd/haproxy-state";
 /// HAProxy's `server-state-file` (named in templates/haproxy.cfg.j2).
 pub const HAPROXY_STATE_FILE: &str = "/var/lib/haproxy/pgherd-server-state";
+/// systemd drop-in that runs [`HAPROXY_STATE_SCRIPT`] before every start of the distribution's
+/// haproxy.service, including the starts systemd does on its own (crash restart, boot).
+pub const HAPROXY_STATE_DROPIN: &str = "/etc/systemd/system/haproxy.service.d/pgherd-state.conf";
+
+/// Content of [`HAPROXY_STATE_DROPIN`]. `ExecStartPre` lines add up, so Debian's own config
+/// check in the unit still runs; the `-` prefix is deliberately absent: a HAProxy that could
+/// route to a replica as if it were the primary must not start.
+pub fn haproxy_state_dropin() -> String {
+    format!(
+        "# managed by pgherd: write HAProxy's server states before it starts, so that no server\n\
+         # counts as UP before its first health checks (see {HAPROXY_STATE_SCRIPT}).\n\
+         [Service]\nExecStartPre={HAPROXY_STATE_SCRIPT}\n"
+    )
+}
 /// HAProxy's admin socket (named in templates/haproxy.cfg.j2), read for `show servers state`.
 pub const HAPROXY_ADMIN_SOCK: &str = "/var/lib/haproxy/pgherd-admin.sock";
 
