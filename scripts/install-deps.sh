@@ -5,7 +5,7 @@
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev postgresql-15 postgresql-client-15 etcd-server etcd-client
       haproxy openssh-server openssh-client iptables tini iproute2 python3-venv python3-pip
-      procps psmisc curl ca-certificates)
+      procps psmisc curl ca-certificates sudo)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -83,6 +83,7 @@ async fn ssh_transport_against_lab_hosts() {
     unreachable_address_fails_fast(&opts, ghost).await;
     wrong_key_is_auth_refused(&info, &opts, tmp.path()).await;
     changed_host_key_is_refused(&info, &ctl, tmp.path()).await;
+    non_root_user_becomes_root_through_sudo(&t1, &info, &opts).await;
 
     drop(t2);
     Arc::try_unwrap(t1).ok().unwrap().close().await.unwrap();
@@ -320,4 +321,57 @@ async fn changed_host_key_is_refused(info: &LabInfo, ctl: &Path, tmp: &Path) {
         matches!(&err, TransportError::HostKeyMismatch { host, .. } if host == "pht1"),
         "{err:?}"
     );
+}
+
+/// `become`: a non-root SSH user with passwordless sudo runs every command (and upload) as
+/// root; the same user without `become` does not.
+async fn non_root_user_becomes_root_through_sudo(
+    root: &SshTransport,
+    info: &LabInfo,
+    opts: &SshOptions,
+) {
+    if root.run("command -v sudo", T).await.unwrap().status != 0 {
+        eprintln!("SKIP become: sudo is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    // sshd (UsePAM no) refuses accounts with a locked password: `-p '*'` unlocks key logins.
+    root.run_ok(
+        "id deployer >/dev/null 2>&1 || useradd -m -s /bin/sh deployer; usermod -p '*' deployer; \
+         install -d -o deployer -m 700 /home/deployer/.ssh; \
+         install -o deployer -m 600 /root/.ssh/authorized_keys /home/deployer/.ssh/authorized_keys; \
+         echo 'deployer ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/deployer; chmod 440 /etc/sudoers.d/deployer",
+        T,
+    )
+    .await
+    .unwrap();
+    let mut spec = info.host_spec("pht1").unwrap();
+    spec.user = "deployer".into();
+
+    let plain = SshTransport::connect_with(&spec, opts).await.unwrap();
+    assert_ne!(
+        plain.run_ok("id -u", T).await.unwrap().stdout_str().trim(),
+        "0",
+        "without become the command must run as the SSH user"
+    );
+    plain.close().await.unwrap();
+
+    spec.r#become = true;
+    let t = SshTransport::connect_with(&spec, opts).await.unwrap();
+    assert_eq!(t.run_ok("id -u", T).await.unwrap().stdout_str().trim(), "0");
+    let changed = t
+        .upload(
+            "/etc/pgherd-become-test",
+            b"root only\n",
+            0o600,
+            Some("root"),
+        )
+        .await
+        .unwrap();
+    assert!(changed);
+    let st = root
+        .run_ok("stat -c '%U %a' /etc/pgherd-become-test", T)
+        .await
+        .unwrap();
+    assert_eq!(st.stdout_str().trim(), "root 600");
+    t.close().await.unwrap();
 }
