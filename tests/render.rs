@@ -68,8 +68,8 @@ fn agent_config_parses_and_carries_the_inventory() {
         "replicator"
     );
     assert_eq!(
-        cfg.tags.get("replicatefrom").and_then(|v| v.as_str()),
-        Some("pg2")
+        cfg.tags.get("datacenter").and_then(|v| v.as_str()),
+        Some("dc2")
     );
     assert_eq!(
         cfg.postgresql
