@@ -359,3 +359,45 @@ async fn watchdog_required_without_a_usable_device_never_takes_leadership() {
         "no watchdog explanation in the log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_pets_its_watchdog_after_renewals_and_disarms_it_on_shutdown() {
+    // The file driver stands in for /dev/watchdog (none exists here): it records
+    // `<open|keepalive|close> <unix_ms> <timeout_ms>` lines, like a test "hardware" would see.
+    let device = format!("/tmp/pgherd-e2e-watchdog-{}.log", std::process::id());
+    let _ = std::fs::remove_file(&device);
+    let mut opts = ClusterOpts::new("wdfile", 26500);
+    opts.nodes = 1;
+    opts.watchdog = vec![format!(
+        "watchdog:\n  mode: required\n  device: file:{device}\n  safety_margin: 2\n"
+    )];
+    let mut c = Cluster::new(opts);
+    c.start_all();
+    eventually(Duration::from_secs(60), "the node to lead", || async {
+        (c.code(0, "GET", "/leader").await == Some(200)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = std::fs::read_to_string(&device).unwrap();
+    let lines: Vec<Vec<&str>> = log.lines().map(|l| l.split(' ').collect()).collect();
+    // Opened before leading, with timeout = ttl − safety_margin = 6 − 2 s.
+    assert_eq!(lines[0][0], "open", "{log}");
+    assert_eq!(lines[0][2], "4000", "{log}");
+    // Petted after each lease renewal (every loop_wait = 1 s), never letting the timeout lapse.
+    let pets: Vec<u64> = lines
+        .iter()
+        .filter(|l| l[0] == "keepalive")
+        .map(|l| l[1].parse().unwrap())
+        .collect();
+    assert!(pets.len() >= 3, "too few keepalives: {log}");
+    let max_gap = pets.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        max_gap < 4000,
+        "keepalive gap {max_gap} ms reached the watchdog timeout: {log}"
+    );
+    // A graceful shutdown disarms it (magic close) so the host is not reset.
+    c.stop_agent(0);
+    let log = std::fs::read_to_string(&device).unwrap();
+    assert!(log.lines().last().unwrap().starts_with("close "), "{log}");
+    let _ = std::fs::remove_file(&device);
+}
