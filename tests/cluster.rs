@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, ClusterOpts, eventually};
+use common::cluster::{Cluster, ClusterOpts, eventually, pg_ctl_as_postgres};
 use serde_json::json;
 
 fn step(s: &str) {
@@ -85,44 +85,32 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
 
     step("divergent write on the old primary, then it rejoins via pg_rewind");
     let old = &c.nodes[p0];
-    let dd = old.data_dir();
-    let st = std::process::Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            "/usr/lib/postgresql/15/bin/pg_ctl",
-            "-D",
-        ])
-        .arg(&dd)
-        .args(["-w", "-t", "30", "-l"])
-        .arg(old.dir.join("standalone.log"))
-        .args([
-            "-o",
-            "-c synchronous_standby_names= -c hot_standby=on",
-            "start",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success(), "standalone start of the old primary failed");
+    let log = old.dir.join("standalone.log");
+    assert!(
+        pg_ctl_as_postgres(
+            old,
+            &[
+                "-w",
+                "-t",
+                "30",
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                "-c synchronous_standby_names= -c hot_standby=on",
+                "start"
+            ],
+        ),
+        "standalone start of the old primary failed"
+    );
     // Without standby.signal the old primary comes up read-write on its old timeline.
-    let _ = std::fs::remove_file(dd.join("standby.signal"));
+    let _ = std::fs::remove_file(old.data_dir().join("standby.signal"));
     c.sql(p0, "INSERT INTO acked VALUES (5000, 'divergent')")
         .await
         .unwrap();
-    let st = std::process::Command::new("runuser")
-        .args([
-            "-u",
-            "postgres",
-            "--",
-            "/usr/lib/postgresql/15/bin/pg_ctl",
-            "-D",
-        ])
-        .arg(&dd)
-        .args(["-m", "immediate", "stop"])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    assert!(pg_ctl_as_postgres(
+        &c.nodes[p0],
+        &["-m", "immediate", "stop"]
+    ));
     c.start_agent(p0);
     let p = c.wait_healthy(Duration::from_secs(90)).await;
     assert_eq!(p, p1);

@@ -444,7 +444,7 @@ impl HaLoop {
             pg
         };
         if let Some(v) = &view {
-            self.apply_dynamic_config(&pg_after).await;
+            // (The DCS config was handed to PostgreSQL before acting, see above.)
             if self.held_lock && pg_after.is_running_primary() && self.action.is_none() {
                 self.leader_bookkeeping(v, &inputs, &pg_after).await;
             }

@@ -466,6 +466,23 @@ impl Drop for Cluster {
     }
 }
 
+/// Runs PostgreSQL 15's `pg_ctl -D <node i's data dir> <args>` as the postgres user, bypassing
+/// the agent (to stage faults such as a divergent write); `true` on success.
+pub fn pg_ctl_as_postgres(node: &Node, args: &[&str]) -> bool {
+    Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "-D",
+        ])
+        .arg(node.data_dir())
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     let s = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
     let pid: i32 = s.lines().next()?.trim().parse().ok()?;
