@@ -261,6 +261,19 @@ impl Renderer {
             .map_err(|e| self.template_error(&e))
     }
 
+    /// [`Self::render`], then checks the output of built-in templates (the agent config must
+    /// parse, the etcd config must be a YAML mapping).
+    pub fn render_checked(
+        &self,
+        template: &str,
+        inv: &Inventory,
+        host: &str,
+    ) -> Result<String, RenderError> {
+        let content = self.render(template, inv, host)?;
+        check_output(template, &content, inv, host)?;
+        Ok(content)
+    }
+
     /// Expands `{{ ... }}` expressions in a short string (playbook arguments) with the same
     /// context as the templates. Strings without `{{` are returned as they are.
     pub fn render_str(

@@ -9,14 +9,16 @@ use pgherd::provision::apply::{self, ApplyOptions, Fleet};
 use pgherd::provision::plan::{
     self, Action, AgentBinary, DeploySpec, DesiredDir, DesiredFile, HostTarget, Planned, Roles,
 };
+use pgherd::provision::playbook::Playbook;
 use pgherd::provision::report::{self, ReportOptions};
+use pgherd::provision::schedule::HostStep;
 use pgherd::provision::services::{self, Service, ServiceMode, ServiceOp};
 use pgherd::transport::fake::FakeCall;
 use pgherd::transport::{FakeTransport, Transport, sha256_hex};
 
 const SECRET: &str = "s3cr3t-Passw0rd-abcdefghijkl";
 const OLD_SECRET: &str = "old-Passw0rd-zyxwvutsrqpo";
-const AGENT_CFG: &str = "/etc/pgherd/pgherd-agent.yml";
+const AGENT_CFG: &str = "/etc/pgherd/agent.yml";
 const ETCD_CFG: &str = "/etc/pgherd/etcd.yml";
 const HAPROXY_CFG: &str = "/etc/haproxy/haproxy.cfg";
 const UNIT: &str = "/etc/systemd/system/pgherd-agent.service";
@@ -78,6 +80,7 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         .map(|(s, p)| (s, p.to_string()))
         .collect(),
         stop_units: vec!["postgresql".into()],
+        steps: deploy_steps(),
     };
     DeploySpec {
         cluster: "demo".into(),
@@ -90,7 +93,33 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         primary_port,
         replica_port: 5001,
         stats_port: 0, // 0: not checked (no HAProxy stats in these tests)
+        playbook: Arc::new(Playbook::deploy()),
+        playbook_origin: "playbooks/deploy.yml".into(),
     }
+}
+
+/// The built-in deploy playbook's steps for the fixture host `n1` (every role, first of each),
+/// arguments expanded with the fixture's values.
+fn deploy_steps() -> Vec<HostStep> {
+    let pb = Playbook::deploy();
+    pb.steps
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.hosts.selects("n1", |_| true, |_| true))
+        .map(|(index, s)| HostStep {
+            index,
+            kind: s
+                .kind
+                .expand(|t| {
+                    Ok::<_, ()>(
+                        t.replace("{{ postgresql.version }}", "15")
+                            .replace("{{ postgresql.data_dir }}", "/var/lib/pgherd/data")
+                            .replace("{{ etcd.data_dir }}", "/var/lib/etcd/demo"),
+                    )
+                })
+                .expect("expand"),
+        })
+        .collect()
 }
 
 fn spec() -> DeploySpec {
@@ -567,7 +596,7 @@ async fn systemd_haproxy_writes_server_states_before_every_start_via_a_drop_in()
 }
 
 #[tokio::test]
-async fn a_host_failing_mid_phase_stops_the_run_before_any_service_step_on_any_host() {
+async fn a_host_failing_in_a_step_stops_the_run_before_the_next_step_on_any_host() {
     let mut s = spec();
     let mut n2 = s.hosts[0].clone();
     n2.name = "n2".into();
@@ -592,9 +621,10 @@ async fn a_host_failing_mid_phase_stops_the_run_before_any_service_step_on_any_h
         msg.contains("host n2") && msg.contains("step `directories`"),
         "{msg}"
     );
-    // n1 finished its prepare phase (all files written) ...
-    assert!(t1.file(AGENT_CFG).is_some() && t1.file(services::AGENT_BIN_PATH).is_some());
-    // ... and no host started a service: the next phase never began.
+    // n1 finished the failing step (its directories exist) ...
+    assert!(t1.commands().iter().any(|c| c.contains("install -d")));
+    // ... but no host went on to the next steps: no file written, no service started.
+    assert!(t1.file(AGENT_CFG).is_none() && t1.file(services::AGENT_BIN_PATH).is_none());
     for t in [&t1, &t2] {
         assert!(
             !t.commands().iter().any(|c| c.contains("setsid -f")),

@@ -61,6 +61,10 @@ pub struct DeployArgs {
     /// Template directory overriding the built-in templates/.
     #[arg(long)]
     pub templates: Option<PathBuf>,
+    /// Deploy playbook to run instead of the built-in playbooks/deploy.yml (same vocabulary;
+    /// checked against the inventory before any host is contacted).
+    #[arg(long)]
+    pub playbook: Option<PathBuf>,
     /// Do not print file diffs.
     #[arg(long)]
     pub no_diff: bool,
@@ -112,7 +116,8 @@ pub struct ApplyArgs {
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
-    /// Seconds to wait for etcd health, a leader, streaming replicas, HAProxy.
+    /// Seconds a `serial` service step waits for the service to be healthy again on each
+    /// host before the next (the playbook's wait steps carry their own timeouts).
     #[arg(long, default_value_t = 180)]
     pub wait_timeout: u64,
 }
@@ -312,7 +317,12 @@ fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
 /// Loads the inventory and builds the desired state (no host touched).
 pub fn load_spec(a: &DeployArgs) -> Result<(crate::inventory::Inventory, DeploySpec), SpecError> {
     let inv = crate::inventory::load(&a.inv.inventory)?;
-    let spec = spec::build(&inv, a.agent_binary.as_deref(), a.templates.as_deref())?;
+    let spec = spec::build_with(
+        &inv,
+        a.agent_binary.as_deref(),
+        a.templates.as_deref(),
+        a.playbook.as_deref(),
+    )?;
     Ok((inv, spec))
 }
 
@@ -352,6 +362,7 @@ async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
     let (facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
     tm.facts(&took);
     let plan = crate::provision::plan::plan(&spec, &facts);
+    let stages = apply::stages(&spec, &plan, &facts)?;
     tm.mark("plan");
     print!(
         "{}",
@@ -363,6 +374,7 @@ async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
             }
         )
     );
+    print!("{}", report::render_order(&stages, &spec.playbook_origin));
     Ok(())
 }
 
@@ -376,6 +388,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     let (facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
     tm.facts(&took);
     let plan = crate::provision::plan::plan(&spec, &facts);
+    let stages = apply::stages(&spec, &plan, &facts)?;
     tm.mark("plan");
     print!(
         "{}",
@@ -387,6 +400,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
             }
         )
     );
+    print!("{}", report::render_order(&stages, &spec.playbook_origin));
     if plan.is_noop() {
         println!("nothing to do ({:.1}s)", t0.elapsed().as_secs_f64());
         return Ok(());

@@ -1,22 +1,27 @@
-//! Executing a [`Plan`] over transports, in the order a PostgreSQL HA cluster needs:
+//! Executing a [`Plan`] over transports by walking the playbook (`playbooks/deploy.yml`):
 //!
 //! 1. **facts** on every host (read-only; a host that cannot be read stops the run before any
 //!    host is changed);
-//! 2. **prepare** every host in parallel: packages, directories, files, agent binary;
-//! 3. **etcd**: members that are not running are started together (a new etcd cluster only
-//!    forms when a quorum of its initial members runs), members whose config changed are
-//!    restarted one at a time with a health check in between (never more than one member down);
-//!    then wait until the cluster is healthy;
-//! 4. **agents**: on a fresh cluster the first primary first — wait until it leads — then the
-//!    replicas, waiting until each streams; on an existing cluster, restarts/reloads go replicas
-//!    first and the leader last, one at a time, so at most one member is ever in transition;
-//! 5. **HAProxy**: start or reload (seamless), then wait until the primary port accepts.
+//! 2. the plan is split into the playbook's steps ([`schedule`]): the playbook decides *when*,
+//!    the planner decides *what*;
+//! 3. each step runs on its hosts — all at once, or in batches with `serial` — and waits where
+//!    its kind says: `bootstrap_primary` until the first primary leads, `start_replicas` until
+//!    each started member streams, `wait_for` until its condition holds (skipped while nothing
+//!    has changed in the run), a `serial` service step until the service is healthy on each
+//!    batch before the next (rolling: never two etcd members or two PostgreSQL members in
+//!    transition). For the agent's service steps the current leader goes last.
 //!
-//! A phase runs on all its hosts to the end even when one host fails, and the run stops before
-//! the next phase: every host is left either done with a phase or not started on it, and a
+//! With the built-in deploy playbook this is: packages and files everywhere; etcd members
+//! started together (a new etcd cluster only forms when a quorum starts), changed members
+//! restarted one at a time; the first primary alone, then the replicas; changed agents
+//! restarted or reloaded replicas first; HAProxy started or reloaded (seamless), then waited
+//! on until it routes the primary port to the leader only.
+//!
+//! A step runs on all its hosts to the end even when one host fails, and the run stops before
+//! the next step: every host is left either done with a step or not started on it, and a
 //! re-run (facts → plan again) converges from there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +29,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::task::JoinSet;
 
 use super::facts::{self, FactsError, HostFacts};
-use super::plan::{self, Action, DeploySpec, HostPlan, Plan, Planned, PlannedStep};
+use super::plan::{self, Action, DeploySpec, Plan, Planned, PlannedStep};
+use super::playbook::{Parallelism, PlaybookError, StepKind, WaitCondition};
+use super::schedule::{self, Stage};
 use super::services::{self, Service, ServiceMode, ServiceOp};
 use crate::transport::{Transport, TransportError, shell_quote};
 
@@ -38,6 +45,8 @@ pub enum ProvisionError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Facts(#[from] FactsError),
+    #[error(transparent)]
+    Playbook(#[from] PlaybookError),
     #[error("host {host}: step `{step}` failed")]
     Step {
         host: String,
@@ -371,28 +380,6 @@ async fn run_parallel(
     }
 }
 
-fn service_steps(hp: &HostPlan, svc: Service) -> Vec<PlannedStep> {
-    hp.steps
-        .iter()
-        .filter(|s| matches!(&s.planned, Planned::Change { action: Action::Service(x, _), .. } if *x == svc))
-        .cloned()
-        .collect()
-}
-
-/// `svc`'s planned service changes on `hp`, split into the starts (service not running yet)
-/// and the rest (restarts / reloads of a running service), which the phases order differently.
-fn split_service_steps(hp: &HostPlan, svc: Service) -> (Vec<PlannedStep>, Vec<PlannedStep>) {
-    service_steps(hp, svc).into_iter().partition(|s| {
-        matches!(
-            &s.planned,
-            Planned::Change {
-                action: Action::Service(_, ServiceOp::Start),
-                ..
-            }
-        )
-    })
-}
-
 /// Polls `probe` every 300 ms until it returns true or `timeout` passes.
 async fn wait_until<F, Fut>(
     host: &str,
@@ -528,7 +515,7 @@ pub async fn execute(
     let names: Vec<String> = plan.hosts.iter().map(|h| h.host.clone()).collect();
     let progress = Progress::new(&names, opts.progress);
     let mut done = Vec::new();
-    let r = execute_phases(spec, fleet, &plan, facts, opts, &progress, &mut done).await;
+    let r = execute_stages(spec, fleet, &plan, facts, opts, &progress, &mut done).await;
     progress.finish();
     r?;
     Ok(ApplyReport {
@@ -538,7 +525,337 @@ pub async fn execute(
     })
 }
 
-async fn execute_phases(
+/// Hosts with work in `stage`, in the order they run: inventory order, except that for the
+/// agent's `service` steps the current leader goes last (a rolling restart moves the leader
+/// once, when every replica already runs the new inputs).
+fn run_order(
+    stage: &Stage,
+    svc: Option<Service>,
+    leader: Option<&str>,
+) -> Vec<(String, ServiceMode, Vec<PlannedStep>)> {
+    let mut hosts: Vec<_> = stage
+        .hosts
+        .iter()
+        .filter(|(_, _, s)| !s.is_empty())
+        .cloned()
+        .collect();
+    if svc == Some(Service::Agent) {
+        hosts.sort_by_key(|(h, _, _)| Some(h.as_str()) == leader);
+    }
+    hosts
+}
+
+/// Splits hosts into the batches a step's `serial` setting allows at once.
+fn batches<T>(hosts: Vec<T>, p: Parallelism) -> Vec<Vec<T>> {
+    let n = match p {
+        Parallelism::Parallel => usize::MAX,
+        Parallelism::Serial(n) => n.get(),
+    };
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for h in hosts {
+        match out.last_mut() {
+            Some(b) if b.len() < n => b.push(h),
+            _ => out.push(vec![h]),
+        }
+    }
+    out
+}
+
+fn is_unit_upload(s: &PlannedStep) -> bool {
+    matches!(&s.planned, Planned::Change { action: Action::Upload(f) | Action::FixMetadata(f), .. } if services::is_unit_file(&f.path))
+}
+
+fn is_service_action(s: &PlannedStep) -> bool {
+    matches!(
+        &s.planned,
+        Planned::Change {
+            action: Action::Service(..) | Action::StopUnit(_),
+            ..
+        }
+    )
+}
+
+fn daemon_reload_step() -> PlannedStep {
+    PlannedStep {
+        name: "systemd".into(),
+        planned: Planned::Change {
+            action: Action::DaemonReload,
+            summary: "daemon-reload (unit files changed)".into(),
+            diff: None,
+        },
+    }
+}
+
+/// systemd mode: a changed unit takes effect at the host's next service action only after
+/// `systemctl daemon-reload`, so one is inserted before that action (after the uploads of the
+/// same batch). `dirty` holds the hosts with units written since their last daemon-reload.
+fn insert_daemon_reloads(
+    batch: &mut [(String, ServiceMode, Vec<PlannedStep>)],
+    dirty: &mut BTreeSet<String>,
+) {
+    for (host, mode, steps) in batch.iter_mut() {
+        if *mode != ServiceMode::Systemd {
+            continue;
+        }
+        let wrote_units = dirty.contains(host.as_str()) || steps.iter().any(is_unit_upload);
+        if wrote_units && steps.iter().any(is_service_action) {
+            let at = steps
+                .iter()
+                .position(is_service_action)
+                .unwrap_or(steps.len());
+            steps.insert(at, daemon_reload_step());
+            dirty.remove(host.as_str());
+        } else if wrote_units {
+            dirty.insert(host.clone());
+        }
+    }
+}
+
+/// Waits until `svc` is healthy on `host` after a serial service step changed it there, so a
+/// rolling restart never takes a second member down before the first is back.
+async fn wait_service_healthy(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    host: &str,
+    svc: Service,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), ProvisionError> {
+    let c = http();
+    progress.msg(host, &format!("waiting until {svc} is healthy"));
+    match svc {
+        Service::Etcd => {
+            let t = fleet[host].clone();
+            let endpoints = etcd_endpoints(spec);
+            wait_until(host, "the etcd cluster is healthy", timeout, || {
+                etcd_healthy(t.as_ref(), &endpoints)
+            })
+            .await
+        }
+        Service::Agent => {
+            let url = format!("{}/health", api_base(spec, host));
+            wait_until(host, "its agent answers (GET /health)", timeout, || {
+                let c = c.clone();
+                let url = url.clone();
+                async move { http_status(&c, &url).await == Some(200) }
+            })
+            .await
+        }
+        Service::Haproxy => {
+            let addr = spec
+                .host(host)
+                .map(|h| format!("{}:{}", h.address, spec.primary_port))
+                .unwrap_or_default();
+            wait_until(host, "HAProxy's primary port answers", timeout, || {
+                postgres_answers(&addr)
+            })
+            .await
+        }
+    }
+}
+
+fn etcd_endpoints(spec: &DeploySpec) -> String {
+    spec.hosts
+        .iter()
+        .filter(|h| h.roles.etcd)
+        .map(|h| format!("http://{}:{}", h.address, spec.etcd_client_port))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs `wait` on every host of `hosts` at once; all errors are collected.
+async fn wait_all<F, Fut>(hosts: Vec<String>, wait: F) -> Result<(), ProvisionError>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ProvisionError>> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    for h in hosts {
+        set.spawn(wait(h));
+    }
+    let mut errs = Vec::new();
+    while let Some(j) = set.join_next().await {
+        if let Err(e) = j.expect("wait task panicked") {
+            errs.push(e);
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(ProvisionError::from_many(errs))
+    }
+}
+
+/// A `wait_for` step: polls `condition` on the step's hosts until it holds or `timeout`.
+async fn wait_condition(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    hosts: Vec<String>,
+    condition: WaitCondition,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), ProvisionError> {
+    let c = http();
+    let spec = Arc::new(spec.clone());
+    for h in &hosts {
+        progress.msg(h, &format!("waiting until {}", condition_text(condition)));
+    }
+    match condition {
+        WaitCondition::EtcdHealthy => {
+            wait_all(hosts, |h| {
+                let t = fleet[&h].clone();
+                let endpoint = spec
+                    .host(&h)
+                    .map(|x| format!("http://{}:{}", x.address, spec.etcd_client_port))
+                    .unwrap_or_default();
+                async move {
+                    wait_until(&h, "its etcd member is healthy", timeout, || {
+                        etcd_healthy(t.as_ref(), &endpoint)
+                    })
+                    .await
+                }
+            })
+            .await
+        }
+        WaitCondition::AgentApiUp => {
+            wait_all(hosts, |h| {
+                let c = c.clone();
+                let url = format!("{}/health", api_base(&spec, &h));
+                async move {
+                    wait_until(&h, "its agent answers GET /health", timeout, || {
+                        let c = c.clone();
+                        let url = url.clone();
+                        async move { http_status(&c, &url).await.is_some() }
+                    })
+                    .await
+                }
+            })
+            .await
+        }
+        WaitCondition::LeaderElected => {
+            let first = hosts.first().cloned().unwrap_or_else(|| "-".into());
+            wait_until(&first, "a member holds the leader key", timeout, || {
+                let spec = spec.clone();
+                async move { find_leader(&spec).await.is_some() }
+            })
+            .await
+        }
+        WaitCondition::ReplicasStreaming => {
+            wait_all(hosts, |h| {
+                let c = c.clone();
+                let base = api_base(&spec, &h);
+                async move {
+                    wait_until(
+                        &h,
+                        "it leads or streams from the leader as a replica",
+                        timeout,
+                        || {
+                            let c = c.clone();
+                            let base = base.clone();
+                            async move {
+                                // A member started on a cluster that lost its leader may
+                                // itself lead now.
+                                replica_streaming(&c, &base).await
+                                    || http_status(&c, &format!("{base}/primary")).await
+                                        == Some(200)
+                            }
+                        },
+                    )
+                    .await
+                }
+            })
+            .await
+        }
+        WaitCondition::HaproxyRoutes => {
+            let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
+            wait_all(hosts, |h| {
+                let c = c.clone();
+                let spec = spec.clone();
+                async move {
+                    let addr = spec.host(&h).map(|x| x.address.clone()).unwrap_or_default();
+                    // Servers start DOWN (or keep their state across a reload) thanks to the
+                    // server-state file the haproxy-state script writes, so this is mostly
+                    // waiting for `rise` passing checks.
+                    wait_until(
+                        &h,
+                        "HAProxy routes the primary port to the leader only",
+                        timeout,
+                        || {
+                            let c = c.clone();
+                            let spec = spec.clone();
+                            let addr = addr.clone();
+                            async move { haproxy_routes(&c, &spec, &addr, has_replicas).await }
+                        },
+                    )
+                    .await
+                }
+            })
+            .await
+        }
+    }
+}
+
+fn condition_text(c: WaitCondition) -> &'static str {
+    match c {
+        WaitCondition::EtcdHealthy => "etcd is healthy",
+        WaitCondition::AgentApiUp => "the agent answers",
+        WaitCondition::LeaderElected => "a leader is elected",
+        WaitCondition::ReplicasStreaming => "replicas stream",
+        WaitCondition::HaproxyRoutes => "HAProxy routes to the leader",
+    }
+}
+
+/// Whether HAProxy on `addr` answers on the primary port and (with a stats port) routes it to
+/// the current leader only.
+async fn haproxy_routes(
+    c: &reqwest::Client,
+    spec: &DeploySpec,
+    addr: &str,
+    has_replicas: bool,
+) -> bool {
+    if !postgres_answers(&format!("{addr}:{}", spec.primary_port)).await {
+        return false;
+    }
+    if spec.stats_port == 0 {
+        return true;
+    }
+    let Some(leader) = find_leader(spec).await else {
+        return false;
+    };
+    let url = format!("http://{addr}:{}/;csv", spec.stats_port);
+    let Ok(r) = c.get(&url).send().await else {
+        return false;
+    };
+    let Ok(csv) = r.text().await else {
+        return false;
+    };
+    haproxy_settled(&csv, &spec.cluster, &leader, has_replicas)
+}
+
+/// Whether no agent runs on any postgres host: then the bootstrap step starts the first
+/// primary alone (it, not a racing replica with an empty data dir, runs initdb and takes the
+/// leader key).
+pub fn fresh_cluster(spec: &DeploySpec, facts: &BTreeMap<String, HostFacts>) -> bool {
+    !spec.hosts.iter().filter(|h| h.roles.postgres).any(|h| {
+        facts
+            .get(&h.name)
+            .is_some_and(|f| f.service(Service::Agent).running())
+    })
+}
+
+/// The stages a run of `plan` would execute (for `plan`'s run-order listing).
+pub fn stages(
+    spec: &DeploySpec,
+    plan: &Plan,
+    facts: &BTreeMap<String, HostFacts>,
+) -> Result<Vec<Stage>, PlaybookError> {
+    schedule::build(spec, plan, fresh_cluster(spec, facts))
+}
+
+/// Walks the playbook: each step runs its scheduled changes (see [`schedule`]) on its hosts,
+/// in the batches its `serial` setting allows, and the run stops after a step in which any
+/// host failed.
+async fn execute_stages(
     spec: &DeploySpec,
     fleet: &Fleet,
     plan: &Plan,
@@ -547,299 +864,129 @@ async fn execute_phases(
     progress: &Progress,
     done: &mut Vec<(String, String, String)>,
 ) -> Result<(), ProvisionError> {
+    let stages = stages(spec, plan, facts)?;
     let c = http();
-    // Phase 2: prepare (everything but services).
-    let prepare = plan
-        .hosts
-        .iter()
-        .map(|hp| {
-            let steps = hp
-                .steps
-                .iter()
-                .filter(|s| {
-                    !matches!(
-                        &s.planned,
-                        Planned::Change {
-                            action: Action::Service(..),
-                            ..
-                        }
-                    )
-                })
-                .cloned()
-                .collect();
-            (hp.host.clone(), hp.mode, steps)
-        })
-        .collect();
-    run_parallel(fleet, prepare, progress, done).await?;
-
-    // Phase 3: etcd.
-    let etcd_hosts: Vec<&HostPlan> = plan
-        .hosts
-        .iter()
-        .filter(|hp| spec.host(&hp.host).is_some_and(|h| h.roles.etcd))
-        .collect();
-    if !etcd_hosts.is_empty() {
-        let endpoints = spec
-            .hosts
-            .iter()
-            .filter(|h| h.roles.etcd)
-            .map(|h| format!("http://{}:{}", h.address, spec.etcd_client_port))
-            .collect::<Vec<_>>()
-            .join(",");
-        let probe_host = etcd_hosts[0].host.clone();
-        let probe_t = fleet[&probe_host].clone();
-        // Start every stopped member at once: a fresh cluster needs a quorum to form.
-        let starts = etcd_hosts
-            .iter()
-            .map(|hp| {
-                let s = split_service_steps(hp, Service::Etcd).0;
-                (hp.host.clone(), hp.mode, s)
-            })
-            .collect();
-        run_parallel(fleet, starts, progress, done).await?;
-        // Restarts one member at a time, healthy in between, so quorum is never lost.
-        for hp in &etcd_hosts {
-            let restarts: Vec<PlannedStep> = split_service_steps(hp, Service::Etcd).1;
-            if restarts.is_empty() {
-                continue;
+    let mut dirty_units: BTreeSet<String> = BTreeSet::new();
+    for stage in &stages {
+        let step = &stage.step;
+        let label = |s: &mut Vec<(String, String, String)>, from: usize| {
+            for d in s.iter_mut().skip(from) {
+                d.1 = format!("{}: {}", step.name, d.1);
             }
-            run_parallel(
-                fleet,
-                vec![(hp.host.clone(), hp.mode, restarts)],
-                progress,
-                done,
-            )
-            .await?;
-            progress.msg(&hp.host, "waiting for etcd health");
-            wait_until(&hp.host, "etcd is healthy", opts.wait_timeout, || {
-                etcd_healthy(probe_t.as_ref(), &endpoints)
-            })
-            .await?;
-        }
-        let all_healthy = etcd_hosts
-            .iter()
-            .all(|hp| facts.get(&hp.host).and_then(|f| f.etcd_healthy) == Some(true));
-        let any_etcd_change = etcd_hosts
-            .iter()
-            .any(|hp| hp.service_op(Service::Etcd).is_some());
-        if any_etcd_change || !all_healthy {
-            progress.msg(&probe_host, "waiting for etcd cluster health");
-            wait_until(
-                &probe_host,
-                "the etcd cluster is healthy",
-                opts.wait_timeout,
-                || etcd_healthy(probe_t.as_ref(), &endpoints),
-            )
-            .await?;
-        }
-    }
-
-    // Phase 4: agents.
-    let pg_hosts: Vec<&HostPlan> = plan
-        .hosts
-        .iter()
-        .filter(|hp| spec.host(&hp.host).is_some_and(|h| h.roles.postgres))
-        .collect();
-    let any_agent_running = pg_hosts.iter().any(|hp| {
-        facts
-            .get(&hp.host)
-            .is_some_and(|f| f.service(Service::Agent).running())
-    });
-    let starts_of =
-        |hp: &HostPlan| -> Vec<PlannedStep> { split_service_steps(hp, Service::Agent).0 };
-    let mut started_replicas: Vec<String> = Vec::new();
-    if !any_agent_running && !pg_hosts.is_empty() {
-        // Fresh cluster: the first primary bootstraps alone, so that it (and not a racing
-        // replica with an empty data dir) runs initdb and takes the leader key.
-        let first = spec
-            .first_primary()
-            .map(|h| h.name.clone())
-            .unwrap_or_default();
-        if let Some(hp) = pg_hosts.iter().find(|hp| hp.host == first) {
-            run_parallel(
-                fleet,
-                vec![(hp.host.clone(), hp.mode, starts_of(hp))],
-                progress,
-                done,
-            )
-            .await?;
-            progress.msg(&first, "waiting until it leads");
-            let url = format!("{}/primary", api_base(spec, &first));
-            wait_until(
-                &first,
-                "its agent leads the cluster (GET /primary = 200)",
-                opts.wait_timeout,
-                || {
-                    let c = c.clone();
-                    let url = url.clone();
-                    async move { http_status(&c, &url).await == Some(200) }
-                },
-            )
-            .await?;
-        }
-        let rest = pg_hosts
-            .iter()
-            .filter(|hp| hp.host != first)
-            .map(|hp| (hp.host.clone(), hp.mode, starts_of(hp)));
-        let rest: Vec<_> = rest.collect();
-        started_replicas.extend(
-            rest.iter()
-                .filter(|(_, _, s)| !s.is_empty())
-                .map(|(h, _, _)| h.clone()),
-        );
-        run_parallel(fleet, rest, progress, done).await?;
-    } else {
-        // Existing cluster: agents that are not running join as replicas (or take over if no
-        // one leads; the agents decide that, not us).
-        let work: Vec<_> = pg_hosts
-            .iter()
-            .map(|hp| (hp.host.clone(), hp.mode, starts_of(hp)))
-            .collect();
-        started_replicas.extend(
-            work.iter()
-                .filter(|(_, _, s)| !s.is_empty())
-                .map(|(h, _, _)| h.clone()),
-        );
-        run_parallel(fleet, work, progress, done).await?;
-    }
-    // Restarts/reloads: replicas first, the leader last, one at a time, so at most one member
-    // is in transition and the leader's own restart (a possible failover) comes when every
-    // replica is already on the new inputs.
-    let leader = find_leader(spec).await;
-    let mut order: Vec<&HostPlan> = pg_hosts
-        .iter()
-        .copied()
-        .filter(|hp| Some(&hp.host) != leader.as_ref())
-        .collect();
-    order.extend(
-        pg_hosts
-            .iter()
-            .copied()
-            .filter(|hp| Some(&hp.host) == leader.as_ref()),
-    );
-    for hp in order {
-        let steps: Vec<PlannedStep> = split_service_steps(hp, Service::Agent).1;
-        if steps.is_empty() {
-            continue;
-        }
-        run_parallel(
-            fleet,
-            vec![(hp.host.clone(), hp.mode, steps)],
-            progress,
-            done,
-        )
-        .await?;
-        let base = api_base(spec, &hp.host);
-        progress.msg(&hp.host, "waiting for the agent's REST API");
-        wait_until(
-            &hp.host,
-            "its agent answers (GET /health)",
-            opts.wait_timeout,
-            || {
-                let c = c.clone();
-                let url = format!("{base}/health");
-                async move { http_status(&c, &url).await == Some(200) }
-            },
-        )
-        .await?;
-    }
-    // Newly started replicas must stream before the proxy routes to them.
-    let mut waits = JoinSet::new();
-    for host in started_replicas {
-        let base = api_base(spec, &host);
-        let c = c.clone();
-        let timeout = opts.wait_timeout;
-        progress.msg(&host, "waiting until streaming from the leader");
-        waits.spawn(async move {
-            wait_until(
-                &host,
-                "it streams from the leader as a replica",
-                timeout,
-                || {
-                    let c = c.clone();
-                    let base = base.clone();
-                    async move {
-                        // A replica started on a cluster that lost its leader may itself lead now.
-                        replica_streaming(&c, &base).await
-                            || http_status(&c, &format!("{base}/primary")).await == Some(200)
-                    }
-                },
-            )
-            .await
-        });
-    }
-    let mut errs = Vec::new();
-    while let Some(j) = waits.join_next().await {
-        if let Err(e) = j.expect("wait task panicked") {
-            errs.push(e);
-        }
-    }
-    if !errs.is_empty() {
-        return Err(ProvisionError::from_many(errs));
-    }
-
-    // Phase 5: HAProxy.
-    let work: Vec<_> = plan
-        .hosts
-        .iter()
-        .map(|hp| {
-            (
-                hp.host.clone(),
-                hp.mode,
-                service_steps(hp, Service::Haproxy),
-            )
-        })
-        .collect();
-    let touched: Vec<String> = work
-        .iter()
-        .filter(|(_, _, s)| !s.is_empty())
-        .map(|(h, _, _)| h.clone())
-        .collect();
-    run_parallel(fleet, work, progress, done).await?;
-    // Wait until each touched HAProxy routes correctly, not merely listens. Servers start
-    // DOWN (or keep their state across a reload) thanks to the server-state file written by
-    // the haproxy-state script, so this is mostly waiting for `rise` passing checks; the stats
-    // must show the leader as the only server up in the primary proxy, and no leader in the
-    // replica proxy.
-    let leader = find_leader(spec).await;
-    let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
-    for host in touched {
-        let addr = spec
-            .host(&host)
-            .map(|h| h.address.clone())
-            .unwrap_or_default();
-        let port = spec.primary_port;
-        progress.msg(&host, "waiting until HAProxy routes to the leader");
-        wait_until(
-            &host,
-            "HAProxy routes the primary port to the leader only",
-            opts.wait_timeout,
-            || {
-                let a = format!("{addr}:{port}");
-                let c = c.clone();
-                let stats = (spec.stats_port != 0)
-                    .then(|| format!("http://{addr}:{}/;csv", spec.stats_port));
-                let leader = leader.clone();
-                async move {
-                    if !postgres_answers(&a).await {
-                        return false;
-                    }
-                    match (stats, leader) {
-                        (Some(url), Some(l)) => {
-                            let Ok(r) = c.get(&url).send().await else {
-                                return false;
-                            };
-                            let Ok(csv) = r.text().await else {
-                                return false;
-                            };
-                            haproxy_settled(&csv, &spec.cluster, &l, has_replicas)
+        };
+        let before = done.len();
+        match &step.kind {
+            StepKind::WaitFor {
+                condition,
+                timeout_secs,
+            } => {
+                // Nothing changed yet in this run: the state the facts showed stands, and a
+                // wait would only cost round trips.
+                if done.is_empty() {
+                    continue;
+                }
+                let hosts = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
+                wait_condition(
+                    spec,
+                    fleet,
+                    hosts,
+                    *condition,
+                    Duration::from_secs(*timeout_secs),
+                    progress,
+                )
+                .await?;
+            }
+            StepKind::BootstrapPrimary { timeout_secs } => {
+                let mut work = run_order(stage, None, None);
+                if work.is_empty() {
+                    continue;
+                }
+                insert_daemon_reloads(&mut work, &mut dirty_units);
+                let hosts: Vec<String> = work.iter().map(|(h, _, _)| h.clone()).collect();
+                run_parallel(fleet, work, progress, done).await?;
+                label(done, before);
+                for h in hosts {
+                    progress.msg(&h, "waiting until it leads");
+                    let url = format!("{}/primary", api_base(spec, &h));
+                    wait_until(
+                        &h,
+                        "its agent leads the cluster (GET /primary = 200)",
+                        Duration::from_secs(*timeout_secs),
+                        || {
+                            let c = c.clone();
+                            let url = url.clone();
+                            async move { http_status(&c, &url).await == Some(200) }
+                        },
+                    )
+                    .await?;
+                }
+            }
+            StepKind::StartReplicas { timeout_secs } => {
+                let work = run_order(stage, None, None);
+                let hosts: Vec<String> = work.iter().map(|(h, _, _)| h.clone()).collect();
+                for mut batch in batches(work, step.parallelism) {
+                    insert_daemon_reloads(&mut batch, &mut dirty_units);
+                    run_parallel(fleet, batch, progress, done).await?;
+                }
+                label(done, before);
+                // Newly started members must stream before the proxy routes to them.
+                wait_condition(
+                    spec,
+                    fleet,
+                    hosts,
+                    WaitCondition::ReplicasStreaming,
+                    Duration::from_secs(*timeout_secs),
+                    progress,
+                )
+                .await?;
+            }
+            StepKind::Service { name, .. } => {
+                let svc = Service::ALL.into_iter().find(|s| s.name() == name);
+                let leader = if svc == Some(Service::Agent) && stage.has_work() {
+                    find_leader(spec).await
+                } else {
+                    None
+                };
+                let work = run_order(stage, svc, leader.as_deref());
+                let serial = matches!(step.parallelism, Parallelism::Serial(_));
+                for mut batch in batches(work, step.parallelism) {
+                    insert_daemon_reloads(&mut batch, &mut dirty_units);
+                    let hosts: Vec<String> = batch.iter().map(|(h, _, _)| h.clone()).collect();
+                    run_parallel(fleet, batch, progress, done).await?;
+                    // Rolling: the next batch only when this one is healthy again.
+                    if let (true, Some(svc)) = (serial, svc) {
+                        for h in hosts {
+                            wait_service_healthy(spec, fleet, &h, svc, opts.wait_timeout, progress)
+                                .await?;
                         }
-                        _ => true,
                     }
                 }
-            },
-        )
-        .await?;
+                label(done, before);
+            }
+            StepKind::EnsurePackages { .. }
+            | StepKind::EnsureDirectory { .. }
+            | StepKind::EnsureUser { .. }
+            | StepKind::Render { .. }
+            | StepKind::UploadBinary { .. } => {
+                let work = run_order(stage, None, None);
+                for mut batch in batches(work, step.parallelism) {
+                    insert_daemon_reloads(&mut batch, &mut dirty_units);
+                    run_parallel(fleet, batch, progress, done).await?;
+                }
+                label(done, before);
+            }
+        }
+    }
+    // Units written but no service action after them on the host: reload systemd anyway, so
+    // the next start (boot, operator) sees them.
+    if !dirty_units.is_empty() {
+        let work = plan
+            .hosts
+            .iter()
+            .filter(|hp| dirty_units.contains(&hp.host))
+            .map(|hp| (hp.host.clone(), hp.mode, vec![daemon_reload_step()]))
+            .collect();
+        run_parallel(fleet, work, progress, done).await?;
     }
     for h in &plan.hosts {
         progress.msg(&h.host, "done");

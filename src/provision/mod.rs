@@ -2,7 +2,8 @@
 //!
 //! - [`facts`]: read-only facts of a host in one batched command, parsed purely.
 //! - [`plan`]: the desired state ([`plan::DeploySpec`]) and the pure planner.
-//! - [`apply`]: executes a plan in cluster order (etcd → first primary → replicas → HAProxy).
+//! - [`schedule`]: which playbook step executes each planned change; playbook order checks.
+//! - [`apply`]: executes a plan by walking the playbook's steps in order.
 //! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands.
 //! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
 //! - [`playbook`]: playbooks as data (the deploy step vocabulary).
@@ -13,6 +14,7 @@ pub mod facts;
 pub mod plan;
 pub mod playbook;
 pub mod report;
+pub mod schedule;
 pub mod services;
 pub mod spec;
 

@@ -13,6 +13,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::facts::{FactQuery, HostFacts};
+use super::playbook::Playbook;
+use super::schedule::HostStep;
 use super::services::{
     self, AGENT_BIN_PATH, BOOT_PATH, SUPERVISE_PATH, Service, ServiceMode, ServiceOp,
 };
@@ -92,6 +94,9 @@ pub struct HostTarget {
     /// Distribution units that must be stopped and disabled (systemd mode), e.g. Debian's
     /// `postgresql`, which would otherwise start a second PostgreSQL on the same port.
     pub stop_units: Vec<String>,
+    /// The playbook's steps that select this host, arguments expanded for it (see
+    /// [`super::schedule`]: which step executes which change).
+    pub steps: Vec<HostStep>,
 }
 
 impl HostTarget {
@@ -154,6 +159,10 @@ pub struct DeploySpec {
     pub replica_port: u16,
     /// HAProxy stats port (`/;csv` tells which servers each proxy routes to).
     pub stats_port: u16,
+    /// The playbook `apply` walks (its steps order the run).
+    pub playbook: Arc<Playbook>,
+    /// Where the playbook came from, for errors (`playbooks/deploy.yml` when built in).
+    pub playbook_origin: String,
 }
 
 impl fmt::Debug for DeploySpec {

@@ -73,6 +73,23 @@ impl HostSelector {
         Ok(HostSelector::Host(s.to_string()))
     }
 
+    /// Whether the selector picks a host, given its name, its roles (`has`) and whether it is
+    /// the first host of a role in inventory order (`first`). Same answer as [`Self::resolve`],
+    /// for callers that have no [`Inventory`] (test fixtures).
+    pub fn selects(
+        &self,
+        name: &str,
+        has: impl Fn(Role) -> bool,
+        first: impl Fn(Role) -> bool,
+    ) -> bool {
+        match self {
+            HostSelector::All => true,
+            HostSelector::Role(r) => has(*r),
+            HostSelector::First(r) => has(*r) && first(*r),
+            HostSelector::Host(n) => n == name,
+        }
+    }
+
     /// The selected hosts, in inventory order.
     pub fn resolve<'a>(&self, inv: &'a Inventory) -> Vec<&'a crate::inventory::Host> {
         match self {
@@ -142,6 +159,9 @@ pub enum WaitCondition {
     LeaderElected,
     /// Every selected replica streams from its upstream (`/replica` answers 200).
     ReplicasStreaming,
+    /// HAProxy on the selected host routes its primary port to the leader only (and its
+    /// replica port to at least one replica, when there are replicas).
+    HaproxyRoutes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use super::plan::{Plan, Planned};
+use super::schedule::Stage;
 
 /// Options for [`render_plan`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,4 +52,36 @@ pub fn summary_line(plan: &Plan) -> String {
         0 => format!("plan: {} host(s), no changes", plan.hosts.len()),
         n => format!("plan: {} host(s), {} change(s)", plan.hosts.len(), n),
     }
+}
+
+/// The order a run would take: the playbook's steps that have work, with their hosts
+/// (`serial` steps go host by host, in the order listed except that the agent's rolling steps
+/// move the leader last).
+pub fn render_order(stages: &[Stage], origin: &str) -> String {
+    let mut out = String::new();
+    let busy: Vec<&Stage> = stages.iter().filter(|s| s.has_work()).collect();
+    if busy.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "run order ({origin}):");
+    for s in busy {
+        let hosts: Vec<&str> = s
+            .hosts
+            .iter()
+            .filter(|(_, _, w)| !w.is_empty())
+            .map(|(h, _, _)| h.as_str())
+            .collect();
+        let serial = match s.step.parallelism {
+            super::playbook::Parallelism::Parallel => "",
+            super::playbook::Parallelism::Serial(_) => " (serial)",
+        };
+        let _ = writeln!(
+            out,
+            "  {:>3}. {:<36} {}{serial}",
+            s.index + 1,
+            s.step.name,
+            hosts.join(" ")
+        );
+    }
+    out
 }

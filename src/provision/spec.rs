@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::plan::{AgentBinary, DeploySpec, DesiredDir, DesiredFile, HostTarget, Roles};
-use super::playbook::{Playbook, ServiceAction, StepKind};
+use super::playbook::{Playbook, PlaybookError, ServiceAction, StepKind};
+use super::schedule::{self, HostStep};
 use super::services::{self, Service};
 use crate::inventory::{Etcd, Inventory, InventoryError, Role};
 use crate::render::Renderer;
@@ -26,6 +28,8 @@ pub enum SpecError {
         #[source]
         source: crate::render::RenderError,
     },
+    #[error(transparent)]
+    Playbook(#[from] PlaybookError),
     #[error("cannot read the agent binary {path}")]
     AgentBinary {
         path: String,
@@ -56,19 +60,15 @@ pub fn agent_binary_path(inv: &Inventory, cli: Option<&Path>) -> Option<PathBuf>
     p.exists().then_some(p)
 }
 
-/// Packages and directories the deploy playbook's `ensure_packages` / `ensure_directory` steps
-/// ask for on `host` (arguments expanded for that host). The playbook is the data; the order
-/// of the service phases lives in [`super::apply`] (it mirrors the playbook's later steps).
-pub fn playbook_needs(
+/// The playbook's steps that select `host`, with their templated arguments expanded for it.
+pub fn host_steps(
     pb: &Playbook,
     inv: &Inventory,
     renderer: &Renderer,
     host: &str,
-) -> Result<PlaybookNeeds, SpecError> {
-    let mut pkgs: Vec<String> = Vec::new();
-    let mut stop_units: Vec<String> = Vec::new();
-    let mut dirs: Vec<DesiredDir> = Vec::new();
-    for step in &pb.steps {
+) -> Result<Vec<HostStep>, SpecError> {
+    let mut out = Vec::new();
+    for (index, step) in pb.steps.iter().enumerate() {
         if !step
             .hosts
             .resolve(inv)
@@ -84,11 +84,21 @@ pub fn playbook_needs(
                 host: host.to_string(),
                 source,
             })?;
-        match kind {
+        out.push(HostStep { index, kind });
+    }
+    Ok(out)
+}
+
+/// Packages, directories and distribution units the playbook's `ensure_packages` /
+/// `ensure_directory` / `service: stop` steps ask for on one host.
+pub fn playbook_needs(steps: &[HostStep]) -> PlaybookNeeds {
+    let mut needs = PlaybookNeeds::default();
+    for step in steps {
+        match &step.kind {
             StepKind::EnsurePackages { packages } => {
                 for p in packages {
-                    if !pkgs.contains(&p) {
-                        pkgs.push(p);
+                    if !needs.packages.contains(p) {
+                        needs.packages.push(p.clone());
                     }
                 }
             }
@@ -98,11 +108,11 @@ pub fn playbook_needs(
                 group,
                 mode,
             } => {
-                dirs.retain(|d| d.path != path);
-                dirs.push(DesiredDir {
-                    path,
+                needs.dirs.retain(|d| &d.path != path);
+                needs.dirs.push(DesiredDir {
+                    path: path.clone(),
                     owner: format!("{owner}:{group}"),
-                    mode,
+                    mode: *mode,
                 });
             }
             // Units the playbook stops that pgherd does not itself run (the distribution's
@@ -111,20 +121,18 @@ pub fn playbook_needs(
                 name,
                 action: ServiceAction::Stop,
                 ..
-            } if !Service::ALL.iter().any(|s| s.name() == name) && !stop_units.contains(&name) => {
-                stop_units.push(name);
+            } if !Service::ALL.iter().any(|s| s.name() == name)
+                && !needs.stop_units.contains(name) =>
+            {
+                needs.stop_units.push(name.clone());
             }
             _ => {}
         }
     }
-    Ok(PlaybookNeeds {
-        packages: pkgs,
-        dirs,
-        stop_units,
-    })
+    needs
 }
 
-/// What the deploy playbook's data asks of one host (see [`playbook_needs`]).
+/// What the playbook's data asks of one host (see [`playbook_needs`]).
 #[derive(Debug, Clone, Default)]
 pub struct PlaybookNeeds {
     pub packages: Vec<String>,
@@ -132,11 +140,24 @@ pub struct PlaybookNeeds {
     pub stop_units: Vec<String>,
 }
 
-/// Builds the desired state of every host. `templates`: a user template directory.
+/// Builds the desired state of every host with the built-in deploy playbook.
+/// `templates`: a user template directory.
 pub fn build(
     inv: &Inventory,
     agent_binary: Option<&Path>,
     templates: Option<&Path>,
+) -> Result<DeploySpec, SpecError> {
+    build_with(inv, agent_binary, templates, None)
+}
+
+/// [`build`] with the playbook read from `playbook` (a file) instead of the built-in one. The
+/// playbook is checked against the inventory and the desired state (located errors) here,
+/// before any host is contacted.
+pub fn build_with(
+    inv: &Inventory,
+    agent_binary: Option<&Path>,
+    templates: Option<&Path>,
+    playbook: Option<&Path>,
 ) -> Result<DeploySpec, SpecError> {
     let binary = match agent_binary_path(inv, agent_binary) {
         Some(path) => {
@@ -148,9 +169,10 @@ pub fn build(
         }
         None => None,
     };
-    let etcd_ports = match &inv.etcd {
-        Etcd::Embedded(e) => Some((e.client_port, e.data_dir.display().to_string())),
-        Etcd::External { .. } => None,
+    let embedded = matches!(inv.etcd, Etcd::Embedded(_));
+    let etcd_client_port = match &inv.etcd {
+        Etcd::Embedded(e) => e.client_port,
+        Etcd::External { .. } => 2379,
     };
     let renderer = match templates {
         Some(dir) => Renderer::with_dir(dir),
@@ -160,15 +182,21 @@ pub fn build(
         host: "-".into(),
         source,
     })?;
-    let pb = Playbook::deploy();
+    let (pb, origin) = match playbook {
+        Some(p) => (Playbook::load(p)?, p.display().to_string()),
+        None => (Playbook::deploy(), "playbooks/deploy.yml".to_string()),
+    };
+    pb.check_against(inv, &renderer, &origin)?;
     let mut hosts = Vec::new();
     for h in &inv.hosts {
+        let name = h.name.as_str();
         let roles = Roles {
             postgres: h.has(Role::Postgres),
-            etcd: h.has(Role::Etcd) && etcd_ports.is_some(),
+            etcd: h.has(Role::Etcd) && embedded,
             haproxy: h.has(Role::Haproxy),
         };
-        let rendered = render_host(inv, h.name.as_str(), &renderer)?;
+        let steps = host_steps(&pb, inv, &renderer, name)?;
+        let rendered = render_steps(inv, name, &renderer, &steps)?;
         let mut service_configs = BTreeMap::new();
         for f in &rendered {
             if !services::is_unit_file(&f.path)
@@ -181,7 +209,7 @@ pub fn build(
             packages,
             mut dirs,
             stop_units,
-        } = playbook_needs(&pb, inv, &renderer, h.name.as_str())?;
+        } = playbook_needs(&steps);
         if roles.postgres {
             // The agent runs initdb / pg_basebackup into the data directory, whose parent must
             // exist (the playbook creates the data directory itself, 0700 postgres).
@@ -201,7 +229,7 @@ pub fn build(
             }
         }
         hosts.push(HostTarget {
-            name: h.name.as_str().to_string(),
+            name: name.to_string(),
             address: h.address.clone(),
             roles,
             files: rendered,
@@ -212,6 +240,7 @@ pub fn build(
                 .then(|| inv.postgresql.data_dir.display().to_string()),
             service_configs,
             stop_units,
+            steps,
         });
     }
     let mut secrets: Vec<String> = inv
@@ -221,43 +250,66 @@ pub fn build(
         .collect();
     // Longest first, so a secret containing another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    Ok(DeploySpec {
+    let spec = DeploySpec {
         cluster: inv.cluster.clone(),
         hosts,
         agent_binary: binary,
         secrets,
         restapi_port: inv.agent.restapi_port,
         pg_port: inv.postgresql.port,
-        etcd_client_port: etcd_ports.map(|(p, _)| p).unwrap_or(2379),
+        etcd_client_port,
         primary_port: inv.haproxy.primary_port,
         replica_port: inv.haproxy.replica_port,
         stats_port: inv.haproxy.stats_port,
-    })
+        playbook: Arc::new(pb),
+        playbook_origin: origin,
+    };
+    schedule::check(&spec)?;
+    Ok(spec)
 }
 
-fn render_host(
+/// The files the host's `render` steps produce. Built-in templates are checked (the agent
+/// config must parse, the etcd config must be YAML); etcd's templates are skipped when etcd
+/// is external.
+fn render_steps(
     inv: &Inventory,
     host: &str,
     renderer: &Renderer,
+    steps: &[HostStep],
 ) -> Result<Vec<DesiredFile>, SpecError> {
-    let files = renderer
-        .render_all(inv, host)
-        .map_err(|source| SpecError::Render {
-            host: host.to_string(),
-            source,
-        })?;
-    Ok(files
-        .into_iter()
-        .map(|f| {
-            let owner = format!("{}:{}", f.owner, f.group);
-            DesiredFile::new(
-                &f.path.display().to_string(),
-                f.content.into_bytes(),
-                f.mode,
-                &owner,
-            )
-        })
-        .collect())
+    let embedded = matches!(inv.etcd, Etcd::Embedded(_));
+    let mut out: Vec<DesiredFile> = Vec::new();
+    for s in steps {
+        let StepKind::Render {
+            template,
+            dest,
+            mode,
+            owner,
+            group,
+            ..
+        } = &s.kind
+        else {
+            continue;
+        };
+        if crate::render::template_spec(template).is_some_and(|t| t.embedded_etcd_only) && !embedded
+        {
+            continue;
+        }
+        let content = renderer
+            .render_checked(template, inv, host)
+            .map_err(|source| SpecError::Render {
+                host: host.to_string(),
+                source,
+            })?;
+        out.retain(|f| &f.path != dest);
+        out.push(DesiredFile::new(
+            dest,
+            content.into_bytes(),
+            *mode,
+            &format!("{owner}:{group}"),
+        ));
+    }
+    Ok(out)
 }
 
 /// How to reach each inventory host.
