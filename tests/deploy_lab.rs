@@ -45,10 +45,24 @@ fn write_inventory(spec: &LabSpec, path: &Path, maxconn: u32, on_role_change: &s
     std::fs::write(path, y).unwrap();
 }
 
+/// The shipped deploy playbook plus an `ensure_user` step (run through `--playbook` like an
+/// operator's edited copy), so the lab also shows a user created for real and left alone on
+/// re-runs.
+fn playbook(dir: &Path) -> PathBuf {
+    let text = include_str!("../playbooks/deploy.yml").replace(
+        "  - name: install etcd\n",
+        "  - name: drill user\n    hosts: postgres\n    ensure_user:\n      name: pgherd-drill\n      groups: [postgres]\n\n  - name: install etcd\n",
+    );
+    let p = dir.join("deploy.yml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
 fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
     let inv = inventory::load(inv_path).expect("inventory");
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
-    let s = spec::build(&inv, Some(&agent), None).expect("desired state");
+    let pb = playbook(inv_path.parent().unwrap());
+    let s = spec::build_with(&inv, Some(&agent), None, Some(&pb)).expect("desired state");
     (inv, s)
 }
 
@@ -146,6 +160,19 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         .unwrap_or_else(|e| panic!("first apply: {}", pgherd::provision::error_chain(&e)));
     let first_apply = t0.elapsed();
     assert!(!report.done.is_empty());
+
+    // The playbook's ensure_user step created the user, in its group, on every postgres host.
+    for h in &info.hosts {
+        let out = fleet[&h.name]
+            .run_ok("id pgherd-drill", Duration::from_secs(10))
+            .await
+            .expect("id pgherd-drill");
+        assert!(
+            out.stdout_str().contains("(postgres)"),
+            "{}",
+            out.stdout_str()
+        );
+    }
 
     // etcd: 3 healthy members.
     let t1 = fleet[&info.hosts[0].name].clone();

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use pgherd::provision::apply::{self, ApplyOptions, Fleet};
 use pgherd::provision::plan::{
-    self, Action, AgentBinary, DeploySpec, DesiredDir, DesiredFile, HostTarget, Planned, Roles,
+    self, Action, AgentBinary, DeploySpec, DesiredDir, DesiredFile, DesiredUser, HostTarget,
+    Planned, Roles,
 };
 use pgherd::provision::playbook::Playbook;
 use pgherd::provision::report::{self, ReportOptions};
@@ -80,6 +81,7 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         .map(|(s, p)| (s, p.to_string()))
         .collect(),
         stop_units: vec!["postgresql".into()],
+        users: vec![],
         steps: deploy_steps(),
     };
     DeploySpec {
@@ -632,4 +634,34 @@ async fn a_host_failing_in_a_step_stops_the_run_before_the_next_step_on_any_host
             t.commands()
         );
     }
+}
+
+#[tokio::test]
+async fn ensure_user_creates_a_missing_user_and_leaves_a_present_one_alone() {
+    let mut s = spec();
+    s.hosts[0].users.push(DesiredUser {
+        name: "drill".into(),
+        system: true,
+        home: None,
+        groups: vec!["postgres".into()],
+    });
+    let conv = converged(&s);
+    let base = facts_stdout(&s, &conv, true, true);
+    let p = plan_for(&s, &fake(&base, &conv)).await;
+    match step(&p, "user drill") {
+        Planned::Change {
+            action: Action::CreateUser(u),
+            summary,
+            ..
+        } => {
+            assert_eq!(u.name, "drill");
+            assert_eq!(summary, "create (system) in postgres");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(p.change_count(), 1, "only the user");
+    // The fact line says the account exists: nothing to do, whatever its groups are now.
+    let p = plan_for(&s, &fake(&format!("{base}user drill 1\n"), &conv)).await;
+    assert!(p.is_noop());
+    assert!(matches!(step(&p, "user drill"), Planned::Noop(r) if r == "present"));
 }

@@ -379,7 +379,10 @@ fn plan_output_lists_the_run_order_with_hosts_and_serial_steps() {
         &schedule::build(&s, &plan, true).unwrap(),
         &s.playbook_origin,
     );
-    assert!(text.starts_with("run order (playbooks/deploy.yml):"), "{text}");
+    assert!(
+        text.starts_with("run order (playbooks/deploy.yml):"),
+        "{text}"
+    );
     let line = |name: &str| {
         text.lines()
             .position(|l| l.contains(name))

@@ -242,6 +242,22 @@ async fn run_action(
             );
             t.run_ok(&cmd, long).await?;
         }
+        Action::CreateUser(u) => {
+            let mut cmd = String::from("useradd");
+            if u.system {
+                cmd.push_str(" --system --shell /usr/sbin/nologin");
+            }
+            if let Some(h) = &u.home {
+                cmd.push_str(&format!(" --home-dir {} --create-home", shell_quote(h)));
+            }
+            if !u.groups.is_empty() {
+                cmd.push_str(&format!(" --groups {}", shell_quote(&u.groups.join(","))));
+            }
+            // Only when still absent: a concurrent creation is not an error.
+            let q = shell_quote(&u.name);
+            let cmd = format!("id -u {q} >/dev/null 2>&1 || {cmd} {q}");
+            t.run_ok(&cmd, Duration::from_secs(60)).await?;
+        }
         Action::MakeDirs(dirs) => {
             let cmd: Vec<String> = dirs
                 .iter()

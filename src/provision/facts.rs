@@ -6,7 +6,8 @@
 //! `mode systemd|supervisor`, `file <path> <sha256> <mode> <user:group>` or `file <path> -`,
 //! `dir <path> <owner>|-`, `pkg <name> 0|1`, `svc <name> <sup pid|-> <pid|->`,
 //! `pg <initialized 0|1> <postmaster pid|->`, `etcd 0|1` (local member healthy),
-//! `unit <name> 0|1` (another systemd unit active or enabled; systemd mode only).
+//! `unit <name> 0|1` (another systemd unit active or enabled; systemd mode only),
+//! `user <name> 0|1` (a user exists).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,6 +28,8 @@ pub struct FactQuery {
     /// Other systemd units whose state matters (e.g. the distribution's `postgresql`, which
     /// must not run next to the agent). Only probed in systemd mode.
     pub units: Vec<String>,
+    /// Users a playbook's `ensure_user` steps want.
+    pub users: Vec<String>,
 }
 
 /// A file as it is on the host.
@@ -70,6 +73,8 @@ pub struct HostFacts {
     pub etcd_healthy: Option<bool>,
     /// Other units asked about (systemd mode): active or enabled?
     pub units: BTreeMap<String, bool>,
+    /// Users asked about: present?
+    pub users: BTreeMap<String, bool>,
     /// Current content of files that differ from the desired ones (for diffs), filled by
     /// [`gather`] only for text files below [`DIFF_MAX_BYTES`].
     pub old_contents: BTreeMap<String, Vec<u8>>,
@@ -92,6 +97,7 @@ impl HostFacts {
             postgres_pid: None,
             etcd_healthy: None,
             units: BTreeMap::new(),
+            users: BTreeMap::new(),
             old_contents: BTreeMap::new(),
         }
     }
@@ -184,6 +190,13 @@ pub fn facts_script(q: &FactQuery) -> String {
             list.join(" ")
         ));
     }
+    if !q.users.is_empty() {
+        let list: Vec<String> = q.users.iter().map(|u| shell_quote(u)).collect();
+        s.push_str(&format!(
+            "for u in {}; do if id -u \"$u\" >/dev/null 2>&1; then echo \"user $u 1\"; else echo \"user $u 0\"; fi; done\n",
+            list.join(" ")
+        ));
+    }
     s.push_str(&probe_script());
     if let Some(d) = &q.pg_data_dir {
         let d = shell_quote(d);
@@ -268,6 +281,9 @@ pub fn parse_facts(host: &str, stdout: &str) -> Result<HostFacts, FactParseError
             ["etcd", v @ ("0" | "1")] => f.etcd_healthy = Some(*v == "1"),
             ["unit", name, v @ ("0" | "1")] => {
                 f.units.insert(name.to_string(), *v == "1");
+            }
+            ["user", name, v @ ("0" | "1")] => {
+                f.users.insert(name.to_string(), *v == "1");
             }
             _ => return Err(bad(line)),
         }

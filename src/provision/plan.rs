@@ -78,6 +78,15 @@ pub struct DesiredDir {
     pub mode: u32,
 }
 
+/// A user pgherd wants on a host (a playbook's `ensure_user` step).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredUser {
+    pub name: String,
+    pub system: bool,
+    pub home: Option<String>,
+    pub groups: Vec<String>,
+}
+
 /// Desired state of one host.
 #[derive(Debug, Clone)]
 pub struct HostTarget {
@@ -88,6 +97,8 @@ pub struct HostTarget {
     pub files: Vec<DesiredFile>,
     pub dirs: Vec<DesiredDir>,
     pub packages: Vec<String>,
+    /// Users to create when absent (never modified once present).
+    pub users: Vec<DesiredUser>,
     pub pg_data_dir: Option<String>,
     /// Main config file of each service (what its run file points at).
     pub service_configs: BTreeMap<Service, String>,
@@ -317,6 +328,7 @@ impl DeploySpec {
                 .etcd
                 .then(|| format!("http://{}:{}", h.address, self.etcd_client_port)),
             units: h.stop_units.clone(),
+            users: h.users.iter().map(|u| u.name.clone()).collect(),
         }
     }
 
@@ -336,6 +348,8 @@ impl DeploySpec {
 #[derive(Debug, Clone)]
 pub enum Action {
     InstallPackages(Vec<String>),
+    /// Create a missing user.
+    CreateUser(DesiredUser),
     MakeDirs(Vec<DesiredDir>),
     /// Write the file (content differs or it is missing).
     Upload(DesiredFile),
@@ -512,6 +526,25 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
                 s,
                 None,
             ));
+        }
+    }
+
+    // Users: created when absent, never modified (an existing account is the operator's).
+    for u in &h.users {
+        let name = format!("user {}", u.name);
+        if facts.users.get(&u.name).copied().unwrap_or(false) {
+            steps.push(noop(name, "present".into()));
+        } else {
+            let what = format!(
+                "create{}{}",
+                if u.system { " (system)" } else { "" },
+                if u.groups.is_empty() {
+                    String::new()
+                } else {
+                    format!(" in {}", u.groups.join(","))
+                }
+            );
+            steps.push(change(name, Action::CreateUser(u.clone()), what, None));
         }
     }
 

@@ -42,6 +42,7 @@ pub struct HostStep {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Item<'a> {
     Package(&'a str),
+    User(&'a str),
     Dir(&'a str),
     File(&'a str),
     StopUnit(&'a str),
@@ -52,6 +53,7 @@ impl std::fmt::Display for Item<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Item::Package(p) => write!(f, "installs package {p}"),
+            Item::User(u) => write!(f, "creates user {u}"),
             Item::Dir(d) => write!(f, "creates directory {d}"),
             Item::File(p) => write!(f, "writes {p}"),
             Item::StopUnit(u) => write!(f, "stops the distribution's {u} service"),
@@ -120,6 +122,10 @@ pub fn slot(h: &HostTarget, item: Item<'_>, fresh: bool) -> Option<usize> {
             StepKind::EnsurePackages { packages } if packages.iter().any(|x| x == p) => {
                 Some(s.index)
             }
+            _ => None,
+        }),
+        Item::User(u) => h.steps.iter().find_map(|s| match &s.kind {
+            StepKind::EnsureUser { name, .. } if name == u => Some(s.index),
             _ => None,
         }),
         Item::Dir(d) => h
@@ -195,6 +201,7 @@ pub fn slot(h: &HostTarget, item: Item<'_>, fresh: bool) -> Option<usize> {
 pub fn items(action: &Action) -> Vec<Item<'_>> {
     match action {
         Action::InstallPackages(p) => p.iter().map(|p| Item::Package(p)).collect(),
+        Action::CreateUser(u) => vec![Item::User(&u.name)],
         Action::MakeDirs(d) => d.iter().map(|d| Item::Dir(&d.path)).collect(),
         Action::Upload(f) | Action::FixMetadata(f) => vec![Item::File(&f.path)],
         Action::StopUnit(u) => vec![Item::StopUnit(u)],
@@ -209,7 +216,7 @@ pub struct Stage {
     pub index: usize,
     pub step: Step,
     /// Selected hosts in inventory order, each with its changes in execution order
-    /// (directories, then packages and files, then services); possibly empty.
+    /// (packages and users, directories, files, services); possibly empty.
     pub hosts: Vec<(String, ServiceMode, Vec<PlannedStep>)>,
 }
 
@@ -222,8 +229,8 @@ impl Stage {
 fn order_key(s: &PlannedStep) -> u8 {
     match &s.planned {
         Planned::Change { action, .. } => match action {
-            Action::MakeDirs(_) => 0,
-            Action::InstallPackages(_) => 1,
+            Action::InstallPackages(_) | Action::CreateUser(_) => 0,
+            Action::MakeDirs(_) => 1,
             Action::Upload(_) | Action::FixMetadata(_) => 2,
             Action::DaemonReload => 3,
             Action::StopUnit(_) => 4,
@@ -397,6 +404,7 @@ pub fn check(spec: &DeploySpec) -> Result<(), PlaybookError> {
             let files = spec.files_for(h, mode);
             let dirs = spec.dirs_for(h, mode);
             let mut all: Vec<Item<'_>> = h.packages.iter().map(|p| Item::Package(p)).collect();
+            all.extend(h.users.iter().map(|u| Item::User(&u.name)));
             all.extend(dirs.iter().map(|d| Item::Dir(&d.path)));
             all.extend(files.iter().map(|f| Item::File(&f.path)));
             if mode == ServiceMode::Systemd {
@@ -423,7 +431,7 @@ pub fn check(spec: &DeploySpec) -> Result<(), PlaybookError> {
             // after the host's packages and directories.
             let prepared: Vec<(usize, Item<'_>)> = all
                 .iter()
-                .filter(|i| matches!(i, Item::Package(_) | Item::Dir(_)))
+                .filter(|i| matches!(i, Item::Package(_) | Item::User(_) | Item::Dir(_)))
                 .filter_map(|i| slot(h, *i, true).map(|s| (s, *i)))
                 .collect();
             for svc in h.services() {

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::plan::{AgentBinary, DeploySpec, DesiredDir, DesiredFile, HostTarget, Roles};
+use super::plan::{
+    AgentBinary, DeploySpec, DesiredDir, DesiredFile, DesiredUser, HostTarget, Roles,
+};
 use super::playbook::{Playbook, PlaybookError, ServiceAction, StepKind};
 use super::schedule::{self, HostStep};
 use super::services::{self, Service};
@@ -89,8 +91,8 @@ pub fn host_steps(
     Ok(out)
 }
 
-/// Packages, directories and distribution units the playbook's `ensure_packages` /
-/// `ensure_directory` / `service: stop` steps ask for on one host.
+/// Packages, users, directories and distribution units the playbook's `ensure_packages` /
+/// `ensure_user` / `ensure_directory` / `service: stop` steps ask for on one host.
 pub fn playbook_needs(steps: &[HostStep]) -> PlaybookNeeds {
     let mut needs = PlaybookNeeds::default();
     for step in steps {
@@ -101,6 +103,20 @@ pub fn playbook_needs(steps: &[HostStep]) -> PlaybookNeeds {
                         needs.packages.push(p.clone());
                     }
                 }
+            }
+            StepKind::EnsureUser {
+                name,
+                system,
+                home,
+                groups,
+            } => {
+                needs.users.retain(|u| &u.name != name);
+                needs.users.push(DesiredUser {
+                    name: name.clone(),
+                    system: *system,
+                    home: home.clone(),
+                    groups: groups.clone(),
+                });
             }
             StepKind::EnsureDirectory {
                 path,
@@ -136,6 +152,7 @@ pub fn playbook_needs(steps: &[HostStep]) -> PlaybookNeeds {
 #[derive(Debug, Clone, Default)]
 pub struct PlaybookNeeds {
     pub packages: Vec<String>,
+    pub users: Vec<DesiredUser>,
     pub dirs: Vec<DesiredDir>,
     pub stop_units: Vec<String>,
 }
@@ -207,6 +224,7 @@ pub fn build_with(
         }
         let PlaybookNeeds {
             packages,
+            users,
             mut dirs,
             stop_units,
         } = playbook_needs(&steps);
@@ -235,6 +253,7 @@ pub fn build_with(
             files: rendered,
             dirs,
             packages,
+            users,
             pg_data_dir: roles
                 .postgres
                 .then(|| inv.postgresql.data_dir.display().to_string()),
