@@ -398,3 +398,76 @@ fn plan_output_lists_the_run_order_with_hosts_and_serial_steps() {
         ""
     );
 }
+
+#[test]
+fn check_offline_validates_inventory_and_playbook_without_contacting_any_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = dir.path().join("inv.yml");
+    std::fs::copy("inventories/example.yml", &inv).unwrap();
+    let state = dir.path().join("st");
+    let run = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+            .args(["check", "--offline", "-i"])
+            .arg(&inv)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("playbook playbooks/deploy.yml: valid"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("check passed (offline"), "{stdout}");
+    assert!(!state.exists(), "offline: no SSH state, no connection");
+
+    let bad = tmp(
+        "deploy.yml",
+        move_step(DEPLOY, "start etcd", "etcd config").as_bytes(),
+    );
+    let out = run(&["--playbook".as_ref(), bad.as_os_str()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("deploy.yml:") && err.contains("step \"start etcd\" starts etcd before"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_render_step_with_an_operators_own_template_writes_that_file_at_that_step() {
+    let tdir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tdir.path().join("motd.j2"),
+        "welcome to {{ host.name }} of {{ cluster }}\n",
+    )
+    .unwrap();
+    let text = format!(
+        "{DEPLOY}\n  - name: message of the day\n    hosts: all\n    render:\n      template: motd.j2\n      dest: /etc/motd\n      mode: \"0644\"\n      owner: root\n"
+    );
+    let agent = tmp("agent", b"pgherd-agent test binary");
+    let pb = tmp("deploy.yml", text.as_bytes());
+    let s = spec::build_with(&example(), Some(&agent), Some(tdir.path()), Some(&pb))
+        .unwrap_or_else(|e| panic!("{}", pgherd::provision::error_chain(&e)));
+    let h = s.host("pg2").unwrap();
+    let motd = h
+        .files
+        .iter()
+        .find(|f| f.path == "/etc/motd")
+        .expect("rendered");
+    assert_eq!(
+        String::from_utf8_lossy(&motd.content),
+        "welcome to pg2 of demo\n"
+    );
+    assert_eq!((motd.mode, motd.owner.as_str()), (0o644, "root:root"));
+    let i = schedule::slot(h, Item::File("/etc/motd"), false).unwrap();
+    assert_eq!(s.playbook.steps[i].name, "message of the day");
+}
