@@ -5,7 +5,6 @@
 //! when booted; an unreachable host and a wrong key give errors naming the host.
 //! Needs root (namespaces); skipped with a message otherwise. Prints the apply wall times.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -16,22 +15,11 @@ use pgherd::provision::plan::{DeploySpec, Planned};
 use pgherd::provision::services::{Service, ServiceOp};
 use pgherd::provision::spec;
 
+mod common;
+use common::cluster::eventually;
+use common::deploy::{LabGuard, get_json, is_root, pg, pids};
+
 const SUBNET: &str = "10.232.9";
-
-struct LabGuard(LabSpec);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if std::env::var_os("PGHERD_KEEP_LAB").is_none() {
-            let _ = lab::down(&self.0, true);
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// The lab inventory plus the settings this test checks end up in the agents' config.
 fn write_inventory(spec: &LabSpec, path: &Path, maxconn: u32, on_role_change: &str) {
@@ -68,64 +56,6 @@ fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
 
 async fn connect(inv: &Inventory, state: &Path) -> Fleet {
     pgherd::cli::connect(inv, state).await.expect("connect")
-}
-
-/// (etcd, agent, haproxy, postgres) pids per host.
-async fn pids(s: &DeploySpec, fleet: &Fleet) -> BTreeMap<String, [Option<u32>; 4]> {
-    let facts = apply::gather_all(s, fleet).await.expect("facts");
-    facts
-        .into_iter()
-        .map(|(h, f)| {
-            (
-                h,
-                [
-                    f.service(Service::Etcd).pid,
-                    f.service(Service::Agent).pid,
-                    f.service(Service::Haproxy).pid,
-                    f.postgres_pid,
-                ],
-            )
-        })
-        .collect()
-}
-
-async fn pg(
-    host: &str,
-    port: u16,
-    password: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conf = format!("host={host} port={port} user=postgres dbname=postgres connect_timeout=3");
-    let mut c: tokio_postgres::Config = conf.parse().unwrap();
-    c.password(password);
-    let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-async fn get_json(url: &str) -> Option<serde_json::Value> {
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .ok()?;
-    c.get(url).send().await.ok()?.json().await.ok()
-}
-
-async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,8 +127,8 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     let api = |addr: &str| format!("http://{addr}:{}", s.restapi_port);
     let a0 = api(&info.hosts[0].address);
     let members = eventually(
-        "1 leader + 2 streaming replicas",
         Duration::from_secs(60),
+        "1 leader + 2 streaming replicas",
         || {
             let url = format!("{a0}/cluster");
             async move {
@@ -395,8 +325,8 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         .clone();
     let t0 = Instant::now();
     eventually(
-        "writes through HAProxy resume",
         Duration::from_secs(90),
+        "writes through HAProxy resume",
         || {
             let (a, p) = (survivor.clone(), password.clone());
             async move {
@@ -422,8 +352,8 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         .clone();
     let url = format!("{}/patroni", api(&old));
     eventually(
-        "the old primary rejoins as a streaming replica",
         Duration::from_secs(120),
+        "the old primary rejoins as a streaming replica",
         || {
             let url = url.clone();
             async move {

@@ -154,6 +154,7 @@ impl LabArgs {
             .lab_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("/tmp/pgherd-lab-{}", self.name)));
+        let init = LabSpec::recorded_init(&dir).unwrap_or_default();
         LabSpec::new(
             self.name.clone(),
             hosts,
@@ -161,6 +162,7 @@ impl LabArgs {
             self.bridge.clone(),
             dir,
         )
+        .with_init(init)
     }
 
     /// Host count of an existing lab (from its state dir), else `default`.
@@ -189,6 +191,10 @@ pub enum LabCommand {
         /// Where to write the lab inventory (default: <lab dir>/inventory.yml).
         #[arg(long)]
         inventory: Option<PathBuf>,
+        /// Boot systemd as each host's PID 1 (pgherd then runs services as systemd units)
+        /// instead of tini (pgherd's supervisor mode). Remembered for `boot`.
+        #[arg(long)]
+        systemd: bool,
     },
     /// Stop every lab host and remove its network.
     Down {
@@ -263,8 +269,12 @@ fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
             lab: l,
             hosts,
             inventory,
+            systemd,
         } => {
-            let spec = l.spec(hosts);
+            let mut spec = l.spec(hosts);
+            if systemd {
+                spec.init = lab::HostInit::Systemd;
+            }
             let info = lab::up(&spec)?;
             let inv = inventory.unwrap_or_else(|| spec.state_dir.join("inventory.yml"));
             if !inv.exists() {

@@ -7,6 +7,9 @@
 //! into the host's own /etc and /root, then `exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh`,
 //! which creates /run/sshd and /run/postgresql and `exec`s sshd in the foreground. `setsid
 //! --fork` detaches the chain from the caller, so the lab outlives `pgherd lab up`.
+//! A systemd host (`HostInit::Systemd`) also gets a cgroup namespace; `boot.sh` then prepares
+//! /sys, the cgroup hierarchy and a private /dev, masks the units a container must not run,
+//! installs sshd as a unit, and `exec`s systemd.
 
 use std::fs;
 use std::io::Read;
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{LabError, LabHost, LabInfo, LabSpec, OVERLAID_DIRS, io_err, sh};
+use super::{HostInit, LabError, LabHost, LabInfo, LabSpec, OVERLAID_DIRS, io_err, sh};
 use crate::transport::shell_quote;
 
 /// How long a booting host may take until its PID 1 shows up (a fork and a few mounts).
@@ -88,9 +91,20 @@ fn boot_script(spec: &LabSpec, h: &LabHost) -> String {
             )
         })
         .collect();
+    let (systemd_setup, exec_init) = match spec.init {
+        HostInit::Tini => (
+            String::new(),
+            "exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh".to_string(),
+        ),
+        HostInit::Systemd => (
+            systemd_setup(name),
+            "export container=pgherd-lab\nexec /lib/systemd/systemd --system --unit=multi-user.target"
+                .to_string(),
+        ),
+    };
     format!(
         r#"#!/bin/sh
-# pgherd lab host {name}: mounts its filesystems, then hands over to tini. Generated; do not edit.
+# pgherd lab host {name}: mounts its filesystems, then hands over to its PID 1 ({init}). Generated; do not edit.
 set -eu
 S={dir}
 echo "boot {name} at $(date -u +%FT%TZ)"
@@ -112,7 +126,7 @@ install -m 0600 {pubkey} /root/.ssh/authorized_keys
 # A lean root shell: sshd runs every command through it, and root's bash profile here costs
 # ~70 ms per command.
 [ "$(getent passwd root | cut -d: -f7)" = /bin/sh ] || usermod -s /bin/sh root
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+{systemd_setup}mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 hostname {name}
 # Every lab host resolves the others by name (a managed block, rewritten at each boot).
@@ -121,33 +135,135 @@ sed -i '/# pgherd-lab$/d' /etc/hosts
 # misses /etc/hosts would hang for the resolver timeout (seconds) instead of failing at once.
 rm -f /etc/resolv.conf
 printf '# pgherd lab: no DNS, names come from /etc/hosts\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > /etc/resolv.conf
-exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh
-"#
+{exec_init}
+"#,
+        init = spec.init.as_str(),
+    )
+}
+
+/// The sshd command line of a lab host (the same under tini and under systemd).
+fn sshd_command() -> &'static str {
+    "/usr/sbin/sshd -D -e -h /etc/pgherd-lab/ssh_host_ed25519_key \\
+  -o PidFile=/run/sshd.pid \\
+  -o PermitRootLogin=prohibit-password \\
+  -o PasswordAuthentication=no \\
+  -o KbdInteractiveAuthentication=no \\
+  -o UsePAM=no \\
+  -o StrictModes=no \\
+  -o MaxSessions=64 \\
+  -o MaxStartups=64:30:128 \\
+  -o AuthorizedKeysFile=.ssh/authorized_keys \\
+  -o UseDNS=no"
+}
+
+/// Units a systemd lab host must not run: gettys (the machine's console), udev and friends
+/// (the machine's devices), timers (apt and cron jobs against the shared /usr), the machine's
+/// own sshd (it would take port 22 with the machine's host keys), and e2scrub (the machine's
+/// block devices).
+const MASKED_UNITS: &[&str] = &[
+    "getty.target",
+    "console-getty.service",
+    "getty@.service",
+    "serial-getty@.service",
+    "systemd-udevd.service",
+    "systemd-udevd-control.socket",
+    "systemd-udevd-kernel.socket",
+    "systemd-udev-trigger.service",
+    "systemd-udev-settle.service",
+    "timers.target",
+    "cron.service",
+    "e2scrub_reap.service",
+    // Kernel-wide state (superblocks, sysctls, modules, binfmt): never from a lab host.
+    "systemd-remount-fs.service",
+    "systemd-sysctl.service",
+    "systemd-modules-load.service",
+    "systemd-binfmt.service",
+    "proc-sys-fs-binfmt_misc.automount",
+    "proc-sys-fs-binfmt_misc.mount",
+    "sys-kernel-config.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-fs-fuse-connections.mount",
+    "dev-hugepages.mount",
+    "systemd-pstore.service",
+    "swap.target",
+    "ssh.service",
+    "ssh.socket",
+    "systemd-networkd.service",
+    "systemd-resolved.service",
+    "systemd-timesyncd.service",
+];
+
+/// Stage 1 additions for a systemd host, run before /tmp and /dev/shm are mounted.
+fn systemd_setup(name: &str) -> String {
+    let masks: String = MASKED_UNITS
+        .iter()
+        .map(|u| format!("ln -sf /dev/null /etc/systemd/system/{u}\n"))
+        .collect();
+    format!(
+        r#"# systemd as PID 1, container style (like systemd-nspawn): /sys read-only so udev and
+# friends stay away from the machine's devices, a cgroup hierarchy of its own (the host was
+# started in a new cgroup namespace), and a private /dev with only the usual nodes.
+mount -o remount,bind,ro /sys
+if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; then
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup
+else
+  mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup
+  mkdir -p /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+  mount -t cgroup -o none,name=systemd cgroup /sys/fs/cgroup/systemd
+  mount -t cgroup2 cgroup2 /sys/fs/cgroup/unified 2>/dev/null || rmdir /sys/fs/cgroup/unified
+fi
+mount -t tmpfs -o mode=0755,nosuid tmpfs /dev
+mknod -m 0666 /dev/null c 1 3
+mknod -m 0666 /dev/zero c 1 5
+mknod -m 0666 /dev/full c 1 7
+mknod -m 0666 /dev/random c 1 8
+mknod -m 0666 /dev/urandom c 1 9
+mknod -m 0666 /dev/tty c 5 0
+mkdir -m 0755 /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /dev/pts
+ln -s pts/ptmx /dev/ptmx
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
+echo {name} > /etc/hostname
+# The machine's fstab is not this host's: no mounts, swaps or remounts from it.
+: > /etc/fstab
+mkdir -p /etc/systemd/system/multi-user.target.wants
+{masks}cat > /etc/systemd/system/pgherd-lab-sshd.service <<'UNIT'
+[Unit]
+Description=pgherd lab sshd (the controller's way in)
+
+[Service]
+ExecStartPre=/usr/bin/install -d -m 0755 /run/sshd
+ExecStartPre=/usr/bin/install -d -o postgres -g postgres -m 2775 /run/postgresql
+ExecStart={sshd}
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf /etc/systemd/system/pgherd-lab-sshd.service /etc/systemd/system/multi-user.target.wants/pgherd-lab-sshd.service
+"#,
+        sshd = sshd_command(),
     )
 }
 
 /// Stage 2, run by tini: the host's services (sshd only; everything else arrives over SSH).
 fn init_script() -> String {
-    r#"#!/bin/sh
+    format!(
+        r#"#!/bin/sh
 # pgherd lab host init (under tini). Generated; do not edit.
 set -eu
 install -d -m 0755 /run/sshd
 install -d -o postgres -g postgres -m 2775 /run/postgresql
 # pgherd's boot hook (supervisor mode): brings deployed services back after a "reboot".
 if [ -x /etc/pgherd/boot.sh ]; then /etc/pgherd/boot.sh || true; fi
-exec /usr/sbin/sshd -D -e -h /etc/pgherd-lab/ssh_host_ed25519_key \
-  -o PidFile=/run/sshd.pid \
-  -o PermitRootLogin=prohibit-password \
-  -o PasswordAuthentication=no \
-  -o KbdInteractiveAuthentication=no \
-  -o UsePAM=no \
-  -o StrictModes=no \
-  -o MaxSessions=64 \
-  -o MaxStartups=64:30:128 \
-  -o AuthorizedKeysFile=.ssh/authorized_keys \
-  -o UseDNS=no
-"#
-    .to_string()
+exec {}
+"#,
+        sshd_command()
+    )
 }
 
 /// Writes `<state>/known_hosts` with every host's key, for strict host key checking.
@@ -165,6 +281,48 @@ pub(super) fn write_known_hosts(spec: &LabSpec, info: &LabInfo) -> Result<(), La
     fs::write(&info.known_hosts, text).map_err(io_err("writing the lab known_hosts"))
 }
 
+/// The cgroup hierarchies a systemd host gets a cgroup of its own in: systemd's named v1
+/// hierarchy and the unified one on hybrid machines, the root on pure cgroup v2 machines.
+const CGROUP_ROOTS: &[&str] = &[
+    "/sys/fs/cgroup/systemd",
+    "/sys/fs/cgroup/unified",
+    "/sys/fs/cgroup",
+];
+
+/// `sh -c` prologue (`$1` = host): moves the shell into `pgherd-lab/<host>` of every cgroup
+/// hierarchy in [`CGROUP_ROOTS`], emptied of a previous boot's cgroups, then runs the rest of
+/// its arguments.
+const CGROUP_ENTER: &str = r#"set -e
+h=$1; shift
+for root in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
+  [ -f "$root/cgroup.procs" ] || continue
+  d=$root/pgherd-lab/$h
+  mkdir -p "$d"
+  find "$d" -mindepth 1 -depth -type d -exec rmdir {} + 2>/dev/null || true
+  echo $$ > "$d/cgroup.procs"
+done
+exec "$@""#;
+
+/// Removes a systemd host's cgroups (after it is dead: empty cgroups only).
+pub(super) fn remove_cgroups(host: &str) {
+    fn rm_tree(p: &Path) {
+        if let Ok(entries) = fs::read_dir(p) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rm_tree(&e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(p);
+    }
+    for root in CGROUP_ROOTS {
+        let d = Path::new(root).join("pgherd-lab").join(host);
+        if d.is_dir() {
+            rm_tree(&d);
+        }
+    }
+}
+
 /// Starts the host detached (see the module doc); does not wait for it.
 pub(super) fn spawn(spec: &LabSpec, h: &LabHost) -> Result<(), LabError> {
     let log = fs::OpenOptions::new()
@@ -174,10 +332,23 @@ pub(super) fn spawn(spec: &LabSpec, h: &LabHost) -> Result<(), LabError> {
         .map_err(io_err("opening the console log"))?;
     let log2 = log.try_clone().map_err(io_err("opening the console log"))?;
     let boot = host_dir(spec, h).join("boot.sh");
-    let status = Command::new("setsid")
-        .arg("--fork")
+    let mut cmd = Command::new("setsid");
+    cmd.arg("--fork");
+    if spec.init == HostInit::Systemd {
+        // Each systemd host gets a cgroup of its own before its cgroup namespace is made, so the
+        // namespace's root is that cgroup: hosts started from the same caller would otherwise
+        // share one root, and their systemds would manage (and kill) each other's units.
+        // Leftovers of a previous boot (a crash leaves the dead systemd's empty cgroups) go.
+        cmd.args(["sh", "-c", CGROUP_ENTER, "sh", &h.name]);
+    }
+    let status = cmd
         .args(["ip", "netns", "exec", &h.name])
         .args(["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork"])
+        .args(match spec.init {
+            // systemd manages cgroups: give it a namespace whose root is its own.
+            HostInit::Systemd => &["--cgroup"][..],
+            HostInit::Tini => &[][..],
+        })
         .args(["--propagation", "private", "/bin/sh"])
         .arg(&boot)
         .stdin(Stdio::null())
@@ -210,7 +381,7 @@ pub(super) fn wait_booted(spec: &LabSpec, h: &LabHost) -> Result<(), LabError> {
             break pid;
         }
         if start.elapsed() > PID1_TIMEOUT {
-            return Err(timeout("start of its PID 1 (tini)", PID1_TIMEOUT));
+            return Err(timeout("start of its PID 1", PID1_TIMEOUT));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -256,7 +427,8 @@ pub(super) fn find_pid1(host: &str) -> Result<Option<u32>, LabError> {
             continue;
         };
         let p = e.path();
-        if !fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == "tini") {
+        if !fs::read_to_string(p.join("comm")).is_ok_and(|c| matches!(c.trim(), "tini" | "systemd"))
+        {
             continue;
         }
         let in_ns = fs::read_link(p.join("ns/net"))

@@ -4,6 +4,10 @@
 //! as PID 1, and `sshd` as its only service. The controller (this process, root namespace)
 //! reaches every host over SSH with a lab key, exactly like real servers.
 //!
+//! With [`HostInit::Systemd`] a host boots systemd as its PID 1 instead (container mode: its
+//! own cgroup namespace and hierarchy, a private /dev, read-only /sys, gettys/udev/timers
+//! masked), and sshd is a unit of it, so pgherd's systemd mode runs against a real systemd.
+//!
 //! Faults: [`crash`] kills a host's PID 1 (power cut; the disk survives), [`boot`] starts it
 //! again, [`partition`] cuts a host off from the other hosts (not from the controller), [`heal`]
 //! undoes that. See `/work/shared/reference/lab.md` for the verified recipe this follows.
@@ -46,7 +50,32 @@ pub struct LabSpec {
     /// Where keys, overlay layers, logs and pid files live. Must be an absolute path outside the
     /// overlaid directories (overlayfs refuses layers nested in their own lower directory).
     pub state_dir: PathBuf,
+    /// What runs as each host's PID 1.
+    pub init: HostInit,
 }
+
+/// A lab host's PID 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostInit {
+    /// `tini` reaping children and running sshd: no service manager (pgherd's supervisor mode).
+    #[default]
+    Tini,
+    /// systemd, booted in container mode (pgherd's systemd mode).
+    Systemd,
+}
+
+impl HostInit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostInit::Tini => "tini",
+            HostInit::Systemd => "systemd",
+        }
+    }
+}
+
+/// File in the state directory recording the lab's [`HostInit`] (so `boot` of an existing lab
+/// uses the same PID 1 as `up` did).
+pub const INIT_FILE: &str = "init";
 
 /// A host of the lab.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +209,25 @@ impl LabSpec {
             subnet: subnet.into(),
             bridge: bridge.into(),
             state_dir: state_dir.into(),
+            init: HostInit::Tini,
+        }
+    }
+
+    /// The same lab with `init` as every host's PID 1.
+    pub fn with_init(mut self, init: HostInit) -> LabSpec {
+        self.init = init;
+        self
+    }
+
+    /// The [`HostInit`] an existing lab was brought up with (its state directory says), if any.
+    pub fn recorded_init(state_dir: &Path) -> Option<HostInit> {
+        match std::fs::read_to_string(state_dir.join(INIT_FILE))
+            .ok()?
+            .trim()
+        {
+            "systemd" => Some(HostInit::Systemd),
+            "tini" => Some(HostInit::Tini),
+            _ => None,
         }
     }
 
@@ -312,6 +360,11 @@ pub fn up(spec: &LabSpec) -> Result<LabInfo, LabError> {
     std::fs::create_dir_all(&spec.state_dir).map_err(io_err("creating the state directory"))?;
     std::fs::write(spec.state_dir.join(MARKER), format!("{}\n", spec.name))
         .map_err(io_err("writing the lab marker"))?;
+    std::fs::write(
+        spec.state_dir.join(INIT_FILE),
+        format!("{}\n", spec.init.as_str()),
+    )
+    .map_err(io_err("writing the lab's init kind"))?;
     host::ensure_keypair(&info.key_path, &format!("pgherd-lab-{}", spec.name))?;
     net::ensure_bridge(spec)?;
     for h in &info.hosts {
@@ -340,6 +393,7 @@ pub fn down(spec: &LabSpec, purge: bool) -> Result<(), LabError> {
     let info = spec.info();
     for h in &info.hosts {
         host::kill(&h.name)?;
+        host::remove_cgroups(&h.name);
         net::remove_host_net(h)?;
     }
     net::remove_bridge(spec)?;

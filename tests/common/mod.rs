@@ -1,4 +1,5 @@
 //! Shared integration-test harnesses (real etcd, real agents).
 #![allow(dead_code)]
 pub mod cluster;
+pub mod deploy;
 pub mod etcd;
