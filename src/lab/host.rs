@@ -486,3 +486,50 @@ pub(super) fn kill(host: &str) -> Result<bool, LabError> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(init: HostInit) -> LabSpec {
+        LabSpec::new("pg", 1, "10.230.0", "pgbr0", "/tmp/lab").with_init(init)
+    }
+
+    #[test]
+    fn a_systemd_host_boots_systemd_with_the_machine_touching_units_masked() {
+        let s = spec(HostInit::Systemd);
+        let h = &s.info().hosts[0];
+        let script = boot_script(&s, h);
+        assert!(
+            script
+                .trim_end()
+                .ends_with("exec /lib/systemd/systemd --system --unit=multi-user.target")
+        );
+        for u in [
+            "getty.target",
+            "systemd-udevd.service",
+            "timers.target",
+            "ssh.service",
+            "systemd-remount-fs.service",
+        ] {
+            assert!(
+                script.contains(&format!("ln -sf /dev/null /etc/systemd/system/{u}\n")),
+                "{u}"
+            );
+        }
+        assert!(script.contains("mount -o remount,bind,ro /sys"));
+        assert!(script.contains(": > /etc/fstab"));
+        assert!(script.contains("ExecStart=/usr/sbin/sshd -D -e"));
+        // The private /dev comes before /dev/shm is mounted into it.
+        assert!(script.find("tmpfs /dev\n").unwrap() < script.find("tmpfs /dev/shm").unwrap());
+    }
+
+    #[test]
+    fn a_tini_host_keeps_the_machines_dev_and_runs_sshd_under_tini() {
+        let s = spec(HostInit::Tini);
+        let script = boot_script(&s, &s.info().hosts[0]);
+        assert!(script.contains("exec tini -s -- /bin/sh /etc/pgherd-lab/init.sh"));
+        assert!(!script.contains("systemd"));
+        assert!(init_script().contains("exec /usr/sbin/sshd -D -e"));
+    }
+}
