@@ -266,12 +266,33 @@ fn base_command(argv: &[String]) -> std::process::Command {
     cmd
 }
 
+/// `exec` of a script fails with ETXTBSY while any process still holds it open for writing —
+/// e.g. a forked, not yet exec'd child of a process that had just written it (a deploy tool, or
+/// another thread here). That lasts microseconds to milliseconds, so a few short retries turn a
+/// lost callback into a slightly late one.
+const TEXT_BUSY_RETRIES: u32 = 5;
+const TEXT_BUSY_PAUSE: Duration = Duration::from_millis(20);
+
+fn is_text_busy(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ETXTBSY)
+}
+
 /// Runs `argv` to completion within `timeout`; on timeout kills its process group. Returns the
 /// exit success, `None` when it could not be spawned or timed out.
 async fn run_bounded(what: &str, argv: &[String], timeout: Duration) -> Option<bool> {
     let mut cmd = tokio::process::Command::from(base_command(argv));
     cmd.kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let mut attempt = 0;
+    let spawned = loop {
+        match cmd.spawn() {
+            Err(e) if is_text_busy(&e) && attempt < TEXT_BUSY_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(TEXT_BUSY_PAUSE * attempt).await;
+            }
+            other => break other,
+        }
+    };
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(hook = what, error = %e, "cannot start hook");
@@ -314,7 +335,18 @@ impl Hooks for CommandHooks {
         // One at a time: the newest callback reflects the current state, an older one still
         // running would act on a stale role.
         slot.kill_running(&mut guard);
-        let child = match base_command(&argv).spawn() {
+        let mut cmd = base_command(&argv);
+        let mut attempt = 0;
+        let spawned = loop {
+            match cmd.spawn() {
+                Err(e) if is_text_busy(&e) && attempt < TEXT_BUSY_RETRIES => {
+                    attempt += 1;
+                    std::thread::sleep(TEXT_BUSY_PAUSE * attempt);
+                }
+                other => break other,
+            }
+        };
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(action = action.as_str(), error = %e, "cannot start callback");
