@@ -73,6 +73,7 @@ async fn values_are_written_in_patronis_exact_byte_format() {
         optime: 67395656,
         slots: [("postgres_1".to_string(), 67395000)].into(),
         retain_slots: vec!["postgres_1".into()],
+        timeline: None,
     };
     d.set_status(&status).await.unwrap();
     let history = vec![HistoryLine {

@@ -296,7 +296,10 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
 
     // Failover: promote the replica (timeline 2), checkpoint as the HA loop does after a
     // promotion (pg_rewind reads the source's control file).
-    n2.pg.promote(Duration::from_secs(30)).await.unwrap();
+    n2.pg
+        .promote(Timeline(1), &[], Duration::from_secs(30))
+        .await
+        .unwrap();
     n2.pg.checkpoint().await.unwrap();
     let st = n2.pg.observe().await;
     assert_eq!(st.in_recovery, Some(false));
@@ -410,7 +413,10 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
         .stop(StopMode::Fast, Duration::from_secs(20))
         .await
         .unwrap();
-    n1.pg.promote(Duration::from_secs(30)).await.unwrap();
+    n1.pg
+        .promote(Timeline(2), &[], Duration::from_secs(30))
+        .await
+        .unwrap();
     n1.pg.checkpoint().await.unwrap();
     n1.pg.sync_slots(&["n2".into()], &[]).await.unwrap();
     assert_eq!(n1.pg.observe().await.timeline, Some(Timeline(3)));
@@ -438,6 +444,36 @@ async fn clone_promote_rewind_diverged_primary_then_clean_switchover_needs_no_re
         .stop(StopMode::Fast, Duration::from_secs(5))
         .await
         .unwrap();
+
+    // n3 still replays timeline 2 and never saw n1's promotion to 3 (its upstream n2 stopped
+    // first). Promoted with what the DCS knows (timeline 3 used, n1's history lines), it must
+    // take a new number: a second "timeline 3" would look identical to pg_rewind and streaming.
+    assert_eq!(n3.pg.observe().await.in_recovery, Some(true));
+    let cluster_history = n1.pg.timeline_history().await.unwrap();
+    n3.pg
+        .promote(Timeline(3), &cluster_history, Duration::from_secs(30))
+        .await
+        .unwrap();
+    n3.pg.checkpoint().await.unwrap();
+    assert_eq!(n3.pg.observe().await.timeline, Some(Timeline(4)));
+    let h = n3.pg.timeline_history().await.unwrap();
+    assert_eq!(
+        h.iter().map(|l| l.parent_timeline).collect::<Vec<_>>(),
+        vec![1, 2],
+        "timeline 4 forks from 2, where n3 was"
+    );
+    let reserved =
+        std::fs::read_to_string(n3.pg.data_dir().join("pg_wal/00000003.history")).unwrap();
+    assert!(
+        reserved.starts_with("# timeline 3 was used elsewhere"),
+        "{reserved}"
+    );
+    // n1 (timeline 3) and n3 (timeline 4) are told apart: n1 must rewind to follow n3.
+    n1.pg
+        .stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(n1.pg.needs_rewind(&n3.upstream()).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,11 @@ pub struct Status {
     pub slots: BTreeMap<String, u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retain_slots: Vec<String>,
+    /// pgherd extension (Patroni ignores unknown fields here): the leader's timeline, written
+    /// only when `history` cannot show it — a promotion that skipped timeline numbers (see
+    /// [`ClusterView::timeline`]). Unlike the member keys it outlives the leader's lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
 }
 
 impl Status {
@@ -445,14 +450,23 @@ impl ClusterView {
         self.config.as_ref().is_some_and(|(c, _)| c.pause())
     }
 
-    /// Cluster timeline derived from `history`: last line's parent + 1, or 1.
+    /// Cluster timeline: from `history` (last line's parent + 1, or 1), or the leader's own
+    /// when its member key or the `status` key shows a higher one. History lines only name parents, so a leader
+    /// whose promotion skipped timeline numbers (PostgreSQL takes one above every history file
+    /// it sees; pgherd reserves the numbers other nodes used) is on a higher timeline than the
+    /// lines alone say.
     pub fn timeline(&self) -> Timeline {
-        Timeline(
-            self.history
-                .last()
-                .map(|h| h.parent_timeline + 1)
-                .unwrap_or(1),
-        )
+        let from_history = self
+            .history
+            .last()
+            .map(|h| h.parent_timeline + 1)
+            .unwrap_or(1);
+        let leader = self
+            .leader_member()
+            .and_then(|m| m.data.timeline)
+            .unwrap_or(0);
+        let status = self.status.timeline.unwrap_or(0);
+        Timeline(from_history.max(leader).max(status))
     }
 
     /// The non-empty failover request, if any.
@@ -475,6 +489,38 @@ impl ClusterView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_timeline_counts_a_promotion_that_skipped_numbers() {
+        let line = |parent| HistoryLine {
+            parent_timeline: parent,
+            switchpoint: 0x3000000,
+            reason: String::new(),
+            timestamp: None,
+            new_leader: None,
+        };
+        let mut v = ClusterView {
+            history: vec![line(1)],
+            ..Default::default()
+        };
+        assert_eq!(v.timeline(), Timeline(2), "history alone");
+        // Timeline 3 forked from 1 (2 was reserved): the lines still end with parent 1.
+        v.status.timeline = Some(3);
+        assert_eq!(v.timeline(), Timeline(3));
+        // The status key is only written when needed; normal JSON stays Patroni's.
+        assert_eq!(
+            serde_json::to_string(&Status {
+                optime: 5,
+                ..Default::default()
+            })
+            .unwrap(),
+            r#"{"optime":5}"#
+        );
+        assert_eq!(
+            Status::parse(r#"{"optime":5,"timeline":3}"#).timeline,
+            Some(3)
+        );
+    }
 
     #[test]
     fn member_json_is_compact_and_omits_absent_fields() {

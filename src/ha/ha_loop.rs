@@ -29,8 +29,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::callbacks::{CallbackAction, Hooks};
 use crate::config::{AgentConfig, WatchdogMode};
 use crate::dcs::{
-    ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, MemberData,
-    PATRONI_COMPAT_VERSION, Status, SyncState,
+    ClusterView, Dcs, DcsError, DynamicConfig, Failover, MemberData, PATRONI_COMPAT_VERSION,
+    Status, SyncState,
 };
 use crate::peers::{DEFAULT_PEER_TIMEOUT, PeerProbe};
 use crate::pg::{ControlState, PgState, PgStatus, Postgres, Role, StartAs, StopMode, Upstream};
@@ -94,6 +94,9 @@ pub struct HaLoop {
     /// When the last successful lease refresh (keepalive / update_leader / acquire) was sent.
     lease_ok_sent: Option<Instant>,
     pre_promote_failed_at: Option<Instant>,
+    /// (timeline, last line's parent, its switchpoint) of the `history` this node last wrote,
+    /// so a history whose timelines skip numbers is not rewritten every cycle.
+    history_written: Option<(u32, u32, u64)>,
     rewind_check_pending: bool,
     /// See [`LocalFacts::rejoin_checked`].
     rejoin_checked: Option<RejoinMark>,
@@ -144,6 +147,7 @@ impl HaLoop {
             held_lock: false,
             lease_ok_sent: None,
             pre_promote_failed_at: None,
+            history_written: None,
             rewind_check_pending: false,
             rejoin_checked: None,
             action: None,
@@ -863,11 +867,20 @@ impl HaLoop {
             };
             let _ = self.pg.set_synchronous_standby_names(ssn).await;
         }
+        // The newest timeline anyone in the cluster used (history, member keys): a node that
+        // missed another node's promotion must still not reuse its timeline number.
+        let (used, history) = i.cluster.as_ref().map_or((Timeline(1), Vec::new()), |v| {
+            let members = v.members.values().filter_map(|m| m.data.timeline).max();
+            let used = Timeline(v.timeline().0.max(members.unwrap_or(1)));
+            (used, v.history.clone())
+        });
         let pg = self.pg.clone();
         let hooks = self.hooks.clone();
         let timeout = self.retry_timeout().max(Duration::from_secs(30));
         self.spawn_action(ActionKind::Promote, None, async move {
-            pg.promote(timeout).await.map_err(|e| e.to_string())?;
+            pg.promote(used, &history, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
             hooks.callback(CallbackAction::OnRoleChange, Role::Primary);
             // A checkpoint right after promotion lets ex-primaries pg_rewind from us.
             if let Err(e) = pg.checkpoint().await {
@@ -1279,10 +1292,17 @@ impl HaLoop {
             .filter_map(|s| s.restart_lsn.map(|l| (s.name.clone(), l.0)))
             .collect();
         slots.insert(self.me.slot_name(), optime);
+        // Our timeline, when the history we wrote cannot show it (its last line's parent is
+        // not our timeline − 1: the promotion skipped numbers other nodes had used).
+        let timeline = pg.timeline.map(|t| t.0).filter(|tl| {
+            self.history_written
+                .is_some_and(|(t, parent, _)| t == *tl && parent + 1 != *tl)
+        });
         let status = Status {
             optime,
             slots,
             retain_slots: wanted,
+            timeline,
         };
         if status != v.status {
             let _ = self.bounded(self.dcs.set_status(&status)).await;
@@ -1300,8 +1320,13 @@ impl HaLoop {
         if tl <= 1 {
             return;
         }
+        // Current when the last line leads to our timeline: directly, or (a promotion that
+        // skipped numbers) exactly as we last wrote it for this timeline.
         let last_ok = v.history.last().is_some_and(|h| {
-            h.parent_timeline + 1 == tl && h.new_leader.is_some() && h.timestamp.is_some()
+            h.new_leader.is_some()
+                && h.timestamp.is_some()
+                && (h.parent_timeline + 1 == tl
+                    || self.history_written == Some((tl, h.parent_timeline, h.switchpoint)))
         });
         if last_ok {
             return;
@@ -1326,9 +1351,11 @@ impl HaLoop {
                 l.new_leader.get_or_insert(self.me.to_string());
             }
         }
-        if !lines.is_empty() {
-            let lines: Vec<HistoryLine> = lines;
-            let _ = self.bounded(self.dcs.set_history(&lines)).await;
+        if let Some(last) = lines.last() {
+            let mark = (tl, last.parent_timeline, last.switchpoint);
+            if self.bounded(self.dcs.set_history(&lines)).await.is_ok() {
+                self.history_written = Some(mark);
+            }
         }
     }
 

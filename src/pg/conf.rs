@@ -575,6 +575,29 @@ pub fn parse_history(text: &str) -> Vec<HistoryEntry> {
         .collect()
 }
 
+/// Content of a history file reserving `tl` (see `LocalPostgres::reserve_timelines`): a
+/// comment, then the cluster's lines for the timelines before `tl`, in PostgreSQL's format.
+pub fn reserved_history(tl: Timeline, cluster: &[crate::dcs::HistoryLine]) -> String {
+    let mut s = format!(
+        "# timeline {tl} was used elsewhere in this cluster; reserved by pgherd so that a\n\
+         # promotion here picks a new number\n"
+    );
+    for l in cluster.iter().filter(|l| l.parent_timeline < tl.0) {
+        let reason = if l.reason.is_empty() {
+            "no recovery target specified"
+        } else {
+            l.reason.as_str()
+        };
+        s.push_str(&format!(
+            "{}\t{}\t{}\n",
+            l.parent_timeline,
+            Lsn(l.switchpoint),
+            reason
+        ));
+    }
+    s
+}
+
 /// Whether local data that reached `local` (timeline, LSN) must be rewound before following a
 /// leader on `leader_tl` whose history is `history`. `clean_primary` marks a cleanly stopped
 /// ex-primary whose LSN is its shutdown checkpoint's *start*: the checkpoint record itself must
@@ -876,6 +899,41 @@ pub fn raise_to_minimums(
 #[cfg(test)]
 mod hot_standby_tests {
     use super::*;
+
+    #[test]
+    fn a_reserved_history_file_holds_the_cluster_lines_before_its_timeline() {
+        let line = |parent, lsn| crate::dcs::HistoryLine {
+            parent_timeline: parent,
+            switchpoint: lsn,
+            reason: if parent == 1 {
+                "no recovery target specified".into()
+            } else {
+                String::new()
+            },
+            timestamp: Some("2026-12-02T07:00:00+00:00".into()),
+            new_leader: Some("n1".into()),
+        };
+        let text = reserved_history(
+            Timeline(3),
+            &[line(1, 0x3000060), line(2, 0x5000000), line(3, 0x7000000)],
+        );
+        assert!(text.starts_with("# timeline 3 was used elsewhere"));
+        let parsed = parse_history(&text);
+        assert_eq!(
+            parsed.len(),
+            2,
+            "only the lines leading to timeline 3: {text}"
+        );
+        assert_eq!(
+            (parsed[0].parent, parsed[0].switchpoint),
+            (Timeline(1), Lsn(0x3000060))
+        );
+        assert_eq!(
+            (parsed[1].parent, parsed[1].switchpoint),
+            (Timeline(2), Lsn(0x5000000))
+        );
+        assert_eq!(parsed[1].reason, "no recovery target specified");
+    }
 
     #[test]
     fn standby_parameters_are_raised_to_the_primarys_recorded_values() {

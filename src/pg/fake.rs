@@ -746,7 +746,12 @@ impl Postgres for FakePostgres {
         })
     }
 
-    async fn promote(&self, _timeout: Duration) -> Result<(), PgError> {
+    async fn promote(
+        &self,
+        used: Timeline,
+        _history: &[crate::dcs::HistoryLine],
+        _timeout: Duration,
+    ) -> Result<(), PgError> {
         self.record("promote");
         self.delay(|d| d.promote).await;
         self.with(|st| {
@@ -764,8 +769,9 @@ impl Postgres for FakePostgres {
             let node = st.node_mut(&self.name);
             let d = node.data.as_mut().expect("a running node has data");
             d.ancestors.push((d.current, d.lsn));
+            // Like PostgreSQL with the reserved history files: above every used timeline.
             d.current = Branch {
-                tl: d.current.tl + 1,
+                tl: d.current.tl.max(used.0) + 1,
                 uid,
             };
             d.standby = false;
@@ -993,7 +999,7 @@ mod tests {
         net.replicate();
         n1.crash();
         assert_eq!(n1.role(), FakeRole::Stopped { clean: false });
-        n2.promote(T).await.unwrap();
+        n2.promote(Timeline(1), &[], T).await.unwrap();
         assert!(n2.is_writable());
         assert_eq!(n2.timeline(), Some(Timeline(2)));
         let h = n2.timeline_history().await.unwrap();
@@ -1010,7 +1016,7 @@ mod tests {
     async fn replica_follows_timeline_switch_of_new_leader() {
         let (net, n1, n2, n3) = three_nodes().await;
         n1.crash();
-        n2.promote(T).await.unwrap();
+        n2.promote(Timeline(1), &[], T).await.unwrap();
         n3.follow(Some(&up("n2", 5002))).await.unwrap();
         n2.write(10);
         net.replicate();
@@ -1027,7 +1033,7 @@ mod tests {
         // n1 writes more that n2 never receives, then dies; n2 is promoted.
         n1.write(50);
         n1.crash();
-        n2.promote(T).await.unwrap();
+        n2.promote(Timeline(1), &[], T).await.unwrap();
         n2.write(10);
         assert!(n1.needs_rewind(&up("n2", 5002)).await.unwrap());
         assert!(n1.rewind(&up("n2", 5002)).await.is_ok());
@@ -1049,11 +1055,22 @@ mod tests {
     async fn two_promotions_to_the_same_timeline_number_still_diverge() {
         let (_net, n1, n2, n3) = three_nodes().await;
         n1.crash();
-        n2.promote(T).await.unwrap();
-        n3.promote(T).await.unwrap();
+        n2.promote(Timeline(1), &[], T).await.unwrap();
+        n3.promote(Timeline(1), &[], T).await.unwrap();
         assert_eq!(n2.timeline(), n3.timeline());
         n3.stop(StopMode::Fast, T).await.unwrap();
         assert!(n3.needs_rewind(&up("n2", 5002)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn promotion_takes_a_timeline_above_every_one_the_cluster_used() {
+        let (_net, n1, n2, n3) = three_nodes().await;
+        n1.crash();
+        n2.promote(Timeline(1), &[], T).await.unwrap();
+        assert_eq!(n2.timeline(), Some(Timeline(2)));
+        // n3 missed n2's promotion; the DCS says timeline 2 is taken.
+        n3.promote(Timeline(2), &[], T).await.unwrap();
+        assert_eq!(n3.timeline(), Some(Timeline(3)));
     }
 
     #[tokio::test]
@@ -1062,7 +1079,7 @@ mod tests {
         n1.write(100);
         net.replicate_node("n2", 100);
         n1.crash();
-        n2.promote(T).await.unwrap();
+        n2.promote(Timeline(1), &[], T).await.unwrap();
         n3.stop(StopMode::Fast, T).await.unwrap();
         assert!(
             !n3.needs_rewind(&up("n2", 5002)).await.unwrap(),
@@ -1123,7 +1140,7 @@ mod tests {
             fail_promote: true,
             ..Default::default()
         });
-        assert!(n2.promote(T).await.is_err());
+        assert!(n2.promote(Timeline(1), &[], T).await.is_err());
         assert!(!n2.is_writable());
         n2.stop(StopMode::Fast, T).await.unwrap();
         n2.set_faults(FakeFaults {

@@ -697,6 +697,27 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// Writes `pg_wal/<tl>.history` for every timeline up to `used` that has none, so that
+    /// the next promotion picks a number above `used` (see [`Postgres::promote`]). Each file
+    /// holds the cluster's history lines leading to that timeline, as a replica on it would
+    /// have fetched them, after a comment saying why it is there.
+    fn reserve_timelines(&self, used: Timeline, history: &[HistoryLine]) -> Result<(), PgError> {
+        let wal = self.data_dir.join("pg_wal");
+        for tl in 2..=used.0 {
+            let path = wal.join(format!("{tl:08X}.history"));
+            if path.exists() {
+                continue;
+            }
+            let text = conf::reserved_history(Timeline(tl), history);
+            std::fs::write(&path, text)?;
+            tracing::info!(
+                timeline = tl,
+                "reserved a timeline the cluster already used"
+            );
+        }
+        Ok(())
+    }
+
     /// Leader facts for the divergence check: current timeline and its history file.
     async fn leader_timeline(
         &self,
@@ -1390,7 +1411,13 @@ impl Postgres for LocalPostgres {
         }
     }
 
-    async fn promote(&self, timeout: Duration) -> Result<(), PgError> {
+    async fn promote(
+        &self,
+        used: Timeline,
+        history: &[HistoryLine],
+        timeout: Duration,
+    ) -> Result<(), PgError> {
+        self.reserve_timelines(used, history)?;
         let args: Vec<OsString> = vec![
             "promote".into(),
             "-D".into(),

@@ -264,8 +264,19 @@ pub trait Postgres: Send + Sync {
     /// Stops; `Ok` also when it was not running. Runs nothing else (callbacks are the caller's).
     async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), PgError>;
 
-    /// `pg_ctl promote -w`.
-    async fn promote(&self, timeout: Duration) -> Result<(), PgError>;
+    /// `pg_ctl promote -w`, onto a timeline numbered above `used`: the newest timeline the
+    /// cluster is known to have used (DCS `history`, member keys). PostgreSQL takes one more
+    /// than the newest timeline whose history file it can see, so a replica that never
+    /// received another node's promotion would reuse that number, and two sibling timelines
+    /// with one number look alike to streaming, to the divergence check and to pg_rewind: the
+    /// node on the losing branch could never rejoin. So history files for the used timelines
+    /// the node lacks are written first (content from `history`, the cluster's lines).
+    async fn promote(
+        &self,
+        used: Timeline,
+        history: &[crate::dcs::HistoryLine],
+        timeout: Duration,
+    ) -> Result<(), PgError>;
 
     /// Rewrites standby settings to follow `upstream` (a running replica is reloaded, since
     /// primary_conninfo is reloadable on PG ≥ 13).
