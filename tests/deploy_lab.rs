@@ -16,8 +16,10 @@ use pgherd::provision::services::{Service, ServiceOp};
 use pgherd::provision::spec;
 
 mod common;
-use common::cluster::eventually;
-use common::deploy::{LabGuard, get_json, is_root, pg, pids};
+use common::deploy::{
+    fresh_lab, is_root, leader_with_streaming_replicas, pg, pids, rejoined_as_streaming_replica,
+    writes_resume_through,
+};
 
 const SUBNET: &str = "10.232.9";
 
@@ -64,14 +66,10 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         eprintln!("skipped: deploy_lab needs root (network namespaces)");
         return;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("pgprov")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let lab_spec = LabSpec::new("prv", 3, SUBNET, "phprov0", tmp.path().join("lab"));
-    let _ = lab::down(&lab_spec, true);
-    let _guard = LabGuard(lab_spec.clone());
-    let info = lab::up(&lab_spec).expect("lab up");
+    let (tmp, guard, info) = fresh_lab("pgprov", |dir| {
+        LabSpec::new("prv", 3, SUBNET, "phprov0", dir)
+    });
+    let lab_spec = guard.0.clone();
     let state = tmp.path().join("st");
     let inv_path = tmp.path().join("lab.yml");
     write_inventory(&lab_spec, &inv_path, 100, "/bin/true");
@@ -126,28 +124,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     // One leader, two streaming replicas.
     let api = |addr: &str| format!("http://{addr}:{}", s.restapi_port);
     let a0 = api(&info.hosts[0].address);
-    let members = eventually(
-        Duration::from_secs(60),
-        "1 leader + 2 streaming replicas",
-        || {
-            let url = format!("{a0}/cluster");
-            async move {
-                let v = get_json(&url).await?;
-                let m = v["members"].as_array()?.clone();
-                let leaders = m.iter().filter(|x| x["role"] == "leader").count();
-                let streaming = m
-                    .iter()
-                    .filter(|x| x["role"] == "replica" && x["state"] == "streaming")
-                    .count();
-                (leaders == 1 && streaming == 2).then_some(m)
-            }
-        },
-    )
-    .await;
-    let leader = members.iter().find(|m| m["role"] == "leader").unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let leader = leader_with_streaming_replicas(&a0, 2).await;
 
     // Writes through HAProxy's primary port, reads from a replica through the replica port.
     let hp = &info.hosts[1].address;
@@ -324,18 +301,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         .address
         .clone();
     let t0 = Instant::now();
-    eventually(
-        Duration::from_secs(90),
-        "writes through HAProxy resume",
-        || {
-            let (a, p) = (survivor.clone(), password.clone());
-            async move {
-                let c = pg(&a, 5000, &p).await.ok()?;
-                c.batch_execute("INSERT INTO t VALUES (2)").await.ok()
-            }
-        },
-    )
-    .await;
+    writes_resume_through(&survivor, 5000, &password).await;
     println!(
         "MEASURED writes resumed {:.1}s after crashing {leader}",
         t0.elapsed().as_secs_f64()
@@ -350,19 +316,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         .unwrap()
         .address
         .clone();
-    let url = format!("{}/patroni", api(&old));
-    eventually(
-        Duration::from_secs(120),
-        "the old primary rejoins as a streaming replica",
-        || {
-            let url = url.clone();
-            async move {
-                let v = get_json(&url).await?;
-                (v["role"] == "replica" && v["replication_state"] == "streaming").then_some(())
-            }
-        },
-    )
-    .await;
+    rejoined_as_streaming_replica(&api(&old)).await;
 
     // Unreachable host and wrong key: errors name the host, nothing else is attempted.
     let mut bad = inv.clone();

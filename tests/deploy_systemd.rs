@@ -17,8 +17,10 @@ use pgherd::provision::services::{Service, ServiceMode, ServiceOp};
 use pgherd::provision::spec;
 
 mod common;
-use common::cluster::eventually;
-use common::deploy::{LabGuard, get_json, is_root, pg, pids};
+use common::deploy::{
+    fresh_lab, is_root, leader_with_streaming_replicas, pg, pids, rejoined_as_streaming_replica,
+    writes_resume_through,
+};
 
 const SUBNET: &str = "10.232.11";
 
@@ -52,15 +54,10 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
         eprintln!("skipped: deploy_systemd needs root (network namespaces)");
         return;
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("pgsd")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let lab_spec = LabSpec::new("sdl", 3, SUBNET, "phsd0", tmp.path().join("lab"))
-        .with_init(HostInit::Systemd);
-    let _ = lab::down(&lab_spec, true);
-    let _guard = LabGuard(lab_spec.clone());
-    let info = lab::up(&lab_spec).expect("lab up");
+    let (tmp, guard, info) = fresh_lab("pgsd", |dir| {
+        LabSpec::new("sdl", 3, SUBNET, "phsd0", dir).with_init(HostInit::Systemd)
+    });
+    let lab_spec = guard.0.clone();
     let state = tmp.path().join("st");
     let inv_path = tmp.path().join("lab.yml");
     write_inventory(&lab_spec, &inv_path, 100);
@@ -119,28 +116,7 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
     // One leader, two streaming replicas; a write through HAProxy's primary port.
     let api = |addr: &str| format!("http://{addr}:{}", s.restapi_port);
     let a0 = api(&info.hosts[0].address);
-    let members = eventually(
-        Duration::from_secs(60),
-        "1 leader + 2 streaming replicas",
-        || {
-            let url = format!("{a0}/cluster");
-            async move {
-                let v = get_json(&url).await?;
-                let m = v["members"].as_array()?.clone();
-                let leaders = m.iter().filter(|x| x["role"] == "leader").count();
-                let streaming = m
-                    .iter()
-                    .filter(|x| x["role"] == "replica" && x["state"] == "streaming")
-                    .count();
-                (leaders == 1 && streaming == 2).then_some(m)
-            }
-        },
-    )
-    .await;
-    let leader = members.iter().find(|m| m["role"] == "leader").unwrap()["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let leader = leader_with_streaming_replicas(&a0, 2).await;
     let c = pg(&info.hosts[1].address, s.primary_port, &password)
         .await
         .expect("connect through haproxy primary port");
@@ -218,18 +194,7 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
         .unwrap()
         .address
         .clone();
-    eventually(
-        Duration::from_secs(90),
-        "writes through HAProxy resume",
-        || {
-            let (a, p) = (survivor.clone(), password.clone());
-            async move {
-                let c = pg(&a, 5000, &p).await.ok()?;
-                c.batch_execute("INSERT INTO t VALUES (2)").await.ok()
-            }
-        },
-    )
-    .await;
+    writes_resume_through(&survivor, 5000, &password).await;
 
     // Boot it: systemd starts the enabled units by itself (no apply), and the old primary
     // rejoins the new one as a streaming replica.
@@ -241,19 +206,7 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
         .unwrap()
         .address
         .clone();
-    let url = format!("{}/patroni", api(&old));
-    eventually(
-        Duration::from_secs(120),
-        "the old primary rejoins as a streaming replica",
-        || {
-            let url = url.clone();
-            async move {
-                let v = get_json(&url).await?;
-                (v["role"] == "replica" && v["replication_state"] == "streaming").then_some(())
-            }
-        },
-    )
-    .await;
+    rejoined_as_streaming_replica(&api(&old)).await;
     let fleet = pgherd::cli::connect(&inv, &state).await.expect("reconnect");
     assert_eq!(
         systemctl(&fleet, &leader, "is-active etcd pgherd-agent haproxy").await,

@@ -69,3 +69,78 @@ pub async fn get_json(url: &str) -> Option<serde_json::Value> {
         .ok()?;
     c.get(url).send().await.ok()?.json().await.ok()
 }
+
+/// Waits until the agent API at `api` (`http://addr:port`) shows one leader and `replicas`
+/// streaming replicas; returns the leader's name.
+pub async fn leader_with_streaming_replicas(api: &str, replicas: usize) -> String {
+    let url = format!("{api}/cluster");
+    let members = super::cluster::eventually(
+        Duration::from_secs(60),
+        "1 leader + all replicas streaming",
+        || {
+            let url = url.clone();
+            async move {
+                let v = get_json(&url).await?;
+                let m = v["members"].as_array()?.clone();
+                let leaders = m.iter().filter(|x| x["role"] == "leader").count();
+                let streaming = m
+                    .iter()
+                    .filter(|x| x["role"] == "replica" && x["state"] == "streaming")
+                    .count();
+                (leaders == 1 && streaming == replicas).then_some(m)
+            }
+        },
+    )
+    .await;
+    members.iter().find(|m| m["role"] == "leader").unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits until an INSERT into `t` through HAProxy's primary port on `addr` succeeds.
+pub async fn writes_resume_through(addr: &str, port: u16, password: &str) {
+    super::cluster::eventually(
+        Duration::from_secs(90),
+        "writes through HAProxy resume",
+        || async move {
+            let c = pg(addr, port, password).await.ok()?;
+            c.batch_execute("INSERT INTO t VALUES (2)").await.ok()
+        },
+    )
+    .await;
+}
+
+/// Waits until the agent API at `api` reports a streaming replica.
+pub async fn rejoined_as_streaming_replica(api: &str) {
+    let url = format!("{api}/patroni");
+    super::cluster::eventually(
+        Duration::from_secs(120),
+        "the old primary rejoins as a streaming replica",
+        || {
+            let url = url.clone();
+            async move {
+                let v = get_json(&url).await?;
+                (v["role"] == "replica" && v["replication_state"] == "streaming").then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// A lab built fresh in a new directory under /tmp: `make` gets the lab's state directory.
+/// Returns the directory (keep it alive), the guard that tears the lab down, and the lab.
+pub fn fresh_lab(
+    prefix: &str,
+    make: impl FnOnce(std::path::PathBuf) -> LabSpec,
+) -> (tempfile::TempDir, LabGuard, lab::LabInfo) {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    let spec = make(tmp.path().join("lab"));
+    let _ = lab::down(&spec, true);
+    let guard = LabGuard(spec.clone());
+    let info = lab::up(&spec).expect("lab up");
+    (tmp, guard, info)
+}
