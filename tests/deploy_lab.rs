@@ -81,6 +81,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(120),
         progress: false,
+        ..Default::default()
     };
     let t0 = Instant::now();
     let report = apply::apply(&s, &fleet, &opts)

@@ -67,6 +67,7 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(120),
         progress: false,
+        ..Default::default()
     };
 
     // The hosts really run systemd, and pgherd sees it.

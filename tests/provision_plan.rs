@@ -454,6 +454,7 @@ async fn applying_a_haproxy_change_uploads_the_file_and_reloads_only_haproxy() {
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(5),
         progress: false,
+        ..Default::default()
     };
     let r = apply::apply(&new, &fleet(&t), &opts).await.expect("apply");
     assert_eq!(
@@ -616,6 +617,7 @@ async fn a_host_failing_in_a_step_stops_the_run_before_the_next_step_on_any_host
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(1),
         progress: false,
+        ..Default::default()
     };
     let e = apply::apply(&s, &f, &opts).await.unwrap_err();
     let msg = pgherd::provision::error_chain(&e);

@@ -130,6 +130,9 @@ pub struct ApplyArgs {
     /// host before the next (the playbook's wait steps carry their own timeouts).
     #[arg(long, default_value_t = 180)]
     pub wait_timeout: u64,
+    /// At most this many hosts work at once within a step.
+    #[arg(long, default_value_t = apply::DEFAULT_MAX_PARALLEL, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub forks: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -436,6 +439,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(a.wait_timeout),
         progress: true,
+        max_parallel: a.forks,
     };
     let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
     tm.mark("execute");

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::facts::{self, FactsError, HostFacts};
@@ -91,13 +92,20 @@ pub struct ApplyOptions {
     pub wait_timeout: Duration,
     /// Draw indicatif bars (only effective on a TTY); otherwise plain log lines on stderr.
     pub progress: bool,
+    /// At most this many hosts work at once within a step (uploads of the agent binary to a
+    /// large fleet would otherwise all start together).
+    pub max_parallel: usize,
 }
+
+/// Default of [`ApplyOptions::max_parallel`].
+pub const DEFAULT_MAX_PARALLEL: usize = 16;
 
 impl Default for ApplyOptions {
     fn default() -> Self {
         ApplyOptions {
             wait_timeout: Duration::from_secs(120),
             progress: true,
+            max_parallel: DEFAULT_MAX_PARALLEL,
         }
     }
 }
@@ -346,12 +354,13 @@ fn summary(s: &PlannedStep) -> String {
     }
 }
 
-/// Runs `steps` of each host (host name → steps), hosts in parallel, steps in order. All hosts
-/// run to the end of their list; errors are collected.
+/// Runs `steps` of each host (host name → steps), hosts in parallel (at most `limit`'s permits
+/// at once), steps in order. All hosts run to the end of their list; errors are collected.
 async fn run_parallel(
     fleet: &Fleet,
     work: Vec<(String, ServiceMode, Vec<PlannedStep>)>,
     progress: &Progress,
+    limit: &Arc<Semaphore>,
     done: &mut Vec<(String, String, String)>,
 ) -> Result<(), ProvisionError> {
     let mut set = JoinSet::new();
@@ -361,7 +370,9 @@ async fn run_parallel(
         }
         let t = fleet.get(&host).cloned().expect("fleet covers the plan");
         let p = progress.clone();
+        let limit = limit.clone();
         set.spawn(async move {
+            let _permit = limit.acquire_owned().await.expect("semaphore never closed");
             let mut ok = Vec::new();
             for s in steps {
                 let Planned::Change { action, .. } = &s.planned else {
@@ -881,6 +892,7 @@ async fn execute_stages(
     done: &mut Vec<(String, String, String)>,
 ) -> Result<(), ProvisionError> {
     let stages = stages(spec, plan, facts)?;
+    let limit = Arc::new(Semaphore::new(opts.max_parallel.max(1)));
     let c = http();
     let mut dirty_units: BTreeSet<String> = BTreeSet::new();
     for stage in &stages {
@@ -919,7 +931,7 @@ async fn execute_stages(
                 }
                 insert_daemon_reloads(&mut work, &mut dirty_units);
                 let hosts: Vec<String> = work.iter().map(|(h, _, _)| h.clone()).collect();
-                run_parallel(fleet, work, progress, done).await?;
+                run_parallel(fleet, work, progress, &limit, done).await?;
                 label(done, before);
                 for h in hosts {
                     progress.msg(&h, "waiting until it leads");
@@ -942,7 +954,7 @@ async fn execute_stages(
                 let hosts: Vec<String> = work.iter().map(|(h, _, _)| h.clone()).collect();
                 for mut batch in batches(work, step.parallelism) {
                     insert_daemon_reloads(&mut batch, &mut dirty_units);
-                    run_parallel(fleet, batch, progress, done).await?;
+                    run_parallel(fleet, batch, progress, &limit, done).await?;
                 }
                 label(done, before);
                 // Newly started members must stream before the proxy routes to them.
@@ -968,7 +980,7 @@ async fn execute_stages(
                 for mut batch in batches(work, step.parallelism) {
                     insert_daemon_reloads(&mut batch, &mut dirty_units);
                     let hosts: Vec<String> = batch.iter().map(|(h, _, _)| h.clone()).collect();
-                    run_parallel(fleet, batch, progress, done).await?;
+                    run_parallel(fleet, batch, progress, &limit, done).await?;
                     // Rolling: the next batch only when this one is healthy again.
                     if let (true, Some(svc)) = (serial, svc) {
                         for h in hosts {
@@ -987,7 +999,7 @@ async fn execute_stages(
                 let work = run_order(stage, None, None);
                 for mut batch in batches(work, step.parallelism) {
                     insert_daemon_reloads(&mut batch, &mut dirty_units);
-                    run_parallel(fleet, batch, progress, done).await?;
+                    run_parallel(fleet, batch, progress, &limit, done).await?;
                 }
                 label(done, before);
             }
@@ -1002,7 +1014,7 @@ async fn execute_stages(
             .filter(|hp| dirty_units.contains(&hp.host))
             .map(|hp| (hp.host.clone(), hp.mode, vec![daemon_reload_step()]))
             .collect();
-        run_parallel(fleet, work, progress, done).await?;
+        run_parallel(fleet, work, progress, &limit, done).await?;
     }
     for h in &plan.hosts {
         progress.msg(&h.host, "done");
