@@ -2,7 +2,8 @@
 //! hosts boot systemd as PID 1 (subnet 10.232.11.0/24, bridge `phsd0`). `apply` renders and
 //! installs the units, runs `daemon-reload`, enables and starts etcd, the agents and Debian's
 //! HAProxy unit with pgherd's drop-in; a second `apply` changes nothing and restarts nothing; a
-//! HAProxy setting reloads HAProxy in place (same main PID); a crashed primary host fails over,
+//! HAProxy setting reloads HAProxy in place (same main PID); the day-2 verbs (`pgherd
+//! switchover`, `restart`, `reinit`, `pause`, `resume`) work; a crashed primary host fails over,
 //! and when it boots, systemd alone (no `apply`) brings its enabled services back and it rejoins
 //! as a replica. Needs root; skipped with a message otherwise.
 
@@ -18,8 +19,8 @@ use pgherd::provision::spec;
 
 mod common;
 use common::deploy::{
-    fresh_lab, is_root, leader_with_streaming_replicas, pg, pids, rejoined_as_streaming_replica,
-    writes_resume_through,
+    fresh_lab, get_json, is_root, leader_with_streaming_replicas, pg, pids,
+    rejoined_as_streaming_replica, writes_resume_through,
 };
 
 const SUBNET: &str = "10.232.11";
@@ -185,6 +186,61 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
         assert_eq!(p[..2], after[h][..2], "{h}: etcd/agent restarted");
         assert_eq!(p[3], after[h][3], "{h}: postgres restarted");
     }
+
+    // Day-2 verbs through the agents' REST API: switchover to a named replica, restart and
+    // reinitialize a replica, pause and resume automatic failover.
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+            .args(args)
+            .arg("-i")
+            .arg(&inv_path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "pgherd {args:?}: {text}{err}");
+        assert!(!text.contains(&password) && !err.contains(&password));
+        text
+    };
+    let candidate = info
+        .hosts
+        .iter()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .name
+        .clone();
+    let text = ctl(&["switchover", "--candidate", &candidate, "--yes"]);
+    assert!(
+        text.contains(&format!("switchover done: {candidate} leads")),
+        "{text}"
+    );
+    let leader = leader_with_streaming_replicas(&a0, 2).await;
+    assert_eq!(leader, candidate);
+    let replica = info
+        .hosts
+        .iter()
+        .find(|h| h.name != leader)
+        .unwrap()
+        .name
+        .clone();
+    assert!(ctl(&["restart", &replica, "--yes"]).contains(&format!("restarted {replica}")));
+    assert!(ctl(&["reinit", &replica, "--yes"]).contains("reinitialized and streaming"));
+    assert!(ctl(&["pause"]).starts_with("paused"));
+    assert_eq!(
+        get_json(&format!("{a0}/cluster")).await.unwrap()["pause"],
+        true
+    );
+    assert!(ctl(&["resume"]).starts_with("resumed"));
+    // Without a terminal, a mutating verb needs --yes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+        .args(["switchover", "-i"])
+        .arg(&inv_path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --yes"));
+    let leader = leader_with_streaming_replicas(&a0, 2).await;
 
     // Power-cut the primary's host: writes resume through HAProxy on a surviving host.
     lab::crash(&lab_spec, &leader).unwrap();

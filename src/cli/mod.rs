@@ -1,6 +1,9 @@
 //! The `pgherd` command line: argument parsing (clap) and the verbs — `lab up|down|status|crash|
-//! boot`, `plan`, `apply`, `status`, `check`. Each verb loads and validates the inventory before
-//! touching any host; the binary only maps [`run`]'s result to an exit code.
+//! boot`, `plan`, `apply`, `status`, `check`, and the day-2 verbs of [`ctl`] (`switchover`,
+//! `failover`, `restart`, `reinit`, `pause`, `resume`). Each verb loads and validates the
+//! inventory before touching any host; the binary only maps [`run`]'s result to an exit code.
+
+pub mod ctl;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -42,6 +45,42 @@ pub enum Command {
     Status(InvArgs),
     /// Validate the inventory and the playbook, render every file, reach every host.
     Check(CheckArgs),
+    /// Hand the leader role to a healthy replica (planned, no data loss).
+    Switchover(SwitchoverArgs),
+    /// Promote a member even without a healthy leader (last resort).
+    Failover(SwitchoverArgs),
+    /// Restart PostgreSQL on one member, or on all (replicas first, the leader last).
+    Restart(MemberArgs),
+    /// Re-create a replica's data from the leader (its local data is discarded).
+    Reinit(MemberArgs),
+    /// Stop automatic failover (maintenance); the agents keep reporting.
+    Pause(InvArgs),
+    /// Turn automatic failover back on.
+    Resume(InvArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SwitchoverArgs {
+    #[command(flatten)]
+    pub inv: InvArgs,
+    /// The member to promote (default: the healthiest replica; required for a failover
+    /// without a leader).
+    #[arg(long)]
+    pub candidate: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MemberArgs {
+    #[command(flatten)]
+    pub inv: InvArgs,
+    /// Member name (restart: default all members).
+    pub member: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -249,7 +288,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(a) => apply_cmd(&a, &state_dir).await,
         Command::Status(a) => status_cmd(&a).await,
         Command::Check(a) => check_cmd(&a, &state_dir).await,
+        Command::Switchover(a) => switchover_cmd(&a, false).await,
+        Command::Failover(a) => switchover_cmd(&a, true).await,
+        Command::Restart(a) => {
+            let inv = crate::inventory::load(&a.inv.inventory)?;
+            println!("{}", ctl::restart(&inv, a.member.as_deref(), a.yes).await?);
+            Ok(())
+        }
+        Command::Reinit(a) => {
+            let inv = crate::inventory::load(&a.inv.inventory)?;
+            let Some(member) = a.member.as_deref() else {
+                anyhow::bail!("reinit needs the member to re-create");
+            };
+            println!("{}", ctl::reinit(&inv, member, a.yes).await?);
+            Ok(())
+        }
+        Command::Pause(a) => pause_cmd(&a, true).await,
+        Command::Resume(a) => pause_cmd(&a, false).await,
     }
+}
+
+async fn switchover_cmd(a: &SwitchoverArgs, failover: bool) -> anyhow::Result<()> {
+    let inv = crate::inventory::load(&a.inv.inventory)?;
+    let out = ctl::switchover(&inv, a.candidate.as_deref(), failover, a.yes).await?;
+    println!("{out}");
+    Ok(())
+}
+
+async fn pause_cmd(a: &InvArgs, on: bool) -> anyhow::Result<()> {
+    let inv = crate::inventory::load(&a.inventory)?;
+    println!("{}", ctl::pause(&inv, on).await?);
+    Ok(())
 }
 
 /// `$PGHERD_STATE_DIR`, else `$XDG_STATE_HOME/pgherd`, else `~/.local/state/pgherd` (short enough for control sockets).
