@@ -292,6 +292,21 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     let cfg = String::from_utf8(t1.read_file(&cfg_path).await.unwrap().unwrap()).unwrap();
     assert!(cfg.contains("/bin/echo"), "{cfg}");
 
+    // Fault drills (`pgherd drill`): a switchover, then SIGKILL of the leader's agent and
+    // PostgreSQL over SSH; each reports the write-unavailable window and ends with every
+    // replica streaming again.
+    for (fault, moved) in [
+        ("switchover", "drill Switchover: "),
+        ("kill-primary", "drill KillPrimary: "),
+    ] {
+        let text = cli(&["drill", fault, "--yes"]);
+        assert!(
+            text.starts_with(moved) && text.contains("write-unavailable window: "),
+            "{text}"
+        );
+    }
+    let leader = leader_with_streaming_replicas(&api(&info.hosts[0].address), 2).await;
+
     // Crash the primary's host: writes through HAProxy resume on a new primary.
     lab::crash(&lab_spec, &leader).unwrap();
     let survivor = info

@@ -110,12 +110,26 @@ fn members(cluster: &Value) -> Vec<&Value> {
         .unwrap_or_default()
 }
 
+/// How many members a `/cluster` answer lists.
+pub fn member_count(cluster: &Value) -> usize {
+    members(cluster).len()
+}
+
+/// How many members stream from an upstream.
+pub fn streaming_count(cluster: &Value) -> usize {
+    members(cluster)
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .filter(|n| streaming(cluster, n))
+        .count()
+}
+
 fn is_member(cluster: &Value, name: &str) -> bool {
     members(cluster).iter().any(|m| m["name"] == name)
 }
 
 /// Asks on a terminal; without one, `--yes` is required (a script must say it means it).
-fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
+pub(crate) fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
     if yes {
         return Ok(());
     }
@@ -133,7 +147,7 @@ fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
 }
 
 /// Polls `/cluster` until `done` holds.
-async fn wait_for(
+pub async fn wait_until(
     agents: &Agents<'_>,
     what: &str,
     done: impl Fn(&Value) -> bool,
@@ -208,7 +222,7 @@ pub async fn switchover(
         .await?;
     let old = leader.clone();
     let want = candidate.map(str::to_string);
-    let c = wait_for(&agents, "a new leader leads", |c| {
+    let c = wait_until(&agents, "a new leader leads", |c| {
         let now = leader_of(c);
         now.is_some() && now != old && want.as_ref().is_none_or(|w| now.as_ref() == Some(w))
     })
@@ -240,7 +254,7 @@ pub async fn restart(inv: &Inventory, member: Option<&str>, yes: bool) -> anyhow
             .send(reqwest::Method::POST, m, "/restart", json!({}))
             .await?;
         let is_leader = Some(m) == leader.as_ref();
-        wait_for(&agents, &format!("{m} runs again"), |c| {
+        wait_until(&agents, &format!("{m} runs again"), |c| {
             members(c).iter().any(|x| {
                 x["name"] == m.as_str()
                     && x["state"] == "running"
@@ -276,7 +290,7 @@ pub async fn reinit(inv: &Inventory, member: &str, yes: bool) -> anyhow::Result<
         .await?;
     // Give the agent a moment to stop streaming, then wait until it streams again.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    wait_for(&agents, &format!("{member} streams again"), |c| {
+    wait_until(&agents, &format!("{member} streams again"), |c| {
         streaming(c, member)
     })
     .await?;
@@ -302,7 +316,7 @@ pub async fn pause(inv: &Inventory, on: bool) -> anyhow::Result<String> {
             json!({ "pause": on }),
         )
         .await?;
-    wait_for(
+    wait_until(
         &agents,
         if on {
             "the cluster is paused"

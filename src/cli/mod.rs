@@ -4,6 +4,7 @@
 //! inventory before touching any host; the binary only maps [`run`]'s result to an exit code.
 
 pub mod ctl;
+pub mod drill;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,20 @@ pub enum Command {
     Pause(InvArgs),
     /// Turn automatic failover back on.
     Resume(InvArgs),
+    /// Fault drill: inject a fault and measure the write-unavailable window through HAProxy.
+    Drill(DrillArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub inv: InvArgs,
+    /// switchover (planned) or kill-primary (SIGKILL of the leader's agent and PostgreSQL).
+    #[arg(value_enum)]
+    pub fault: drill::Fault,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -301,6 +316,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("reinit needs the member to re-create");
             };
             println!("{}", ctl::reinit(&inv, member, a.yes).await?);
+            Ok(())
+        }
+        Command::Drill(a) => {
+            let inv = crate::inventory::load(&a.inv.inventory)?;
+            println!("{}", drill::run(&inv, &state_dir, a.fault, a.yes).await?);
             Ok(())
         }
         Command::Pause(a) => pause_cmd(&a, true).await,
