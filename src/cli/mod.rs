@@ -298,7 +298,7 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let state_dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
     match cli.command {
-        Command::Lab(c) => lab_cmd(c),
+        Command::Lab(c) => lab_cmd(c, &state_dir),
         Command::Plan(a) => plan_cmd(&a, &state_dir).await,
         Command::Apply(a) => apply_cmd(&a, &state_dir).await,
         Command::Status(a) => status_cmd(&a).await,
@@ -355,7 +355,45 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/state/pgherd")
 }
 
-fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
+/// Makes pgherd's known_hosts (in `state_dir`) trust exactly the lab hosts' current keys: a lab
+/// rebuilt after `down --purge` has new host keys, and the stale entries would otherwise make
+/// every connection fail as a possible man in the middle. The lab is trusted here because
+/// pgherd generated those keys itself (`<lab dir>/known_hosts`).
+fn trust_lab_keys(state_dir: &Path, info: &lab::LabInfo, add: bool) -> anyhow::Result<()> {
+    let path = state_dir.join("known_hosts");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    // Host fields: `addr`, `[addr]:port`, comma-separated lists of either.
+    let host_of = |field: &str| -> String {
+        match field.strip_prefix('[') {
+            Some(rest) => rest.split(']').next().unwrap_or(rest).to_string(),
+            None => field.to_string(),
+        }
+    };
+    let is_lab = |line: &str| {
+        line.split_whitespace().next().is_some_and(|h| {
+            h.split(',')
+                .any(|a| info.hosts.iter().any(|x| x.address == host_of(a)))
+        })
+    };
+    let mut text: String = old
+        .lines()
+        .filter(|l| !is_lab(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if add {
+        let lab_keys = std::fs::read_to_string(&info.known_hosts)
+            .with_context(|| format!("reading {}", info.known_hosts.display()))?;
+        text.push_str(&lab_keys);
+    }
+    if text != old {
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
     match c {
         LabCommand::Up {
             lab: l,
@@ -368,6 +406,7 @@ fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
                 spec.init = lab::HostInit::Systemd;
             }
             let info = lab::up(&spec)?;
+            trust_lab_keys(state_dir, &info, true)?;
             let inv = inventory.unwrap_or_else(|| spec.state_dir.join("inventory.yml"));
             if !inv.exists() {
                 lab::write_inventory(&spec, &inv)?;
@@ -393,6 +432,10 @@ fn lab_cmd(c: LabCommand) -> anyhow::Result<()> {
         LabCommand::Down { lab: l, purge } => {
             let spec = l.spec(l.existing_hosts(1));
             lab::down(&spec, purge)?;
+            if purge {
+                // The hosts' keys are gone with the state; so must pgherd's trust in them.
+                trust_lab_keys(state_dir, &spec.info(), false)?;
+            }
             println!(
                 "lab {} is down{}",
                 spec.name,
@@ -604,4 +647,39 @@ async fn check_cmd(c: &CheckArgs, state_dir: &Path) -> anyhow::Result<()> {
     }
     println!("check passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rebuilt_lab_replaces_only_its_own_host_keys_in_pgherds_known_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = LabSpec::new("pg", 2, "10.230.0", "pgbr0", dir.path().join("lab"));
+        let info = spec.info();
+        std::fs::create_dir_all(&spec.state_dir).unwrap();
+        std::fs::write(
+            &info.known_hosts,
+            "10.230.0.11 ssh-ed25519 NEW1\n10.230.0.12 ssh-ed25519 NEW2\n",
+        )
+        .unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            state.join("known_hosts"),
+            "10.230.0.11 ssh-ed25519 OLD1\ndb.example ssh-ed25519 KEEP\n[10.230.0.12]:22 ssh-ed25519 OLD2\n",
+        )
+        .unwrap();
+        trust_lab_keys(&state, &info, true).unwrap();
+        let text = std::fs::read_to_string(state.join("known_hosts")).unwrap();
+        assert_eq!(
+            text,
+            "db.example ssh-ed25519 KEEP\n10.230.0.11 ssh-ed25519 NEW1\n10.230.0.12 ssh-ed25519 NEW2\n"
+        );
+        // `lab down --purge`: the lab's entries go, the rest stays.
+        trust_lab_keys(&state, &info, false).unwrap();
+        let text = std::fs::read_to_string(state.join("known_hosts")).unwrap();
+        assert_eq!(text, "db.example ssh-ed25519 KEEP\n");
+    }
 }
