@@ -309,13 +309,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
 
     // Crash the primary's host: writes through HAProxy resume on a new primary.
     lab::crash(&lab_spec, &leader).unwrap();
-    let survivor = info
-        .hosts
-        .iter()
-        .find(|h| h.name != leader)
-        .unwrap()
-        .address
-        .clone();
+    let survivor = info.other_than(&leader).unwrap().address.clone();
     let t0 = Instant::now();
     writes_resume_through(&survivor, 5000, &password).await;
     println!(
@@ -325,13 +319,7 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
 
     // Boot it: its agent comes back (boot hook) and rejoins as a replica.
     lab::boot(&lab_spec, &leader).unwrap();
-    let old = info
-        .hosts
-        .iter()
-        .find(|h| h.name == leader)
-        .unwrap()
-        .address
-        .clone();
+    let old = info.host(&leader).unwrap().address.clone();
     rejoined_as_streaming_replica(&api(&old)).await;
 
     // Unreachable host and wrong key: errors name the host, nothing else is attempted.

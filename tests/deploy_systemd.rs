@@ -202,13 +202,7 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
         assert!(!text.contains(&password) && !err.contains(&password));
         text
     };
-    let candidate = info
-        .hosts
-        .iter()
-        .find(|h| h.name != leader)
-        .unwrap()
-        .name
-        .clone();
+    let candidate = info.other_than(&leader).unwrap().name.clone();
     let text = ctl(&["switchover", "--candidate", &candidate, "--yes"]);
     assert!(
         text.contains(&format!("switchover done: {candidate} leads")),
@@ -216,13 +210,7 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
     );
     let leader = leader_with_streaming_replicas(&a0, 2).await;
     assert_eq!(leader, candidate);
-    let replica = info
-        .hosts
-        .iter()
-        .find(|h| h.name != leader)
-        .unwrap()
-        .name
-        .clone();
+    let replica = info.other_than(&leader).unwrap().name.clone();
     assert!(ctl(&["restart", &replica, "--yes"]).contains(&format!("restarted {replica}")));
     assert!(ctl(&["reinit", &replica, "--yes"]).contains("reinitialized and streaming"));
     assert!(ctl(&["pause"]).starts_with("paused"));
@@ -244,25 +232,13 @@ async fn systemd_hosts_get_enabled_units_converge_reload_in_place_and_come_back_
 
     // Power-cut the primary's host: writes resume through HAProxy on a surviving host.
     lab::crash(&lab_spec, &leader).unwrap();
-    let survivor = info
-        .hosts
-        .iter()
-        .find(|h| h.name != leader)
-        .unwrap()
-        .address
-        .clone();
+    let survivor = info.other_than(&leader).unwrap().address.clone();
     writes_resume_through(&survivor, 5000, &password).await;
 
     // Boot it: systemd starts the enabled units by itself (no apply), and the old primary
     // rejoins the new one as a streaming replica.
     lab::boot(&lab_spec, &leader).unwrap();
-    let old = info
-        .hosts
-        .iter()
-        .find(|h| h.name == leader)
-        .unwrap()
-        .address
-        .clone();
+    let old = info.host(&leader).unwrap().address.clone();
     rejoined_as_streaming_replica(&api(&old)).await;
     let fleet = pgherd::cli::connect(&inv, &state).await.expect("reconnect");
     assert_eq!(

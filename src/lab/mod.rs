@@ -102,6 +102,16 @@ pub struct LabInfo {
 }
 
 impl LabInfo {
+    /// The host named `host`.
+    pub fn host(&self, host: &str) -> Option<&LabHost> {
+        self.hosts.iter().find(|h| h.name == host)
+    }
+
+    /// The first host (in order) that is not `host`.
+    pub fn other_than(&self, host: &str) -> Option<&LabHost> {
+        self.hosts.iter().find(|h| h.name != host)
+    }
+
     /// How to reach `host` with [`crate::transport::SshTransport`]: root, the lab key.
     pub fn host_spec(&self, host: &str) -> Option<HostSpec> {
         let h = self.hosts.iter().find(|h| h.name == host)?;
