@@ -88,7 +88,9 @@ impl ProvisionError {
 /// Tuning of `apply`.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
-    /// How long to wait for etcd health, a leader, a streaming replica, the proxy.
+    /// How long a `serial` service step waits for the service to be healthy again on each
+    /// host before the next (the playbook's `wait_for`, `bootstrap_primary` and
+    /// `start_replicas` steps carry their own timeouts).
     pub wait_timeout: Duration,
     /// Draw indicatif bars (only effective on a TTY); otherwise plain log lines on stderr.
     pub progress: bool,
