@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages pgherd builds and tests with (idempotent; run as root).
 # protobuf-compiler + libprotobuf-dev: etcd-client's build script needs protoc and the
-# google/protobuf/*.proto includes. The rest are the real systems the tests drive.
+# google/protobuf/*.proto includes. The rest are the real systems the tests drive (systemd and
+# dbus: PID 1 of the `lab up --systemd` hosts that tests/deploy_systemd.rs deploys on).
 set -euo pipefail
 pkgs=(protobuf-compiler libprotobuf-dev postgresql-15 postgresql-client-15 etcd-server etcd-client
       haproxy openssh-server openssh-client iptables tini iproute2 python3-venv python3-pip
-      procps psmisc curl ca-certificates sudo)
+      procps psmisc curl ca-certificates sudo systemd dbus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
