@@ -17,9 +17,14 @@ if ((${#missing[@]})); then
   apt-get update -q
   apt-get install -y -q "${missing[@]}"
 fi
-# Debian starts these services on install in some environments; the tests run their own.
+# Debian enables (and where systemd runs, starts) these services on install; the tests run their
+# own, and the systemd lab hosts boot from this machine's /etc, so they must stay disabled.
+# `disable` works without a running systemd (it only edits symlinks); `disable --now` would not.
 for s in postgresql etcd haproxy ssh; do
-  (command -v systemctl >/dev/null && systemctl disable --now "$s" >/dev/null 2>&1) || true
+  if command -v systemctl >/dev/null; then
+    systemctl disable "$s" >/dev/null 2>&1 || true
+    systemctl stop "$s" >/dev/null 2>&1 || true
+  fi
 done
 pkill -x etcd 2>/dev/null || true
 if ! command -v cargo >/dev/null; then
