@@ -18,6 +18,10 @@ use crate::inventory::{Inventory, Role};
 
 /// How long a verb waits for the cluster to show its effect.
 const EFFECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// A read of `/cluster`: an agent that does not answer within this is skipped for the next.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// A mutating call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The agents of one inventory.
 pub struct Agents<'a> {
@@ -27,9 +31,7 @@ pub struct Agents<'a> {
 
 impl<'a> Agents<'a> {
     pub fn new(inv: &'a Inventory) -> anyhow::Result<Agents<'a>> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()?;
+        let http = reqwest::Client::builder().build()?;
         Ok(Agents { inv, http })
     }
 
@@ -50,7 +52,7 @@ impl<'a> Agents<'a> {
         let mut tried = Vec::new();
         for h in self.inv.hosts_with(Role::Postgres) {
             let url = format!("{}/cluster", self.base(h.name.as_str())?);
-            match self.http.get(&url).send().await {
+            match self.http.get(&url).timeout(READ_TIMEOUT).send().await {
                 Ok(r) if r.status().is_success() => {
                     if let Ok(v) = r.json::<Value>().await {
                         return Ok(v);
@@ -75,6 +77,7 @@ impl<'a> Agents<'a> {
         let r = self
             .http
             .request(method.clone(), &url)
+            .timeout(CALL_TIMEOUT)
             .basic_auth(
                 &self.inv.agent.restapi_username,
                 Some(self.inv.secrets.restapi.expose()),

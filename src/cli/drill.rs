@@ -153,7 +153,8 @@ pub async fn run(
     // A baseline of successful writes before the fault.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
-    let mut restore: Option<Arc<dyn Transport>> = None;
+    // Kill-primary: the old leader's host and service mode, to start its agent again.
+    let mut restore: Option<(Arc<dyn Transport>, ServiceMode)> = None;
     match fault {
         Fault::Switchover => {
             ctl::switchover(inv, None, false, true).await?;
@@ -170,7 +171,7 @@ pub async fn run(
             t.run_ok(&kill_command(mode), Duration::from_secs(30))
                 .await
                 .with_context(|| format!("killing the agent and PostgreSQL on {old_leader}"))?;
-            restore = Some(t);
+            restore = Some((t, mode));
         }
     }
     // A leader other than the old one (switchover, or the failover after the lease expired)
@@ -180,9 +181,9 @@ pub async fn run(
     })
     .await?;
     let new_leader = ctl::leader_of(&c).unwrap_or_default();
-    if let Some(t) = restore {
+    if let Some((t, mode)) = restore {
         t.run_ok(
-            &services::op_command(Service::Agent, ServiceOp::Start, mode_of(t.as_ref()).await),
+            &services::op_command(Service::Agent, ServiceOp::Start, mode),
             Duration::from_secs(60),
         )
         .await
@@ -217,13 +218,6 @@ pub async fn run(
         writes_ok: p.ok,
         writes_failed: p.failed,
     })
-}
-
-async fn mode_of(t: &dyn Transport) -> ServiceMode {
-    facts::gather(t, &Default::default(), &Default::default())
-        .await
-        .map(|f| f.mode)
-        .unwrap_or(ServiceMode::Supervisor)
 }
 
 /// SIGKILL of the agent and PostgreSQL with no restart by the service manager: under systemd

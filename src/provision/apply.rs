@@ -640,6 +640,20 @@ fn insert_daemon_reloads(
     }
 }
 
+/// Runs one batch of a step: daemon-reloads inserted where units changed, then the hosts'
+/// changes in parallel (bounded by `limit`).
+async fn run_batch(
+    fleet: &Fleet,
+    mut batch: Vec<(String, ServiceMode, Vec<PlannedStep>)>,
+    dirty: &mut BTreeSet<String>,
+    progress: &Progress,
+    limit: &Arc<Semaphore>,
+    done: &mut Vec<(String, String, String)>,
+) -> Result<(), ProvisionError> {
+    insert_daemon_reloads(&mut batch, dirty);
+    run_parallel(fleet, batch, progress, limit, done).await
+}
+
 /// Waits until `svc` is healthy on `host` after a serial service step changed it there, so a
 /// rolling restart never takes a second member down before the first is back.
 async fn wait_service_healthy(
@@ -687,7 +701,7 @@ fn etcd_endpoints(spec: &DeploySpec) -> String {
     spec.hosts
         .iter()
         .filter(|h| h.roles.etcd)
-        .map(|h| format!("http://{}:{}", h.address, spec.etcd_client_port))
+        .map(|h| spec.etcd_endpoint(h))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -735,7 +749,7 @@ async fn wait_condition(
                 let t = fleet[&h].clone();
                 let endpoint = spec
                     .host(&h)
-                    .map(|x| format!("http://{}:{}", x.address, spec.etcd_client_port))
+                    .map(|x| spec.etcd_endpoint(x))
                     .unwrap_or_default();
                 async move {
                     wait_until(&h, "its etcd member is healthy", timeout, || {
@@ -899,11 +913,6 @@ async fn execute_stages(
     let mut dirty_units: BTreeSet<String> = BTreeSet::new();
     for stage in &stages {
         let step = &stage.step;
-        let label = |s: &mut Vec<(String, String, String)>, from: usize| {
-            for d in s.iter_mut().skip(from) {
-                d.1 = format!("{}: {}", step.name, d.1);
-            }
-        };
         let before = done.len();
         match &step.kind {
             StepKind::WaitFor {
@@ -927,14 +936,9 @@ async fn execute_stages(
                 .await?;
             }
             StepKind::BootstrapPrimary { timeout_secs } => {
-                let mut work = run_order(stage, None, None);
-                if work.is_empty() {
-                    continue;
-                }
-                insert_daemon_reloads(&mut work, &mut dirty_units);
+                let work = run_order(stage, None, None);
                 let hosts: Vec<String> = work.iter().map(|(h, _, _)| h.clone()).collect();
-                run_parallel(fleet, work, progress, &limit, done).await?;
-                label(done, before);
+                run_batch(fleet, work, &mut dirty_units, progress, &limit, done).await?;
                 for h in hosts {
                     progress.msg(&h, "waiting until it leads");
                     let url = format!("{}/primary", api_base(spec, &h));
@@ -954,11 +958,9 @@ async fn execute_stages(
             StepKind::StartReplicas { timeout_secs } => {
                 let work = run_order(stage, None, None);
                 let hosts: Vec<String> = work.iter().map(|(h, _, _)| h.clone()).collect();
-                for mut batch in batches(work, step.parallelism) {
-                    insert_daemon_reloads(&mut batch, &mut dirty_units);
-                    run_parallel(fleet, batch, progress, &limit, done).await?;
+                for batch in batches(work, step.parallelism) {
+                    run_batch(fleet, batch, &mut dirty_units, progress, &limit, done).await?;
                 }
-                label(done, before);
                 // Newly started members must stream before the proxy routes to them.
                 wait_condition(
                     spec,
@@ -979,10 +981,9 @@ async fn execute_stages(
                 };
                 let work = run_order(stage, svc, leader.as_deref());
                 let serial = matches!(step.parallelism, Parallelism::Serial(_));
-                for mut batch in batches(work, step.parallelism) {
-                    insert_daemon_reloads(&mut batch, &mut dirty_units);
+                for batch in batches(work, step.parallelism) {
                     let hosts: Vec<String> = batch.iter().map(|(h, _, _)| h.clone()).collect();
-                    run_parallel(fleet, batch, progress, &limit, done).await?;
+                    run_batch(fleet, batch, &mut dirty_units, progress, &limit, done).await?;
                     // Rolling: the next batch only when this one is healthy again.
                     if let (true, Some(svc)) = (serial, svc) {
                         for h in hosts {
@@ -991,7 +992,6 @@ async fn execute_stages(
                         }
                     }
                 }
-                label(done, before);
             }
             StepKind::EnsurePackages { .. }
             | StepKind::EnsureDirectory { .. }
@@ -999,12 +999,14 @@ async fn execute_stages(
             | StepKind::Render { .. }
             | StepKind::UploadBinary { .. } => {
                 let work = run_order(stage, None, None);
-                for mut batch in batches(work, step.parallelism) {
-                    insert_daemon_reloads(&mut batch, &mut dirty_units);
-                    run_parallel(fleet, batch, progress, &limit, done).await?;
+                for batch in batches(work, step.parallelism) {
+                    run_batch(fleet, batch, &mut dirty_units, progress, &limit, done).await?;
                 }
-                label(done, before);
             }
+        }
+        // Report what this step did under the step's name.
+        for d in done.iter_mut().skip(before) {
+            d.1 = format!("{}: {}", step.name, d.1);
         }
     }
     // Units written but no service action after them on the host: reload systemd anyway, so

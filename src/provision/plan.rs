@@ -309,6 +309,11 @@ impl DeploySpec {
         dirs
     }
 
+    /// The client URL of the etcd member on `h`.
+    pub fn etcd_endpoint(&self, h: &HostTarget) -> String {
+        format!("http://{}:{}", h.address, self.etcd_client_port)
+    }
+
     /// The fact query for a host. Files of both modes are asked for, since the mode is itself
     /// a fact of the same round trip.
     pub fn fact_query(&self, h: &HostTarget) -> FactQuery {
@@ -323,10 +328,7 @@ impl DeploySpec {
             dirs: dirs.into_iter().collect(),
             packages: h.packages.clone(),
             pg_data_dir: h.pg_data_dir.clone().filter(|_| h.roles.postgres),
-            etcd_endpoint: h
-                .roles
-                .etcd
-                .then(|| format!("http://{}:{}", h.address, self.etcd_client_port)),
+            etcd_endpoint: h.roles.etcd.then(|| self.etcd_endpoint(h)),
             units: h.stop_units.clone(),
             users: h.users.iter().map(|u| u.name.clone()).collect(),
         }

@@ -351,27 +351,7 @@ pub fn host_specs(inv: &Inventory) -> Vec<HostSpec> {
 /// `pgherd status`: the cluster as the agents see it (`GET /cluster` from the first agent that
 /// answers) plus how to connect through HAProxy.
 pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
-    let c = reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()?;
-    let mut body: Option<serde_json::Value> = None;
-    let mut tried = Vec::new();
-    for h in inv.hosts_with(Role::Postgres) {
-        let url = format!("http://{}/cluster", h.endpoint(inv.agent.restapi_port));
-        match c.get(&url).send().await {
-            Ok(r) if r.status().is_success() => {
-                body = r.json().await.ok();
-                if body.is_some() {
-                    break;
-                }
-            }
-            Ok(r) => tried.push(format!("{}: HTTP {}", h.name.as_str(), r.status())),
-            Err(_) => tried.push(format!("{}: agent not reachable", h.name.as_str())),
-        }
-    }
-    let Some(v) = body else {
-        anyhow::bail!("no agent answered GET /cluster ({})", tried.join("; "));
-    };
+    let v = crate::cli::ctl::Agents::new(inv)?.cluster().await?;
     let mut out = String::new();
     let _ = writeln!(out, "cluster {} (namespace {})", inv.cluster, inv.namespace);
     let _ = writeln!(
