@@ -97,6 +97,8 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         stats_port: 0, // 0: not checked (no HAProxy stats in these tests)
         playbook: Arc::new(Playbook::deploy()),
         playbook_origin: "playbooks/deploy.yml".into(),
+        dcs_config: None,
+        restapi_auth: None,
     }
 }
 

@@ -514,9 +514,12 @@ async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
     tm.mark("inventory, templates, agent binary");
     let fleet = connect(&inv, state_dir).await?;
     tm.mark("connect (ssh)");
-    let (facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
+    let (mut facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
     tm.facts(&took);
-    let plan = crate::provision::plan::plan(&spec, &facts);
+    let cluster = apply::gather_cluster(&spec, &fleet, &mut facts).await?;
+    tm.mark("cluster facts (agents, DCS config, pg_settings)");
+    let plan = crate::provision::plan::plan_with_cluster(&spec, &facts, &cluster)
+        .map_err(crate::provision::dcs_config::ClusterConfigError::from)?;
     let stages = apply::stages(&spec, &plan, &facts)?;
     tm.mark("plan");
     print!(
@@ -540,9 +543,12 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     tm.mark("inventory, templates, agent binary");
     let fleet = connect(&inv, state_dir).await?;
     tm.mark("connect (ssh)");
-    let (facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
+    let (mut facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
     tm.facts(&took);
-    let plan = crate::provision::plan::plan(&spec, &facts);
+    let cluster = apply::gather_cluster(&spec, &fleet, &mut facts).await?;
+    tm.mark("cluster facts (agents, DCS config, pg_settings)");
+    let plan = crate::provision::plan::plan_with_cluster(&spec, &facts, &cluster)
+        .map_err(crate::provision::dcs_config::ClusterConfigError::from)?;
     let stages = apply::stages(&spec, &plan, &facts)?;
     tm.mark("plan");
     print!(

@@ -29,6 +29,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::dcs_config::{self, ClusterFacts};
 use super::facts::{self, FactsError, HostFacts};
 use super::plan::{self, Action, DeploySpec, Plan, Planned, PlannedStep};
 use super::playbook::{Parallelism, PlaybookError, StepKind, WaitCondition};
@@ -63,6 +64,8 @@ pub enum ProvisionError {
     },
     #[error("{}", join_errors(.0))]
     Several(Vec<ProvisionError>),
+    #[error("cluster configuration")]
+    Cluster(#[from] super::dcs_config::ClusterConfigError),
 }
 
 fn join_errors(errs: &[ProvisionError]) -> String {
@@ -231,10 +234,37 @@ pub async fn gather_all_timed(
     }
 }
 
+/// Reads the cluster facts (live DCS config, leader, the leader's pg_settings, what each agent
+/// reports) and records each agent's report in its host's facts.
+pub async fn gather_cluster(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    facts: &mut BTreeMap<String, HostFacts>,
+) -> Result<ClusterFacts, ProvisionError> {
+    let cluster = dcs_config::gather(spec, fleet).await?;
+    for (host, a) in &cluster.agents {
+        if let Some(f) = facts.get_mut(host) {
+            f.agent = Some(a.clone());
+        }
+    }
+    Ok(cluster)
+}
+
+/// Host facts, cluster facts, then the pure planner: what `plan` shows and `apply` runs.
+pub async fn facts_and_plan(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+) -> Result<(BTreeMap<String, HostFacts>, Plan), ProvisionError> {
+    let mut facts = gather_all(spec, fleet).await?;
+    let cluster = gather_cluster(spec, fleet, &mut facts).await?;
+    let plan = plan::plan_with_cluster(spec, &facts, &cluster)
+        .map_err(dcs_config::ClusterConfigError::from)?;
+    Ok((facts, plan))
+}
+
 /// facts → plan (pure planner).
 pub async fn make_plan(spec: &DeploySpec, fleet: &Fleet) -> Result<Plan, ProvisionError> {
-    let facts = gather_all(spec, fleet).await?;
-    Ok(plan::plan(spec, &facts))
+    Ok(facts_and_plan(spec, fleet).await?.1)
 }
 
 async fn run_action(
@@ -983,7 +1013,22 @@ async fn execute_stages(
                 let serial = matches!(step.parallelism, Parallelism::Serial(_));
                 for batch in batches(work, step.parallelism) {
                     let hosts: Vec<String> = batch.iter().map(|(h, _, _)| h.clone()).collect();
+                    let signalled = agents_signalled(&batch);
                     run_batch(fleet, batch, &mut dirty_units, progress, &limit, done).await?;
+                    // A reload is done when the agent says it runs the new file, not when the
+                    // signal was sent; one that refused it fails the run with its reason.
+                    for h in signalled {
+                        if let Some(sha) = spec.host(&h).and_then(|t| {
+                            t.files
+                                .iter()
+                                .find(|f| f.path == crate::render::AGENT_CONFIG_PATH)
+                                .map(|f| f.sha256())
+                        }) {
+                            progress.msg(&h, "waiting until the agent runs the new agent.yml");
+                            dcs_config::wait_config_loaded(spec, &h, &sha, opts.wait_timeout)
+                                .await?;
+                        }
+                    }
                     // Rolling: the next batch only when this one is healthy again.
                     if let (true, Some(svc)) = (serial, svc) {
                         for h in hosts {
@@ -992,6 +1037,20 @@ async fn execute_stages(
                         }
                     }
                 }
+            }
+            StepKind::DcsConfig { timeout_secs } => {
+                // Nothing planned and nothing changed in this run: the live config matched.
+                let planned = plan.cluster.config.as_ref().is_some_and(|c| !c.is_noop());
+                if !planned && done.is_empty() {
+                    continue;
+                }
+                let hosts: Vec<String> = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
+                run_dcs_config(spec, fleet, plan, &hosts, *timeout_secs, progress, done).await?;
+            }
+            StepKind::RestartPending { timeout_secs } => {
+                let hosts: Vec<String> = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
+                run_restart_pending(spec, fleet, plan, &hosts, *timeout_secs, progress, done)
+                    .await?;
             }
             StepKind::EnsurePackages { .. }
             | StepKind::EnsureDirectory { .. }
@@ -1026,6 +1085,92 @@ async fn execute_stages(
     Ok(())
 }
 
+/// Hosts of `batch` whose agent is reloaded or restarted.
+fn agents_signalled(batch: &[(String, ServiceMode, Vec<PlannedStep>)]) -> Vec<String> {
+    batch
+        .iter()
+        .filter(|(_, _, steps)| {
+            steps.iter().any(|s| {
+                matches!(
+                    s.planned,
+                    Planned::Change {
+                        action: Action::Service(
+                            Service::Agent,
+                            ServiceOp::Reload | ServiceOp::Restart
+                        ),
+                        ..
+                    }
+                )
+            })
+        })
+        .map(|(h, _, _)| h.clone())
+        .collect()
+}
+
+/// The `dcs_config` step: re-reads the live config (the run may have bootstrapped or changed
+/// the cluster), refuses when it moved since the plan was shown (an operator's concurrent
+/// edit), writes the inventory's keys with a compare-and-swap and waits until every running
+/// selected agent applied them.
+async fn run_dcs_config(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    plan: &Plan,
+    hosts: &[String],
+    timeout_secs: u64,
+    progress: &Progress,
+    done: &mut Vec<(String, String, String)>,
+) -> Result<(), ProvisionError> {
+    let Some(desired) = &spec.dcs_config else {
+        return Ok(());
+    };
+    let cluster = dcs_config::gather(spec, fleet).await?;
+    let Some(live) = &cluster.config else {
+        return Ok(());
+    };
+    if let Some(shown) = plan.cluster.config.as_ref().and_then(|c| c.revision)
+        && live.revision != Some(shown)
+    {
+        return Err(dcs_config::ClusterConfigError::Conflict { revision: shown }.into());
+    }
+    let cp = dcs_config::plan_config(
+        desired,
+        Some(live),
+        cluster.leader.as_deref(),
+        &cluster.settings,
+    )
+    .map_err(dcs_config::ClusterConfigError::from)?;
+    if cp.is_noop() {
+        return Ok(());
+    }
+    let running: Vec<String> = hosts
+        .iter()
+        .filter(|h| cluster.agents.get(*h).is_some_and(|a| a.state == "running"))
+        .cloned()
+        .collect();
+    for h in &running {
+        progress.msg(h, "applying the cluster configuration");
+    }
+    dcs_config::write_and_wait(spec, &cp, &running, Duration::from_secs(timeout_secs)).await?;
+    let who = cluster.leader.clone().unwrap_or_else(|| "cluster".into());
+    for c in &cp.changes {
+        done.push((who.clone(), "DCS config".into(), c.to_string()));
+    }
+    Ok(())
+}
+
+/// The `restart_pending` step: the rolling restart of members pending restart.
+async fn run_restart_pending(
+    _spec: &DeploySpec,
+    _fleet: &Fleet,
+    _plan: &Plan,
+    _hosts: &[String],
+    _timeout_secs: u64,
+    _progress: &Progress,
+    _done: &mut Vec<(String, String, String)>,
+) -> Result<(), ProvisionError> {
+    Ok(())
+}
+
 /// facts → plan → execute.
 pub async fn apply(
     spec: &DeploySpec,
@@ -1033,8 +1178,7 @@ pub async fn apply(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ProvisionError> {
     let started = Instant::now();
-    let facts = gather_all(spec, fleet).await?;
-    let plan = plan::plan(spec, &facts);
+    let (facts, plan) = facts_and_plan(spec, fleet).await?;
     let mut report = execute(spec, fleet, plan, &facts, opts).await?;
     report.elapsed = started.elapsed();
     Ok(report)

@@ -78,6 +78,9 @@ pub struct HostFacts {
     /// Current content of files that differ from the desired ones (for diffs), filled by
     /// [`gather`] only for text files below [`DIFF_MAX_BYTES`].
     pub old_contents: BTreeMap<String, Vec<u8>>,
+    /// What the host's agent reports over its REST API (`GET /patroni`), when it answered:
+    /// filled from the cluster facts ([`super::dcs_config::gather`]), not over SSH.
+    pub agent: Option<super::dcs_config::AgentFact>,
 }
 
 /// Files larger than this are not fetched for diffs (binaries, mostly).
@@ -99,6 +102,7 @@ impl HostFacts {
             units: BTreeMap::new(),
             users: BTreeMap::new(),
             old_contents: BTreeMap::new(),
+            agent: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`spec`]: inventory + rendered templates → the desired state.
 
 pub mod apply;
+pub mod dcs_config;
 pub mod facts;
 pub mod plan;
 pub mod playbook;

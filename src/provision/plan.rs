@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
+use super::dcs_config::{ClusterFacts, ConfigPlan, ConfigRefusal};
 use super::facts::{FactQuery, HostFacts};
 use super::playbook::Playbook;
 use super::schedule::HostStep;
@@ -174,6 +175,13 @@ pub struct DeploySpec {
     pub playbook: Arc<Playbook>,
     /// Where the playbook came from, for errors (`playbooks/deploy.yml` when built in).
     pub playbook_origin: String,
+    /// The cluster-wide settings pgherd manages in the DCS `config` key: the `bootstrap.dcs`
+    /// section of the rendered agent config (so an operator's own template decides them too).
+    /// `None` without postgres hosts.
+    pub dcs_config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// REST API Basic-auth credentials for the agents' mutating endpoints (a secret: never
+    /// printed; `Debug` leaves it out).
+    pub restapi_auth: Option<(String, String)>,
 }
 
 impl fmt::Debug for DeploySpec {
@@ -416,15 +424,45 @@ impl HostPlan {
     }
 }
 
+/// The cluster-level part of a plan: what the live cluster (DCS, agents) needs, beside the
+/// hosts' files and services.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterPlan {
+    /// The DCS `config` change; `None` when no agent answered (nothing to plan against yet).
+    pub config: Option<ConfigPlan>,
+    /// Members whose agents report `pending_restart` now (a restart step will restart them).
+    pub pending_restart: Vec<String>,
+    /// The leader and the other running members, as the agents report them.
+    pub leader: Option<String>,
+    pub replicas: Vec<String>,
+}
+
+impl ClusterPlan {
+    /// Whether the `restart_pending` step has work: members pending now, or a config change
+    /// that needs restarts.
+    pub fn restarts_expected(&self) -> bool {
+        !self.pending_restart.is_empty() || self.config.as_ref().is_some_and(|c| c.needs_restart())
+    }
+
+    pub fn change_count(&self) -> usize {
+        self.config.as_ref().map_or(0, |c| c.changes.len()) + self.pending_restart.len()
+    }
+}
+
 /// The whole plan.
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub hosts: Vec<HostPlan>,
+    pub cluster: ClusterPlan,
 }
 
 impl Plan {
     pub fn change_count(&self) -> usize {
-        self.hosts.iter().map(|h| h.changes().count()).sum()
+        self.hosts
+            .iter()
+            .map(|h| h.changes().count())
+            .sum::<usize>()
+            + self.cluster.change_count()
     }
 
     pub fn is_noop(&self) -> bool {
@@ -696,6 +734,36 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
         }
     }
 
+    // The agent reports which config file it runs with: one that is on disk but not loaded (an
+    // apply cut between writing agent.yml and the reload, or a reload the agent refused) is
+    // reloaded again, so an interrupted run converges.
+    let mut reasons: BTreeMap<Service, String> = BTreeMap::new();
+    if let (Some(agent), Some(want)) = (
+        &facts.agent,
+        spec.files_for(h, mode)
+            .into_iter()
+            .find(|f| f.path == crate::render::AGENT_CONFIG_PATH),
+    ) && facts.service(Service::Agent).running()
+        && !notify.contains_key(&Service::Agent)
+        && facts
+            .file(&want.path)
+            .is_some_and(|f| f.sha256 == want.sha256())
+        && let Some(have) = &agent.config_sha256
+        && *have != want.sha256()
+    {
+        notify.insert(Service::Agent, ServiceOp::Reload);
+        let why = match &agent.config_error {
+            Some(e) => {
+                format!("reload (agent.yml written but not in force: the agent refused it: {e})")
+            }
+            None => format!(
+                "reload (agent.yml written but not loaded yet: the agent runs sha256 {})",
+                &have[..have.len().min(12)]
+            ),
+        };
+        reasons.insert(Service::Agent, why);
+    }
+
     // Services: start what is not running; otherwise act only on notified changes.
     for svc in h.services() {
         let name = format!("service {svc}");
@@ -708,11 +776,12 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
                 None,
             ));
         } else if let Some(op) = notify.get(&svc) {
-            let why = match op {
-                ServiceOp::Restart => "restart (binary, run file or unit changed)",
-                _ => "reload (configuration changed)",
+            let why = match (reasons.remove(&svc), op) {
+                (Some(why), _) => why,
+                (None, ServiceOp::Restart) => "restart (binary, run file or unit changed)".into(),
+                (None, _) => "reload (configuration changed)".into(),
             };
-            steps.push(change(name, Action::Service(svc, *op), why.into(), None));
+            steps.push(change(name, Action::Service(svc, *op), why, None));
         } else {
             let pid = fact
                 .pid
@@ -736,5 +805,42 @@ pub fn plan(spec: &DeploySpec, facts: &BTreeMap<String, HostFacts>) -> Plan {
         .iter()
         .filter_map(|h| facts.get(&h.name).map(|f| plan_host(spec, h, f)))
         .collect();
-    Plan { hosts }
+    Plan {
+        hosts,
+        cluster: ClusterPlan::default(),
+    }
+}
+
+/// [`plan`] plus the cluster-level part from the live cluster's facts (pure). Refuses (nothing
+/// is run) when the DCS config change cannot be planned, e.g. an unknown parameter.
+pub fn plan_with_cluster(
+    spec: &DeploySpec,
+    facts: &BTreeMap<String, HostFacts>,
+    cluster: &ClusterFacts,
+) -> Result<Plan, ConfigRefusal> {
+    let mut p = plan(spec, facts);
+    if let Some(desired) = &spec.dcs_config
+        && cluster.config.is_some()
+    {
+        p.cluster.config = Some(super::dcs_config::plan_config(
+            desired,
+            cluster.config.as_ref(),
+            cluster.leader.as_deref(),
+            &cluster.settings,
+        )?);
+    }
+    p.cluster.leader = cluster.leader.clone();
+    p.cluster.replicas = cluster
+        .agents
+        .iter()
+        .filter(|(n, a)| Some(n.as_str()) != cluster.leader.as_deref() && a.state == "running")
+        .map(|(n, _)| n.clone())
+        .collect();
+    p.cluster.pending_restart = cluster
+        .agents
+        .iter()
+        .filter(|(_, a)| a.pending_restart)
+        .map(|(n, _)| n.clone())
+        .collect();
+    Ok(p)
 }

@@ -225,6 +225,18 @@ pub enum StepKind {
     StartReplicas {
         timeout_secs: u64,
     },
+    /// Write the inventory's cluster-wide settings into the live DCS `config` key (one
+    /// compare-and-swap) and wait until every selected running agent has applied them; a no-op
+    /// when the live config already matches (see [`super::dcs_config`]).
+    DcsConfig {
+        timeout_secs: u64,
+    },
+    /// Restart the selected members that are pending restart, one at a time and each drained
+    /// from HAProxy first, the primary last, or first for lowered hot-standby settings (see
+    /// [`super::rolling`]); a no-op when no member is pending.
+    RestartPending {
+        timeout_secs: u64,
+    },
 }
 
 impl StepKind {
@@ -240,6 +252,8 @@ impl StepKind {
             StepKind::WaitFor { .. } => "wait_for",
             StepKind::BootstrapPrimary { .. } => "bootstrap_primary",
             StepKind::StartReplicas { .. } => "start_replicas",
+            StepKind::DcsConfig { .. } => "dcs_config",
+            StepKind::RestartPending { .. } => "restart_pending",
         }
     }
 
@@ -282,7 +296,9 @@ impl StepKind {
             StepKind::Service { name, .. } => *name = f(name)?,
             StepKind::WaitFor { .. }
             | StepKind::BootstrapPrimary { .. }
-            | StepKind::StartReplicas { .. } => {}
+            | StepKind::StartReplicas { .. }
+            | StepKind::DcsConfig { .. }
+            | StepKind::RestartPending { .. } => {}
         }
         Ok(k)
     }
@@ -356,6 +372,10 @@ struct RawStep {
     bootstrap_primary: Option<RawTimeout>,
     #[serde(default)]
     start_replicas: Option<RawTimeout>,
+    #[serde(default)]
+    dcs_config: Option<RawTimeout>,
+    #[serde(default)]
+    restart_pending: Option<RawTimeout>,
 }
 
 /// `serial: true | false | N`.
@@ -751,11 +771,29 @@ impl Playbook {
                     ),
                 });
             }
+            if let Some(b) = &r.dcs_config {
+                kinds.push(StepKind::DcsConfig {
+                    timeout_secs: timeout(
+                        &b.timeout,
+                        &format!("{f}.dcs_config.timeout"),
+                        &mut problems,
+                    ),
+                });
+            }
+            if let Some(b) = &r.restart_pending {
+                kinds.push(StepKind::RestartPending {
+                    timeout_secs: timeout(
+                        &b.timeout,
+                        &format!("{f}.restart_pending.timeout"),
+                        &mut problems,
+                    ),
+                });
+            }
             let kind = match kinds.len() {
                 1 => kinds.pop().expect("one"),
                 0 => {
                     problems.push(problem(s, f.clone(), format!(
-                        "step {:?} has no action (expected one of ensure_packages, ensure_directory, ensure_user, render, upload_binary, service, wait_for, bootstrap_primary, start_replicas)",
+                        "step {:?} has no action (expected one of ensure_packages, ensure_directory, ensure_user, render, upload_binary, service, wait_for, bootstrap_primary, start_replicas, dcs_config, restart_pending)",
                         r.name.value
                     )));
                     continue;

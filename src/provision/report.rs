@@ -42,8 +42,43 @@ pub fn render_plan(plan: &Plan, opts: ReportOptions) -> String {
             }
         }
     }
+    render_cluster(&mut out, plan, opts);
     let _ = writeln!(out, "{}", summary_line(plan));
     out
+}
+
+/// The cluster-level part: the DCS config diff with each key's effect, and the restarts.
+fn render_cluster(out: &mut String, plan: &Plan, opts: ReportOptions) {
+    let c = &plan.cluster;
+    if let Some(cp) = &c.config {
+        let rev = cp
+            .revision
+            .map(|r| format!(" (revision {r})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "cluster: DCS config{rev}: {} change(s)",
+            cp.changes.len()
+        );
+        for ch in &cp.changes {
+            let _ = writeln!(out, "  change     {ch}");
+        }
+        if opts.show_noops {
+            for (key, why) in &cp.noops {
+                let _ = writeln!(out, "  no change  {key}: {why}");
+            }
+        }
+    }
+    if !c.pending_restart.is_empty() {
+        let _ = writeln!(
+            out,
+            "  change     pending restart now: {} (restarted one at a time by the restart_pending step)",
+            c.pending_restart.join(", ")
+        );
+    }
+    if c.config.as_ref().is_some_and(|cp| cp.needs_restart()) {
+        let _ = writeln!(out, "  then       restart: {}", restart_preview(plan));
+    }
 }
 
 /// `plan: 3 host(s), 12 change(s)` or `plan: 3 host(s), no changes`.
@@ -84,4 +119,56 @@ pub fn render_order(stages: &[Stage], origin: &str) -> String {
         );
     }
     out
+}
+
+/// Hot-standby settings a replica must run with at least the primary's value: lowering one
+/// restarts the primary first.
+const HOT_STANDBY_FLOORS: [&str; 5] = [
+    "max_connections",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+    "max_wal_senders",
+    "max_worker_processes",
+];
+
+/// The restart order a restart-needing config change will take, and its write outage.
+fn restart_preview(plan: &Plan) -> String {
+    let c = &plan.cluster;
+    let leader = c.leader.as_deref().unwrap_or("the primary");
+    let replicas = if c.replicas.is_empty() {
+        "no replicas".to_string()
+    } else {
+        format!(
+            "replicas one at a time, each drained from HAProxy first ({})",
+            c.replicas.join(", ")
+        )
+    };
+    let lowered: Vec<&str> = c
+        .config
+        .iter()
+        .flat_map(|cp| &cp.changes)
+        .filter_map(|ch| {
+            let name = ch.key.strip_prefix("postgresql.parameters.")?;
+            let old = ch.old.as_ref().and_then(num)?;
+            let new = num(&ch.new)?;
+            (HOT_STANDBY_FLOORS.contains(&name) && new < old).then_some(name)
+        })
+        .collect();
+    let order = if lowered.is_empty() {
+        format!("{replicas}, then {leader} in place after a CHECKPOINT")
+    } else {
+        format!(
+            "{leader} first, in place ({} lowered: a standby must never run below the primary), then {replicas}, each once its pg_controldata shows the new value",
+            lowered.join(", ")
+        )
+    };
+    format!("{order}; expected write outage: one PostgreSQL restart of {leader}")
+}
+
+fn num(v: &serde_json::Value) -> Option<f64> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }

@@ -32,6 +32,12 @@ pub enum SpecError {
     },
     #[error(transparent)]
     Playbook(#[from] PlaybookError),
+    #[error("host {host}: the rendered agent config does not parse")]
+    AgentConfig {
+        host: String,
+        #[source]
+        source: crate::config::ConfigError,
+    },
     #[error("cannot read the agent binary {path}")]
     AgentBinary {
         path: String,
@@ -269,6 +275,7 @@ pub fn build_with(
         .collect();
     // Longest first, so a secret containing another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let dcs_config = managed_dcs_config(&hosts)?;
     let spec = DeploySpec {
         cluster: inv.cluster.clone(),
         hosts,
@@ -282,6 +289,11 @@ pub fn build_with(
         stats_port: inv.haproxy.stats_port,
         playbook: Arc::new(pb),
         playbook_origin: origin,
+        dcs_config,
+        restapi_auth: Some((
+            inv.agent.restapi_username.clone(),
+            inv.secrets.restapi.expose().to_string(),
+        )),
     };
     schedule::check(&spec)?;
     Ok(spec)
@@ -405,4 +417,29 @@ pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
 pub fn service_config_path(spec: &DeploySpec, host: &str, svc: Service) -> Option<String> {
     spec.host(host)
         .and_then(|h| h.service_configs.get(&svc).cloned())
+}
+
+/// The `bootstrap.dcs` section of the first postgres host's rendered agent config: what the
+/// cluster's DCS `config` key should hold (see [`super::dcs_config`]).
+fn managed_dcs_config(
+    hosts: &[HostTarget],
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, SpecError> {
+    let Some(h) = hosts.iter().find(|h| h.roles.postgres) else {
+        return Ok(None);
+    };
+    let Some(f) = h
+        .files
+        .iter()
+        .find(|f| f.path == crate::render::AGENT_CONFIG_PATH)
+    else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&f.content);
+    let cfg = crate::config::AgentConfig::parse(&text, crate::render::AGENT_CONFIG_PATH).map_err(
+        |source| SpecError::AgentConfig {
+            host: h.name.clone(),
+            source,
+        },
+    )?;
+    Ok(Some(cfg.bootstrap.dcs))
 }
