@@ -139,6 +139,14 @@ const BAD: &[(&str, Option<&str>, &[&str])] = &[
         &["postgresql.parameters.port", "managed by pgherd"],
     ),
     (
+        "local_cluster_only_parameter.yml",
+        Some("7:7"),
+        &[
+            "hosts[n1].parameters.max_connections",
+            "same on every member",
+        ],
+    ),
+    (
         "db_owner_unknown.yml",
         Some("11:14"),
         &["owner \"ap\"", "not a declared user"],

@@ -671,6 +671,7 @@ pub fn build(
             .unwrap_or_default();
         if let Some(p) = &rh.parameters {
             check_parameters(&mut c, p, &format!("{f}.parameters"));
+            check_local_parameters(&mut c, p, &format!("{f}.parameters"));
         }
         // Ports used on this host must not collide (they all bind the same address).
         let mut used: Vec<(u16, &str)> = Vec::new();
@@ -1133,6 +1134,33 @@ pub fn build(
         secrets_file,
         secrets,
     })
+}
+
+/// Patroni's `CMDLINE_OPTIONS`: settings that must be the same on every member (a standby needs
+/// the hot-standby ones at least at the primary's value, the rest define the cluster's WAL), so
+/// Patroni takes them from the DCS only and drops local values. A per-host value here would be
+/// silently ignored: refuse it instead.
+const CLUSTER_ONLY_PARAMETERS: [&str; 12] = [
+    "max_connections",
+    "max_wal_senders",
+    "max_prepared_transactions",
+    "max_locks_per_transaction",
+    "max_replication_slots",
+    "max_worker_processes",
+    "wal_level",
+    "hot_standby",
+    "wal_keep_size",
+    "track_commit_timestamp",
+    "wal_log_hints",
+    "cluster_name",
+];
+
+fn check_local_parameters(c: &mut Checker, p: &Spanned<Map>, field: &str) {
+    for k in p.value.keys() {
+        if CLUSTER_ONLY_PARAMETERS.contains(&k.as_str()) {
+            c.at(p, format!("{field}.{k}"), format!("parameter {k} must be the same on every member: set it in postgresql.parameters (cluster-wide), not per host"));
+        }
+    }
 }
 
 fn check_parameters(c: &mut Checker, p: &Spanned<Map>, field: &str) {
