@@ -165,7 +165,8 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
             ("shared_buffers", "32MB".into()),
             ("work_mem", "4MB".into()),
         ],
-        hba: vec![],
+        // The controller (the test) connects to every node directly.
+        hba: vec![format!("host all all {SUBNET}.0/24 scram-sha-256")],
         on_role_change: "/usr/local/bin/cb-old".into(),
     };
     write_inventory(&lab_spec, &inv_path, &k);
@@ -297,7 +298,7 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
 
     // 4. pg_hba: a new line is in force everywhere; an invalid one is refused.
     let before = pids(&s, &fleet).await;
-    k.hba = vec!["host all all 192.0.2.0/24 scram-sha-256".into()];
+    k.hba.push("host all all 192.0.2.0/24 scram-sha-256".into());
     write_inventory(&lab_spec, &inv_path, &k);
     apply_inventory(&inv_path, &fleet)
         .await
