@@ -298,6 +298,7 @@ fn primary_status(view: &ClusterView) -> AgentStatus {
         ttl: 30,
         loop_wait: 10,
         updated_at: SystemTime::now(),
+        pgherd: Default::default(),
     }
 }
 
