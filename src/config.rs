@@ -312,7 +312,11 @@ pub fn restart_required(old: &AgentConfig, new: &AgentConfig) -> Vec<&'static st
         ("scope", v(&old.scope), v(&new.scope)),
         ("namespace", v(&old.namespace), v(&new.namespace)),
         ("name", v(&old.name), v(&new.name)),
-        ("restapi.listen", v(&old.restapi.listen), v(&new.restapi.listen)),
+        (
+            "restapi.listen",
+            v(&old.restapi.listen),
+            v(&new.restapi.listen),
+        ),
         (
             "postgresql.data_dir",
             v(&old.postgresql.data_dir),
@@ -691,7 +695,11 @@ mod tests {
         let none: Vec<&str> = vec![];
         let table: Vec<(&str, AgentConfig, Vec<&str>)> = vec![
             ("identical", old.clone(), none.clone()),
-            ("scope", with("scope: batman", "scope: robin"), vec!["scope"]),
+            (
+                "scope",
+                with("scope: batman", "scope: robin"),
+                vec!["scope"],
+            ),
             (
                 "namespace",
                 with("namespace: /service/", "namespace: /other/"),
@@ -715,7 +723,10 @@ mod tests {
             ),
             (
                 "bin_dir",
-                with("bin_dir: /usr/lib/postgresql/15/bin", "bin_dir: /opt/pg/bin"),
+                with(
+                    "bin_dir: /usr/lib/postgresql/15/bin",
+                    "bin_dir: /opt/pg/bin",
+                ),
                 vec!["postgresql.bin_dir"],
             ),
             (
@@ -730,7 +741,10 @@ mod tests {
             ),
             (
                 "socket_dir",
-                with("  use_slots: true", "  use_slots: true\n  socket_dir: /run/pg"),
+                with(
+                    "  use_slots: true",
+                    "  use_slots: true\n  socket_dir: /run/pg",
+                ),
                 vec!["postgresql.socket_dir"],
             ),
             (
@@ -751,7 +765,10 @@ mod tests {
             ),
             (
                 "rest connect_address",
-                with("connect_address: 127.0.0.1:8008", "connect_address: 10.0.0.1:8008"),
+                with(
+                    "connect_address: 127.0.0.1:8008",
+                    "connect_address: 10.0.0.1:8008",
+                ),
                 none.clone(),
             ),
             (
@@ -779,11 +796,18 @@ mod tests {
                 with("password: pw1", "password: pw9"),
                 none.clone(),
             ),
-            ("tags", with("nofailover: false", "nofailover: true"), none.clone()),
+            (
+                "tags",
+                with("nofailover: false", "nofailover: true"),
+                none.clone(),
+            ),
             // bootstrap.* only matters for the first bootstrap: no restart, nothing to apply.
             (
                 "bootstrap.dcs",
-                with("maximum_lag_on_failover: 1048576", "maximum_lag_on_failover: 1"),
+                with(
+                    "maximum_lag_on_failover: 1048576",
+                    "maximum_lag_on_failover: 1",
+                ),
                 none.clone(),
             ),
             (

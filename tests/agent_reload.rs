@@ -36,7 +36,13 @@ async fn pgherd_status(c: &Cluster, i: usize) -> Option<Value> {
 }
 
 /// Connects over TCP to node `i` as `user`/`password` and runs `query` (one text value).
-async fn query_as(c: &Cluster, i: usize, user: &str, password: &str, query: &str) -> Result<String, String> {
+async fn query_as(
+    c: &Cluster,
+    i: usize,
+    user: &str,
+    password: &str,
+    query: &str,
+) -> Result<String, String> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host("127.0.0.1")
         .port(c.nodes[i].pg_port)
@@ -91,7 +97,11 @@ async fn agent_yml_change_takes_effect_after_reload() {
             .ok()
     })
     .await;
-    assert!(query_as(&c, r, "alice", "wrong", "SELECT 1::text").await.is_err());
+    assert!(
+        query_as(&c, r, "alice", "wrong", "SELECT 1::text")
+            .await
+            .is_err()
+    );
     let pid_before = postmaster_pid(&c.nodes[r].data_dir()).unwrap();
 
     step("edit the replica's agent.yml: callback script, pg_hba, a parameter, REST password");
@@ -102,8 +112,7 @@ async fn agent_yml_change_takes_effect_after_reload() {
         format!("#!/bin/sh\necho \"$*\" >> {}\n", marker.display()),
     )
     .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     common::cluster::chown_postgres(&script);
     let old_script = c.nodes[r].dir.join("callback.sh");
     let edited = original
@@ -123,7 +132,12 @@ async fn agent_yml_change_takes_effect_after_reload() {
             &format!("    password: {API_PW}\n"),
             "    password: new-api-pass\n",
         );
-    for needle in ["new-callback.sh", "alice 127.0.0.1/32 trust", "work_mem: 7MB", "new-api-pass"] {
+    for needle in [
+        "new-callback.sh",
+        "alice 127.0.0.1/32 trust",
+        "work_mem: 7MB",
+        "new-api-pass",
+    ] {
         assert!(edited.contains(needle), "edit of {needle} did not apply");
     }
     std::fs::write(&cfg_path, &edited).unwrap();
@@ -155,8 +169,16 @@ async fn agent_yml_change_takes_effect_after_reload() {
     );
 
     step("REST credentials swapped");
-    assert_eq!(reload_with(&c, r, API_PW).await, 401, "old password refused");
-    assert_eq!(reload_with(&c, r, "new-api-pass").await, 202, "new password accepted");
+    assert_eq!(
+        reload_with(&c, r, API_PW).await,
+        401,
+        "old password refused"
+    );
+    assert_eq!(
+        reload_with(&c, r, "new-api-pass").await,
+        202,
+        "new password accepted"
+    );
 
     step("after a role change the new callback script runs");
     let (code, body) = c
@@ -170,10 +192,14 @@ async fn agent_yml_change_takes_effect_after_reload() {
     assert_eq!(code, 200, "{body}");
     let p2 = c.wait_healthy(Duration::from_secs(60)).await;
     assert_eq!(p2, r);
-    let ran = eventually(Duration::from_secs(20), "the new on_role_change", || async {
-        let m = std::fs::read_to_string(&marker).ok()?;
-        m.contains("on_role_change primary reload").then_some(m)
-    })
+    let ran = eventually(
+        Duration::from_secs(20),
+        "the new on_role_change",
+        || async {
+            let m = std::fs::read_to_string(&marker).ok()?;
+            m.contains("on_role_change primary reload").then_some(m)
+        },
+    )
     .await;
     assert!(ran.lines().all(|l| l.contains("reload")), "{ran}");
     let old_log = std::fs::read_to_string(c.nodes[r].callback_log()).unwrap_or_default();

@@ -1589,7 +1589,8 @@ async fn patch_config_with_if_match_writes_only_at_that_revision() {
     assert!(body.contains("config changed since revision"), "{body}");
     assert_eq!(stored_config(&h), (before.clone(), rev));
     // The current revision: written.
-    let (c, body) = call_if_match(&h.app, "PATCH", r#"{"ttl":21}"#, &format!("\"{}\"", rev.0)).await;
+    let (c, body) =
+        call_if_match(&h.app, "PATCH", r#"{"ttl":21}"#, &format!("\"{}\"", rev.0)).await;
     assert_eq!(c, 200, "{body}");
     let (after, rev2) = stored_config(&h);
     assert_eq!(after.ttl(), 21);

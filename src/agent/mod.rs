@@ -152,8 +152,7 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
         .with_config_path(config_path)
         .with_config_sha256(sha256)
         .with_config_subscriber(Arc::new(move |c: &AgentConfig| {
-            *api_auth.write().unwrap_or_else(|p| p.into_inner()) =
-                c.restapi.authentication.clone();
+            *api_auth.write().unwrap_or_else(|p| p.into_inner()) = c.restapi.authentication.clone();
         }));
     ha.run(shutdown.clone())
         .instrument(info_span!("ha-loop"))

@@ -501,8 +501,8 @@ pub(crate) async fn post_reload(state: &ApiState) -> Response {
 
 /// pgherd extension: `If-Match: "<rev>"` on `PATCH|PUT /config` (the `ETag` of `GET /config`)
 /// makes the write conditional on the DCS `config` key still being at that mod revision.
-/// `Ok(None)` without the header; `Err` = a 400 for a malformed one.
-fn if_match(req: &Req) -> Result<Option<Revision>, Response> {
+/// `Ok(None)` without the header; `Err` = the message of a 400 for a malformed one.
+fn if_match(req: &Req) -> Result<Option<Revision>, String> {
     let Some(h) = req.headers.get(axum::http::header::IF_MATCH) else {
         return Ok(None);
     };
@@ -514,9 +514,8 @@ fn if_match(req: &Req) -> Result<Option<Revision>, Response> {
         .trim();
     match inner.parse::<i64>() {
         Ok(r) if r > 0 => Ok(Some(Revision(r))),
-        _ => Err(text(
-            400,
-            format!("Bad request: If-Match must be a quoted config revision such as \"42\", got {raw:?}"),
+        _ => Err(format!(
+            "Bad request: If-Match must be a quoted config revision such as \"42\", got {raw:?}"
         )),
     }
 }
@@ -539,7 +538,7 @@ fn changed_since(expected: Revision, now: Option<Revision>) -> Response {
 pub(crate) async fn patch_config(state: &ApiState, req: Req) -> Response {
     let expected = match if_match(&req) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(msg) => return text(400, msg),
     };
     let patch = match read_json(req, false).await {
         Ok(b) => b,
@@ -574,7 +573,7 @@ pub(crate) async fn patch_config(state: &ApiState, req: Req) -> Response {
 pub(crate) async fn put_config(state: &ApiState, req: Req) -> Response {
     let expected = match if_match(&req) {
         Ok(e) => e,
-        Err(r) => return r,
+        Err(msg) => return text(400, msg),
     };
     let body = match read_json(req, false).await {
         Ok(b) => b,

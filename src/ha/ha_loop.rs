@@ -1550,7 +1550,8 @@ impl HaLoop {
                 Err(e) => {
                     // The files hold the new config but the server did not take it: say so
                     // rather than report a clean reload.
-                    let msg = format!("the new config is written but PostgreSQL did not reload: {e}");
+                    let msg =
+                        format!("the new config is written but PostgreSQL did not reload: {e}");
                     error!("reload: {msg}");
                     self.report.config_error = Some(msg);
                 }
