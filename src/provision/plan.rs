@@ -630,6 +630,7 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
         }
     };
     let mut units_changed = false;
+    let mut agent_restart_why: Option<String> = None;
     for f in spec.files_for(h, mode) {
         let name = format!("file {}", f.path);
         let want = f.sha256();
@@ -704,6 +705,19 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
             if let Some(svc) = services::service_for_path(&f.path) {
                 bump(svc, ServiceOp::Restart);
             }
+        } else if f.path == crate::render::AGENT_CONFIG_PATH {
+            // A running agent takes most of its config on reload; what it cannot take (its
+            // name, listen address, data directory, ...) needs an agent restart.
+            match agent_restart_keys(facts.old_contents.get(&f.path), &f.content) {
+                Some(keys) if !keys.is_empty() => {
+                    bump(Service::Agent, ServiceOp::Restart);
+                    agent_restart_why = Some(format!(
+                        "restart (agent.yml changes {}, which a running agent cannot take on reload)",
+                        keys.join(", ")
+                    ));
+                }
+                _ => bump(Service::Agent, ServiceOp::Reload),
+            }
         } else if let Some(svc) = services::service_for_path(&f.path) {
             bump(svc, svc.config_change_op());
         }
@@ -738,6 +752,9 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
     // apply cut between writing agent.yml and the reload, or a reload the agent refused) is
     // reloaded again, so an interrupted run converges.
     let mut reasons: BTreeMap<Service, String> = BTreeMap::new();
+    if let Some(why) = agent_restart_why {
+        reasons.insert(Service::Agent, why);
+    }
     if let (Some(agent), Some(want)) = (
         &facts.agent,
         spec.files_for(h, mode)
@@ -798,6 +815,19 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
     }
 }
 
+/// The settings whose change needs an agent restart, from the old and new agent.yml; `None`
+/// when either does not parse (then the reload reports the agent's own verdict).
+fn agent_restart_keys(old: Option<&Vec<u8>>, new: &[u8]) -> Option<Vec<&'static str>> {
+    let parse = |b: &[u8]| {
+        crate::config::AgentConfig::parse(
+            &String::from_utf8_lossy(b),
+            crate::render::AGENT_CONFIG_PATH,
+        )
+        .ok()
+    };
+    Some(crate::config::restart_required(&parse(old?)?, &parse(new)?))
+}
+
 /// Plans every host that has facts (pure). Hosts are in inventory order.
 pub fn plan(spec: &DeploySpec, facts: &BTreeMap<String, HostFacts>) -> Plan {
     let hosts = spec
@@ -843,4 +873,30 @@ pub fn plan_with_cluster(
         .map(|(n, _)| n.clone())
         .collect();
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::agent_restart_keys;
+
+    const VALID: &str = include_str!("../../tests/fixtures/agent/valid.yml");
+
+    #[test]
+    fn an_agent_yml_change_a_running_agent_cannot_take_needs_a_restart() {
+        let new = VALID.replace("listen: 127.0.0.1:8008", "listen: 127.0.0.1:8018");
+        assert_eq!(
+            agent_restart_keys(Some(&VALID.as_bytes().to_vec()), new.as_bytes()),
+            Some(vec!["restapi.listen"])
+        );
+    }
+
+    #[test]
+    fn a_password_change_is_taken_on_reload() {
+        let new = VALID.replace("password: s3cret", "password: n3w-s3cret");
+        assert_ne!(new, VALID);
+        assert_eq!(
+            agent_restart_keys(Some(&VALID.as_bytes().to_vec()), new.as_bytes()),
+            Some(vec![])
+        );
+    }
 }
