@@ -99,6 +99,7 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         playbook_origin: "playbooks/deploy.yml".into(),
         dcs_config: None,
         restapi_auth: None,
+        inventory: None,
     }
 }
 

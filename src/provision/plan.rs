@@ -182,6 +182,9 @@ pub struct DeploySpec {
     /// REST API Basic-auth credentials for the agents' mutating endpoints (a secret: never
     /// printed; `Debug` leaves it out).
     pub restapi_auth: Option<(String, String)>,
+    /// The inventory this was built from, for the cluster-level jobs that talk to the agents
+    /// and hosts by member (the rolling restart). `None` in planner tests.
+    pub inventory: Option<Arc<crate::inventory::Inventory>>,
 }
 
 impl fmt::Debug for DeploySpec {

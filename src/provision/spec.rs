@@ -294,6 +294,7 @@ pub fn build_with(
             inv.agent.restapi_username.clone(),
             inv.secrets.restapi.expose().to_string(),
         )),
+        inventory: Some(Arc::new(inv.clone())),
     };
     schedule::check(&spec)?;
     Ok(spec)
