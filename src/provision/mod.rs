@@ -8,12 +8,14 @@
 //! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
 //! - [`playbook`]: playbooks as data (the deploy step vocabulary).
 //! - [`spec`]: inventory + rendered templates → the desired state.
+//! - [`rolling`]: restarts of members pending restart, one at a time, in a safe order.
 
 pub mod apply;
 pub mod facts;
 pub mod plan;
 pub mod playbook;
 pub mod report;
+pub mod rolling;
 pub mod schedule;
 pub mod services;
 pub mod spec;
