@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use pgherd::inventory::{self, Inventory};
-use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self, ApplyOptions};
+use pgherd::lab::{self, LabSpec};
+use pgherd::provision::apply::{self, ApplyOptions, Fleet};
 use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::spec;
 use serde_json::{Value, json};
@@ -49,36 +49,38 @@ fn restart_pending(state: &Path, inv_path: &Path, password: &str) -> String {
     text
 }
 
-/// Postmaster start time of every member, read on each node directly.
-async fn started_at(info: &LabInfo, password: &str) -> BTreeMap<String, f64> {
+/// `sql` on each node's own PostgreSQL (psql as postgres over the local socket, via SSH: the
+/// nodes' pg_hba does not admit the lab controller directly).
+async fn on_every_node(inv: &Inventory, fleet: &Fleet, sql: &str) -> BTreeMap<String, String> {
+    let sock = inv.postgresql.data_dir.parent().unwrap().display().to_string();
+    let cmd = format!(
+        "cd / && runuser -u postgres -- {} -X -A -t -q -h {sock} -p {} -d postgres -c \"{sql}\"",
+        inv.postgresql.bin_dir.join("psql").display(),
+        inv.postgresql.port
+    );
     let mut out = BTreeMap::new();
-    for h in &info.hosts {
-        let c = pg(&h.address, 5432, password).await.expect("connect node");
-        let t: f64 = c
-            .query_one(
-                "SELECT extract(epoch FROM pg_postmaster_start_time())::float8",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        out.insert(h.name.clone(), t);
+    for (name, t) in fleet {
+        let o = t.run_ok(&cmd, Duration::from_secs(20)).await.expect("psql on node");
+        out.insert(name.clone(), o.stdout_str().trim().to_string());
     }
     out
 }
 
-async fn show_everywhere(info: &LabInfo, password: &str, guc: &str) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for h in &info.hosts {
-        let c = pg(&h.address, 5432, password).await.expect("connect node");
-        let v: String = c
-            .query_one(&format!("SHOW {guc}"), &[])
-            .await
-            .unwrap()
-            .get(0);
-        out.insert(h.name.clone(), v);
-    }
-    out
+/// Postmaster start time of every member (epoch seconds).
+async fn started_at(inv: &Inventory, fleet: &Fleet) -> BTreeMap<String, f64> {
+    on_every_node(
+        inv,
+        fleet,
+        "SELECT extract(epoch FROM pg_postmaster_start_time())::float8",
+    )
+    .await
+    .into_iter()
+    .map(|(k, v)| (k, v.parse().expect("epoch")))
+    .collect()
+}
+
+async fn show_everywhere(inv: &Inventory, fleet: &Fleet, guc: &str) -> BTreeMap<String, String> {
+    on_every_node(inv, fleet, &format!("SHOW {guc}")).await
 }
 
 async fn patch_config(inv: &Inventory, api: &str, body: Value) {
@@ -219,7 +221,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
         .unwrap();
 
     // 1. A restart-needing raise: shared_buffers → 64MB on every member.
-    let before = started_at(&info, &password).await;
+    let before = started_at(&inv, &fleet).await;
     patch_config(
         &inv,
         &api(&info.host(&leader).unwrap().address),
@@ -265,7 +267,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     let p = probe.lock().await;
 
     // Every member restarted; the replicas before the primary, one at a time.
-    let after = started_at(&info, &password).await;
+    let after = started_at(&inv, &fleet).await;
     for n in &names {
         assert!(after[n] > before[n], "{n} was not restarted");
     }
@@ -283,7 +285,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     );
     assert!(text.contains("expected write outage: writes stop while"), "{text}");
     assert_eq!(
-        show_everywhere(&info, &password, "shared_buffers").await,
+        show_everywhere(&inv, &fleet, "shared_buffers").await,
         names.iter().map(|n| (n.clone(), "64MB".to_string())).collect(),
     );
     settled(&a0, 2).await;
@@ -323,7 +325,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     assert_eq!(pids(&s, &fleet).await, pid_before, "a no-op run restarted something");
 
     // 3. A decrease of max_connections: the primary first, then each standby.
-    let before = started_at(&info, &password).await;
+    let before = started_at(&inv, &fleet).await;
     patch_config(
         &inv,
         &api(&info.host(&leader).unwrap().address),
@@ -340,7 +342,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
         text.contains(&format!("restart primary {leader} in place")),
         "{text}"
     );
-    let after = started_at(&info, &password).await;
+    let after = started_at(&inv, &fleet).await;
     for n in &names {
         assert!(after[n] > before[n], "{n} was not restarted");
     }
@@ -351,7 +353,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
         );
     }
     assert_eq!(
-        show_everywhere(&info, &password, "max_connections").await,
+        show_everywhere(&inv, &fleet, "max_connections").await,
         names.iter().map(|n| (n.clone(), "90".to_string())).collect(),
     );
     settled(&a0, 2).await;
