@@ -108,7 +108,9 @@ fn replicas_go_async_first_most_lag_first_sync_standby_last_then_the_primary_in_
     );
     let text = p.to_string();
     assert!(
-        text.contains("restart replica n4: pending shared_buffers 128MB → 64MB; async replica, lag 500 B"),
+        text.contains(
+            "restart replica n4: pending shared_buffers 128MB → 64MB; async replica, lag 500 B"
+        ),
         "{text}"
     );
     assert!(
@@ -326,7 +328,10 @@ fn refuses_when_a_member_to_restart_is_not_running_naming_it() {
     let mut down = pending(member("n2", MemberRole::Replica, 0), &[SB]);
     down.state = "stopped".into();
     let e = plan_restarts(
-        &input(vec![pending(member("n1", MemberRole::Leader, 0), &[SB]), down]),
+        &input(vec![
+            pending(member("n1", MemberRole::Leader, 0), &[SB]),
+            down,
+        ]),
         &RollingOptions::default(),
     )
     .unwrap_err();

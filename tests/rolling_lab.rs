@@ -52,7 +52,13 @@ fn restart_pending(state: &Path, inv_path: &Path, password: &str) -> String {
 /// `sql` on each node's own PostgreSQL (psql as postgres over the local socket, via SSH: the
 /// nodes' pg_hba does not admit the lab controller directly).
 async fn on_every_node(inv: &Inventory, fleet: &Fleet, sql: &str) -> BTreeMap<String, String> {
-    let sock = inv.postgresql.data_dir.parent().unwrap().display().to_string();
+    let sock = inv
+        .postgresql
+        .data_dir
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
     let cmd = format!(
         "cd / && runuser -u postgres -- {} -X -A -t -q -h {sock} -p {} -d postgres -c \"{sql}\"",
         inv.postgresql.bin_dir.join("psql").display(),
@@ -60,7 +66,10 @@ async fn on_every_node(inv: &Inventory, fleet: &Fleet, sql: &str) -> BTreeMap<St
     );
     let mut out = BTreeMap::new();
     for (name, t) in fleet {
-        let o = t.run_ok(&cmd, Duration::from_secs(20)).await.expect("psql on node");
+        let o = t
+            .run_ok(&cmd, Duration::from_secs(20))
+            .await
+            .expect("psql on node");
         out.insert(name.clone(), o.stdout_str().trim().to_string());
     }
     out
@@ -110,7 +119,10 @@ async fn wait_pending(api: &str, who: &[String]) {
                 let c = get_json(&url).await?;
                 let m = c["members"].as_array()?;
                 who.iter()
-                    .all(|n| m.iter().any(|x| x["name"] == *n && x["pending_restart"] == true))
+                    .all(|n| {
+                        m.iter()
+                            .any(|x| x["name"] == *n && x["pending_restart"] == true)
+                    })
                     .then_some(())
             }
         },
@@ -162,7 +174,9 @@ async fn write_probe(
         let attempt = async {
             let (c, conn) = conf.connect(tokio_postgres::NoTls).await.ok()?;
             tokio::spawn(conn);
-            c.execute("INSERT INTO probe VALUES ($1)", &[&seq]).await.ok()
+            c.execute("INSERT INTO probe VALUES ($1)", &[&seq])
+                .await
+                .ok()
         };
         let ok = matches!(
             tokio::time::timeout(Duration::from_secs(2), attempt).await,
@@ -257,10 +271,14 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     println!("{text}");
     // A few more writes after the run, then stop the probe.
     let n = probe.lock().await.acked.len();
-    eventually(Duration::from_secs(30), "writes continue after the run", || {
-        let probe = probe.clone();
-        async move { (probe.lock().await.acked.len() >= n + 3).then_some(()) }
-    })
+    eventually(
+        Duration::from_secs(30),
+        "writes continue after the run",
+        || {
+            let probe = probe.clone();
+            async move { (probe.lock().await.acked.len() >= n + 3).then_some(()) }
+        },
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     task.await.unwrap();
@@ -280,13 +298,21 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     }
     assert!(
         text.find(&format!("restart primary {leader}")).unwrap()
-            > text.find(&format!("restart replica {}", replicas[0])).unwrap(),
+            > text
+                .find(&format!("restart replica {}", replicas[0]))
+                .unwrap(),
         "{text}"
     );
-    assert!(text.contains("expected write outage: writes stop while"), "{text}");
+    assert!(
+        text.contains("expected write outage: writes stop while"),
+        "{text}"
+    );
     assert_eq!(
         show_everywhere(&inv, &fleet, "shared_buffers").await,
-        names.iter().map(|n| (n.clone(), "64MB".to_string())).collect(),
+        names
+            .iter()
+            .map(|n| (n.clone(), "64MB".to_string()))
+            .collect(),
     );
     settled(&a0, 2).await;
     assert_eq!(
@@ -322,7 +348,11 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     let pid_before = pids(&s, &fleet).await;
     let text = restart_pending(&state, &inv_path, &password);
     assert!(text.contains("no member is pending restart"), "{text}");
-    assert_eq!(pids(&s, &fleet).await, pid_before, "a no-op run restarted something");
+    assert_eq!(
+        pids(&s, &fleet).await,
+        pid_before,
+        "a no-op run restarted something"
+    );
 
     // 3. A decrease of max_connections: the primary first, then each standby.
     let before = started_at(&inv, &fleet).await;
@@ -354,7 +384,10 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     }
     assert_eq!(
         show_everywhere(&inv, &fleet, "max_connections").await,
-        names.iter().map(|n| (n.clone(), "90".to_string())).collect(),
+        names
+            .iter()
+            .map(|n| (n.clone(), "90".to_string()))
+            .collect(),
     );
     settled(&a0, 2).await;
     let text = restart_pending(&state, &inv_path, &password);
