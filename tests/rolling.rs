@@ -300,6 +300,26 @@ fn a_raise_of_a_hot_standby_parameter_restarts_replicas_before_the_primary() {
 }
 
 #[test]
+fn an_interrupted_raise_whose_replicas_already_run_the_new_value_goes_on_with_the_primary_only() {
+    let up = ("max_connections", "100", "200");
+    let mut r = member("n2", MemberRole::Replica, 0);
+    r.running = five(200);
+    let p = plan_restarts(
+        &input(vec![pending(member("n1", MemberRole::Leader, 0), &[up]), r]),
+        &restart(PrimaryUpdateMethod::Switchover),
+    )
+    .unwrap();
+    assert_eq!(order(&p), ["n1"]);
+    assert_eq!(p.phases[0].kind, PhaseKind::Raise);
+    assert_eq!(
+        p.steps().next().unwrap().action,
+        StepAction::Switchover {
+            candidate: "n2".into()
+        }
+    );
+}
+
+#[test]
 fn refuses_without_a_leader() {
     let p = plan_restarts(
         &input(vec![

@@ -414,13 +414,19 @@ pub fn plan_restarts(
         .filter(|m| m.role != MemberRole::Leader)
         .collect();
 
-    // The five as the leader will run them: its pending decreases, else what it runs now.
+    // The five as the leader will run them after its restart: its pending values (raises
+    // too: a replica already restarted with a raise is not "above" the leader), else what it
+    // runs now.
     let mut target: HotValues = leader.map(|l| l.running.clone()).unwrap_or_default();
+    if let Some(l) = leader {
+        for (k, (_, new)) in &l.pending_reason {
+            if let (Some(p), Ok(v)) = (HotParam::from_guc(k), new.trim().parse::<u64>()) {
+                target.insert(p, v);
+            }
+        }
+    }
     let leader_lowers: Vec<(HotParam, u64, u64)> =
         leader.map(|l| lowered_in(l).collect()).unwrap_or_default();
-    for (p, _, new) in &leader_lowers {
-        target.insert(*p, *new);
-    }
     // Per replica: the five it must come down to (the lower phase's gate).
     let lower_need = |m: &MemberInput| -> HotValues {
         let mut need: HotValues = target
@@ -718,6 +724,12 @@ const MAX_ATTEMPTS: u32 = 2;
 pub enum RollingError {
     #[error("refused, nothing restarted: {0}")]
     Refused(#[from] RollingRefusal),
+    #[error("stopped after {steps} step(s), the cluster is left as they made it: {refusal}")]
+    RefusedMidway {
+        steps: usize,
+        #[source]
+        refusal: RollingRefusal,
+    },
     #[error("reading the cluster: {0}")]
     Gather(String),
     #[error(
@@ -1375,9 +1387,19 @@ pub async fn run_pending_restarts(
     }
     let mut first_plan = None;
     let mut attempts: BTreeMap<(String, bool), u32> = BTreeMap::new();
+    let mut steps_done = 0;
     loop {
         let input = gather_input(inv, &x.agents, fleet).await?;
-        let plan = plan_restarts(&input, opts)?;
+        let plan = match plan_restarts(&input, opts) {
+            Ok(p) => p,
+            Err(refusal) if first_plan.is_some() => {
+                return Err(RollingError::RefusedMidway {
+                    steps: steps_done,
+                    refusal,
+                });
+            }
+            Err(r) => return Err(r.into()),
+        };
         if first_plan.is_none() {
             first_plan = Some(plan.clone());
         }
@@ -1410,6 +1432,7 @@ pub async fn run_pending_restarts(
             });
         }
         *n += 1;
+        steps_done += 1;
         x.say(&format!("next: {step}"));
         match &step.action {
             StepAction::RestartReplica { gate } => {
