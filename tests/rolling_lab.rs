@@ -15,6 +15,7 @@ use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabSpec};
 use pgherd::provision::apply::{self, ApplyOptions, Fleet};
 use pgherd::provision::plan::DeploySpec;
+use pgherd::provision::rolling;
 use pgherd::provision::spec;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -34,11 +35,16 @@ fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
 
 /// `pgherd restart --pending -y`; returns stdout (asserts success, no password printed).
 fn restart_pending(state: &Path, inv_path: &Path, password: &str) -> String {
+    restart_pending_with(state, inv_path, password, &[])
+}
+
+fn restart_pending_with(state: &Path, inv_path: &Path, password: &str, extra: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
         .arg("--state-dir")
         .arg(state)
         .args(["restart", "--pending", "-y", "-i"])
         .arg(inv_path)
+        .args(extra)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -90,6 +96,31 @@ async fn started_at(inv: &Inventory, fleet: &Fleet) -> BTreeMap<String, f64> {
 
 async fn show_everywhere(inv: &Inventory, fleet: &Fleet, guc: &str) -> BTreeMap<String, String> {
     on_every_node(inv, fleet, &format!("SHOW {guc}")).await
+}
+
+/// HAProxy's servers of the replica backend in forced drain/maintenance, per HAProxy host.
+async fn drained(fleet: &Fleet) -> BTreeMap<String, Vec<String>> {
+    let mut out = BTreeMap::new();
+    for (name, t) in fleet {
+        let o = t
+            .run_ok(
+                &rolling::haproxy_admin_command("show servers state rol_replicas"),
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("show servers state");
+        let text = o.stdout_str();
+        assert!(text.contains("rol_replicas"), "{name}: {text}");
+        out.insert(
+            name.clone(),
+            rolling::drained_servers(&text, "rol_replicas"),
+        );
+    }
+    out
+}
+
+fn none_drained(fleet: &Fleet) -> BTreeMap<String, Vec<String>> {
+    fleet.keys().map(|k| (k.clone(), Vec::new())).collect()
 }
 
 async fn patch_config(inv: &Inventory, api: &str, body: Value) {
@@ -316,6 +347,11 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     );
     settled(&a0, 2).await;
     assert_eq!(
+        drained(&fleet).await,
+        none_drained(&fleet),
+        "a server left drained"
+    );
+    assert_eq!(
         get_json(&format!("{a0}/cluster")).await.unwrap()["members"]
             .as_array()
             .unwrap()
@@ -354,6 +390,28 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
         "a no-op run restarted something"
     );
 
+    // A server an interrupted run left drained is put back by the next run (and reported).
+    let stray = replicas[1].clone();
+    let on = info.hosts[2].name.clone();
+    fleet[&on]
+        .run_ok(
+            &rolling::haproxy_admin_command(&format!(
+                "set server rol_replicas/{stray} state drain"
+            )),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(drained(&fleet).await[&on], vec![stray.clone()]);
+    let text = restart_pending(&state, &inv_path, &password);
+    assert!(
+        text.contains(&format!(
+            "[{stray}] put back into rol_replicas on {on} (left drained by an interrupted run)"
+        )) && text.contains("no member is pending restart"),
+        "{text}"
+    );
+    assert_eq!(drained(&fleet).await, none_drained(&fleet));
+
     // 3. A decrease of max_connections: the primary first, then each standby.
     let before = started_at(&inv, &fleet).await;
     patch_config(
@@ -390,6 +448,36 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
             .collect(),
     );
     settled(&a0, 2).await;
+    assert_eq!(drained(&fleet).await, none_drained(&fleet));
+
+    // 4. primary_update_method switchover: the replicas, then a switchover to a restarted
+    // replica; the old primary comes back as a streaming replica with the new value.
+    patch_config(
+        &inv,
+        &api(&info.host(&leader).unwrap().address),
+        json!({"postgresql": {"parameters": {"shared_buffers": "96MB"}}}),
+    )
+    .await;
+    wait_pending(&a0, &names).await;
+    let (st, ip, pw) = (state.clone(), inv_path.clone(), password.clone());
+    let text = tokio::task::spawn_blocking(move || {
+        restart_pending_with(&st, &ip, &pw, &["--primary-update-method", "switchover"])
+    })
+    .await
+    .unwrap();
+    println!("{text}");
+    assert!(text.contains(&format!("switch over {leader} → ")), "{text}");
+    let new_leader = leader_with_streaming_replicas(&a0, 2).await;
+    assert_ne!(new_leader, leader, "the switchover did not move the leader");
+    assert_eq!(
+        show_everywhere(&inv, &fleet, "shared_buffers").await,
+        names
+            .iter()
+            .map(|n| (n.clone(), "96MB".to_string()))
+            .collect(),
+    );
+    settled(&a0, 2).await;
+    assert_eq!(drained(&fleet).await, none_drained(&fleet));
     let text = restart_pending(&state, &inv_path, &password);
     assert!(text.contains("no member is pending restart"), "{text}");
 }
