@@ -107,7 +107,11 @@ pub struct MemberInput {
 
 impl MemberInput {
     fn is_running(&self) -> bool {
-        matches!(self.state.as_str(), "running" | "streaming")
+        // A replica replaying archived WAL runs too (it streams again once it reconnects).
+        matches!(
+            self.state.as_str(),
+            "running" | "streaming" | "in archive recovery"
+        )
     }
 }
 

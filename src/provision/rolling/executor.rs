@@ -434,14 +434,6 @@ async fn wait_cluster(
     }
 }
 
-fn streams_within(c: &Value, name: &str, max_lag: u64) -> bool {
-    member_json(c, name).is_some_and(|m| {
-        m["role"] != "leader"
-            && m["state"] == "streaming"
-            && m["lag"].as_u64().is_some_and(|l| l <= max_lag)
-    })
-}
-
 fn pending(c: &Value, name: &str) -> bool {
     member_json(c, name).is_some_and(|m| m["pending_restart"] == true)
 }
@@ -497,6 +489,87 @@ impl Exec<'_> {
         }
     }
 
+    /// `SELECT` on `member`'s own PostgreSQL over SSH: one value per line.
+    async fn sql(&self, member: &str, sql: &str) -> Result<Vec<String>, RollingError> {
+        let t = self.transport(member)?;
+        let out = t.run_ok(&psql(self.inv, sql), SSH_READ_TIMEOUT).await?;
+        Ok(out
+            .stdout_str()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// The leader's clock (epoch seconds), to tell WAL senders started after a restart from
+    /// those before it without comparing two hosts' clocks.
+    async fn clock(&self, leader: &str) -> Result<String, RollingError> {
+        self.sql(leader, "SELECT extract(epoch FROM now())::text")
+            .await?
+            .pop()
+            .ok_or_else(|| RollingError::Gather(format!("{leader}: no answer to SELECT now()")))
+    }
+
+    /// Waits until the leader's `pg_stat_replication` shows every one of `members` streaming
+    /// (with `since`: from a WAL sender started after that leader-clock time), and `/cluster`
+    /// them streaming with lag at most `max_lag` (so the next plan reads a fresh view). The leader's own view, not the member keys: a key written
+    /// before the restart still says `streaming` for up to a `loop_wait`.
+    async fn wait_streaming(
+        &self,
+        leader: &str,
+        members: &[String],
+        since: Option<&str>,
+        max_lag: u64,
+        timeout: Duration,
+    ) -> Result<(), RollingError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        let mut sql = "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
+            .to_string();
+        if let Some(t) = since {
+            let t: f64 = t.parse().unwrap_or(0.0);
+            sql.push_str(&format!(" AND extract(epoch FROM backend_start) > {t}"));
+        }
+        let what = format!(
+            "{} stream{} from {leader} (its pg_stat_replication) with lag ≤ {max_lag} B",
+            members.join(", "),
+            if members.len() == 1 { "s" } else { "" }
+        );
+        self.say(&format!("{}: waiting until {what}", members.join(", ")));
+        let start = Instant::now();
+        loop {
+            let seen = self.sql(leader, &sql).await.unwrap_or_default();
+            let c = self.agents.cluster().await.ok();
+            let lag_ok = |m: &String| {
+                c.as_ref().and_then(|c| member_json(c, m)).is_some_and(|x| {
+                    x["state"] == "streaming" && x["lag"].as_u64().is_some_and(|l| l <= max_lag)
+                })
+            };
+            let missing: Vec<&String> = members
+                .iter()
+                .filter(|m| !seen.contains(m) || !lag_ok(m))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                let first = missing[0];
+                return Err(RollingError::Wait {
+                    member: first.clone(),
+                    what,
+                    timeout,
+                    reported: format!(
+                        "{}; {leader}'s pg_stat_replication streams to [{}]",
+                        reported(c.as_ref(), first),
+                        seen.join(", ")
+                    ),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     async fn restart_call(&self, member: &str, body: Value) -> Result<(), RollingError> {
         self.agents
             .send_with_timeout(
@@ -514,6 +587,7 @@ impl Exec<'_> {
     async fn restart_replica(
         &mut self,
         m: &MemberInput,
+        leader: &str,
         gate: &HotValues,
         max_lag: u64,
     ) -> Result<(), RollingError> {
@@ -521,7 +595,7 @@ impl Exec<'_> {
         let backend = replica_backend(self.inv);
         set_state_everywhere(self.inv, self.fleet, &m.name, "drain").await?;
         self.did(&m.name, format!("drained from {backend}"));
-        let r = self.restart_drained(m, max_lag).await;
+        let r = self.restart_drained(m, leader, max_lag).await;
         // Undrained also when the restart or a wait failed: a replica that is back serves
         // reads again, one that is not fails HAProxy's /replica check anyway.
         let u = set_state_everywhere(self.inv, self.fleet, &m.name, "ready").await;
@@ -531,7 +605,12 @@ impl Exec<'_> {
         r.and(u)
     }
 
-    async fn restart_drained(&mut self, m: &MemberInput, max_lag: u64) -> Result<(), RollingError> {
+    async fn restart_drained(
+        &mut self,
+        m: &MemberInput,
+        leader: &str,
+        max_lag: u64,
+    ) -> Result<(), RollingError> {
         let backend = replica_backend(self.inv);
         self.say(&format!(
             "{}: waiting until its client sessions through HAProxy end (at most {DRAIN_TIMEOUT:?})",
@@ -566,18 +645,16 @@ impl Exec<'_> {
             "{}: restarting PostgreSQL (POST /restart)",
             m.name
         ));
+        let since = self.clock(leader).await?;
         self.restart_call(&m.name, body).await?;
         self.did(&m.name, "PostgreSQL restarted".into());
         let name = m.name.clone();
-        self.say(&format!(
-            "{name}: waiting until it streams with lag ≤ {max_lag} B"
-        ));
-        wait_cluster(
-            &self.agents,
-            &name,
-            &format!("it streams again with lag ≤ {max_lag} B"),
+        self.wait_streaming(
+            leader,
+            std::slice::from_ref(&name),
+            Some(&since),
+            max_lag,
             STREAM_TIMEOUT,
-            |c| streams_within(c, &name, max_lag),
         )
         .await?;
         if m.pending_restart {
@@ -621,7 +698,7 @@ impl Exec<'_> {
         Ok(())
     }
 
-    async fn restart_primary(&mut self, m: &MemberInput) -> Result<(), RollingError> {
+    async fn restart_primary(&mut self, m: &MemberInput, max_lag: u64) -> Result<(), RollingError> {
         let t = self.transport(&m.name)?;
         self.say(&format!("{}: CHECKPOINT (shortens the shutdown)", m.name));
         t.run_ok(&psql(self.inv, "CHECKPOINT"), CHECKPOINT_TIMEOUT)
@@ -651,21 +728,20 @@ impl Exec<'_> {
         self.restart_call(&m.name, body).await?;
         self.did(&m.name, "primary restarted in place".into());
         let name = m.name.clone();
-        let what = format!(
-            "{name} leads and runs again and {} stream",
-            if streaming_before.is_empty() {
-                "its replicas".to_string()
-            } else {
-                streaming_before.join(", ")
-            }
-        );
+        let what = format!("{name} leads and runs again");
         self.say(&format!("{name}: waiting until {what}"));
         wait_cluster(&self.agents, &name, &what, PRIMARY_BACK_TIMEOUT, |c| {
             member_json(c, &name).is_some_and(|x| x["role"] == "leader" && x["state"] == "running")
-                && streaming_before
-                    .iter()
-                    .all(|r| member_json(c, r).is_some_and(|x| x["state"] == "streaming"))
         })
+        .await?;
+        // Every WAL sender of the restarted postmaster is new: no `since` needed.
+        self.wait_streaming(
+            &name,
+            &streaming_before,
+            None,
+            max_lag,
+            PRIMARY_BACK_TIMEOUT,
+        )
         .await?;
         self.did(&name, "leads again, every replica streams".into());
         if m.pending_restart {
@@ -684,7 +760,12 @@ impl Exec<'_> {
         Ok(())
     }
 
-    async fn switchover(&mut self, m: &MemberInput, candidate: &str) -> Result<(), RollingError> {
+    async fn switchover(
+        &mut self,
+        m: &MemberInput,
+        candidate: &str,
+        max_lag: u64,
+    ) -> Result<(), RollingError> {
         self.say(&format!(
             "{}: switching over to {candidate} (waits until {candidate} leads)",
             m.name
@@ -694,13 +775,12 @@ impl Exec<'_> {
             .map_err(|e| call_err(&m.name, "switchover", e))?;
         self.did(&m.name, format!("switched over to {candidate}"));
         let name = m.name.clone();
-        self.say(&format!("{name}: waiting until it streams as a replica"));
-        wait_cluster(
-            &self.agents,
-            &name,
-            "the old primary streams as a replica",
+        self.wait_streaming(
+            candidate,
+            std::slice::from_ref(&name),
+            None,
+            max_lag,
             STREAM_TIMEOUT,
-            |c| member_json(c, &name).is_some_and(|x| x["state"] == "streaming"),
         )
         .await?;
         self.did(&name, format!("streams from {candidate}"));
@@ -788,13 +868,19 @@ pub async fn run_pending_restarts(
         *n += 1;
         steps_done += 1;
         x.say(&format!("next: {step}"));
+        let leader = input
+            .members
+            .iter()
+            .find(|x| x.role == MemberRole::Leader)
+            .map(|x| x.name.clone())
+            .unwrap_or_default();
+        let max_lag = input.maximum_lag_on_failover;
         match &step.action {
             StepAction::RestartReplica { gate } => {
-                x.restart_replica(&m, gate, input.maximum_lag_on_failover)
-                    .await?
+                x.restart_replica(&m, &leader, gate, max_lag).await?
             }
-            StepAction::RestartPrimary => x.restart_primary(&m).await?,
-            StepAction::Switchover { candidate } => x.switchover(&m, candidate).await?,
+            StepAction::RestartPrimary => x.restart_primary(&m, max_lag).await?,
+            StepAction::Switchover { candidate } => x.switchover(&m, candidate, max_lag).await?,
         }
     }
     Ok(RollingReport {
