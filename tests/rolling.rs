@@ -405,3 +405,31 @@ fn haproxy_drained_servers_and_sessions_are_read_from_the_admin_socket_output() 
     assert_eq!(current_sessions(csv, "c_replicas", "n2"), Some(3));
     assert_eq!(current_sessions(csv, "c_replicas", "n9"), None);
 }
+
+#[test]
+fn cluster_members_are_read_with_roles_lag_tags_and_pending_reasons() {
+    let c = serde_json::json!({"members": [
+        {"name": "n1", "role": "leader", "state": "running", "pending_restart": true,
+         "pending_restart_reason": {"max_connections": {"old_value": "100", "new_value": "90"}}},
+        {"name": "n2", "role": "sync_standby", "state": "streaming", "lag": 42,
+         "tags": {"nofailover": true}},
+        {"name": "n3", "role": "replica", "state": "in archive recovery", "lag": "unknown",
+         "tags": {"nosync": true}}
+    ]});
+    let m = pgherd::provision::rolling::members_from_cluster(&c);
+    assert_eq!(m.len(), 3);
+    assert_eq!(m[0].role, MemberRole::Leader);
+    assert!(m[0].pending_restart);
+    assert_eq!(
+        m[0].pending_reason["max_connections"],
+        ("100".to_string(), "90".to_string())
+    );
+    assert_eq!(
+        (m[1].role, m[1].lag_bytes, m[1].nofailover, m[1].nosync),
+        (MemberRole::SyncStandby, Some(42), true, false)
+    );
+    assert_eq!(
+        (m[2].role, m[2].lag_bytes, m[2].nosync, m[2].state.as_str()),
+        (MemberRole::Replica, None, true, "in archive recovery")
+    );
+}

@@ -96,7 +96,10 @@ pub struct MemberInput {
     pub pending_restart: bool,
     /// `pending_restart_reason`: parameter → (running value, value a restart applies).
     pub pending_reason: BTreeMap<String, (String, String)>,
+    /// Never a switchover target.
     pub nofailover: bool,
+    /// Never the sync standby, so it is ordered with the async replicas (its role says so
+    /// already; kept for the plan's readers and future gates).
     pub nosync: bool,
     /// The five as recorded in its `pg_control` (on a standby: the primary's values replayed).
     pub controldata: HotValues,
