@@ -530,8 +530,15 @@ pub fn plan_restarts(
             })
             .collect();
         if leader_pending {
+            let why = if leader_lowers.is_empty() {
+                "in place: replicas still run above it until phase 2".to_string()
+            } else {
+                format!(
+                    "in place because it also applies the decrease of {lowered_text} (never a switchover for a decrease)"
+                )
+            };
             steps.push(in_place(format!(
-                "{}; after every replica runs the increases, in place because it also applies the decrease of {lowered_text} (never a switchover for a decrease)",
+                "{}; after every replica runs the increases, {why}",
                 show_reason(leader)
             )));
         }
