@@ -11,7 +11,7 @@
 //! shows (postconditions, not a journal), and first puts back any HAProxy server an interrupted
 //! run left drained.
 //!
-//! This file is the pure planner (no I/O); [`executor`] runs its plans.
+//! This file is the pure planner (no I/O); [`executor`] runs its plans, [`haproxy`] drains.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,12 +19,13 @@ use std::fmt;
 use crate::pg::conf::{ControlData, hot_standby_minimums};
 
 pub mod executor;
+pub mod haproxy;
 pub use executor::{
     CHECKPOINT_TIMEOUT, CONTROLDATA_TIMEOUT, DRAIN_TIMEOUT, PENDING_CLEAR_TIMEOUT,
     PRIMARY_BACK_TIMEOUT, ProgressFn, RESTART_CALL_TIMEOUT, RollingError, RollingReport,
-    STREAM_TIMEOUT, current_sessions, drained_servers, gather_input, haproxy_admin_command,
-    members_from_cluster, run_pending_restarts, undrain_leftovers,
+    STREAM_TIMEOUT, gather_input, members_from_cluster, run_pending_restarts,
 };
+pub use haproxy::{current_sessions, drained_servers, haproxy_admin_command, undrain_leftovers};
 
 // ------------------------------------------------------------------------------ input
 
