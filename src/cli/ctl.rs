@@ -65,6 +65,25 @@ impl<'a> Agents<'a> {
         bail!("no agent answered GET /cluster ({})", tried.join("; "))
     }
 
+    /// `GET path` on `member`'s agent as JSON (read timeout as for `/cluster`).
+    pub async fn get_json(&self, member: &str, path: &str) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base(member)?);
+        let r = self
+            .http
+            .get(&url)
+            .timeout(READ_TIMEOUT)
+            .send()
+            .await
+            .with_context(|| format!("GET {path} on {member}: agent not reachable"))?;
+        let status = r.status();
+        if !status.is_success() {
+            bail!("GET {path} on {member}: HTTP {status}");
+        }
+        r.json::<Value>()
+            .await
+            .with_context(|| format!("GET {path} on {member}: not JSON"))
+    }
+
     /// A mutating call on `member`'s agent; returns the body of a 2xx answer.
     async fn send(
         &self,
@@ -73,11 +92,25 @@ impl<'a> Agents<'a> {
         path: &str,
         body: Value,
     ) -> anyhow::Result<String> {
+        self.send_with_timeout(method, member, path, body, CALL_TIMEOUT)
+            .await
+    }
+
+    /// [`Agents::send`] with its own timeout, for calls the agent answers only when the work
+    /// is done (`POST /restart` answers once PostgreSQL is up again).
+    pub async fn send_with_timeout(
+        &self,
+        method: reqwest::Method,
+        member: &str,
+        path: &str,
+        body: Value,
+        timeout: Duration,
+    ) -> anyhow::Result<String> {
         let url = format!("{}{path}", self.base(member)?);
         let r = self
             .http
             .request(method.clone(), &url)
-            .timeout(CALL_TIMEOUT)
+            .timeout(timeout)
             .basic_auth(
                 &self.inv.agent.restapi_username,
                 Some(self.inv.secrets.restapi.expose()),

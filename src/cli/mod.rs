@@ -19,6 +19,7 @@ use crate::lab::{self, LabSpec};
 use crate::provision::apply::{self, ApplyOptions, Fleet};
 use crate::provision::plan::DeploySpec;
 use crate::provision::report::{self, ReportOptions};
+use crate::provision::rolling::PrimaryUpdateMethod;
 use crate::provision::spec::{self, SpecError};
 use crate::transport::{HostSpec, SshOptions, Transport, connect_all};
 
@@ -50,8 +51,9 @@ pub enum Command {
     Switchover(SwitchoverArgs),
     /// Promote a member even without a healthy leader (last resort).
     Failover(SwitchoverArgs),
-    /// Restart PostgreSQL on one member, or on all (replicas first, the leader last).
-    Restart(MemberArgs),
+    /// Restart PostgreSQL on one member, or on all (replicas first, the leader last); with
+    /// `--pending`, only the members pending restart, in the safe order for the change.
+    Restart(RestartArgs),
     /// Re-create a replica's data from the leader (its local data is discarded).
     Reinit(MemberArgs),
     /// Stop automatic failover (maintenance); the agents keep reporting.
@@ -93,6 +95,27 @@ pub struct MemberArgs {
     pub inv: InvArgs,
     /// Member name (restart: default all members).
     pub member: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    pub inv: InvArgs,
+    /// Member name (default all members).
+    #[arg(conflicts_with = "pending")]
+    pub member: Option<String>,
+    /// Only members pending restart (a restart-needing parameter changed), one at a time:
+    /// replicas drained from HAProxy and restarted, the primary by --primary-update-method;
+    /// decreases of max_connections & co. primary first.
+    #[arg(long)]
+    pub pending: bool,
+    /// With --pending: how the primary restarts (decreases of the hot-standby parameters are
+    /// always in place).
+    #[arg(long, value_enum, default_value_t = PrimaryUpdateMethod::Restart, requires = "pending")]
+    pub primary_update_method: PrimaryUpdateMethod,
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
@@ -305,6 +328,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check(a) => check_cmd(&a, &state_dir).await,
         Command::Switchover(a) => switchover_cmd(&a, false).await,
         Command::Failover(a) => switchover_cmd(&a, true).await,
+        Command::Restart(a) if a.pending => restart_pending_cmd(&a, &state_dir).await,
         Command::Restart(a) => {
             let inv = crate::inventory::load(&a.inv.inventory)?;
             println!("{}", ctl::restart(&inv, a.member.as_deref(), a.yes).await?);
@@ -332,6 +356,40 @@ async fn switchover_cmd(a: &SwitchoverArgs, failover: bool) -> anyhow::Result<()
     let inv = crate::inventory::load(&a.inv.inventory)?;
     let out = ctl::switchover(&inv, a.candidate.as_deref(), failover, a.yes).await?;
     println!("{out}");
+    Ok(())
+}
+
+/// `restart --pending`: plan, print the order with reasons and the write outage, confirm, run.
+async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Result<()> {
+    use crate::provision::rolling;
+    let inv = crate::inventory::load(&a.inv.inventory)?;
+    let fleet = connect(&inv, state_dir).await?;
+    let agents = ctl::Agents::new(&inv)?;
+    let opts = rolling::RollingOptions {
+        primary_update_method: a.primary_update_method,
+    };
+    let input = rolling::gather_input(&inv, &agents, &fleet).await?;
+    let plan = rolling::plan_restarts(&input, &opts)?;
+    if plan.is_empty() {
+        // Nothing pending; only a server an interrupted run left drained is put back.
+        for (m, what) in rolling::undrain_leftovers(&inv, &fleet).await? {
+            println!("[{m}] {what}");
+        }
+        println!("no member is pending restart");
+        return Ok(());
+    }
+    print!("{plan}");
+    ctl::confirm("run these restarts", a.yes)?;
+    let t0 = Instant::now();
+    let progress = |m: &str| eprintln!("restart: {m}");
+    let report = rolling::run_pending_restarts(&inv, &fleet, &opts, &progress).await?;
+    for (m, what) in &report.done {
+        println!("[{m}] {what}");
+    }
+    println!(
+        "pending restarts done in {:.1}s: no member is pending restart",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

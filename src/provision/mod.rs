@@ -8,6 +8,7 @@
 //! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
 //! - [`playbook`]: playbooks as data (the deploy step vocabulary).
 //! - [`spec`]: inventory + rendered templates → the desired state.
+//! - [`rolling`]: restarts of members pending restart, one at a time, in a safe order.
 
 pub mod apply;
 pub mod dcs_config;
@@ -15,6 +16,7 @@ pub mod facts;
 pub mod plan;
 pub mod playbook;
 pub mod report;
+pub mod rolling;
 pub mod schedule;
 pub mod services;
 pub mod spec;
