@@ -450,6 +450,37 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     settled(&a0, 2).await;
     assert_eq!(drained(&fleet).await, none_drained(&fleet));
 
+    // A raise and a decrease together: two phases (raises replicas-first, then the decrease
+    // on the standbys once replayed); everyone ends on the new values, streaming.
+    patch_config(
+        &inv,
+        &api(&info.host(&leader).unwrap().address),
+        json!({"postgresql": {"parameters": {"max_worker_processes": 16, "max_connections": 80}}}),
+    )
+    .await;
+    wait_pending(&a0, &names).await;
+    let (st, ip, pw) = (state.clone(), inv_path.clone(), password.clone());
+    let text = tokio::task::spawn_blocking(move || restart_pending(&st, &ip, &pw))
+        .await
+        .unwrap();
+    println!("{text}");
+    assert!(
+        text.contains("phase 1: increases") && text.contains("phase 2: decreases"),
+        "{text}"
+    );
+    for (guc, want) in [("max_worker_processes", "16"), ("max_connections", "80")] {
+        assert_eq!(
+            show_everywhere(&inv, &fleet, guc).await,
+            names
+                .iter()
+                .map(|n| (n.clone(), want.to_string()))
+                .collect(),
+            "{guc}"
+        );
+    }
+    settled(&a0, 2).await;
+    assert_eq!(drained(&fleet).await, none_drained(&fleet));
+
     // 4. primary_update_method switchover: the replicas, then a switchover to a restarted
     // replica; the old primary comes back as a streaming replica with the new value.
     patch_config(

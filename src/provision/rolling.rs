@@ -292,7 +292,9 @@ impl fmt::Display for RestartPlan {
                 PhaseKind::Raise => {
                     "increases and other restart-needing changes (replicas first, the primary last)"
                 }
-                PhaseKind::Lower => "decreases of hot-standby parameters (the primary first)",
+                PhaseKind::Lower => {
+                    "decreases of hot-standby parameters (the primary first, each replica once its pg_controldata shows them)"
+                }
             };
             writeln!(f, "phase {}: {what}", i + 1)?;
             for s in &p.steps {
