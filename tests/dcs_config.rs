@@ -219,6 +219,7 @@ fn cluster_plan(want: Map<String, Value>) -> Plan {
         cluster: ClusterPlan {
             config: Some(cp),
             pending_restart: vec![],
+            drained: vec![],
             leader: Some("pg1".into()),
             replicas: vec!["pg2".into(), "pg3".into()],
         },

@@ -114,8 +114,9 @@ pub struct RestartArgs {
     pub pending: bool,
     /// With --pending: how the primary restarts (decreases of the hot-standby parameters are
     /// always in place).
-    #[arg(long, value_enum, default_value_t = PrimaryUpdateMethod::Restart, requires = "pending")]
-    pub primary_update_method: PrimaryUpdateMethod,
+    /// Overrides the inventory's `postgresql.primary_update_method` (default `restart`).
+    #[arg(long, value_enum, requires = "pending")]
+    pub primary_update_method: Option<PrimaryUpdateMethod>,
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
@@ -366,7 +367,9 @@ async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Resul
     let fleet = connect(&inv, state_dir).await?;
     let agents = ctl::Agents::new(&inv)?;
     let opts = rolling::RollingOptions {
-        primary_update_method: a.primary_update_method,
+        primary_update_method: a
+            .primary_update_method
+            .unwrap_or(inv.postgresql.primary_update_method),
     };
     let input = rolling::gather_input(&inv, &agents, &fleet).await?;
     let plan = rolling::plan_restarts(&input, &opts)?;

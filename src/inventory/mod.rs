@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use error::{InventoryError, Pos, Problem};
 pub use model::{
-    Agent, Callbacks, Database, EmbeddedEtcd, Etcd, Haproxy, Host, Inventory, Postgresql, Role,
-    Ssh, User, Watchdog,
+    Agent, Callbacks, Database, EmbeddedEtcd, Etcd, Haproxy, Host, Inventory, Postgresql,
+    PrimaryUpdateMethod, Role, Ssh, User, Watchdog,
 };
 pub use profile::{HaTiming, HaproxyCheck, Profile};
 pub use secrets::{ClusterSecrets, Secret, SecretsFile};

@@ -133,6 +133,25 @@ pub struct Database {
     pub owner: Option<String>,
 }
 
+/// How the primary gets its restart in the restart phase (never for a decrease of the five:
+/// that is always in place).
+///
+/// The default is [`PrimaryUpdateMethod::Restart`], in place after a `CHECKPOINT`, as CNPG
+/// (its default), PGO and Zalando do for configuration changes: the cluster keeps its leader,
+/// the writes stop for one restart of a freshly checkpointed server (seconds), no client sees
+/// its primary become a read-only replica, and no timeline is added. A switchover moves the
+/// write outage to a shorter blip but demotes the primary (its sessions are cut all the same)
+/// and depends on a healthy, caught-up target; choose it with the inventory's
+/// `postgresql.primary_update_method: switchover` (or `--primary-update-method switchover`) where the primary's restart time is long (large `shared_buffers`, slow
+/// storage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PrimaryUpdateMethod {
+    #[default]
+    Restart,
+    Switchover,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Postgresql {
     pub version: u32,
@@ -147,6 +166,8 @@ pub struct Postgresql {
     pub databases: Vec<Database>,
     pub use_pg_rewind: bool,
     pub use_slots: bool,
+    /// How a rolling restart restarts the primary (see [`PrimaryUpdateMethod`]).
+    pub primary_update_method: PrimaryUpdateMethod,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1106,6 +1127,7 @@ pub fn build(
                 .collect(),
             use_pg_rewind: rp.use_pg_rewind.unwrap_or(true),
             use_slots: rp.use_slots.unwrap_or(true),
+            primary_update_method: rp.primary_update_method.unwrap_or_default(),
         },
         etcd,
         haproxy: Haproxy {

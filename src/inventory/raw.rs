@@ -125,6 +125,9 @@ pub struct RawPostgresql {
     pub use_pg_rewind: Option<bool>,
     #[serde(default)]
     pub use_slots: Option<bool>,
+    /// `restart` (default) or `switchover`: how a rolling restart restarts the primary.
+    #[serde(default)]
+    pub primary_update_method: Option<super::model::PrimaryUpdateMethod>,
 }
 
 #[derive(Debug, Deserialize)]

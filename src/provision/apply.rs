@@ -66,6 +66,8 @@ pub enum ProvisionError {
     Several(Vec<ProvisionError>),
     #[error("cluster configuration")]
     Cluster(#[from] super::dcs_config::ClusterConfigError),
+    #[error("rolling restart")]
+    Rolling(#[from] super::rolling::executor::RollingError),
 }
 
 fn join_errors(errs: &[ProvisionError]) -> String {
@@ -241,11 +243,14 @@ pub async fn gather_cluster(
     fleet: &Fleet,
     facts: &mut BTreeMap<String, HostFacts>,
 ) -> Result<ClusterFacts, ProvisionError> {
-    let cluster = dcs_config::gather(spec, fleet).await?;
+    let mut cluster = dcs_config::gather(spec, fleet).await?;
     for (host, a) in &cluster.agents {
         if let Some(f) = facts.get_mut(host) {
             f.agent = Some(a.clone());
         }
+    }
+    if let Some(inv) = &spec.inventory {
+        cluster.drained = super::rolling::haproxy::drained_now(inv, fleet).await;
     }
     Ok(cluster)
 }
@@ -1047,10 +1052,8 @@ async fn execute_stages(
                 let hosts: Vec<String> = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
                 run_dcs_config(spec, fleet, plan, &hosts, *timeout_secs, progress, done).await?;
             }
-            StepKind::RestartPending { timeout_secs } => {
-                let hosts: Vec<String> = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
-                run_restart_pending(spec, fleet, plan, &hosts, *timeout_secs, progress, done)
-                    .await?;
+            StepKind::RestartPending { .. } => {
+                run_restart_pending(spec, fleet, plan, progress, done).await?;
             }
             StepKind::EnsurePackages { .. }
             | StepKind::EnsureDirectory { .. }
@@ -1107,6 +1110,9 @@ fn agents_signalled(batch: &[(String, ServiceMode, Vec<PlannedStep>)]) -> Vec<St
         .collect()
 }
 
+/// How the `dcs_config` step labels what it did (the restart step looks for it).
+const DCS_CONFIG_STEP: &str = "DCS config";
+
 /// The `dcs_config` step: re-reads the live config (the run may have bootstrapped or changed
 /// the cluster), refuses when it moved since the plan was shown (an operator's concurrent
 /// edit), writes the inventory's keys with a compare-and-swap and waits until every running
@@ -1153,21 +1159,36 @@ async fn run_dcs_config(
     dcs_config::write_and_wait(spec, &cp, &running, Duration::from_secs(timeout_secs)).await?;
     let who = cluster.leader.clone().unwrap_or_else(|| "cluster".into());
     for c in &cp.changes {
-        done.push((who.clone(), "DCS config".into(), c.to_string()));
+        done.push((who.clone(), DCS_CONFIG_STEP.into(), c.to_string()));
     }
     Ok(())
 }
 
-/// The `restart_pending` step: the rolling restart of members pending restart.
+/// The `restart_pending` step: the rolling restart of the members pending restart (see
+/// [`super::rolling`]). Runs when the plan expected restarts (a restart-needing config change,
+/// members pending already, servers left drained) or when this run wrote the DCS config.
 async fn run_restart_pending(
-    _spec: &DeploySpec,
-    _fleet: &Fleet,
-    _plan: &Plan,
-    _hosts: &[String],
-    _timeout_secs: u64,
-    _progress: &Progress,
-    _done: &mut Vec<(String, String, String)>,
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    plan: &Plan,
+    progress: &Progress,
+    done: &mut Vec<(String, String, String)>,
 ) -> Result<(), ProvisionError> {
+    let wrote_config = done.iter().any(|d| d.1 == DCS_CONFIG_STEP);
+    if !plan.cluster.restarts_expected() && !wrote_config {
+        return Ok(());
+    }
+    let Some(inv) = &spec.inventory else {
+        return Ok(());
+    };
+    let say = |line: &str| progress.msg("cluster", line);
+    let opts = super::rolling::RollingOptions {
+        primary_update_method: inv.postgresql.primary_update_method,
+    };
+    let report = super::rolling::run_pending_restarts(inv, fleet, &opts, &say).await?;
+    for (member, what) in report.done {
+        done.push((member, "rolling restart".into(), what));
+    }
     Ok(())
 }
 

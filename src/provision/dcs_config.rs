@@ -91,6 +91,8 @@ pub struct AgentFact {
     pub config_error: Option<String>,
     /// The DCS config revision it has applied.
     pub dcs_config_revision: Option<i64>,
+    /// Why it refused the DCS config (PostgreSQL rejected its pg_hba).
+    pub dcs_config_error: Option<String>,
     pub pending_restart: bool,
 }
 
@@ -104,6 +106,7 @@ impl AgentFact {
             config_sha256: p["config_sha256"].as_str().map(str::to_string),
             config_error: p["config_error"].as_str().map(str::to_string),
             dcs_config_revision: p["dcs_config_revision"].as_i64(),
+            dcs_config_error: p["dcs_config_error"].as_str().map(str::to_string),
             pending_restart: v["pending_restart"].as_bool().unwrap_or(false),
         }
     }
@@ -128,6 +131,9 @@ pub struct ClusterFacts {
     pub settings: BTreeMap<String, PgSetting>,
     /// Per postgres host whose agent answered `GET /patroni`.
     pub agents: BTreeMap<String, AgentFact>,
+    /// `(HAProxy host, member)` left drained in the replica backend (filled by the caller
+    /// from HAProxy's admin socket).
+    pub drained: Vec<(String, String)>,
 }
 
 /// What a change does to the running cluster.
@@ -747,6 +753,12 @@ pub async fn write_and_wait(
                 && f.dcs_config_revision.is_some_and(|r| r >= want)
             {
                 break;
+            }
+            if let Some(reason) = fact.as_ref().and_then(|f| f.dcs_config_error.clone()) {
+                return Err(ClusterConfigError::AgentRefused {
+                    member: name.clone(),
+                    reason,
+                });
             }
             if started.elapsed() > timeout {
                 let reported = match fact {

@@ -435,6 +435,8 @@ pub struct ClusterPlan {
     pub config: Option<ConfigPlan>,
     /// Members whose agents report `pending_restart` now (a restart step will restart them).
     pub pending_restart: Vec<String>,
+    /// `(HAProxy host, member)` left drained in the replica backend by an interrupted run.
+    pub drained: Vec<(String, String)>,
     /// The leader and the other running members, as the agents report them.
     pub leader: Option<String>,
     pub replicas: Vec<String>,
@@ -444,11 +446,15 @@ impl ClusterPlan {
     /// Whether the `restart_pending` step has work: members pending now, or a config change
     /// that needs restarts.
     pub fn restarts_expected(&self) -> bool {
-        !self.pending_restart.is_empty() || self.config.as_ref().is_some_and(|c| c.needs_restart())
+        !self.pending_restart.is_empty()
+            || !self.drained.is_empty()
+            || self.config.as_ref().is_some_and(|c| c.needs_restart())
     }
 
     pub fn change_count(&self) -> usize {
-        self.config.as_ref().map_or(0, |c| c.changes.len()) + self.pending_restart.len()
+        self.config.as_ref().map_or(0, |c| c.changes.len())
+            + self.pending_restart.len()
+            + self.drained.len()
     }
 }
 
@@ -863,6 +869,7 @@ pub fn plan_with_cluster(
         )?);
     }
     p.cluster.leader = cluster.leader.clone();
+    p.cluster.drained = cluster.drained.clone();
     p.cluster.replicas = cluster
         .agents
         .iter()

@@ -76,6 +76,12 @@ fn render_cluster(out: &mut String, plan: &Plan, opts: ReportOptions) {
             c.pending_restart.join(", ")
         );
     }
+    for (host, member) in &c.drained {
+        let _ = writeln!(
+            out,
+            "  change     HAProxy on {host}: put {member} back into the replica backend (left drained by an interrupted run)"
+        );
+    }
     if c.config.as_ref().is_some_and(|cp| cp.needs_restart()) {
         let _ = writeln!(out, "  then       restart: {}", restart_preview(plan));
     }

@@ -131,23 +131,7 @@ pub struct RollingInput {
     pub maximum_lag_on_failover: u64,
 }
 
-/// How the primary gets its restart in the restart phase (never for a decrease of the five:
-/// that is always in place).
-///
-/// The default is [`PrimaryUpdateMethod::Restart`], in place after a `CHECKPOINT`, as CNPG
-/// (its default), PGO and Zalando do for configuration changes: the cluster keeps its leader,
-/// the writes stop for one restart of a freshly checkpointed server (seconds), no client sees
-/// its primary become a read-only replica, and no timeline is added. A switchover moves the
-/// write outage to a shorter blip but demotes the primary (its sessions are cut all the same)
-/// and depends on a healthy, caught-up target; choose it with `--primary-update-method
-/// switchover` where the primary's restart time is long (large `shared_buffers`, slow
-/// storage).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum PrimaryUpdateMethod {
-    #[default]
-    Restart,
-    Switchover,
-}
+pub use crate::inventory::PrimaryUpdateMethod;
 
 #[derive(Debug, Clone, Default)]
 pub struct RollingOptions {

@@ -78,6 +78,25 @@ pub(super) fn replica_backend(inv: &Inventory) -> String {
     format!("{}_replicas", inv.cluster)
 }
 
+/// `(HAProxy host, member)` for every member server left in drain or maintenance in the
+/// replica backend (an interrupted run's leftovers; `plan` shows them, the restart step puts
+/// them back). A HAProxy host whose socket does not answer is skipped (not running yet).
+pub async fn drained_now(inv: &Inventory, fleet: &Fleet) -> Vec<(String, String)> {
+    let backend = replica_backend(inv);
+    let mut out = Vec::new();
+    for t in haproxy_hosts(inv, fleet) {
+        let Ok(state) = haproxy(t.as_ref(), &format!("show servers state {backend}")).await else {
+            continue;
+        };
+        for srv in drained_servers(&state, &backend) {
+            if inv.host(&srv).is_some_and(|h| h.has(Role::Postgres)) {
+                out.push((t.host().to_string(), srv));
+            }
+        }
+    }
+    out
+}
+
 /// Puts back every member server an interrupted run left in drain or maintenance in the
 /// replica backend, on every HAProxy host; returns what it did.
 pub async fn undrain_leftovers(
@@ -86,25 +105,17 @@ pub async fn undrain_leftovers(
 ) -> Result<Vec<(String, String)>, RollingError> {
     let backend = replica_backend(inv);
     let mut done = Vec::new();
-    for t in haproxy_hosts(inv, fleet) {
-        let state = haproxy(t.as_ref(), &format!("show servers state {backend}")).await?;
-        for srv in drained_servers(&state, &backend) {
-            if inv.host(&srv).is_none_or(|h| !h.has(Role::Postgres)) {
-                continue;
-            }
-            haproxy_set(
-                t.as_ref(),
-                &format!("set server {backend}/{srv} state ready"),
-            )
-            .await?;
-            done.push((
-                srv.clone(),
-                format!(
-                    "put back into {backend} on {} (left drained by an interrupted run)",
-                    t.host()
-                ),
-            ));
-        }
+    for (host, srv) in drained_now(inv, fleet).await {
+        let Some(t) = fleet.get(&host) else { continue };
+        haproxy_set(
+            t.as_ref(),
+            &format!("set server {backend}/{srv} state ready"),
+        )
+        .await?;
+        done.push((
+            srv.clone(),
+            format!("put back into {backend} on {host} (left drained by an interrupted run)"),
+        ));
     }
     Ok(done)
 }
