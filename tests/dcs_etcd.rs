@@ -895,7 +895,11 @@ async fn new_endpoints_take_over_and_the_leader_keeps_its_lease() {
     let v = d.load().await.unwrap();
     let leader = v.leader.as_ref().expect("leader key");
     assert_eq!(leader.name, name);
-    assert_eq!(leader.lease, Some(lease), "the leader key is on the same lease");
+    assert_eq!(
+        leader.lease,
+        Some(lease),
+        "the leader key is on the same lease"
+    );
     let waiter = {
         let d = d.clone();
         tokio::spawn(async move { d.wait_for_change(v.revision, Duration::from_secs(10)).await })

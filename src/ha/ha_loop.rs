@@ -12,6 +12,12 @@
 //!    switchover stop) run in a named task while the loop keeps cycling and renewing;
 //! 5. leader bookkeeping (initialize, config, status, history, slots, sync), apply the dynamic
 //!    config, touch our member key, publish the status.
+//!
+//! The loop also owns the node config: a reload (`POST /reload`, SIGHUP) is refused whole when
+//! [`crate::config::restart_required`] names a change or PostgreSQL rejects it, and is
+//! otherwise pushed to every dependent (see `reload_config`). One long file because every
+//! executor method works on the loop's carried state; the decisions themselves are pure and
+//! live in `decide.rs` / `candidates.rs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -184,8 +190,8 @@ impl HaLoop {
         }
     }
 
-    /// The file `POST /reload` re-reads (tags, callbacks); without it reload only re-applies
-    /// the dynamic config.
+    /// The file `POST /reload` / SIGHUP re-reads (the whole node config, see `reload_config`);
+    /// without it a reload only re-applies the dynamic config.
     pub fn with_config_path(mut self, path: PathBuf) -> HaLoop {
         self.config_path = Some(path);
         self
@@ -1517,10 +1523,20 @@ impl HaLoop {
             Ok(l) => l,
             Err(e) => return self.refuse_reload(e.to_string()),
         };
-        let new = loaded.config;
+        let mut new = loaded.config;
         let restart = crate::config::restart_required(&self.cfg, &new);
         if !restart.is_empty() {
             return self.refuse_reload(format!("restart required: {}", restart.join(", ")));
+        }
+        // `bootstrap.*` only shapes the first bootstrap: once this node has data, a changed
+        // bootstrap section must change nothing (e.g. a removed `bootstrap.pg_hba` must not
+        // make the controller start managing pg_hba.conf), so the old one stays in force.
+        let bootstrapped = self.last_pg.data_dir_initialized;
+        let bootstrap_ignored = bootstrapped
+            && serde_json::to_value(&new.bootstrap).ok()
+                != serde_json::to_value(&self.cfg.bootstrap).ok();
+        if bootstrapped {
+            new.bootstrap = self.cfg.bootstrap.clone();
         }
         // PostgreSQL first: it is the only dependent that can refuse (a rejected pg_hba), and
         // a refusal must leave everything on the old config.
@@ -1535,7 +1551,10 @@ impl HaLoop {
         if let Some(f) = &self.config_subscriber {
             f(&new);
         }
-        let changed = crate::config::changed_settings(&self.cfg, &new);
+        let mut changed = crate::config::changed_settings(&self.cfg, &new);
+        if bootstrap_ignored {
+            changed.push("bootstrap (ignored: this node is already bootstrapped)".into());
+        }
         self.cfg = new;
         self.report.config_sha256 = Some(loaded.sha256);
         self.report.config_error = None;

@@ -15,6 +15,11 @@
 //! - Passwords travel only through the pgpass file (mode 0600, `PGPASSFILE` / `passfile=`), the
 //!   initdb pwfile (0600, removed afterwards) and tokio-postgres' in-memory config; they are
 //!   never put on a command line, in postgresql.conf, or in error messages.
+//! - Every generated file is replaced atomically (temp file in the same directory, fsync,
+//!   rename, owned by the PostgreSQL user, 0600); a changed pg_hba.conf is checked against
+//!   `pg_hba_file_rules` while the server runs and put back when PostgreSQL rejects it.
+//! - One long file: every tool invocation shares the run-as, environment and timeout rules
+//!   above; the pure file formats live in [`super::conf`].
 //! - `synchronous_standby_names` is managed in the generated postgresql.conf (not ALTER SYSTEM):
 //!   `postgresql.auto.conf` is copied by pg_basebackup and pg_rewind, so a value stored there
 //!   would follow a clone and could make a freshly promoted replica wait for itself.
