@@ -1121,7 +1121,10 @@ impl HaLoop {
             pg.start(&StartAs::Primary, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            pg.post_bootstrap().await.map_err(|e| e.to_string())?;
+            // (initdb's and pg_ctl's errors name themselves; a bare SQL error would not)
+            pg.post_bootstrap()
+                .await
+                .map_err(|e| format!("post_bootstrap: {e}"))?;
             Ok(())
         });
     }

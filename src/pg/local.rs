@@ -52,9 +52,11 @@ const SQL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting to another member (leader checks before a rewind): network round trips.
 const REMOTE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a reload may take to be in force: the postmaster re-reads a few small files, so
-/// seconds mean it is stuck; the caller then does not claim the new config is in force.
-const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reload may take to be in force: the postmaster re-reads a few small files in
+/// milliseconds, and the HA cycle (with the leader's lease renewal) waits for this, so a stuck
+/// one is given up on quickly; the caller then does not claim the new config is in force and
+/// retries next cycle.
+const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Poll interval while waiting for the reload: one local connection each time.
 const RELOAD_CONFIRM_POLL: Duration = Duration::from_millis(50);
 /// Small tools (pg_controldata, pg_ctl reload/status).
