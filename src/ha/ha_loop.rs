@@ -124,6 +124,10 @@ pub struct HaLoop {
     /// The DCS config (JSON) PostgreSQL last refused (a rejected pg_hba): not retried every
     /// cycle, only when the DCS config or the local file changes.
     refused_config: Option<String>,
+    /// PostgreSQL's files changed but its reload failed: the next apply reloads even though
+    /// the files are already current. `Some(true)` when the failed reload was a local config
+    /// reload (its `config_error` is cleared once the retry succeeds).
+    reload_owed: Option<bool>,
     watchdog_usable: bool,
     dcs_last_seen: Option<i64>,
     scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
@@ -165,6 +169,7 @@ impl HaLoop {
             config_subscriber: None,
             report: PgherdStatus::default(),
             refused_config: None,
+            reload_owed: None,
             held_lock: false,
             lease_ok_sent: None,
             pre_promote_failed_at: None,
@@ -1478,17 +1483,24 @@ impl HaLoop {
         match self.pg.apply_dynamic_config(&self.config).await {
             Ok(needs_reload) => {
                 let mut reloaded = false;
-                if needs_reload && pg.running {
+                if (needs_reload || self.reload_owed.is_some()) && pg.running {
                     if let Err(e) = self.pg.reload().await {
                         // Not in force: retried next cycle (the files are already written,
                         // so the retry reloads unconditionally).
-                        warn!(error = %e, "failed to reload postgres after a DCS config change");
+                        warn!(error = %e, "failed to reload postgres after a config change");
+                        self.reload_owed.get_or_insert(false);
                         self.applied_config = None;
                         return false;
+                    }
+                    if self.reload_owed.take() == Some(true) {
+                        self.report.config_error = None;
                     }
                     reloaded = true;
                     self.hooks
                         .callback(CallbackAction::OnReload, self.role_of(pg));
+                } else if !pg.running && self.reload_owed.take() == Some(true) {
+                    // Stopped: its next start reads the files, which already hold the config.
+                    self.report.config_error = None;
                 }
                 self.applied_config = Some(json);
                 self.refused_config = None;
@@ -1571,11 +1583,12 @@ impl HaLoop {
                 }
                 Err(e) => {
                     // The files hold the new config but the server did not take it: say so
-                    // rather than report a clean reload.
+                    // rather than report a clean reload; the next cycle retries the reload.
                     let msg =
                         format!("the new config is written but PostgreSQL did not reload: {e}");
                     error!("reload: {msg}");
                     self.report.config_error = Some(msg);
+                    self.reload_owed = Some(true);
                 }
             }
         }
