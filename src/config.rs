@@ -3,6 +3,10 @@
 //!
 //! `bootstrap.dcs` is free-form JSON-compatible data: it seeds the DCS `config` key on the first
 //! bootstrap and is otherwise ignored (the DCS copy wins afterwards, as in Patroni).
+//!
+//! Also the pure rules of a reload: [`restart_required`] (what a running agent cannot take
+//! over), [`changed_settings`] (what a reload changed, for its log line) and the digest of the
+//! file in force ([`LoadedConfig`]). Past 800 lines only because of the table tests below.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -123,7 +123,8 @@ pub enum Command {
         from_leader: bool,
         reply: oneshot::Sender<CommandReply>,
     },
-    /// `POST /reload` (and SIGHUP): re-read the local config file.
+    /// `POST /reload` (and SIGHUP): re-read the local config file and put it in force, or
+    /// refuse it whole (reply 409, reason in `PgherdStatus::config_error`).
     Reload {
         reply: oneshot::Sender<CommandReply>,
     },

@@ -208,6 +208,53 @@ async fn agent_yml_change_takes_effect_after_reload() {
         "the old script ran for the promotion: {old_log}"
     );
 
+    step("a DCS config change: its revision is reported together with what it implies");
+    let resp = c
+        .http
+        .get(format!("{}/config", c.nodes[p].api()))
+        .send()
+        .await
+        .unwrap();
+    let etag = resp.headers()["etag"].to_str().unwrap().to_string();
+    let patch = |if_match: String| {
+        c.http
+            .patch(format!("{}/config", c.nodes[p].api()))
+            .basic_auth(API_USER, Some(API_PW))
+            .header("If-Match", if_match)
+            .json(&json!({"postgresql": {"parameters": {"max_prepared_transactions": 7}}}))
+            .send()
+    };
+    let resp = patch(etag.clone()).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = patch(etag).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 412, "the ETag used is stale now");
+    let rev: i64 = c
+        .http
+        .get(format!("{}/config", c.nodes[p].api()))
+        .send()
+        .await
+        .unwrap()
+        .headers()["etag"]
+        .to_str()
+        .unwrap()
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    for i in 0..3 {
+        // max_prepared_transactions needs a restart: the answer that reports the revision
+        // applied must already say so.
+        let v = eventually(Duration::from_secs(20), "the revision applied", || async {
+            let (_, v) = c.get(i, "/patroni").await?;
+            (v["pgherd"]["dcs_config_revision"] == rev).then_some(v)
+        })
+        .await;
+        assert_eq!(v["pending_restart"], true, "node {i}: {v}");
+        assert_eq!(
+            v["pending_restart_reason"]["max_prepared_transactions"]["new_value"], "7",
+            "node {i}: {v}"
+        );
+    }
+
     step("a change that needs a restart is refused whole");
     let before_refusal = file_sha256(&cfg_path);
     let port = c.nodes[r].api_port;

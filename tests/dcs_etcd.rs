@@ -854,3 +854,63 @@ async fn a_hung_member_costs_one_attempt_not_the_whole_budget() {
     );
     c.thaw(0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_endpoints_take_over_and_the_leader_keeps_its_lease() {
+    let mut c = tokio::task::spawn_blocking(|| EtcdCluster::start(3, 24070))
+        .await
+        .unwrap();
+    let retry = Duration::from_secs(3);
+    // Configured with member 0 only.
+    let d = Arc::new(
+        EtcdDcs::connect(vec![c.endpoint(0)], BASE.to_string(), retry, None)
+            .await
+            .unwrap(),
+    );
+    let name = MemberName::from("n1");
+    d.ensure_lease(Duration::from_secs(30)).await.unwrap();
+    assert!(d.acquire_leader(&name).await.unwrap());
+    d.touch_member(&name, &member("n1", "primary"))
+        .await
+        .unwrap();
+    let lease = d.current_lease().unwrap();
+    let rev = d.load().await.unwrap().revision;
+    assert!(
+        !d.wait_for_change(rev, Duration::from_millis(50)).await,
+        "starts the watch"
+    );
+
+    // A reload names members 1 and 2; then member 0 dies. Everything goes on through the
+    // new list, on the same lease.
+    d.set_endpoints(vec![c.endpoint(1), c.endpoint(2)]).unwrap();
+    let c = tokio::task::spawn_blocking(move || {
+        c.kill(0);
+        c
+    })
+    .await
+    .unwrap();
+    assert!(d.update_leader(&name).await.unwrap(), "still the leader");
+    d.keepalive().await.unwrap();
+    assert_eq!(d.current_lease(), Some(lease));
+    let v = d.load().await.unwrap();
+    let leader = v.leader.as_ref().expect("leader key");
+    assert_eq!(leader.name, name);
+    assert_eq!(
+        leader.lease,
+        Some(lease),
+        "the leader key is on the same lease"
+    );
+    let waiter = {
+        let d = d.clone();
+        tokio::spawn(async move { d.wait_for_change(v.revision, Duration::from_secs(10)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    d.set_status(&Status {
+        optime: 7,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(waiter.await.unwrap(), "the watch follows the new endpoints");
+    drop(c);
+}

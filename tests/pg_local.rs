@@ -708,6 +708,23 @@ async fn a_new_pg_hba_is_checked_before_it_is_reloaded_and_a_rejected_one_is_put
         std::fs::read(n.pg.data_dir().join("pg_hba.conf")).unwrap(),
         before
     );
+
+    // The DCS pg_hba (used without a local one) goes through the same check.
+    let no_local = node_config("hba", 25030, n.pg.data_dir(), 20, "");
+    assert!(n.pg.set_local_config(&no_local).await.unwrap());
+    n.pg.reload().await.unwrap();
+    let defaults = std::fs::read(n.pg.data_dir().join("pg_hba.conf")).unwrap();
+    let bad_dcs = DynamicConfig::parse(
+        r#"{"postgresql":{"pg_hba":["local all all scram-sha-256","host all all 10.0.0.0/99 md5"]}}"#,
+    )
+    .unwrap();
+    let e = n.pg.apply_dynamic_config(&bad_dcs).await.unwrap_err();
+    assert!(matches!(e, pgherd::pg::PgError::HbaRejected(_)), "{e}");
+    assert_eq!(
+        std::fs::read(n.pg.data_dir().join("pg_hba.conf")).unwrap(),
+        defaults
+    );
+    assert_eq!(n.rows("SELECT 'still up'::text").await, vec!["still up"]);
     assert_eq!(
         std::fs::read_to_string(n.pg.data_dir().join("postmaster.pid")).unwrap(),
         postmaster,

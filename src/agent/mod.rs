@@ -110,7 +110,9 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
     }
     let peers = Arc::new(probe);
 
-    let (status_tx, status_rx) = watch::channel(HaLoop::initial_status(&cfg));
+    let mut initial = HaLoop::initial_status(&cfg);
+    initial.pgherd.config_sha256 = Some(sha256.clone());
+    let (status_tx, status_rx) = watch::channel(initial);
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>(32);
     let shutdown = CancellationToken::new();
 

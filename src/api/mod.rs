@@ -16,6 +16,11 @@
 //! - [`health`]: the status JSON and every health rule.
 //! - [`cluster`]: `/cluster`, `/history`, `/config` reads and `/metrics`.
 //! - [`admin`]: the authenticated mutating verbs.
+//!
+//! pgherd extensions, invisible to Patroni clients: `/patroni` carries a `pgherd` object (what
+//! the agent runs with, see [`health`]); `GET /config` sends `ETag: "<mod revision>"` and
+//! `PATCH|PUT /config` honour `If-Match: "<rev>"` (412 when the config moved on, see
+//! [`admin`]).
 
 pub mod admin;
 pub mod cluster;

@@ -12,6 +12,12 @@
 //!    switchover stop) run in a named task while the loop keeps cycling and renewing;
 //! 5. leader bookkeeping (initialize, config, status, history, slots, sync), apply the dynamic
 //!    config, touch our member key, publish the status.
+//!
+//! The loop also owns the node config: a reload (`POST /reload`, SIGHUP) is refused whole when
+//! [`crate::config::restart_required`] names a change or PostgreSQL rejects it, and is
+//! otherwise pushed to every dependent (see `reload_config`). One long file because every
+//! executor method works on the loop's carried state; the decisions themselves are pure and
+//! live in `decide.rs` / `candidates.rs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -118,6 +124,10 @@ pub struct HaLoop {
     /// The DCS config (JSON) PostgreSQL last refused (a rejected pg_hba): not retried every
     /// cycle, only when the DCS config or the local file changes.
     refused_config: Option<String>,
+    /// PostgreSQL's files changed but its reload failed: the next apply reloads even though
+    /// the files are already current. `Some(true)` when the failed reload was a local config
+    /// reload (its `config_error` is cleared once the retry succeeds).
+    reload_owed: Option<bool>,
     watchdog_usable: bool,
     dcs_last_seen: Option<i64>,
     scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
@@ -159,6 +169,7 @@ impl HaLoop {
             config_subscriber: None,
             report: PgherdStatus::default(),
             refused_config: None,
+            reload_owed: None,
             held_lock: false,
             lease_ok_sent: None,
             pre_promote_failed_at: None,
@@ -184,8 +195,8 @@ impl HaLoop {
         }
     }
 
-    /// The file `POST /reload` re-reads (tags, callbacks); without it reload only re-applies
-    /// the dynamic config.
+    /// The file `POST /reload` / SIGHUP re-reads (the whole node config, see `reload_config`);
+    /// without it a reload only re-applies the dynamic config.
     pub fn with_config_path(mut self, path: PathBuf) -> HaLoop {
         self.config_path = Some(path);
         self
@@ -1115,7 +1126,10 @@ impl HaLoop {
             pg.start(&StartAs::Primary, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
-            pg.post_bootstrap().await.map_err(|e| e.to_string())?;
+            // (initdb's and pg_ctl's errors name themselves; a bare SQL error would not)
+            pg.post_bootstrap()
+                .await
+                .map_err(|e| format!("post_bootstrap: {e}"))?;
             Ok(())
         });
     }
@@ -1469,17 +1483,24 @@ impl HaLoop {
         match self.pg.apply_dynamic_config(&self.config).await {
             Ok(needs_reload) => {
                 let mut reloaded = false;
-                if needs_reload && pg.running {
+                if (needs_reload || self.reload_owed.is_some()) && pg.running {
                     if let Err(e) = self.pg.reload().await {
                         // Not in force: retried next cycle (the files are already written,
                         // so the retry reloads unconditionally).
-                        warn!(error = %e, "failed to reload postgres after a DCS config change");
+                        warn!(error = %e, "failed to reload postgres after a config change");
+                        self.reload_owed.get_or_insert(false);
                         self.applied_config = None;
                         return false;
+                    }
+                    if self.reload_owed.take() == Some(true) {
+                        self.report.config_error = None;
                     }
                     reloaded = true;
                     self.hooks
                         .callback(CallbackAction::OnReload, self.role_of(pg));
+                } else if !pg.running && self.reload_owed.take() == Some(true) {
+                    // Stopped: its next start reads the files, which already hold the config.
+                    self.report.config_error = None;
                 }
                 self.applied_config = Some(json);
                 self.refused_config = None;
@@ -1517,10 +1538,20 @@ impl HaLoop {
             Ok(l) => l,
             Err(e) => return self.refuse_reload(e.to_string()),
         };
-        let new = loaded.config;
+        let mut new = loaded.config;
         let restart = crate::config::restart_required(&self.cfg, &new);
         if !restart.is_empty() {
             return self.refuse_reload(format!("restart required: {}", restart.join(", ")));
+        }
+        // `bootstrap.*` only shapes the first bootstrap: once this node has data, a changed
+        // bootstrap section must change nothing (e.g. a removed `bootstrap.pg_hba` must not
+        // make the controller start managing pg_hba.conf), so the old one stays in force.
+        let bootstrapped = self.last_pg.data_dir_initialized;
+        let bootstrap_ignored = bootstrapped
+            && serde_json::to_value(&new.bootstrap).ok()
+                != serde_json::to_value(&self.cfg.bootstrap).ok();
+        if bootstrapped {
+            new.bootstrap = self.cfg.bootstrap.clone();
         }
         // PostgreSQL first: it is the only dependent that can refuse (a rejected pg_hba), and
         // a refusal must leave everything on the old config.
@@ -1535,7 +1566,10 @@ impl HaLoop {
         if let Some(f) = &self.config_subscriber {
             f(&new);
         }
-        let changed = crate::config::changed_settings(&self.cfg, &new);
+        let mut changed = crate::config::changed_settings(&self.cfg, &new);
+        if bootstrap_ignored {
+            changed.push("bootstrap (ignored: this node is already bootstrapped)".into());
+        }
         self.cfg = new;
         self.report.config_sha256 = Some(loaded.sha256);
         self.report.config_error = None;
@@ -1549,11 +1583,12 @@ impl HaLoop {
                 }
                 Err(e) => {
                     // The files hold the new config but the server did not take it: say so
-                    // rather than report a clean reload.
+                    // rather than report a clean reload; the next cycle retries the reload.
                     let msg =
                         format!("the new config is written but PostgreSQL did not reload: {e}");
                     error!("reload: {msg}");
                     self.report.config_error = Some(msg);
+                    self.reload_owed = Some(true);
                 }
             }
         }

@@ -15,6 +15,11 @@
 //! - Passwords travel only through the pgpass file (mode 0600, `PGPASSFILE` / `passfile=`), the
 //!   initdb pwfile (0600, removed afterwards) and tokio-postgres' in-memory config; they are
 //!   never put on a command line, in postgresql.conf, or in error messages.
+//! - Every generated file is replaced atomically (temp file in the same directory, fsync,
+//!   rename, owned by the PostgreSQL user, 0600); a changed pg_hba.conf is checked against
+//!   `pg_hba_file_rules` while the server runs and put back when PostgreSQL rejects it.
+//! - One long file: every tool invocation shares the run-as, environment and timeout rules
+//!   above; the pure file formats live in [`super::conf`].
 //! - `synchronous_standby_names` is managed in the generated postgresql.conf (not ALTER SYSTEM):
 //!   `postgresql.auto.conf` is copied by pg_basebackup and pg_rewind, so a value stored there
 //!   would follow a clone and could make a freshly promoted replica wait for itself.
@@ -47,9 +52,11 @@ const SQL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting to another member (leader checks before a rewind): network round trips.
 const REMOTE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a reload may take to be in force: the postmaster re-reads a few small files, so
-/// seconds mean it is stuck; the caller then does not claim the new config is in force.
-const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reload may take to be in force: the postmaster re-reads a few small files in
+/// milliseconds, and the HA cycle (with the leader's lease renewal) waits for this, so a stuck
+/// one is given up on quickly; the caller then does not claim the new config is in force and
+/// retries next cycle.
+const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Poll interval while waiting for the reload: one local connection each time.
 const RELOAD_CONFIRM_POLL: Duration = Duration::from_millis(50);
 /// Small tools (pg_controldata, pg_ctl reload/status).
