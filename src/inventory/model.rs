@@ -144,7 +144,9 @@ pub struct Database {
 /// and depends on a healthy, caught-up target; choose it with the inventory's
 /// `postgresql.primary_update_method: switchover` (or `--primary-update-method switchover`) where the primary's restart time is long (large `shared_buffers`, slow
 /// storage).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PrimaryUpdateMethod {
     #[default]
