@@ -441,11 +441,29 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
         );
     }
     let plan = apply::make_plan(&s3, &fleet).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    if !plan.is_noop() {
+        let mut why = String::new();
+        for (name, addr) in &hosts {
+            let p = get_json(&format!("http://{addr}:{}/patroni", s.restapi_port)).await;
+            why.push_str(&format!("{name}: {p:?}\n"));
+            let c = pg(addr, s.pg_port, &pw).await.unwrap();
+            for r in c
+                .query(
+                    "SELECT name, setting, coalesce(unit,'') FROM pg_settings WHERE pending_restart",
+                    &[],
+                )
+                .await
+                .unwrap()
+            {
+                let (n, v, u): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+                why.push_str(&format!("  pending in pg_settings: {n} = {v}{u}\n"));
+            }
+        }
+        panic!(
+            "{}\n{why}",
+            pgherd::provision::report::render_plan(&plan, Default::default())
+        );
+    }
 
     // No acknowledged write was lost through all of it.
     let report = probe.stop().await;
