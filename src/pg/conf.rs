@@ -213,8 +213,11 @@ pub fn render_postgresql_conf(
         if let Some(slot) = &sb.primary_slot_name {
             s.push_str(&format!("primary_slot_name = {}\n", conf_quote(slot)));
         }
-        s.push_str("recovery_target_timeline = 'latest'\n");
     }
+    // On every node, not only standbys: it is ignored outside recovery, and it is a
+    // postmaster-context setting, so dropping it when a standby is promoted would make
+    // PostgreSQL report the new primary pending restart for nothing.
+    s.push_str("recovery_target_timeline = 'latest'\n");
     s
 }
 
