@@ -42,9 +42,12 @@ impl CallbackAction {
 /// - `pre_promote` runs synchronously (bounded by a timeout) with no extra args; `false` (non-zero
 ///   exit, failure to spawn, timeout) aborts the promotion.
 /// - `before_stop` runs synchronously before PostgreSQL is signalled; its exit code is ignored.
+/// - `reconfigure` takes over the commands of a reloaded config for every later call; a hook
+///   already running is left alone (a callback is still killed by the next one in its slot).
 #[async_trait]
 pub trait Hooks: Send + Sync {
     fn callback(&self, action: CallbackAction, role: Role);
+    fn reconfigure(&self, cfg: &crate::config::AgentConfig);
     async fn pre_promote(&self) -> bool;
     async fn before_stop(&self);
 }
@@ -179,14 +182,21 @@ impl Slot {
 /// Each command is started in its own process group (`setpgid(0, 0)`) so that killing it also
 /// kills whatever it spawned. Commands run as the agent's user with its environment.
 pub struct CommandHooks {
-    scope: String,
-    callbacks: crate::config::Callbacks,
-    pre_promote: Option<String>,
-    before_stop: Option<String>,
+    /// Swapped whole by [`Hooks::reconfigure`]; read (cloned) per call, never held.
+    commands: std::sync::RwLock<Arc<HookCommands>>,
     pre_promote_timeout: Duration,
     before_stop_timeout: Duration,
     main: Arc<Slot>,
     reload: Arc<Slot>,
+}
+
+/// The configured commands (what a reload swaps).
+#[derive(Debug, Clone)]
+struct HookCommands {
+    scope: String,
+    callbacks: crate::config::Callbacks,
+    pre_promote: Option<String>,
+    before_stop: Option<String>,
 }
 
 impl CommandHooks {
@@ -197,10 +207,12 @@ impl CommandHooks {
         before_stop: Option<String>,
     ) -> Self {
         CommandHooks {
-            scope: scope.into(),
-            callbacks,
-            pre_promote,
-            before_stop,
+            commands: std::sync::RwLock::new(Arc::new(HookCommands {
+                scope: scope.into(),
+                callbacks,
+                pre_promote,
+                before_stop,
+            })),
             pre_promote_timeout: DEFAULT_PRE_PROMOTE_TIMEOUT,
             before_stop_timeout: DEFAULT_BEFORE_STOP_TIMEOUT,
             main: Arc::default(),
@@ -228,8 +240,16 @@ impl CommandHooks {
         self
     }
 
-    fn command_for(&self, action: CallbackAction) -> Option<&str> {
-        let c = &self.callbacks;
+    fn commands(&self) -> Arc<HookCommands> {
+        self.commands
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn command_for(&self, action: CallbackAction) -> Option<String> {
+        let cmds = self.commands();
+        let c = &cmds.callbacks;
         match action {
             CallbackAction::OnStart => c.on_start.as_deref(),
             CallbackAction::OnStop => c.on_stop.as_deref(),
@@ -238,12 +258,13 @@ impl CommandHooks {
             CallbackAction::OnRoleChange => c.on_role_change.as_deref(),
         }
         .filter(|s| !s.trim().is_empty())
+        .map(str::to_string)
     }
 
     /// The argv a callback runs with: `shell-split(cmd) + [action, role, scope]`.
     pub fn callback_argv(&self, action: CallbackAction, role: Role) -> Option<Vec<String>> {
         let cmd = self.command_for(action)?;
-        let mut argv = match shell_split(cmd) {
+        let mut argv = match shell_split(&cmd) {
             Some(a) if !a.is_empty() => a,
             _ => {
                 tracing::error!(
@@ -255,7 +276,7 @@ impl CommandHooks {
         };
         argv.push(action.as_str().to_string());
         argv.push(callback_role(role).to_string());
-        argv.push(self.scope.clone());
+        argv.push(self.commands().scope.clone());
         Some(argv)
     }
 }
@@ -322,6 +343,16 @@ async fn run_bounded(what: &str, argv: &[String], timeout: Duration) -> Option<b
 
 #[async_trait]
 impl Hooks for CommandHooks {
+    fn reconfigure(&self, cfg: &AgentConfig) {
+        let next = HookCommands {
+            scope: cfg.scope.clone(),
+            callbacks: cfg.postgresql.callbacks.clone(),
+            pre_promote: cfg.postgresql.pre_promote.clone(),
+            before_stop: cfg.postgresql.before_stop.clone(),
+        };
+        *self.commands.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    }
+
     fn callback(&self, action: CallbackAction, role: Role) {
         let Some(argv) = self.callback_argv(action, role) else {
             return;
@@ -389,7 +420,8 @@ impl Hooks for CommandHooks {
     }
 
     async fn pre_promote(&self) -> bool {
-        let Some(cmd) = self.pre_promote.as_deref().filter(|s| !s.trim().is_empty()) else {
+        let cmds = self.commands();
+        let Some(cmd) = cmds.pre_promote.as_deref().filter(|s| !s.trim().is_empty()) else {
             return true;
         };
         let Some(argv) = shell_split(cmd).filter(|a| !a.is_empty()) else {
@@ -401,7 +433,8 @@ impl Hooks for CommandHooks {
     }
 
     async fn before_stop(&self) {
-        let Some(cmd) = self.before_stop.as_deref().filter(|s| !s.trim().is_empty()) else {
+        let cmds = self.commands();
+        let Some(cmd) = cmds.before_stop.as_deref().filter(|s| !s.trim().is_empty()) else {
             return;
         };
         let Some(argv) = shell_split(cmd).filter(|a| !a.is_empty()) else {

@@ -47,6 +47,28 @@ pub struct AgentStatus {
     pub ttl: u64,
     pub loop_wait: u64,
     pub updated_at: SystemTime,
+    /// What the agent runs with (the `pgherd` object of `/patroni`).
+    pub pgherd: PgherdStatus,
+}
+
+/// The agent's own account of its configuration, published as `/patroni`'s `pgherd` object
+/// (see `api::health` for the wire format).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PgherdStatus {
+    /// sha256 of the config file bytes in force (read at start-up or at the last successful
+    /// reload).
+    pub config_sha256: Option<String>,
+    /// Why the last reload of the config file was refused; `None` when it succeeded.
+    pub config_error: Option<String>,
+    /// Mod revision of the DCS `config` key whose content is applied to PostgreSQL's files and
+    /// in force (reloaded) as of the PostgreSQL observation in the same status.
+    pub dcs_config_revision: Option<i64>,
+    /// Why the DCS `config` last given to PostgreSQL was not applied (e.g. its `pg_hba` was
+    /// rejected by PostgreSQL); `None` when it applied.
+    pub dcs_config_error: Option<String>,
+    /// Why the last bootstrap attempt (initdb, start, post_bootstrap) of this node failed;
+    /// cleared once a bootstrap succeeds.
+    pub bootstrap_error: Option<String>,
 }
 
 impl AgentStatus {

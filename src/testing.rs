@@ -82,6 +82,9 @@ impl Hooks for RecordingHooks {
         self.lock().push(HookEvent::Callback(action, role));
     }
 
+    /// The recorder has no commands: a reload changes nothing it records.
+    fn reconfigure(&self, _cfg: &crate::config::AgentConfig) {}
+
     async fn pre_promote(&self) -> bool {
         let ok = self.pre_promote_ok.load(Ordering::SeqCst);
         self.lock().push(HookEvent::PrePromote(ok));

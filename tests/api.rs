@@ -298,6 +298,7 @@ fn primary_status(view: &ClusterView) -> AgentStatus {
         ttl: 30,
         loop_wait: 10,
         updated_at: SystemTime::now(),
+        pgherd: Default::default(),
     }
 }
 
@@ -1532,4 +1533,174 @@ async fn a_panicking_handler_becomes_a_500_not_a_dropped_connection() {
     assert_eq!(code(&h.app, "GET", "/cluster").await, 500);
     // The router keeps serving (health checks never touch the DCS).
     assert_eq!(code(&h.app, "GET", "/primary").await, 200);
+}
+
+// ------------------------------------------------------------------ pgherd extensions
+
+async fn call_if_match(
+    app: &axum::Router,
+    method: &str,
+    body: &str,
+    if_match: &str,
+) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri("/config")
+        .header(header::IF_MATCH, if_match)
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let code = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (code, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn stored_config(h: &Harness) -> (DynamicConfig, Revision) {
+    h.dcs.view.lock().unwrap().config.clone().unwrap()
+}
+
+#[tokio::test]
+async fn get_config_carries_the_revision_as_etag() {
+    let view = three_node_view();
+    let h = harness(primary_status(&view), view, None, StubProbe::default());
+    let (_, rev) = stored_config(&h);
+    let (c, _, headers) = call(&h.app, "GET", "/config", None).await;
+    assert_eq!(c, 200);
+    assert_eq!(headers[header::ETAG], format!("\"{}\"", rev.0));
+}
+
+#[tokio::test]
+async fn patch_config_with_if_match_writes_only_at_that_revision() {
+    let view = three_node_view();
+    let h = harness(primary_status(&view), view, None, StubProbe::default());
+    let (before, rev) = stored_config(&h);
+    // A stale revision: 412, nothing written.
+    let (c, body) = call_if_match(
+        &h.app,
+        "PATCH",
+        r#"{"ttl":21}"#,
+        &format!("\"{}\"", rev.0 - 1),
+    )
+    .await;
+    assert_eq!(c, 412, "{body}");
+    assert!(body.contains("config changed since revision"), "{body}");
+    assert_eq!(stored_config(&h), (before.clone(), rev));
+    // The current revision: written.
+    let (c, body) =
+        call_if_match(&h.app, "PATCH", r#"{"ttl":21}"#, &format!("\"{}\"", rev.0)).await;
+    assert_eq!(c, 200, "{body}");
+    let (after, rev2) = stored_config(&h);
+    assert_eq!(after.ttl(), 21);
+    assert_ne!(rev2, rev);
+    // The revision just used is stale now.
+    let (c, _) = call_if_match(&h.app, "PATCH", r#"{"ttl":22}"#, &format!("\"{}\"", rev.0)).await;
+    assert_eq!(c, 412);
+    assert_eq!(stored_config(&h).0.ttl(), 21);
+    // A malformed precondition is a client error, not an unconditional write.
+    let (c, _) = call_if_match(&h.app, "PATCH", r#"{"ttl":23}"#, "yesterday").await;
+    assert_eq!(c, 400);
+    assert_eq!(stored_config(&h).0.ttl(), 21);
+}
+
+#[tokio::test]
+async fn put_config_with_if_match_writes_only_at_that_revision() {
+    let view = three_node_view();
+    let h = harness(primary_status(&view), view, None, StubProbe::default());
+    let (_, rev) = stored_config(&h);
+    let (c, body) = call_if_match(
+        &h.app,
+        "PUT",
+        r#"{"ttl":40,"loop_wait":5}"#,
+        &format!("\"{}\"", rev.0 + 7),
+    )
+    .await;
+    assert_eq!(c, 412, "{body}");
+    assert_ne!(stored_config(&h).0.loop_wait(), 5);
+    let (c, body) = call_if_match(
+        &h.app,
+        "PUT",
+        r#"{"ttl":40,"loop_wait":5}"#,
+        &format!("\"{}\"", rev.0),
+    )
+    .await;
+    assert_eq!(c, 200, "{body}");
+    assert_eq!(stored_config(&h).0.loop_wait(), 5);
+}
+
+#[tokio::test]
+async fn patroni_reports_the_pgherd_object_and_leaves_out_absent_fields() {
+    let view = three_node_view();
+    let mut st = primary_status(&view);
+    let h = harness(st.clone(), view, None, StubProbe::default());
+    let (_, body, _) = call(&h.app, "GET", "/patroni", None).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["pgherd"], json!({}));
+    st.pgherd = pgherd::status::PgherdStatus {
+        config_sha256: Some("ab".repeat(32)),
+        config_error: Some("restart required: restapi.listen".into()),
+        dcs_config_revision: Some(123),
+        ..Default::default()
+    };
+    h.tx.send_replace(st);
+    let (_, body, _) = call(&h.app, "GET", "/patroni", None).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["pgherd"],
+        json!({
+            "config_sha256": "ab".repeat(32),
+            "config_error": "restart required: restapi.listen",
+            "dcs_config_revision": 123,
+        })
+    );
+    // Patroni's fields are untouched.
+    assert_eq!(v["role"], "primary");
+    assert_eq!(v["patroni"]["version"], "4.1.5");
+}
+
+#[tokio::test]
+async fn swapped_rest_credentials_apply_to_the_next_request() {
+    let view = three_node_view();
+    let (tx, rx) = watch::channel(primary_status(&view));
+    let (ctx, mut crx) = mpsc::channel::<Command>(16);
+    tokio::spawn(async move {
+        while let Some(c) = crx.recv().await {
+            if let Command::Reload { reply } = c {
+                let _ = reply.send(CommandReply::new(202, "reload scheduled"));
+            }
+        }
+    });
+    let old = Credentials {
+        username: "admin".into(),
+        password: "old".into(),
+    };
+    let state = ApiState::new(rx, MemDcs::with(view), ctx, Some(old), "batman", "pg0");
+    let handle = state.auth_handle();
+    let app = router(state);
+    let basic = |u: &str, p: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
+    let post = |a: String| {
+        let app = app.clone();
+        async move {
+            call_with(&app, "POST", "/reload", None, Some(&a))
+                .await
+                .0
+                .as_u16()
+        }
+    };
+    assert_eq!(post(basic("admin", "old")).await, 202);
+    *handle.write().unwrap() = Some(Credentials {
+        username: "admin".into(),
+        password: "new".into(),
+    });
+    assert_eq!(post(basic("admin", "old")).await, 401);
+    assert_eq!(post(basic("admin", "new")).await, 202);
+    drop(tx);
 }

@@ -418,3 +418,30 @@ async fn sync_mode_sets_ssn_before_publishing_the_sync_standby() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_bootstrap_reports_its_cause_until_a_bootstrap_succeeds() {
+    let c = Cluster::start(1).await;
+    let n = c.node("n1");
+    n.pg.set_faults(pgherd::pg::fake::FakeFaults {
+        fail_initdb: true,
+        ..Default::default()
+    });
+    let status = n.status.clone();
+    eventually(120, "the bootstrap error in the status", || {
+        status
+            .borrow()
+            .pgherd
+            .bootstrap_error
+            .as_deref()
+            .is_some_and(|e| e.contains("initdb") && e.contains("simulated failure"))
+    })
+    .await;
+    assert!(c.leader().is_none());
+    n.pg.set_faults(Default::default());
+    eventually(120, "a leader, and the error gone", || {
+        c.leader().as_deref() == Some("n1") && status.borrow().pgherd.bootstrap_error.is_none()
+    })
+    .await;
+    c.shutdown().await;
+}

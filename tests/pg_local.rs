@@ -61,8 +61,27 @@ impl Lab {
     fn node(&mut self, name: &str, port: u16, extra: &str) -> Node {
         let data_dir = self.dir.path().join(name);
         self.data_dirs.push(data_dir.clone());
-        let yaml = format!(
-            r#"
+        let cfg = node_config(name, port, &data_dir, 20, extra);
+        let pg = LocalPostgres::new(&cfg).unwrap();
+        Node {
+            pg,
+            port,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// The node config the tests use; `extra` is appended to the YAML: 2-space indented lines
+/// extend `postgresql:`, unindented ones add top-level sections.
+fn node_config(
+    name: &str,
+    port: u16,
+    data_dir: &Path,
+    max_connections: u32,
+    extra: &str,
+) -> AgentConfig {
+    let yaml = format!(
+        r#"
 scope: pgl
 name: {name}
 restapi: {{listen: "127.0.0.1:1", connect_address: "127.0.0.1:1"}}
@@ -78,21 +97,14 @@ postgresql:
     rewind: {{username: rewinder, password: "rew ind"}}
   parameters:
     shared_buffers: 16MB
-    max_connections: 20
+    max_connections: {max_connections}
     fsync: "off"
     log_statement: ddl
 {extra}
 "#,
-            data_dir = data_dir.display()
-        );
-        let cfg = AgentConfig::parse(&yaml, "test.yml").unwrap();
-        let pg = LocalPostgres::new(&cfg).unwrap();
-        Node {
-            pg,
-            port,
-            name: name.to_string(),
-        }
-    }
+        data_dir = data_dir.display()
+    );
+    AgentConfig::parse(&yaml, "test.yml").unwrap()
 }
 
 impl Drop for Lab {
@@ -605,4 +617,156 @@ async fn uninitialized_directory_is_observed_without_errors() {
     let me = std::process::id();
     std::fs::write(n.pg.data_dir().join("postmaster.pid"), format!("{me}\n")).unwrap();
     assert!(!n.pg.observe().await.running);
+}
+
+/// Connects over TCP as `user` with `password`; `Err` with the server's message.
+async fn connect_as(port: u16, user: &str, password: &str) -> Result<(), String> {
+    let mut c = tokio_postgres::Config::new();
+    c.host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(password)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    match c.connect(NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pg_hba_is_checked_before_it_is_reloaded_and_a_rejected_one_is_put_back() {
+    let mut lab = Lab::new();
+    let hba = |extra: &str| {
+        format!(
+            "  pg_hba: [\"local all all trust\", {extra}\"host all all 127.0.0.1/32 scram-sha-256\"]\n"
+        )
+    };
+    let n = lab.node("hba", 25030, &hba(""));
+    n.pg.initdb().await.unwrap();
+    n.pg.start(&StartAs::Primary, START).await.unwrap();
+    n.pg.post_bootstrap().await.unwrap();
+    n.sql()
+        .await
+        .batch_execute("CREATE ROLE alice LOGIN PASSWORD 'right'")
+        .await
+        .unwrap();
+    assert!(connect_as(25030, "alice", "wrong").await.is_err());
+    let postmaster = std::fs::read_to_string(n.pg.data_dir().join("postmaster.pid")).unwrap();
+
+    // A valid added line: written, checked, reloaded -> in force (alice needs no password).
+    let cfg_with = |extra: &str| node_config("hba", 25030, n.pg.data_dir(), 20, &hba(extra));
+    let good = cfg_with("\"host all alice 127.0.0.1/32 trust\", ");
+    assert!(
+        n.pg.set_local_config(&good).await.unwrap(),
+        "pg_hba changed on a running server: reload needed"
+    );
+    n.pg.reload().await.unwrap();
+    connect_as(25030, "alice", "wrong")
+        .await
+        .expect("the added trust line is in force");
+    let before = std::fs::read(n.pg.data_dir().join("pg_hba.conf")).unwrap();
+    let meta = std::fs::metadata(n.pg.data_dir().join("pg_hba.conf")).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    if is_root() {
+        assert_eq!(Some((meta.uid(), meta.gid())), postgres_ids());
+    }
+
+    // An invalid line: refused, the previous file is back byte for byte, nothing reloaded.
+    let bad = cfg_with("\"host all all 127.0.0.1/33 md5\", ");
+    let e = n.pg.set_local_config(&bad).await.unwrap_err().to_string();
+    // (line 1 is the generated header)
+    assert!(e.contains("pg_hba.conf line 3:"), "{e}");
+    assert!(e.contains("127.0.0.1/33"), "{e}");
+    assert!(e.ends_with("(kept the previous pg_hba.conf)"), "{e}");
+    assert_eq!(
+        std::fs::read(n.pg.data_dir().join("pg_hba.conf")).unwrap(),
+        before
+    );
+    assert!(
+        !n.pg.data_dir().join("pg_hba.pgherd-tmp").exists(),
+        "no temp file left behind"
+    );
+    // The server still accepts connections, under the previous rules, also after a reload.
+    n.pg.reload().await.unwrap();
+    connect_as(25030, "alice", "wrong")
+        .await
+        .expect("previous rules still in force");
+    assert_eq!(n.rows("SELECT 'up'::text").await, vec!["up"]);
+    // The whole config was refused: the controller still writes the good one.
+    n.pg.apply_dynamic_config(&DynamicConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(n.pg.data_dir().join("pg_hba.conf")).unwrap(),
+        before
+    );
+    assert_eq!(
+        std::fs::read_to_string(n.pg.data_dir().join("postmaster.pid")).unwrap(),
+        postmaster,
+        "PostgreSQL kept running throughout"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standbys_start_with_at_least_the_hot_standby_values_in_pg_control() {
+    let mut lab = Lab::new();
+    let p = lab.node("p", 25033, "");
+    // The replica is configured below the primary (max_connections 20 there).
+    let r = lab.node("r", 25034, "");
+    let r_dir = r.pg.data_dir().to_path_buf();
+    let p_dir = p.pg.data_dir().to_path_buf();
+    r.pg.set_local_config(&node_config("r", 25034, &r_dir, 10, ""))
+        .await
+        .unwrap();
+    p.pg.initdb().await.unwrap();
+    p.pg.start(&StartAs::Primary, START).await.unwrap();
+    p.pg.post_bootstrap().await.unwrap();
+    p.pg.sync_slots(&["r".into()], &[]).await.unwrap();
+    r.pg.basebackup(&p.upstream()).await.unwrap();
+    let as_replica = StartAs::Replica {
+        upstream: Some(p.upstream()),
+    };
+    r.pg.start(&as_replica, START).await.unwrap();
+    r.wait_for("streaming", Duration::from_secs(30), |s| {
+        s.replication_state.as_deref() == Some("streaming")
+    })
+    .await;
+    assert_eq!(
+        r.rows("SHOW max_connections").await,
+        vec!["20"],
+        "configured 10, raised to the primary's 20 from pg_control"
+    );
+
+    // The replica stops; the primary lowers max_connections in place (restart). The stopped
+    // replica's pg_control still says 20: it must still start (with 20), and stream.
+    r.pg.stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let has_20 = |cd: &str| {
+        cd.lines()
+            .any(|l| l.starts_with("max_connections setting:") && l.trim_end().ends_with(" 20"))
+    };
+    assert!(has_20(&controldata(&r_dir)), "{}", controldata(&r_dir));
+    p.pg.set_local_config(&node_config("p", 25033, &p_dir, 12, ""))
+        .await
+        .unwrap();
+    p.pg.stop(StopMode::Fast, Duration::from_secs(20))
+        .await
+        .unwrap();
+    p.pg.start(&StartAs::Primary, START).await.unwrap();
+    assert_eq!(p.rows("SHOW max_connections").await, vec!["12"]);
+    r.pg.start(&as_replica, START).await.unwrap();
+    r.wait_for("streaming again", Duration::from_secs(30), |s| {
+        s.replication_state.as_deref() == Some("streaming")
+    })
+    .await;
+    assert_eq!(r.rows("SHOW max_connections").await, vec!["20"]);
 }

@@ -7,6 +7,11 @@
 //! - `rest-api`: the axum server, stopped after the loop so that health checks keep answering
 //!   while a leader shuts down;
 //! - `signals`: SIGTERM/SIGINT cancel, SIGHUP sends a reload command.
+//!
+//! Reload (SIGHUP, `POST /reload`) is carried out by the HA loop, which owns the config: it
+//! pushes a new config to PostgreSQL, the hooks and the DCS itself, and to the REST API's
+//! credentials through the subscriber installed here. The peer probe keeps its start-up
+//! credentials: it only reads `GET /patroni`, which Patroni never authenticates.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, LoadedConfig};
 use crate::dcs::Dcs;
 use crate::dcs::etcd::EtcdDcs;
 use crate::ha::HaLoop;
@@ -57,8 +62,13 @@ pub fn init_logging(cfg: &AgentConfig) {
     }
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn run(cfg: AgentConfig, config_path: PathBuf) -> anyhow::Result<()> {
+/// Runs the agent until SIGTERM/SIGINT. `loaded` is the config read from `config_path` (its
+/// digest is what `/patroni` reports until a reload replaces it).
+pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<()> {
+    let LoadedConfig {
+        config: cfg,
+        sha256,
+    } = loaded;
     info!(
         "pgherd-agent {} starting: scope {}, member {}",
         env!("CARGO_PKG_VERSION"),
@@ -115,6 +125,7 @@ pub async fn run(cfg: AgentConfig, config_path: PathBuf) -> anyhow::Result<()> {
         cfg.scope.clone(),
         cfg.name.clone(),
     );
+    let api_auth = api_state.auth_handle();
     let api_stop = CancellationToken::new();
     let api_stop2 = api_stop.clone();
     let api = tokio::spawn(
@@ -138,7 +149,11 @@ pub async fn run(cfg: AgentConfig, config_path: PathBuf) -> anyhow::Result<()> {
     );
 
     let ha = HaLoop::new(cfg, dcs, pg, hooks, watchdog, peers, status_tx, cmd_rx)
-        .with_config_path(config_path);
+        .with_config_path(config_path)
+        .with_config_sha256(sha256)
+        .with_config_subscriber(Arc::new(move |c: &AgentConfig| {
+            *api_auth.write().unwrap_or_else(|p| p.into_inner()) = c.restapi.authentication.clone();
+        }));
     ha.run(shutdown.clone())
         .instrument(info_span!("ha-loop"))
         .await;

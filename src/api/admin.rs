@@ -15,6 +15,7 @@ use super::health::{is_quorum_mode, is_sync_mode};
 use super::{ApiState, Req, json, read_json, text};
 use crate::dcs::{ClusterView, DynamicConfig, Failover, Member, tag_is_true};
 use crate::status::{Command, CommandReply, RestartRequest};
+use crate::types::Revision;
 
 /// How long we wait to hand a command to the HA loop before answering 503: a loop that cannot
 /// take a message in 5 s is stuck, and the client should learn that rather than hang.
@@ -498,9 +499,47 @@ pub(crate) async fn post_reload(state: &ApiState) -> Response {
     text(202, "reload scheduled")
 }
 
+/// pgherd extension: `If-Match: "<rev>"` on `PATCH|PUT /config` (the `ETag` of `GET /config`)
+/// makes the write conditional on the DCS `config` key still being at that mod revision.
+/// `Ok(None)` without the header; `Err` = the message of a 400 for a malformed one.
+fn if_match(req: &Req) -> Result<Option<Revision>, String> {
+    let Some(h) = req.headers.get(axum::http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let raw = h.to_str().unwrap_or("").trim();
+    let inner = raw
+        .strip_prefix("W/")
+        .unwrap_or(raw)
+        .trim_matches('"')
+        .trim();
+    match inner.parse::<i64>() {
+        Ok(r) if r > 0 => Ok(Some(Revision(r))),
+        _ => Err(format!(
+            "Bad request: If-Match must be a quoted config revision such as \"42\", got {raw:?}"
+        )),
+    }
+}
+
+/// The 412 answer when the config moved on since the revision the caller read.
+fn changed_since(expected: Revision, now: Option<Revision>) -> Response {
+    let now = now.map_or("none".to_string(), |r| r.0.to_string());
+    text(
+        412,
+        format!(
+            "Precondition Failed: the config changed since revision {} (now at {now})",
+            expected.0
+        ),
+    )
+}
+
 /// `PATCH /config`: JSON merge patch on the current config, written with CAS on its revision
-/// (a concurrent edit → 409, never a lost update).
+/// (a concurrent edit → 409, never a lost update). With `If-Match`, the CAS is on the caller's
+/// revision instead, and a mismatch is 412.
 pub(crate) async fn patch_config(state: &ApiState, req: Req) -> Response {
+    let expected = match if_match(&req) {
+        Ok(e) => e,
+        Err(msg) => return text(400, msg),
+    };
     let patch = match read_json(req, false).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -508,7 +547,13 @@ pub(crate) async fn patch_config(state: &ApiState, req: Req) -> Response {
     let Ok(Ok(view)) = tokio::time::timeout(Duration::from_secs(3), state.dcs.load()).await else {
         return text(503, "DCS is not available");
     };
-    let Some((cfg, rev)) = view.config.as_ref().filter(|(_, r)| r.0 > 0) else {
+    let current = view.config.as_ref().filter(|(_, r)| r.0 > 0);
+    if let Some(want) = expected
+        && current.map(|(_, r)| *r) != Some(want)
+    {
+        return changed_since(want, current.map(|(_, r)| *r));
+    }
+    let Some((cfg, rev)) = current else {
         return text(503, "No valid config in DCS");
     };
     let new = cfg.patched(&patch);
@@ -517,22 +562,42 @@ pub(crate) async fn patch_config(state: &ApiState, req: Req) -> Response {
             state.wakeup();
             json(200, &Value::Object(new.0))
         }
+        Ok(false) if expected.is_some() => changed_since(*rev, None),
         Ok(false) => text(409, "Conflict"),
         Err(_) => text(503, "failed to write config into DCS"),
     }
 }
 
 /// `PUT /config`: unconditional replace (skipped when identical); 502 when the write fails.
+/// With `If-Match`, only while the config is still at that revision (else 412).
 pub(crate) async fn put_config(state: &ApiState, req: Req) -> Response {
+    let expected = match if_match(&req) {
+        Ok(e) => e,
+        Err(msg) => return text(400, msg),
+    };
     let body = match read_json(req, false).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let current = state.fresh_cluster().await.and_then(|v| v.config.clone());
+    let current = if expected.is_some() {
+        // The precondition needs the truth, not the loop's last view.
+        match tokio::time::timeout(Duration::from_secs(3), state.dcs.load()).await {
+            Ok(Ok(v)) => v.config.clone(),
+            _ => return text(503, "DCS is not available"),
+        }
+    } else {
+        state.fresh_cluster().await.and_then(|v| v.config.clone())
+    };
+    if let Some(want) = expected
+        && current.as_ref().map(|(_, r)| *r) != Some(want)
+    {
+        return changed_since(want, current.as_ref().map(|(_, r)| *r));
+    }
     let new = DynamicConfig(body);
     if current.as_ref().map(|(c, _)| c) != Some(&new) {
-        match state.dcs.set_config(&new, None).await {
+        match state.dcs.set_config(&new, expected).await {
             Ok(true) => state.wakeup(),
+            Ok(false) if let Some(want) = expected => return changed_since(want, None),
             _ => return text(502, "failed to write config into DCS"),
         }
     }

@@ -128,7 +128,14 @@ pub(crate) async fn get_history(state: &ApiState) -> Response {
 /// with revision 0 as invalid).
 pub(crate) async fn get_config(state: &ApiState) -> Response {
     match state.fresh_cluster().await.and_then(|v| v.config.clone()) {
-        Some((c, rev)) if rev.0 > 0 => super::json(200, &Value::Object(c.0)),
+        Some((c, rev)) if rev.0 > 0 => {
+            let mut r = super::json(200, &Value::Object(c.0));
+            // pgherd extension: the key's mod revision, for `If-Match` on PATCH/PUT.
+            if let Ok(v) = axum::http::HeaderValue::from_str(&format!("\"{}\"", rev.0)) {
+                r.headers_mut().insert(axum::http::header::ETAG, v);
+            }
+            r
+        }
         _ => super::text(502, "No valid config in DCS"),
     }
 }

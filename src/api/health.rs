@@ -2,6 +2,24 @@
 //! health rules (§2.2): which node answers 200 on `/primary`, `/replica?lag=`, `/sync`, ...
 //!
 //! Everything here is computed from the HA loop's snapshot: no SQL, no DCS call, no waiting.
+//!
+//! pgherd extension (extra fields are ignored by patronictl and HAProxy): `/patroni` carries a
+//! `pgherd` object saying what the agent runs with, so that `pgherd apply` can tell a written
+//! config from a loaded one:
+//! - `config_sha256`: hex sha256 of the config file bytes in force: those read at start-up or
+//!   at the last successful reload (equal to the digest of the file written = loaded);
+//! - `config_error` (absent when the last (re)load succeeded): why the last reload was refused
+//!   and the previous config kept, e.g. `restart required: restapi.listen` or
+//!   `pg_hba.conf line 7: invalid IP mask "33": ... (kept the previous pg_hba.conf)`;
+//! - `dcs_config_revision` (absent until applied): the mod revision of the DCS `config` key
+//!   whose content this agent has written into PostgreSQL's files and reloaded PostgreSQL for.
+//!   It is published only together with a PostgreSQL observation taken after that reload was
+//!   confirmed in force (the postmaster's `pg_conf_load_time()` moved), so `pending_restart` /
+//!   `pending_restart_reason` in the same answer already reflect that config;
+//! - `dcs_config_error` (absent unless refused): why PostgreSQL refused the DCS config (its
+//!   `pg_hba`); that revision is then not reported as applied;
+//! - `bootstrap_error` (absent unless the last bootstrap attempt of this node failed): the
+//!   cause (initdb, start or post_bootstrap), also logged at error level once per attempt.
 
 use std::time::Instant;
 
@@ -182,7 +200,29 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
         "patroni".into(),
         json!({"version": PATRONI_COMPAT_VERSION, "scope": st.scope, "name": st.name}),
     );
+    m.insert("pgherd".into(), pgherd_json(&st.pgherd));
     m
+}
+
+/// The `pgherd` object (see the module docs): absent values are left out, not `null`.
+fn pgherd_json(p: &crate::status::PgherdStatus) -> Value {
+    let mut o = Map::new();
+    if let Some(s) = &p.config_sha256 {
+        o.insert("config_sha256".into(), s.clone().into());
+    }
+    if let Some(e) = &p.config_error {
+        o.insert("config_error".into(), e.clone().into());
+    }
+    if let Some(r) = p.dcs_config_revision {
+        o.insert("dcs_config_revision".into(), r.into());
+    }
+    if let Some(e) = &p.dcs_config_error {
+        o.insert("dcs_config_error".into(), e.clone().into());
+    }
+    if let Some(e) = &p.bootstrap_error {
+        o.insert("bootstrap_error".into(), e.clone().into());
+    }
+    Value::Object(o)
 }
 
 /// `GET /patroni`: always 200 with the status JSON.

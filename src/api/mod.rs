@@ -81,6 +81,9 @@ impl MemberProbe for HttpMemberProbe {
     }
 }
 
+/// The REST credentials in force, swappable while the server runs.
+pub type SharedCredentials = Arc<std::sync::RwLock<Option<Credentials>>>;
+
 /// Everything the handlers need. Cheap to clone (axum clones it per request).
 #[derive(Clone)]
 pub struct ApiState {
@@ -89,8 +92,9 @@ pub struct ApiState {
     pub dcs: Arc<dyn Dcs>,
     /// Requests to the HA loop (restart, reinitialize, reload, wakeup).
     pub commands: mpsc::Sender<Command>,
-    /// `restapi.authentication`: Basic auth required on mutating verbs when set.
-    pub auth: Option<Credentials>,
+    /// `restapi.authentication`: Basic auth required on mutating verbs when set. Shared so that
+    /// a config reload swaps it for every later request ([`ApiState::auth_handle`]).
+    pub auth: SharedCredentials,
     pub scope: String,
     pub name: String,
     pub probe: Arc<dyn MemberProbe>,
@@ -116,13 +120,18 @@ impl ApiState {
             status,
             dcs,
             commands,
-            auth,
+            auth: Arc::new(std::sync::RwLock::new(auth)),
             scope: scope.into(),
             name: name.into(),
             probe: Arc::new(HttpMemberProbe::default()),
             switchover_poll: Duration::from_millis(100),
             switchover_timeout: None,
         }
+    }
+
+    /// The handle a reload writes new credentials through.
+    pub fn auth_handle(&self) -> SharedCredentials {
+        self.auth.clone()
     }
 
     pub fn with_probe(mut self, probe: Arc<dyn MemberProbe>) -> Self {
@@ -273,7 +282,11 @@ async fn handle(state: ApiState, req: Request) -> Response {
 /// Basic auth on mutating verbs (Patroni `check_access`): 401 with the `Patroni` realm when the
 /// header is missing or wrong. The configured password never appears in logs or bodies.
 fn check_auth(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
-    let creds = state.auth.as_ref()?;
+    let creds = state
+        .auth
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()?;
     let unauthorized = |msg: &str| {
         let mut r = text(401, msg);
         r.headers_mut().insert(

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         eprintln!("error: a configuration file is required (pgherd-agent CONFIG)");
         return ExitCode::from(2);
     };
-    let cfg = match pgherd::config::AgentConfig::load(&path) {
+    let loaded = match pgherd::config::AgentConfig::load_file(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    pgherd::agent::init_logging(&cfg);
+    pgherd::agent::init_logging(&loaded.config);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(pgherd::agent::run(cfg, path)) {
+    match rt.block_on(pgherd::agent::run(loaded, path)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -46,17 +46,27 @@ const MEMBERS_DIR: &str = "members/";
 /// Settings shared by the request path and the watch task (they own separate connections).
 #[derive(Clone)]
 struct ConnSettings {
-    endpoints: Arc<Vec<String>>,
+    /// Swapped by [`Dcs::set_endpoints`] (clones share it with the watch task).
+    endpoints: Arc<std::sync::RwLock<Arc<Vec<String>>>>,
+    /// Wakes the watch task to reconnect after the endpoint list changed.
+    endpoints_changed: Arc<tokio::sync::Notify>,
     credentials: Option<(String, String)>,
     retry_timeout: Duration,
 }
 
 impl ConnSettings {
+    fn endpoints(&self) -> Arc<Vec<String>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Time allowed for one attempt against one endpoint. Patroni's split (§1.3): one node gets
     /// three tries, two nodes two tries each, three or more one try each; never below 1 s,
     /// because a healthy etcd under load can take a few hundred ms.
     fn per_attempt(&self) -> Duration {
-        let n = self.endpoints.len().max(1) as u32;
+        let n = self.endpoints().len().max(1) as u32;
         let tries = match n {
             1 => 3,
             2 => 4,
@@ -96,7 +106,8 @@ impl ConnSettings {
         index: usize,
         for_watch: bool,
     ) -> Result<Client, etcd_client::Error> {
-        let ep = &self.endpoints[index % self.endpoints.len()];
+        let eps = self.endpoints();
+        let ep = &eps[index % eps.len()];
         Client::connect([ep.as_str()], Some(self.options(for_watch))).await
     }
 }
@@ -360,20 +371,12 @@ impl EtcdDcs {
         if endpoints.is_empty() {
             return Err(DcsError::Other("no etcd endpoints configured".into()));
         }
-        let endpoints = endpoints
-            .into_iter()
-            .map(|e| {
-                if e.contains("://") {
-                    e
-                } else {
-                    format!("http://{e}")
-                }
-            })
-            .collect();
+        let endpoints = normalize_endpoints(endpoints);
         let (tx, rx) = watch::channel(0i64);
         Ok(EtcdDcs {
             settings: ConnSettings {
-                endpoints: Arc::new(endpoints),
+                endpoints: Arc::new(std::sync::RwLock::new(Arc::new(endpoints))),
+                endpoints_changed: Arc::new(tokio::sync::Notify::new()),
                 credentials,
                 retry_timeout: retry_timeout.max(Duration::from_millis(100)),
             },
@@ -452,9 +455,10 @@ impl EtcdDcs {
         let mut c = self.conn.lock().unwrap();
         if c.generation == generation {
             c.client = None;
-            c.index = (c.index + 1) % self.settings.endpoints.len();
+            let eps = self.settings.endpoints();
+            c.index = (c.index + 1) % eps.len();
             c.generation += 1;
-            debug!(endpoint = %self.settings.endpoints[c.index], "etcd: switching endpoint");
+            debug!(endpoint = %eps[c.index], "etcd: switching endpoint");
         }
     }
 
@@ -690,13 +694,19 @@ impl WatchTask {
             let start = if seen > 0 { floor.max(seen + 1) } else { floor };
             let res = tokio::select! {
                 _ = self.cancel.cancelled() => return,
+                _ = self.settings.endpoints_changed.notified() => {
+                    // New endpoint list: reconnect from its first member, resuming after the
+                    // last revision seen, so no event is lost.
+                    index = 0;
+                    continue;
+                }
                 r = self.watch_once(index, start) => r,
             };
             match res {
                 Ok(()) => backoff = Duration::from_millis(50),
                 Err(msg) => {
                     debug!(error = %msg, "etcd watch broke, reconnecting");
-                    index = (index + 1) % self.settings.endpoints.len();
+                    index = (index + 1) % self.settings.endpoints().len();
                     tokio::select! {
                         _ = self.cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -768,8 +778,48 @@ impl WatchTask {
     }
 }
 
+/// URLs as the client wants them (`http://` added when no scheme is given).
+fn normalize_endpoints(endpoints: Vec<String>) -> Vec<String> {
+    endpoints
+        .into_iter()
+        .map(|e| {
+            if e.contains("://") {
+                e
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect()
+}
+
 #[async_trait]
 impl Dcs for EtcdDcs {
+    fn set_endpoints(&self, endpoints: Vec<String>) -> Result<(), DcsError> {
+        if endpoints.is_empty() {
+            return Err(DcsError::Other("no etcd endpoints configured".into()));
+        }
+        let endpoints = normalize_endpoints(endpoints);
+        if *self.settings.endpoints() == endpoints {
+            return Ok(());
+        }
+        *self
+            .settings
+            .endpoints
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(endpoints);
+        // Drop the request client so the next call connects to the new list's first member.
+        // The lease (and the member / leader keys on it) is an etcd object, not a connection:
+        // it survives, and the next keepalive refreshes it through the new endpoint.
+        {
+            let mut c = self.conn.lock().unwrap();
+            c.client = None;
+            c.index = 0;
+            c.generation += 1;
+        }
+        self.settings.endpoints_changed.notify_waiters();
+        Ok(())
+    }
+
     async fn load(&self) -> Result<ClusterView, DcsError> {
         let prefix = self.base.clone();
         // Linearizable (etcd-client's default): patronictl semantics, never a stale follower.

@@ -112,6 +112,15 @@ pub trait Dcs: Send + Sync {
     /// Plain put of `history`.
     async fn set_history(&self, history: &[HistoryLine]) -> Result<(), DcsError>;
 
+    /// Switches to a new endpoint list (a reloaded config): later calls and the change watch
+    /// use it. Our lease is an etcd object, not a connection, so it — and the member and
+    /// leader keys on it — survives the switch (as long as the new list reaches the same etcd
+    /// cluster). Stores without endpoints (the in-memory fake) ignore it.
+    fn set_endpoints(&self, endpoints: Vec<String>) -> Result<(), DcsError> {
+        let _ = endpoints;
+        Ok(())
+    }
+
     /// Deletes every key of the cluster (`patronictl remove`).
     async fn delete_cluster(&self) -> Result<(), DcsError>;
 

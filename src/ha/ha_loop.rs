@@ -33,8 +33,10 @@ use crate::dcs::{
     Status, SyncState,
 };
 use crate::peers::{DEFAULT_PEER_TIMEOUT, PeerProbe};
-use crate::pg::{ControlState, PgState, PgStatus, Postgres, Role, StartAs, StopMode, Upstream};
-use crate::status::{AgentStatus, Command, CommandReply, RestartRequest};
+use crate::pg::{
+    ControlState, PgError, PgState, PgStatus, Postgres, Role, StartAs, StopMode, Upstream,
+};
+use crate::status::{AgentStatus, Command, CommandReply, PgherdStatus, RestartRequest};
 use crate::types::{MemberName, Timeline};
 use crate::watchdog::WatchdogDevice;
 
@@ -63,6 +65,9 @@ struct RunningAction {
     rejoin_mark: Option<RejoinMark>,
 }
 
+/// Receives each config a reload put in force (see [`HaLoop::with_config_subscriber`]).
+pub type ConfigSubscriber = Arc<dyn Fn(&AgentConfig) + Send + Sync>;
+
 /// What one cycle did (returned by [`HaLoop::run_cycle`] for step-driven simulations).
 #[derive(Debug, Clone)]
 pub struct CycleReport {
@@ -77,6 +82,10 @@ pub struct CycleReport {
 pub struct HaLoop {
     cfg: AgentConfig,
     config_path: Option<PathBuf>,
+    /// Told about every config a reload put in force (the REST API's credentials).
+    config_subscriber: Option<ConfigSubscriber>,
+    /// What `/patroni` reports under `pgherd` (config digest, refusals, applied revision).
+    report: PgherdStatus,
     me: MemberName,
     dcs: Arc<dyn Dcs>,
     pg: Arc<dyn Postgres>,
@@ -106,6 +115,9 @@ pub struct HaLoop {
     last_view: Option<Arc<ClusterView>>,
     config: DynamicConfig,
     applied_config: Option<String>,
+    /// The DCS config (JSON) PostgreSQL last refused (a rejected pg_hba): not retried every
+    /// cycle, only when the DCS config or the local file changes.
+    refused_config: Option<String>,
     watchdog_usable: bool,
     dcs_last_seen: Option<i64>,
     scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
@@ -144,6 +156,9 @@ impl HaLoop {
             commands,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
             config_path: None,
+            config_subscriber: None,
+            report: PgherdStatus::default(),
+            refused_config: None,
             held_lock: false,
             lease_ok_sent: None,
             pre_promote_failed_at: None,
@@ -173,6 +188,20 @@ impl HaLoop {
     /// the dynamic config.
     pub fn with_config_path(mut self, path: PathBuf) -> HaLoop {
         self.config_path = Some(path);
+        self
+    }
+
+    /// The sha256 of the config file bytes the loop was started with (`/patroni`
+    /// `pgherd.config_sha256`; a successful reload replaces it).
+    pub fn with_config_sha256(mut self, sha256: String) -> HaLoop {
+        self.report.config_sha256 = Some(sha256);
+        self
+    }
+
+    /// Called with every config a reload puts in force, after PostgreSQL, the hooks and the DCS
+    /// endpoints took it over: the agent wiring swaps the REST API's credentials there.
+    pub fn with_config_subscriber(mut self, f: ConfigSubscriber) -> HaLoop {
+        self.config_subscriber = Some(f);
         self
     }
 
@@ -207,6 +236,7 @@ impl HaLoop {
             ttl: c.ttl(),
             loop_wait: c.loop_wait(),
             updated_at: std::time::SystemTime::now(),
+            pgherd: PgherdStatus::default(),
         }
     }
 
@@ -419,8 +449,10 @@ impl HaLoop {
 
         // PostgreSQL must know the DCS parameters before this cycle's action starts it (a clone
         // started with initdb defaults would otherwise run with them until a restart).
-        if view.is_some() {
-            self.apply_dynamic_config(&inputs.pg).await;
+        let mut reloaded = false;
+        if let Some(v) = &view {
+            let rev = v.config.as_ref().map(|c| c.1.0);
+            reloaded = self.apply_dynamic_config(&inputs.pg, rev).await;
         }
 
         // 4. Act.
@@ -442,7 +474,9 @@ impl HaLoop {
             // cluster must not be reset by it.
             self.watchdog_close();
         }
-        let pg_after = if decision.demotes() || rerun {
+        // After a reload the status must show PostgreSQL as it runs with the new files
+        // (pending_restart and the published dcs_config_revision go together).
+        let pg_after = if decision.demotes() || rerun || reloaded {
             self.pg.observe().await
         } else {
             pg
@@ -1028,7 +1062,15 @@ impl HaLoop {
         };
         match &r {
             Ok(()) => info!(action = a.kind.as_str(), "action finished"),
+            // A failing bootstrap is retried by the next race; without its cause at error
+            // level (and in the status) a cluster that cannot bootstrap loops silently.
+            Err(e) if a.kind == ActionKind::Bootstrap => {
+                error!(error = %e, "bootstrap failed")
+            }
             Err(e) => warn!(action = a.kind.as_str(), error = %e, "action failed"),
+        }
+        if a.kind == ActionKind::Bootstrap {
+            self.report.bootstrap_error = r.as_ref().err().cloned();
         }
         if (a.rewind_checked || matches!(a.kind, ActionKind::Clone | ActionKind::Reinitialize))
             && r.is_ok()
@@ -1406,23 +1448,126 @@ impl HaLoop {
         }
     }
 
-    async fn apply_dynamic_config(&mut self, pg: &PgStatus) {
+    /// Hands the DCS config to PostgreSQL and reloads it when its files changed. `rev` is the
+    /// `config` key's mod revision: it becomes `pgherd.dcs_config_revision` once that content is
+    /// in force (files written and, when running, the reload confirmed). Returns whether
+    /// PostgreSQL was reloaded, i.e. whether the caller must observe it again before
+    /// publishing.
+    async fn apply_dynamic_config(&mut self, pg: &PgStatus, rev: Option<i64>) -> bool {
         // Also with an empty data directory: the controller records the config and writes it
         // into the files that initdb / basebackup create before the first start.
         let json = self.config.to_json();
         if self.applied_config.as_deref() == Some(json.as_str()) {
-            return;
+            // Same content under a new revision (a rewrite with equal content): already in
+            // force.
+            self.report.dcs_config_revision = rev.or(self.report.dcs_config_revision);
+            return false;
+        }
+        if self.refused_config.as_deref() == Some(json.as_str()) {
+            return false;
         }
         match self.pg.apply_dynamic_config(&self.config).await {
             Ok(needs_reload) => {
-                self.applied_config = Some(json);
-                if needs_reload && pg.running && self.pg.reload().await.is_ok() {
+                let mut reloaded = false;
+                if needs_reload && pg.running {
+                    if let Err(e) = self.pg.reload().await {
+                        // Not in force: retried next cycle (the files are already written,
+                        // so the retry reloads unconditionally).
+                        warn!(error = %e, "failed to reload postgres after a DCS config change");
+                        self.applied_config = None;
+                        return false;
+                    }
+                    reloaded = true;
                     self.hooks
                         .callback(CallbackAction::OnReload, self.role_of(pg));
                 }
+                self.applied_config = Some(json);
+                self.refused_config = None;
+                self.report.dcs_config_error = None;
+                self.report.dcs_config_revision = rev;
+                reloaded
             }
-            Err(e) => warn!(error = %e, "failed to apply the dynamic configuration"),
+            Err(e @ PgError::HbaRejected(_)) => {
+                error!(error = %e, "DCS config refused: PostgreSQL rejects its pg_hba");
+                self.refused_config = Some(json);
+                self.report.dcs_config_error = Some(e.to_string());
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "failed to apply the dynamic configuration");
+                false
+            }
         }
+    }
+
+    /// `POST /reload` / SIGHUP: re-reads the config file and, unless something in it cannot
+    /// change in a running agent or PostgreSQL refuses it, puts all of it in force — in
+    /// PostgreSQL's files (reloaded, never restarted), the hooks, the DCS endpoints, the REST
+    /// credentials (through the subscriber), and the member key (tags, connect addresses) on
+    /// the next cycle. A refusal keeps the old config whole and says why in
+    /// `pgherd.config_error`.
+    async fn reload_config(&mut self) {
+        // The DCS config is re-applied whatever happens to the file (Patroni's reload does both).
+        self.applied_config = None;
+        self.refused_config = None;
+        let Some(path) = self.config_path.clone() else {
+            return;
+        };
+        let loaded = match AgentConfig::load_file(&path) {
+            Ok(l) => l,
+            Err(e) => return self.refuse_reload(e.to_string()),
+        };
+        let new = loaded.config;
+        let restart = crate::config::restart_required(&self.cfg, &new);
+        if !restart.is_empty() {
+            return self.refuse_reload(format!("restart required: {}", restart.join(", ")));
+        }
+        // PostgreSQL first: it is the only dependent that can refuse (a rejected pg_hba), and
+        // a refusal must leave everything on the old config.
+        let needs_reload = match self.pg.set_local_config(&new).await {
+            Ok(r) => r,
+            Err(e) => return self.refuse_reload(e.to_string()),
+        };
+        if let Err(e) = self.dcs.set_endpoints(new.etcd3.endpoints()) {
+            warn!(error = %e, "reload: cannot switch etcd endpoints");
+        }
+        self.hooks.reconfigure(&new);
+        if let Some(f) = &self.config_subscriber {
+            f(&new);
+        }
+        let changed = crate::config::changed_settings(&self.cfg, &new);
+        self.cfg = new;
+        self.report.config_sha256 = Some(loaded.sha256);
+        self.report.config_error = None;
+        let mut pg_note = "";
+        if needs_reload {
+            match self.pg.reload().await {
+                Ok(()) => {
+                    pg_note = ", PostgreSQL reloaded";
+                    self.hooks
+                        .callback(CallbackAction::OnReload, self.role_of(&self.last_pg));
+                }
+                Err(e) => {
+                    // The files hold the new config but the server did not take it: say so
+                    // rather than report a clean reload.
+                    let msg =
+                        format!("the new config is written but PostgreSQL did not reload: {e}");
+                    error!("reload: {msg}");
+                    self.report.config_error = Some(msg);
+                }
+            }
+        }
+        let what = if changed.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            changed.join(", ")
+        };
+        info!("reload: new configuration in force ({what}){pg_note}");
+    }
+
+    fn refuse_reload(&mut self, why: String) {
+        warn!("reload refused, keeping the previous configuration: {why}");
+        self.report.config_error = Some(why);
     }
 
     // ------------------------------------------------------------------ commands
@@ -1432,14 +1577,12 @@ impl HaLoop {
         match c {
             Command::Wakeup => true,
             Command::Reload { reply } => {
-                if let Some(p) = &self.config_path {
-                    match AgentConfig::load(p) {
-                        Ok(new) => self.cfg = new,
-                        Err(e) => warn!(error = %e, "reload: keeping the old configuration"),
-                    }
-                }
-                self.applied_config = None;
-                let _ = reply.send(CommandReply::new(202, "reload scheduled"));
+                self.reload_config().await;
+                let r = match &self.report.config_error {
+                    Some(e) => CommandReply::new(409, format!("reload refused: {e}")),
+                    None => CommandReply::new(202, "reload scheduled"),
+                };
+                let _ = reply.send(r);
                 true
             }
             Command::CancelScheduledRestart { reply } => {
@@ -1784,6 +1927,7 @@ impl HaLoop {
             ttl: self.config.ttl(),
             loop_wait: self.config.loop_wait(),
             updated_at: std::time::SystemTime::now(),
+            pgherd: self.report.clone(),
             pg,
         };
         self.status_tx.send_replace(s);

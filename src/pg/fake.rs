@@ -603,6 +603,12 @@ impl Postgres for FakePostgres {
         })
     }
 
+    async fn set_local_config(&self, _cfg: &crate::config::AgentConfig) -> Result<bool, PgError> {
+        self.record("set_local_config");
+        // The fake has no files: a running server "needs" the reload that applies them.
+        Ok(self.is_running())
+    }
+
     async fn initdb(&self) -> Result<(), PgError> {
         self.record("initdb");
         self.with(|st| {

@@ -47,6 +47,11 @@ const SQL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connecting to another member (leader checks before a rewind): network round trips.
 const REMOTE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a reload may take to be in force: the postmaster re-reads a few small files, so
+/// seconds mean it is stuck; the caller then does not claim the new config is in force.
+const RELOAD_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Poll interval while waiting for the reload: one local connection each time.
+const RELOAD_CONFIRM_POLL: Duration = Duration::from_millis(50);
 /// Small tools (pg_controldata, pg_ctl reload/status).
 const TOOL_TIMEOUT: Duration = Duration::from_secs(15);
 const INITDB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -91,7 +96,9 @@ struct Shared {
 
 /// The real PostgreSQL controller for one node (see module docs).
 pub struct LocalPostgres {
-    cfg: AgentConfig,
+    /// The node config in force; swapped whole by [`Postgres::set_local_config`] (readers take
+    /// the `Arc`, never hold the lock).
+    cfg: std::sync::RwLock<Arc<AgentConfig>>,
     name: MemberName,
     data_dir: PathBuf,
     bin_dir: PathBuf,
@@ -204,8 +211,16 @@ fn resolve_run_as(data_dir: &Path) -> Result<Option<(u32, u32)>, PgError> {
     })
 }
 
-fn write_if_changed(path: &Path, content: &str) -> std::io::Result<bool> {
-    if std::fs::read_to_string(path).is_ok_and(|old| old == content) {
+/// Replaces `path` atomically with `content` when it differs: a temp file in the same
+/// directory (mode 0600, owned by `owner` when given), fsynced, renamed over the target, then
+/// the directory fsynced. A reader (PostgreSQL on SIGHUP) sees the old or the new file, never
+/// a partial one. `true` when the content changed.
+fn write_if_changed(
+    path: &Path,
+    content: &[u8],
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<bool> {
+    if std::fs::read(path).is_ok_and(|old| old == content) {
         return Ok(false);
     }
     let tmp = path.with_extension("pgherd-tmp");
@@ -216,10 +231,19 @@ fn write_if_changed(path: &Path, content: &str) -> std::io::Result<bool> {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(content.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(content)?;
         f.sync_all()?;
     }
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid))?;
+    }
     std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
     Ok(true)
 }
 
@@ -256,7 +280,7 @@ impl LocalPostgres {
             shared.standby = Some(conf::parse_standby_settings(&text));
         }
         Ok(LocalPostgres {
-            cfg: cfg.clone(),
+            cfg: std::sync::RwLock::new(Arc::new(cfg.clone())),
             name: MemberName::new(cfg.name.clone()),
             data_dir,
             bin_dir: cfg.postgresql.bin_dir.clone(),
@@ -268,6 +292,11 @@ impl LocalPostgres {
             config_write: Mutex::new(()),
             client: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The node config in force.
+    fn cfg(&self) -> Arc<AgentConfig> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -284,14 +313,14 @@ impl LocalPostgres {
     }
 
     fn port(&self) -> u16 {
-        self.cfg.pg_listen_host_port().1
+        self.cfg().pg_listen_host_port().1
     }
 
     fn use_slots(&self) -> bool {
         self.shared()
             .dynamic
             .use_slots()
-            .unwrap_or(self.cfg.postgresql.use_slots)
+            .unwrap_or(self.cfg().postgresql.use_slots)
     }
 
     fn chown(&self, path: &Path) -> std::io::Result<()> {
@@ -303,11 +332,16 @@ impl LocalPostgres {
 
     /// Writes a file owned by the PostgreSQL user, mode 0600; `true` when the content changed.
     fn write_owned(&self, path: &Path, content: &str) -> Result<bool, PgError> {
-        let changed = write_if_changed(path, content)?;
-        if changed {
-            self.chown(path)?;
-        }
-        Ok(changed)
+        self.write_owned_bytes_changed(path, content.as_bytes())
+    }
+
+    fn write_owned_bytes_changed(&self, path: &Path, content: &[u8]) -> Result<bool, PgError> {
+        Ok(write_if_changed(path, content, self.run_as)?)
+    }
+
+    /// Puts `content` back into `path` (atomically, see [`write_if_changed`]).
+    fn write_owned_bytes(&self, path: &Path, content: &[u8]) -> Result<(), PgError> {
+        self.write_owned_bytes_changed(path, content).map(|_| ())
     }
 
     fn initialized(&self) -> bool {
@@ -440,13 +474,14 @@ impl LocalPostgres {
     }
 
     fn local_sql_config(&self, statement_timeout: &str) -> tokio_postgres::Config {
-        let su = &self.cfg.postgresql.authentication.superuser;
+        let cfg = self.cfg();
+        let su = &cfg.postgresql.authentication.superuser;
         let mut c = tokio_postgres::Config::new();
         c.host_path(&self.socket_dir)
             .port(self.port())
             .user(&su.username)
             .password(su.password.as_bytes())
-            .dbname(&self.cfg.postgresql.database)
+            .dbname(&self.cfg().postgresql.database)
             .application_name("pgherd")
             .connect_timeout(SQL_CONNECT_TIMEOUT)
             .options(format!("-c statement_timeout={statement_timeout}"));
@@ -455,14 +490,15 @@ impl LocalPostgres {
 
     /// Config for connecting to another member as the rewind user (superuser when none).
     fn remote_sql_config(&self, up: &Upstream) -> tokio_postgres::Config {
-        let auth = &self.cfg.postgresql.authentication;
+        let cfg = self.cfg();
+        let auth = &cfg.postgresql.authentication;
         let creds = auth.rewind.as_ref().unwrap_or(&auth.superuser);
         let mut c = tokio_postgres::Config::new();
         c.host(&up.host)
             .port(up.port)
             .user(&creds.username)
             .password(creds.password.as_bytes())
-            .dbname(&self.cfg.postgresql.database)
+            .dbname(&self.cfg().postgresql.database)
             .application_name("pgherd")
             .connect_timeout(REMOTE_CONNECT_TIMEOUT);
         c
@@ -508,7 +544,8 @@ impl LocalPostgres {
     /// The pgpass file: replication, rewind and superuser credentials, owned by the PostgreSQL
     /// user (the walreceiver, pg_basebackup and pg_rewind read it), mode 0600.
     fn write_pgpass(&self) -> Result<(), PgError> {
-        let a = &self.cfg.postgresql.authentication;
+        let cfg = self.cfg();
+        let a = &cfg.postgresql.authentication;
         let mut entries = vec![(
             a.replication.username.as_str(),
             a.replication.password.as_str(),
@@ -522,7 +559,8 @@ impl LocalPostgres {
     }
 
     fn standby_settings(&self, upstream: Option<&Upstream>) -> StandbySettings {
-        let repl = &self.cfg.postgresql.authentication.replication.username;
+        let cfg = self.cfg();
+        let repl = &cfg.postgresql.authentication.replication.username;
         StandbySettings {
             primary_conninfo: upstream
                 .map(|u| conf::primary_conninfo(u, repl, self.name.as_str(), &self.passfile_str())),
@@ -531,21 +569,34 @@ impl LocalPostgres {
         }
     }
 
-    /// pg_hba lines: local config, else DCS, else bootstrap.pg_hba, else built-in defaults.
-    fn hba_lines(&self, dynamic: &DynamicConfig) -> Vec<String> {
-        if !self.cfg.postgresql.pg_hba.is_empty() {
-            return self.cfg.postgresql.pg_hba.clone();
+    /// pg_hba lines we manage: local config, else DCS, else built-in defaults. `None` when
+    /// only `bootstrap.pg_hba` is set: Patroni then appends those lines to initdb's file at
+    /// bootstrap and leaves the file alone afterwards (initdb's `local` lines, which the
+    /// superuser's socket connection needs, stay), and so do we.
+    fn hba_lines(cfg: &AgentConfig, dynamic: &DynamicConfig) -> Option<Vec<String>> {
+        if !cfg.postgresql.pg_hba.is_empty() {
+            return Some(cfg.postgresql.pg_hba.clone());
         }
         if let Some(l) = dynamic.pg_hba().filter(|l| !l.is_empty()) {
-            return l;
+            return Some(l);
         }
-        self.cfg.bootstrap.pg_hba.clone()
+        if !cfg.bootstrap.pg_hba.is_empty() {
+            return None;
+        }
+        Some(Vec::new())
+    }
+
+    /// The pg_hba.conf we would write for `cfg` + `dynamic` (`None`: leave the file alone).
+    fn render_hba(cfg: &AgentConfig, dynamic: &DynamicConfig) -> Option<String> {
+        let repl = &cfg.postgresql.authentication.replication.username;
+        Self::hba_lines(cfg, dynamic).map(|l| conf::render_pg_hba(&l, repl))
     }
 
     /// The parameters we would write now (also the "configured value" of pending_restart).
     fn merged_parameters(&self) -> BTreeMap<String, String> {
+        let cfg = self.cfg();
         let sh = self.shared();
-        let (listen_host, port) = self.cfg.pg_listen_host_port();
+        let (listen_host, port) = cfg.pg_listen_host_port();
         let owned = conf::OwnedParameters {
             listen_addresses: listen_host,
             port,
@@ -558,20 +609,24 @@ impl LocalPostgres {
             synchronous_standby_names: sh.synchronous_standby_names.clone(),
         };
         let mut params = conf::merged_parameters(
-            &self.cfg.scope,
+            &cfg.scope,
             &sh.dynamic.parameters(),
-            &self.cfg.local_parameters(),
+            &cfg.local_parameters(),
             &owned,
         );
+        // Every standby start (a clone, a restart, a demoted primary's restart) recomputes the
+        // minimums from pg_control in `start`; a standby below them refuses to start.
         if sh.standby.is_some() {
             conf::raise_to_minimums(&mut params, &sh.standby_minimums);
         }
         params
     }
 
-    /// Regenerates postgresql.conf, pg_hba.conf and the pgpass file; `true` when
-    /// postgresql.conf or pg_hba.conf changed (the server needs a reload). Before the first
-    /// write the initdb postgresql.conf is kept as postgresql.base.conf.
+    /// Regenerates postgresql.conf, pg_hba.conf (when we manage it, see [`Self::hba_lines`])
+    /// and the pgpass file; `true` when postgresql.conf or pg_hba.conf changed (the server
+    /// needs a reload). Before the first write the initdb postgresql.conf is kept as
+    /// postgresql.base.conf. Unchecked: config changes that may alter pg_hba.conf go through
+    /// [`Self::write_config_checked`] first.
     fn write_config(&self) -> Result<bool, PgError> {
         let _serial = self.config_write.lock().unwrap_or_else(|e| e.into_inner());
         if !self.initialized() {
@@ -589,18 +644,111 @@ impl LocalPostgres {
             std::fs::rename(&conf_path, &base)?;
         }
         let params = self.merged_parameters();
+        let cfg = self.cfg();
         let (standby, hba) = {
             let sh = self.shared();
-            (sh.standby.clone(), self.hba_lines(&sh.dynamic))
+            (sh.standby.clone(), Self::render_hba(&cfg, &sh.dynamic))
         };
         let text = conf::render_postgresql_conf(&params, standby.as_ref());
         let mut changed = self.write_owned(&conf_path, &text)?;
-        let repl = &self.cfg.postgresql.authentication.replication.username;
-        changed |= self.write_owned(
-            &self.data_dir.join("pg_hba.conf"),
-            &conf::render_pg_hba(&hba, repl),
-        )?;
+        if let Some(hba) = hba {
+            changed |= self.write_owned(&self.data_dir.join("pg_hba.conf"), &hba)?;
+        }
         Ok(changed)
+    }
+
+    /// Takes over `cfg` and `dynamic` as the config in force and writes the files, checking a
+    /// changed pg_hba.conf first while PostgreSQL runs: the candidate file is put in place
+    /// (atomically), `pg_hba_file_rules` is asked for error rows, and on any the previous file
+    /// goes back (atomically, byte-identical) and nothing is taken over. Returns whether the
+    /// running server needs a reload.
+    ///
+    /// Known window: a concurrent unchecked [`Self::write_config`] (an action's start) during
+    /// the check would put the previous file back early; the check then passes on it and the
+    /// new file is written right after, unchecked. Both writers run only around starts.
+    async fn write_config_checked(
+        &self,
+        cfg: &AgentConfig,
+        dynamic: &DynamicConfig,
+    ) -> Result<bool, PgError> {
+        let hba_path = self.data_dir.join("pg_hba.conf");
+        let candidate = Self::render_hba(cfg, dynamic);
+        let previous = std::fs::read(&hba_path).ok();
+        let hba_changes = self.initialized()
+            && candidate
+                .as_ref()
+                .is_some_and(|c| previous.as_deref() != Some(c.as_bytes()));
+        if hba_changes && self.postmaster_pid().is_some() {
+            let text = candidate.as_deref().unwrap_or_default();
+            {
+                let _serial = self.config_write.lock().unwrap_or_else(|e| e.into_inner());
+                self.write_owned(&hba_path, text)?;
+            }
+            let rejected = match self.hba_errors().await {
+                Ok(errors) if errors.is_empty() => None,
+                Ok(errors) => Some(PgError::HbaRejected(format!(
+                    "{} (kept the previous pg_hba.conf)",
+                    errors.join("; ")
+                ))),
+                Err(e) => Some(PgError::HbaRejected(format!(
+                    "cannot check the new pg_hba.conf: {e} (kept the previous pg_hba.conf)"
+                ))),
+            };
+            if let Some(e) = rejected {
+                let _serial = self.config_write.lock().unwrap_or_else(|e| e.into_inner());
+                match &previous {
+                    Some(old) => self.write_owned_bytes(&hba_path, old)?,
+                    None => {
+                        let _ = std::fs::remove_file(&hba_path);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.clone());
+        self.shared().dynamic = dynamic.clone();
+        let changed = self.write_config()? || hba_changes;
+        Ok(changed && self.postmaster_pid().is_some())
+    }
+
+    /// `pg_conf_load_time()` as seen by a new backend (i.e. the postmaster's).
+    async fn fresh_conf_load_time(&self) -> Result<String, PgError> {
+        let c = connect(&self.local_sql_config("2s"), SQL_CONNECT_TIMEOUT).await?;
+        let row = bounded(
+            SQL_TIMEOUT,
+            "reading pg_conf_load_time",
+            c.query_one("SELECT pg_conf_load_time()::text", &[]),
+        )
+        .await?;
+        Ok(row.get(0))
+    }
+
+    /// `pg_hba_file_rules` error rows of the pg_hba.conf on disk, as `pg_hba.conf line N: ...`.
+    async fn hba_errors(&self) -> Result<Vec<String>, PgError> {
+        self.with_client(|c| async move {
+            let rows = bounded(
+                SQL_TIMEOUT,
+                "checking pg_hba.conf",
+                c.query(
+                    "SELECT line_number, error FROM pg_hba_file_rules \
+                     WHERE error IS NOT NULL ORDER BY line_number",
+                    &[],
+                ),
+            )
+            .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let line: Option<i32> = r.get(0);
+                    let error: String = r.get(1);
+                    match line {
+                        Some(n) => format!("pg_hba.conf line {n}: {error}"),
+                        None => format!("pg_hba.conf: {error}"),
+                    }
+                })
+                .collect())
+        })
+        .await
     }
 
     /// standby.signal present iff we start as a standby; recovery.signal never (we do not do
@@ -1035,16 +1183,23 @@ impl Postgres for LocalPostgres {
     }
 
     async fn apply_dynamic_config(&self, config: &DynamicConfig) -> Result<bool, PgError> {
-        self.shared().dynamic = config.clone();
-        let changed = self.write_config()?;
-        Ok(changed && self.postmaster_pid().is_some())
+        let cfg = self.cfg();
+        self.write_config_checked(&cfg, config).await
+    }
+
+    async fn set_local_config(&self, cfg: &AgentConfig) -> Result<bool, PgError> {
+        let dynamic = self.shared().dynamic.clone();
+        let needs_reload = self.write_config_checked(cfg, &dynamic).await?;
+        // Credentials may have changed: the next observation connects with the new ones.
+        self.drop_client().await;
+        Ok(needs_reload)
     }
 
     async fn initdb(&self) -> Result<(), PgError> {
         if self.initialized() {
             return Err(failed("initdb", "data directory already holds a cluster"));
         }
-        let user_args = conf::initdb_args(&self.cfg.bootstrap.initdb)
+        let user_args = conf::initdb_args(&self.cfg().bootstrap.initdb)
             .map_err(|e| failed("initdb options", e))?;
         // Never wipe something we did not create: a non-empty directory is refused here, so
         // the cleanup after a failed initdb below only removes initdb's own leftovers.
@@ -1062,7 +1217,7 @@ impl Postgres for LocalPostgres {
                 .mode(0o600)
                 .open(&pwfile)?;
             f.write_all(
-                self.cfg
+                self.cfg()
                     .postgresql
                     .authentication
                     .superuser
@@ -1077,7 +1232,7 @@ impl Postgres for LocalPostgres {
             self.data_dir.clone().into(),
             format!(
                 "--username={}",
-                self.cfg.postgresql.authentication.superuser.username
+                self.cfg().postgresql.authentication.superuser.username
             )
             .into(),
             {
@@ -1103,11 +1258,11 @@ impl Postgres for LocalPostgres {
         // generated one, see hba_lines). initdb's postgresql.conf becomes the base file inside
         // write_config, under its lock: renaming it here too raced with the HA loop's
         // apply_dynamic_config and could move our generated file onto the base file.
-        if !self.cfg.bootstrap.pg_hba.is_empty() {
+        if !self.cfg().bootstrap.pg_hba.is_empty() {
             let mut f = std::fs::OpenOptions::new()
                 .append(true)
                 .open(self.data_dir.join("pg_hba.conf"))?;
-            for l in &self.cfg.bootstrap.pg_hba {
+            for l in &self.cfg().bootstrap.pg_hba {
                 writeln!(f, "{l}")?;
             }
         }
@@ -1117,7 +1272,7 @@ impl Postgres for LocalPostgres {
     }
 
     async fn post_bootstrap(&self) -> Result<(), PgError> {
-        let a = self.cfg.postgresql.authentication.clone();
+        let a = self.cfg().postgresql.authentication.clone();
         let c = connect(&self.local_sql_config("0"), SQL_CONNECT_TIMEOUT * 5).await?;
         let role_exists = |name: String| {
             let c = &c;
@@ -1194,7 +1349,7 @@ impl Postgres for LocalPostgres {
         }
         drop(c);
         if let Some(script) = self
-            .cfg
+            .cfg()
             .bootstrap
             .post_bootstrap
             .clone()
@@ -1203,7 +1358,7 @@ impl Postgres for LocalPostgres {
             self.write_pgpass()?;
             let connstr = format!(
                 "dbname={} user={} host={} port={}",
-                conf::libpq_quote(&self.cfg.postgresql.database),
+                conf::libpq_quote(&self.cfg().postgresql.database),
                 conf::libpq_quote(&a.superuser.username),
                 conf::libpq_quote(&self.socket_dir.to_string_lossy()),
                 self.port()
@@ -1249,10 +1404,11 @@ impl Postgres for LocalPostgres {
                 "data directory holds a cluster; wipe it first",
             ));
         }
-        let user_args = conf::basebackup_args(self.cfg.postgresql.basebackup.as_ref())
+        let user_args = conf::basebackup_args(self.cfg().postgresql.basebackup.as_ref())
             .map_err(|e| failed("basebackup options", e))?;
         self.write_pgpass()?;
-        let repl = &self.cfg.postgresql.authentication.replication.username;
+        let cfg = self.cfg();
+        let repl = &cfg.postgresql.authentication.replication.username;
         let dsn = self.connstring_for(from, repl, None);
         let mut last = None;
         // Two attempts: a clone often fails on a transient (upstream restarting, network).
@@ -1472,9 +1628,36 @@ impl Postgres for LocalPostgres {
         if self.postmaster_pid().is_none() {
             return Ok(());
         }
+        // PostgreSQL applies SIGHUP asynchronously: remember when the postmaster last loaded
+        // its files, signal, and wait until a new backend (forked from the postmaster, so it
+        // carries the postmaster's state) shows a later load time. Without SQL (still starting
+        // up) there is nothing an observation could report from the old files anyway.
+        let before = self.fresh_conf_load_time().await.ok();
         let args: Vec<OsString> = vec!["reload".into(), "-D".into(), self.data_dir.clone().into()];
         self.run_tool("pg_ctl reload", "pg_ctl", args, TOOL_TIMEOUT, &[])
             .await?;
+        if let Some(before) = before {
+            let deadline = tokio::time::Instant::now() + RELOAD_CONFIRM_TIMEOUT;
+            loop {
+                if self
+                    .fresh_conf_load_time()
+                    .await
+                    .is_ok_and(|now| now != before)
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(PgError::Timeout(
+                        RELOAD_CONFIRM_TIMEOUT,
+                        "waiting for postgres to load the reloaded configuration".into(),
+                    ));
+                }
+                tokio::time::sleep(RELOAD_CONFIRM_POLL).await;
+            }
+        }
+        // The persistent connection's backend applies the reload at its next command; a fresh
+        // one is certain to run with it.
+        self.drop_client().await;
         Ok(())
     }
 
@@ -1530,9 +1713,10 @@ impl Postgres for LocalPostgres {
         }
         self.ensure_leader_checkpointed(leader).await?;
         self.write_pgpass()?;
-        let auth = &self.cfg.postgresql.authentication;
+        let cfg = self.cfg();
+        let auth = &cfg.postgresql.authentication;
         let user = &auth.rewind.as_ref().unwrap_or(&auth.superuser).username;
-        let dsn = self.connstring_for(leader, user, Some(&self.cfg.postgresql.database));
+        let dsn = self.connstring_for(leader, user, Some(&self.cfg().postgresql.database));
         let args: Vec<OsString> = vec![
             "-D".into(),
             self.data_dir.clone().into(),

@@ -219,6 +219,10 @@ pub enum PgError {
     Sql(String),
     #[error("io error: {0}")]
     Io(#[from] std::io::Error),
+    /// PostgreSQL rejected a new `pg_hba.conf` (`pg_hba_file_rules` error rows); the previous
+    /// file was put back and the server was not reloaded. The text names the lines and says so.
+    #[error("{0}")]
+    HbaRejected(String),
 }
 
 /// Contract of the local PostgreSQL controller.
@@ -241,6 +245,17 @@ pub trait Postgres: Send + Sync {
         &self,
         config: &crate::dcs::DynamicConfig,
     ) -> Result<bool, PgError>;
+
+    /// Takes over a reloaded node config (local parameters, `postgresql.pg_hba`, credentials and
+    /// pgpass, connect addresses, use_slots, ...) and rewrites the files that derive from it.
+    /// Settings [`crate::config::restart_required`] names are never passed changed. Returns
+    /// `true` when the running server needs a reload (the caller reloads). Either the whole
+    /// config is taken over or none of it: on `Err` the previous config stays in force.
+    ///
+    /// Both this and [`Postgres::apply_dynamic_config`] check a rewritten `pg_hba.conf` while
+    /// PostgreSQL runs: rejected lines put the previous file back and yield
+    /// [`PgError::HbaRejected`] (nothing of the new config is kept).
+    async fn set_local_config(&self, cfg: &crate::config::AgentConfig) -> Result<bool, PgError>;
 
     /// `initdb` into the (empty) data directory with the configured options (checksums on by
     /// default) and superuser credentials, then appends `bootstrap.pg_hba`.
@@ -282,7 +297,8 @@ pub trait Postgres: Send + Sync {
     /// primary_conninfo is reloadable on PG ≥ 13).
     async fn follow(&self, upstream: Option<&Upstream>) -> Result<(), PgError>;
 
-    /// `pg_ctl reload`.
+    /// `pg_ctl reload`, returning once the postmaster has re-read its files (bounded), so an
+    /// observation taken after it reflects the reloaded configuration. No-op when stopped.
     async fn reload(&self) -> Result<(), PgError>;
 
     /// `CHECKPOINT` (after promotion, before a graceful demote).

@@ -32,6 +32,9 @@ pub struct ClusterOpts {
     pub extra_dcs: String,
     /// Watchdog section per node (YAML, indented at top level), e.g. "watchdog:\n  mode: off\n".
     pub watchdog: Vec<String>,
+    /// Patroni-style: only `bootstrap.pg_hba` (appended to initdb's file), no
+    /// `postgresql.pg_hba`.
+    pub bootstrap_pg_hba_only: bool,
 }
 
 impl ClusterOpts {
@@ -46,6 +49,7 @@ impl ClusterOpts {
             synchronous_mode: false,
             extra_dcs: String::new(),
             watchdog: vec![],
+            bootstrap_pg_hba_only: false,
         }
     }
 }
@@ -182,7 +186,7 @@ bootstrap:
 {extra_dcs}  initdb:
     - encoding: UTF8
     - data-checksums
-postgresql:
+{bootstrap_hba}postgresql:
   listen: 127.0.0.1:{pg_port}
   connect_address: 127.0.0.1:{pg_port}
   data_dir: {data}
@@ -192,11 +196,7 @@ postgresql:
     superuser: {{username: postgres, password: {SUPERUSER_PW}}}
     replication: {{username: replicator, password: {REPL_PW}}}
     rewind: {{username: rewind_user, password: rewind-pass-e2e}}
-  pg_hba:
-    - local all all trust
-    - host all all 127.0.0.1/32 md5
-    - host replication replicator 127.0.0.1/32 md5
-  callbacks:
+{local_hba}  callbacks:
     on_start: {script}
     on_stop: {script}
     on_restart: {script}
@@ -216,6 +216,16 @@ postgresql:
                 data = dir.join("data").display(),
                 dir = dir.display(),
                 script = script.display(),
+                bootstrap_hba = if opts.bootstrap_pg_hba_only {
+                    "  pg_hba:\n    - host replication replicator 127.0.0.1/32 md5\n    - host all all 127.0.0.1/32 md5\n"
+                } else {
+                    ""
+                },
+                local_hba = if opts.bootstrap_pg_hba_only {
+                    ""
+                } else {
+                    "  pg_hba:\n    - local all all trust\n    - host all all 127.0.0.1/32 md5\n    - host replication replicator 127.0.0.1/32 md5\n"
+                },
             );
             let config_path = dir.join("agent.yml");
             std::fs::write(&config_path, config).unwrap();
