@@ -578,6 +578,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
         wait_timeout: Duration::from_secs(a.wait_timeout),
         progress: true,
         max_parallel: a.forks,
+        ssh_control_dir: Some(state_dir.to_path_buf()),
     };
     let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
     tm.mark("execute");

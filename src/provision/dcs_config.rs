@@ -128,6 +128,8 @@ pub struct ClusterFacts {
     pub settings: BTreeMap<String, PgSetting>,
     /// Per postgres host whose agent answered `GET /patroni`.
     pub agents: BTreeMap<String, AgentFact>,
+    /// The live etcd membership (`None`: embedded etcd not running anywhere yet, or external).
+    pub etcd: Option<super::etcd_members::EtcdFacts>,
 }
 
 /// What a change does to the running cluster.

@@ -8,9 +8,11 @@
 //! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
 //! - [`playbook`]: playbooks as data (the deploy step vocabulary).
 //! - [`spec`]: inventory + rendered templates → the desired state.
+//! - [`etcd_members`]: etcd membership changes (add as learner, promote, remove) from the inventory.
 
 pub mod apply;
 pub mod dcs_config;
+pub mod etcd_members;
 pub mod facts;
 pub mod plan;
 pub mod playbook;
