@@ -1062,7 +1062,7 @@ async fn execute_stages(
                 let hosts: Vec<String> = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
                 run_dcs_config(spec, fleet, plan, &hosts, *timeout_secs, progress, done).await?;
             }
-            StepKind::EtcdMembers { .. } => {
+            StepKind::EtcdMembers { timeout_secs } => {
                 // Planned against the facts of this run: nothing to change, nothing to re-read.
                 let planned = matches!(&plan.cluster.etcd, Some(Ok(p)) if !p.changes.is_empty());
                 if planned {
@@ -1070,6 +1070,7 @@ async fn execute_stages(
                     super::etcd_members::run(
                         spec,
                         fleet,
+                        Duration::from_secs(*timeout_secs),
                         opts.ssh_control_dir.clone(),
                         &report,
                         done,
