@@ -533,3 +533,47 @@ fn facts_like(members: &[M], desired: &[DesiredMember]) -> EtcdFacts {
     }
     f
 }
+
+#[test]
+fn a_refused_membership_change_is_shown_in_the_plan_and_counts_as_work() {
+    let inv = pgherd::inventory::parse(&inventory(&[1, 2, 3, 4, 5]), "new.yml").unwrap();
+    let s = spec::build(&inv, None, None).unwrap();
+    let cluster = ClusterFacts {
+        etcd: Some(facts(&[voter(1), voter(2), dead(3)])),
+        ..Default::default()
+    };
+    let p = plan_with_cluster(&s, &BTreeMap::new(), &cluster).unwrap();
+    assert!(matches!(&p.cluster.etcd, Some(Err(Refusal::Unhealthy(_)))));
+    assert!(!p.is_noop());
+    let text = pgherd::provision::report::render_plan(&p, Default::default());
+    assert!(
+        text.contains("cluster: etcd membership: refused: etcd members pg3 are not healthy"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_playbook_changing_membership_after_etcd_starts_is_refused_with_its_line() {
+    let shipped = include_str!("../playbooks/deploy.yml");
+    let block =
+        "  - name: etcd membership\n    hosts: etcd\n    etcd_members:\n      timeout: 120\n\n";
+    assert!(shipped.contains(block));
+    let moved = shipped.replace(block, "").replace(
+        "  # A changed config on a running cluster",
+        &format!("{block}  # A changed config on a running cluster"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let pb = dir.path().join("deploy.yml");
+    std::fs::write(&pb, moved).unwrap();
+    let inv = pgherd::inventory::parse(&inventory(&[1, 2, 3]), "t.yml").unwrap();
+    let e = spec::build_with(&inv, None, None, Some(&pb)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("starts etcd before") && msg.contains("changes etcd membership"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("deploy.yml:") && msg.contains("(line "),
+        "{msg}"
+    );
+}

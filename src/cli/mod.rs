@@ -136,6 +136,9 @@ pub struct DeployArgs {
     /// planning, executing) on stderr.
     #[arg(long)]
     pub timings: bool,
+    /// Accept etcd membership changes that end with fewer than 3 voters (no fault tolerance).
+    #[arg(long)]
+    pub allow_degraded_etcd: bool,
 }
 
 /// Stage durations for `--timings` (stderr, so stdout stays the plan/report).
@@ -478,6 +481,10 @@ pub fn load_spec(a: &DeployArgs) -> Result<(crate::inventory::Inventory, DeployS
         a.templates.as_deref(),
         a.playbook.as_deref(),
     )?;
+    let mut spec = spec;
+    if let Some(e) = &mut spec.etcd {
+        e.allow_degraded = a.allow_degraded_etcd;
+    }
     Ok((inv, spec))
 }
 
