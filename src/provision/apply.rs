@@ -586,6 +586,25 @@ pub async fn execute(
     if let Some(Err(r)) = &plan.cluster.etcd {
         return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
     }
+    // Planned membership changes need the step that makes them (a joining host's etcd.conf
+    // and start are left to it), or the run would report success for what it did not do.
+    if matches!(&plan.cluster.etcd, Some(Ok(p)) if !p.changes.is_empty())
+        && !spec
+            .playbook
+            .steps
+            .iter()
+            .any(|s| matches!(s.kind, StepKind::EtcdMembers { .. }))
+    {
+        return Err(PlaybookError::Invalid {
+            path: spec.playbook_origin.clone(),
+            problems: vec![crate::inventory::Problem {
+                pos: None,
+                field: "steps".into(),
+                message: "etcd membership must change (see the plan) but no step of the playbook is an etcd_members step (put one after the etcd config and unit steps, before the step starting etcd)".into(),
+            }],
+        }
+        .into());
+    }
     let names: Vec<String> = plan.hosts.iter().map(|h| h.host.clone()).collect();
     let progress = Progress::new(&names, opts.progress);
     let mut done = Vec::new();

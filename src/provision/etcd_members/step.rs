@@ -38,6 +38,8 @@ pub enum EtcdMembersError {
         what: String,
         timeout: Duration,
     },
+    #[error("the etcd membership still differs from the inventory after {changes} changes")]
+    NoProgress { changes: usize },
     #[error("no etcd member answers any more (the cluster lost its quorum?)")]
     NoCluster,
     #[error("host {host}: no etcd.conf to join the cluster with (is it an etcd host?)")]
@@ -271,19 +273,17 @@ pub async fn run(
             }
             MemberChange::Remove { id, peer_url, .. } => {
                 let note = remove(spec, es, fleet, &f, *id, peer_url, control_dir.clone()).await?;
+                done.push((who.clone(), "members".into(), change.to_string()));
                 if let Some(note) = note {
                     progress(&f.via, &note);
-                    done.push((who.clone(), "etcd membership".into(), note));
+                    done.push((who, "members".into(), note));
                 }
+                continue;
             }
         }
-        done.push((who, "etcd membership".into(), change.to_string()));
+        done.push((who, "members".into(), change.to_string()));
     }
-    Err(EtcdMembersError::Wait {
-        name: "-".into(),
-        what: "the membership matches the inventory".into(),
-        timeout: Duration::ZERO,
-    })
+    Err(EtcdMembersError::NoProgress { changes: bound })
 }
 
 async fn add(
