@@ -274,6 +274,34 @@ impl Renderer {
         Ok(content)
     }
 
+    /// [`Self::render_checked`] of an etcd config for a member joining a running cluster:
+    /// `etcd.initial_cluster_state` is `existing` and `etcd.initial_cluster` is
+    /// [`crate::provision::etcd_members::INITIAL_CLUSTER_PLACEHOLDER`], replaced by the member
+    /// list etcd returns at `member add` time.
+    pub fn render_etcd_join(
+        &self,
+        template: &str,
+        inv: &Inventory,
+        host: &str,
+    ) -> Result<String, RenderError> {
+        let h = inv
+            .host(host)
+            .ok_or_else(|| RenderError::UnknownHost(host.to_string()))?;
+        let mut ctx = context(inv, h);
+        ctx["etcd"]["initial_cluster"] =
+            json!(crate::provision::etcd_members::INITIAL_CLUSTER_PLACEHOLDER);
+        ctx["etcd"]["initial_cluster_state"] = json!("existing");
+        let t = self
+            .env
+            .get_template(template)
+            .map_err(|e| self.template_error(&e))?;
+        let content = t
+            .render(minijinja::value::Serde(&ctx))
+            .map_err(|e| self.template_error(&e))?;
+        check_output(template, &content, inv, host)?;
+        Ok(content)
+    }
+
     /// Expands `{{ ... }}` expressions in a short string (playbook arguments) with the same
     /// context as the templates. Strings without `{{` are returned as they are.
     pub fn render_str(
@@ -507,6 +535,9 @@ pub fn context(inv: &Inventory, h: &Host) -> serde_json::Value {
             "data_dir": data_dir,
             "token": token,
             "initial_cluster": inv.etcd_initial_cluster().unwrap_or_default(),
+            // `new` is what a fresh cluster's members start with; a member joining a running
+            // cluster gets `existing` from [`Renderer::render_etcd_join`], and an initialised
+            // member never has its etcd.conf rewritten for initial-* alone (etcd ignores them).
             "initial_cluster_state": "new",
             "config_path": ETCD_CONFIG_PATH,
         },

@@ -222,6 +222,7 @@ fn cluster_plan(want: Map<String, Value>) -> Plan {
             drained: vec![],
             leader: Some("pg1".into()),
             replicas: vec!["pg2".into(), "pg3".into()],
+            ..Default::default()
         },
     }
 }

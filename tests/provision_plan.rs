@@ -85,6 +85,7 @@ fn spec_with(haproxy_inter: &str, password: &str, binary: &[u8], primary_port: u
         steps: deploy_steps(),
     };
     DeploySpec {
+        etcd: None,
         cluster: "demo".into(),
         hosts: vec![host("n1")],
         agent_binary: Some(AgentBinary::new(binary.to_vec())),

@@ -160,6 +160,9 @@ pub struct DeployArgs {
     /// planning, executing) on stderr.
     #[arg(long)]
     pub timings: bool,
+    /// Accept etcd membership changes that end with fewer than 3 voters (no fault tolerance).
+    #[arg(long)]
+    pub allow_degraded_etcd: bool,
 }
 
 /// Stage durations for `--timings` (stderr, so stdout stays the plan/report).
@@ -539,6 +542,10 @@ pub fn load_spec(a: &DeployArgs) -> Result<(crate::inventory::Inventory, DeployS
         a.templates.as_deref(),
         a.playbook.as_deref(),
     )?;
+    let mut spec = spec;
+    if let Some(e) = &mut spec.etcd {
+        e.allow_degraded = a.allow_degraded_etcd;
+    }
     Ok((inv, spec))
 }
 
@@ -639,6 +646,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
         wait_timeout: Duration::from_secs(a.wait_timeout),
         progress: true,
         max_parallel: a.forks,
+        ssh_control_dir: Some(state_dir.to_path_buf()),
     };
     let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
     tm.mark("execute");

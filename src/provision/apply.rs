@@ -68,6 +68,8 @@ pub enum ProvisionError {
     Cluster(#[from] super::dcs_config::ClusterConfigError),
     #[error("rolling restart")]
     Rolling(#[from] super::rolling::executor::RollingError),
+    #[error("etcd membership")]
+    EtcdMembers(#[from] super::etcd_members::EtcdMembersError),
 }
 
 fn join_errors(errs: &[ProvisionError]) -> String {
@@ -102,6 +104,9 @@ pub struct ApplyOptions {
     /// At most this many hosts work at once within a step (uploads of the agent binary to a
     /// large fleet would otherwise all start together).
     pub max_parallel: usize,
+    /// Where SSH control sockets to hosts that left the inventory go (the `etcd_members` step
+    /// cleans up removed etcd members there); `None`: a directory under the system temp dir.
+    pub ssh_control_dir: Option<std::path::PathBuf>,
 }
 
 /// Default of [`ApplyOptions::max_parallel`].
@@ -113,6 +118,7 @@ impl Default for ApplyOptions {
             wait_timeout: Duration::from_secs(120),
             progress: true,
             max_parallel: DEFAULT_MAX_PARALLEL,
+            ssh_control_dir: None,
         }
     }
 }
@@ -244,6 +250,7 @@ pub async fn gather_cluster(
     facts: &mut BTreeMap<String, HostFacts>,
 ) -> Result<ClusterFacts, ProvisionError> {
     let mut cluster = dcs_config::gather(spec, fleet).await?;
+    cluster.etcd = super::etcd_members::gather(spec, fleet).await?;
     for (host, a) in &cluster.agents {
         if let Some(f) = facts.get_mut(host) {
             f.agent = Some(a.clone());
@@ -264,6 +271,10 @@ pub async fn facts_and_plan(
     let cluster = gather_cluster(spec, fleet, &mut facts).await?;
     let plan = plan::plan_with_cluster(spec, &facts, &cluster)
         .map_err(dcs_config::ClusterConfigError::from)?;
+    // A refused membership change stops the run before any host is touched.
+    if let Some(Err(r)) = &plan.cluster.etcd {
+        return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
+    }
     Ok((facts, plan))
 }
 
@@ -576,6 +587,29 @@ pub async fn execute(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ProvisionError> {
     let started = Instant::now();
+    // A refused membership change stops the run before any host is touched.
+    if let Some(Err(r)) = &plan.cluster.etcd {
+        return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
+    }
+    // Planned membership changes need the step that makes them (a joining host's etcd.conf
+    // and start are left to it), or the run would report success for what it did not do.
+    if matches!(&plan.cluster.etcd, Some(Ok(p)) if !p.changes.is_empty())
+        && !spec
+            .playbook
+            .steps
+            .iter()
+            .any(|s| matches!(s.kind, StepKind::EtcdMembers { .. }))
+    {
+        return Err(PlaybookError::Invalid {
+            path: spec.playbook_origin.clone(),
+            problems: vec![crate::inventory::Problem {
+                pos: None,
+                field: "steps".into(),
+                message: "etcd membership must change (see the plan) but no step of the playbook is an etcd_members step (put one after the etcd config and unit steps, before the step starting etcd)".into(),
+            }],
+        }
+        .into());
+    }
     let names: Vec<String> = plan.hosts.iter().map(|h| h.host.clone()).collect();
     let progress = Progress::new(&names, opts.progress);
     let mut done = Vec::new();
@@ -1051,6 +1085,22 @@ async fn execute_stages(
                 }
                 let hosts: Vec<String> = stage.hosts.iter().map(|(h, _, _)| h.clone()).collect();
                 run_dcs_config(spec, fleet, plan, &hosts, *timeout_secs, progress, done).await?;
+            }
+            StepKind::EtcdMembers { timeout_secs } => {
+                // Planned against the facts of this run: nothing to change, nothing to re-read.
+                let planned = matches!(&plan.cluster.etcd, Some(Ok(p)) if !p.changes.is_empty());
+                if planned {
+                    let report = |h: &str, m: &str| progress.msg(h, m);
+                    super::etcd_members::run(
+                        spec,
+                        fleet,
+                        Duration::from_secs(*timeout_secs),
+                        opts.ssh_control_dir.clone(),
+                        &report,
+                        done,
+                    )
+                    .await?;
+                }
             }
             StepKind::RestartPending { .. } => {
                 run_restart_pending(spec, fleet, plan, progress, done).await?;

@@ -134,6 +134,8 @@ pub struct ClusterFacts {
     /// `(HAProxy host, member)` left drained in the replica backend (filled by the caller
     /// from HAProxy's admin socket).
     pub drained: Vec<(String, String)>,
+    /// The live etcd membership (`None`: embedded etcd not running anywhere yet, or external).
+    pub etcd: Option<super::etcd_members::EtcdFacts>,
 }
 
 /// What a change does to the running cluster.

@@ -9,9 +9,11 @@
 //! - [`playbook`]: playbooks as data (the deploy step vocabulary).
 //! - [`spec`]: inventory + rendered templates → the desired state.
 //! - [`rolling`]: restarts of members pending restart, one at a time, in a safe order.
+//! - [`etcd_members`]: etcd membership changes (add as learner, promote, remove) from the inventory.
 
 pub mod apply;
 pub mod dcs_config;
+pub mod etcd_members;
 pub mod facts;
 pub mod plan;
 pub mod playbook;

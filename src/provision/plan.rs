@@ -185,6 +185,9 @@ pub struct DeploySpec {
     /// The inventory this was built from, for the cluster-level jobs that talk to the agents
     /// and hosts by member (the rolling restart). `None` in planner tests.
     pub inventory: Option<Arc<crate::inventory::Inventory>>,
+    /// The etcd members pgherd runs (embedded etcd only): the membership the `etcd_members`
+    /// step converges to (see [`super::etcd_members`]).
+    pub etcd: Option<super::etcd_members::EtcdSpec>,
 }
 
 impl fmt::Debug for DeploySpec {
@@ -334,6 +337,12 @@ impl DeploySpec {
             files.extend(self.files_for(h, mode).into_iter().map(|f| f.path));
             dirs.extend(self.dirs_for(h, mode).into_iter().map(|d| d.path));
         }
+        // Whether the etcd data directory is initialised (only asked, never planned).
+        if h.roles.etcd
+            && let Some(e) = &self.etcd
+        {
+            dirs.insert(e.member_dir());
+        }
         FactQuery {
             files: files.into_iter().collect(),
             dirs: dirs.into_iter().collect(),
@@ -433,6 +442,8 @@ impl HostPlan {
 pub struct ClusterPlan {
     /// The DCS `config` change; `None` when no agent answered (nothing to plan against yet).
     pub config: Option<ConfigPlan>,
+    /// The etcd membership changes, or why they are refused; `None` without embedded etcd.
+    pub etcd: Option<Result<super::etcd_members::MemberPlan, super::etcd_members::Refusal>>,
     /// Members whose agents report `pending_restart` now (a restart step will restart them).
     pub pending_restart: Vec<String>,
     /// `(HAProxy host, member)` left drained in the replica backend by an interrupted run.
@@ -452,9 +463,15 @@ impl ClusterPlan {
     }
 
     pub fn change_count(&self) -> usize {
+        let etcd = match &self.etcd {
+            Some(Ok(p)) => p.changes.len(),
+            Some(Err(_)) => 1,
+            None => 0,
+        };
         self.config.as_ref().map_or(0, |c| c.changes.len())
             + self.pending_restart.len()
             + self.drained.len()
+            + etcd
     }
 }
 
@@ -534,6 +551,32 @@ fn owner_differs(want: &str, have: &str) -> bool {
     } else {
         have.split(':').next() != Some(want)
     }
+}
+
+/// Whether `f` is the etcd config of an initialised member of `h` and differs from what is on
+/// the host only in settings etcd reads at its first start.
+fn etcd_initial_only(
+    spec: &DeploySpec,
+    h: &HostTarget,
+    facts: &HostFacts,
+    f: &DesiredFile,
+) -> bool {
+    let Some(e) = &spec.etcd else {
+        return false;
+    };
+    if !h.roles.etcd || f.path != e.config_path {
+        return false;
+    }
+    if !matches!(facts.dirs.get(&e.member_dir()), Some(Some(_))) {
+        return false;
+    }
+    let (Some(old), Ok(new)) = (
+        facts.old_contents.get(&f.path),
+        std::str::from_utf8(&f.content),
+    ) else {
+        return false;
+    };
+    super::etcd_members::differs_only_in_initial_settings(&String::from_utf8_lossy(old), new)
 }
 
 /// Plans one host (pure).
@@ -657,6 +700,16 @@ pub fn plan_host(spec: &DeploySpec, h: &HostTarget, facts: &HostFacts) -> HostPl
                     diff,
                 ));
                 true
+            }
+            // etcd reads initial-* only when its data directory is empty: rewriting (and
+            // restarting) an initialised member for them would change nothing.
+            Some(cur) if cur.sha256 != want && etcd_initial_only(spec, h, facts, &f) => {
+                steps.push(noop(
+                    name,
+                    "differs only in initial-* settings, which etcd reads only when it first starts"
+                        .into(),
+                ));
+                false
             }
             Some(cur) if cur.sha256 != want => {
                 let diff = facts
@@ -868,6 +921,16 @@ pub fn plan_with_cluster(
             &cluster.settings,
         )?);
     }
+    if let Some(e) = &spec.etcd {
+        let opts = super::etcd_members::PlanOptions {
+            allow_degraded_etcd: e.allow_degraded,
+        };
+        let members = super::etcd_members::plan_members(&e.members, cluster.etcd.as_ref(), opts);
+        if let Ok(mp) = &members {
+            hand_joins_to_members_step(&mut p, e, &mp.joining_hosts());
+        }
+        p.cluster.etcd = Some(members);
+    }
     p.cluster.leader = cluster.leader.clone();
     p.cluster.drained = cluster.drained.clone();
     p.cluster.replicas = cluster
@@ -883,6 +946,35 @@ pub fn plan_with_cluster(
         .map(|(n, _)| n.clone())
         .collect();
     Ok(p)
+}
+
+/// A host joining a running etcd cluster gets its etcd.conf (`initial-cluster-state:
+/// existing`, the member list etcd returns) and its start from the `etcd_members` step, after
+/// `member add`: the render and start steps must not write the fresh-cluster config or start
+/// it first (it would try to form a cluster of its own).
+fn hand_joins_to_members_step(
+    p: &mut Plan,
+    e: &super::etcd_members::EtcdSpec,
+    joining: &BTreeSet<String>,
+) {
+    for hp in p.hosts.iter_mut().filter(|hp| joining.contains(&hp.host)) {
+        let cfg = format!("file {}", e.config_path);
+        for s in &mut hp.steps {
+            let why = match &s.planned {
+                Planned::Change { .. } if s.name == cfg => {
+                    "written by the etcd_members step after `member add` (joins the running cluster: initial-cluster-state existing)"
+                }
+                Planned::Change {
+                    action: Action::Service(Service::Etcd, _),
+                    ..
+                } => {
+                    "started by the etcd_members step once it is a member (as a learner, then promoted)"
+                }
+                _ => continue,
+            };
+            s.planned = Planned::Noop(why.into());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -231,6 +231,13 @@ pub enum StepKind {
     DcsConfig {
         timeout_secs: u64,
     },
+    /// Bring the live etcd membership to the inventory's etcd hosts, one change at a time
+    /// (`member add --learner` → start → promote; `member remove`), refusing when a quorum
+    /// gate fails (see [`super::etcd_members`]); a no-op on a fresh cluster or when the
+    /// members match.
+    EtcdMembers {
+        timeout_secs: u64,
+    },
     /// Restart the selected members that are pending restart, one at a time and each drained
     /// from HAProxy first, the primary last, or first for lowered hot-standby settings (see
     /// [`super::rolling`]); a no-op when no member is pending.
@@ -254,6 +261,7 @@ impl StepKind {
             StepKind::StartReplicas { .. } => "start_replicas",
             StepKind::DcsConfig { .. } => "dcs_config",
             StepKind::RestartPending { .. } => "restart_pending",
+            StepKind::EtcdMembers { .. } => "etcd_members",
         }
     }
 
@@ -298,7 +306,8 @@ impl StepKind {
             | StepKind::BootstrapPrimary { .. }
             | StepKind::StartReplicas { .. }
             | StepKind::DcsConfig { .. }
-            | StepKind::RestartPending { .. } => {}
+            | StepKind::RestartPending { .. }
+            | StepKind::EtcdMembers { .. } => {}
         }
         Ok(k)
     }
@@ -376,6 +385,8 @@ struct RawStep {
     dcs_config: Option<RawTimeout>,
     #[serde(default)]
     restart_pending: Option<RawTimeout>,
+    #[serde(default)]
+    etcd_members: Option<RawTimeout>,
 }
 
 /// `serial: true | false | N`.
@@ -789,11 +800,20 @@ impl Playbook {
                     ),
                 });
             }
+            if let Some(b) = &r.etcd_members {
+                kinds.push(StepKind::EtcdMembers {
+                    timeout_secs: timeout(
+                        &b.timeout,
+                        &format!("{f}.etcd_members.timeout"),
+                        &mut problems,
+                    ),
+                });
+            }
             let kind = match kinds.len() {
                 1 => kinds.pop().expect("one"),
                 0 => {
                     problems.push(problem(s, f.clone(), format!(
-                        "step {:?} has no action (expected one of ensure_packages, ensure_directory, ensure_user, render, upload_binary, service, wait_for, bootstrap_primary, start_replicas, dcs_config, restart_pending)",
+                        "step {:?} has no action (expected one of ensure_packages, ensure_directory, ensure_user, render, upload_binary, service, wait_for, bootstrap_primary, start_replicas, dcs_config, restart_pending, etcd_members)",
                         r.name.value
                     )));
                     continue;

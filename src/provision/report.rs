@@ -50,6 +50,9 @@ pub fn render_plan(plan: &Plan, opts: ReportOptions) -> String {
 /// The cluster-level part: the DCS config diff with each key's effect, and the restarts.
 fn render_cluster(out: &mut String, plan: &Plan, opts: ReportOptions) {
     let c = &plan.cluster;
+    if let Some(m) = &c.etcd {
+        out.push_str(&super::etcd_members::render(m, opts.show_noops));
+    }
     if let Some(cp) = &c.config {
         let rev = cp
             .revision

@@ -514,6 +514,57 @@ pub fn check(spec: &DeploySpec) -> Result<(), PlaybookError> {
             }
         }
     }
+    // The membership step writes a joining member's etcd.conf and starts it: after every etcd
+    // file (the unit, the run file) is in place, and before the step that starts etcd (which
+    // would otherwise start a joining member with the fresh-cluster config first).
+    for h in spec.hosts.iter().filter(|h| h.roles.etcd) {
+        let Some(mi) = h
+            .steps
+            .iter()
+            .find(|s| matches!(s.kind, StepKind::EtcdMembers { .. }))
+            .map(|s| s.index)
+        else {
+            continue;
+        };
+        for mode in [ServiceMode::Systemd, ServiceMode::Supervisor] {
+            for f in spec.files_for(h, mode) {
+                if file_service(&f.path) != Some(Service::Etcd) {
+                    continue;
+                }
+                if let Some(fi) = slot(h, Item::File(&f.path), false)
+                    && fi > mi
+                {
+                    problems
+                        .entry((
+                            mi,
+                            format!(
+                                "step {:?} changes etcd membership before {} writes {}",
+                                steps[mi].name,
+                                at(fi),
+                                f.path
+                            ),
+                        ))
+                        .or_default()
+                        .insert(h.name.clone());
+                }
+            }
+        }
+        if let Some(si) = slot(h, Item::Service(Service::Etcd, ServiceOp::Start), false)
+            && si < mi
+        {
+            problems
+                .entry((
+                    si,
+                    format!(
+                        "step {:?} starts etcd before {} changes etcd membership (a joining member must be added first)",
+                        steps[si].name,
+                        at(mi)
+                    ),
+                ))
+                .or_default()
+                .insert(h.name.clone());
+        }
+    }
     if problems.is_empty() && missing.is_empty() {
         return Ok(());
     }

@@ -276,6 +276,7 @@ pub fn build_with(
     // Longest first, so a secret containing another is replaced whole.
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let dcs_config = managed_dcs_config(&hosts)?;
+    let etcd = etcd_spec(inv, &renderer, &hosts)?;
     let spec = DeploySpec {
         cluster: inv.cluster.clone(),
         hosts,
@@ -295,6 +296,7 @@ pub fn build_with(
             inv.secrets.restapi.expose().to_string(),
         )),
         inventory: Some(Arc::new(inv.clone())),
+        etcd,
     };
     schedule::check(&spec)?;
     Ok(spec)
@@ -443,4 +445,74 @@ fn managed_dcs_config(
         },
     )?;
     Ok(Some(cfg.bootstrap.dcs))
+}
+
+/// The etcd membership pgherd manages (embedded etcd only): the inventory's etcd hosts, where
+/// etcd.conf goes, and each host's etcd.conf for joining a running cluster, rendered from the
+/// same template as its normal one (so an operator's own template decides it too).
+fn etcd_spec(
+    inv: &Inventory,
+    renderer: &Renderer,
+    hosts: &[HostTarget],
+) -> Result<Option<super::etcd_members::EtcdSpec>, SpecError> {
+    let Etcd::Embedded(e) = &inv.etcd else {
+        return Ok(None);
+    };
+    let mut members = Vec::new();
+    let mut join_configs = BTreeMap::new();
+    let mut config: Option<(String, u32, String)> = None;
+    for h in inv.hosts_with(Role::Etcd) {
+        let name = h.name.as_str();
+        members.push(super::etcd_members::DesiredMember {
+            name: name.to_string(),
+            peer_url: format!("http://{}", h.endpoint(e.peer_port)),
+            client_url: format!("http://{}", h.endpoint(e.client_port)),
+        });
+        let Some(t) = hosts.iter().find(|t| t.name == name) else {
+            continue;
+        };
+        let Some(path) = t.service_configs.get(&Service::Etcd) else {
+            continue;
+        };
+        let Some(template) = t.steps.iter().find_map(|s| match &s.kind {
+            StepKind::Render { template, dest, .. } if dest == path => Some(template.clone()),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let content = renderer
+            .render_etcd_join(&template, inv, name)
+            .map_err(|source| SpecError::Render {
+                host: name.to_string(),
+                source,
+            })?;
+        join_configs.insert(name.to_string(), content);
+        if config.is_none()
+            && let Some(f) = t.files.iter().find(|f| &f.path == path)
+        {
+            config = Some((f.path.clone(), f.mode, f.owner.clone()));
+        }
+    }
+    let (config_path, config_mode, config_owner) = config.unwrap_or_else(|| {
+        (
+            crate::render::ETCD_CONFIG_PATH.to_string(),
+            0o644,
+            "root:root".to_string(),
+        )
+    });
+    let mut ssh_defaults = host_specs(inv)
+        .into_iter()
+        .find(|s| inv.host(&s.name).is_some_and(|h| h.has(Role::Etcd)))
+        .unwrap_or_else(|| HostSpec::new("-", "-"));
+    ssh_defaults.connect_timeout = super::etcd_members::REMOVED_HOST_CONNECT_TIMEOUT;
+    Ok(Some(super::etcd_members::EtcdSpec {
+        members,
+        data_dir: e.data_dir.display().to_string(),
+        config_path,
+        config_mode,
+        config_owner,
+        join_configs,
+        ssh_defaults,
+        allow_degraded: false,
+    }))
 }
