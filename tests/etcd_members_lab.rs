@@ -18,16 +18,16 @@ use std::time::Duration;
 use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabInfo, LabSpec};
 use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
-use pgherd::provision::etcd_members::{
-    Member, parse_endpoint_health, parse_endpoint_status, parse_member_list,
-};
+use pgherd::provision::etcd_members::parse_endpoint_status;
 use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::spec;
 use pgherd::transport::{SshTransport, Transport};
 
 mod common;
 use common::cluster::eventually;
-use common::deploy::{LabGuard, fresh_lab, is_root, leader_with_streaming_replicas, pids};
+use common::deploy::{
+    LabGuard, fresh_lab, healthy_voters, is_root, leader_with_streaming_replicas, pids,
+};
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.23";
@@ -70,45 +70,6 @@ async fn apply_inventory(inv_path: &Path, state: &Path) -> (Fleet, Result<ApplyR
         .await
         .map_err(|e| pgherd::provision::error_chain(&e));
     (fleet, r)
-}
-
-/// `etcdctl member list` and `endpoint health --cluster` through the host `t`.
-async fn members(t: &dyn Transport) -> (Vec<Member>, Vec<(String, bool)>) {
-    let e = "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 --dial-timeout=2s --command-timeout=5s";
-    let list = t
-        .run_ok(&format!("{e} member list -w json"), Duration::from_secs(20))
-        .await
-        .expect("member list")
-        .stdout_str();
-    let health = t
-        .run(
-            &format!("{e} endpoint health --cluster -w json 2>/dev/null"),
-            Duration::from_secs(30),
-        )
-        .await
-        .expect("endpoint health")
-        .stdout_str();
-    (
-        parse_member_list(&list).expect("member list json"),
-        parse_endpoint_health(&health)
-            .expect("health json")
-            .into_iter()
-            .collect(),
-    )
-}
-
-/// Names of the started voters, sorted, once every one of them is healthy.
-async fn healthy_voters(t: &dyn Transport) -> Vec<String> {
-    let (m, health) = members(t).await;
-    assert!(
-        m.iter().all(|m| m.started() && !m.is_learner),
-        "a learner or unstarted member is left: {m:?}"
-    );
-    assert_eq!(health.len(), m.len(), "{health:?}");
-    assert!(health.iter().all(|(_, ok)| *ok), "{health:?}");
-    let mut names: Vec<String> = m.into_iter().map(|m| m.name).collect();
-    names.sort();
-    names
 }
 
 async fn ssh(info: &LabInfo, host: &str, state: &Path) -> SshTransport {

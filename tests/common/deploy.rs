@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use pgherd::lab::{self, LabSpec};
 use pgherd::provision::apply::{self, Fleet};
+use pgherd::provision::etcd_members::{Member, parse_endpoint_health, parse_member_list};
 use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::services::Service;
+use pgherd::transport::Transport;
 
 /// Tears the lab down (state purged) when the test ends, unless `PGHERD_KEEP_LAB` is set.
 pub struct LabGuard(pub LabSpec);
@@ -143,4 +145,43 @@ pub fn fresh_lab(
     let guard = LabGuard(spec.clone());
     let info = lab::up(&spec).expect("lab up");
     (tmp, guard, info)
+}
+
+/// `etcdctl member list` and `endpoint health --cluster` through the host `t`.
+pub async fn members(t: &dyn Transport) -> (Vec<Member>, Vec<(String, bool)>) {
+    let e = "ETCDCTL_API=3 etcdctl --endpoints=http://127.0.0.1:2379 --dial-timeout=2s --command-timeout=5s";
+    let list = t
+        .run_ok(&format!("{e} member list -w json"), Duration::from_secs(20))
+        .await
+        .expect("member list")
+        .stdout_str();
+    let health = t
+        .run(
+            &format!("{e} endpoint health --cluster -w json 2>/dev/null"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("endpoint health")
+        .stdout_str();
+    (
+        parse_member_list(&list).expect("member list json"),
+        parse_endpoint_health(&health)
+            .expect("health json")
+            .into_iter()
+            .collect(),
+    )
+}
+
+/// Names of the started voters, sorted, once every one of them is healthy.
+pub async fn healthy_voters(t: &dyn Transport) -> Vec<String> {
+    let (m, health) = members(t).await;
+    assert!(
+        m.iter().all(|m| m.started() && !m.is_learner),
+        "a learner or unstarted member is left: {m:?}"
+    );
+    assert_eq!(health.len(), m.len(), "{health:?}");
+    assert!(health.iter().all(|(_, ok)| *ok), "{health:?}");
+    let mut names: Vec<String> = m.into_iter().map(|m| m.name).collect();
+    names.sort();
+    names
 }
