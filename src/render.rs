@@ -26,6 +26,10 @@ use crate::inventory::{Etcd, Host, Inventory, Role, model};
 /// Where the agent binary and its config live on a host.
 pub const AGENT_BINARY_PATH: &str = "/usr/local/bin/pgherd-agent";
 pub const AGENT_CONFIG_PATH: &str = "/etc/pgherd/agent.yml";
+
+/// What [`Renderer::render_etcd_join`] puts where a joining member's `initial-cluster` goes:
+/// the `etcd_members` step replaces it with the member list etcd returns at `member add`.
+pub const ETCD_INITIAL_CLUSTER_PLACEHOLDER: &str = "@@pgherd-initial-cluster@@";
 pub const ETCD_CONFIG_PATH: &str = "/etc/pgherd/etcd.yml";
 
 /// A built-in template and where its output goes.
@@ -249,10 +253,22 @@ impl Renderer {
         inv: &Inventory,
         host: &str,
     ) -> Result<String, RenderError> {
+        self.render_with(template, inv, host, |_| {})
+    }
+
+    /// [`Self::render`] with the context adjusted by `edit` first.
+    fn render_with(
+        &self,
+        template: &str,
+        inv: &Inventory,
+        host: &str,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> Result<String, RenderError> {
         let h = inv
             .host(host)
             .ok_or_else(|| RenderError::UnknownHost(host.to_string()))?;
-        let ctx = context(inv, h);
+        let mut ctx = context(inv, h);
+        edit(&mut ctx);
         let t = self
             .env
             .get_template(template)
@@ -276,28 +292,18 @@ impl Renderer {
 
     /// [`Self::render_checked`] of an etcd config for a member joining a running cluster:
     /// `etcd.initial_cluster_state` is `existing` and `etcd.initial_cluster` is
-    /// [`crate::provision::etcd_members::INITIAL_CLUSTER_PLACEHOLDER`], replaced by the member
-    /// list etcd returns at `member add` time.
+    /// [`ETCD_INITIAL_CLUSTER_PLACEHOLDER`], replaced by the member list etcd returns at
+    /// `member add` time.
     pub fn render_etcd_join(
         &self,
         template: &str,
         inv: &Inventory,
         host: &str,
     ) -> Result<String, RenderError> {
-        let h = inv
-            .host(host)
-            .ok_or_else(|| RenderError::UnknownHost(host.to_string()))?;
-        let mut ctx = context(inv, h);
-        ctx["etcd"]["initial_cluster"] =
-            json!(crate::provision::etcd_members::INITIAL_CLUSTER_PLACEHOLDER);
-        ctx["etcd"]["initial_cluster_state"] = json!("existing");
-        let t = self
-            .env
-            .get_template(template)
-            .map_err(|e| self.template_error(&e))?;
-        let content = t
-            .render(minijinja::value::Serde(&ctx))
-            .map_err(|e| self.template_error(&e))?;
+        let content = self.render_with(template, inv, host, |ctx| {
+            ctx["etcd"]["initial_cluster"] = json!(ETCD_INITIAL_CLUSTER_PLACEHOLDER);
+            ctx["etcd"]["initial_cluster_state"] = json!("existing");
+        })?;
         check_output(template, &content, inv, host)?;
         Ok(content)
     }

@@ -6,18 +6,16 @@
 //! for every member, no acknowledged write lost and no write refused, a second apply plans
 //! nothing. Needs root.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
-use pgherd::provision::plan::DeploySpec;
-use pgherd::provision::spec;
+use pgherd::provision::apply::{self, Fleet};
 
 mod common;
 use common::deploy::{
-    LabGuard, fresh_lab, healthy_voters, is_root, leader_with_streaming_replicas,
+    LabGuard, apply_inventory, build_spec, fresh_lab, healthy_voters, is_root,
+    leader_with_streaming_replicas,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -36,28 +34,6 @@ fn write_inventory(info: &LabInfo, path: &Path, n: usize) {
     }
     y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
     std::fs::write(path, y).unwrap();
-}
-
-fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
-    let inv = inventory::load(inv_path).expect("inventory");
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
-    let s = spec::build_with(&inv, Some(&agent), None, None).expect("desired state");
-    (inv, s)
-}
-
-async fn apply_inventory(inv_path: &Path, state: &Path) -> (Fleet, Result<ApplyReport, String>) {
-    let (inv, s) = build(inv_path);
-    let fleet = pgherd::cli::connect(&inv, state).await.expect("connect");
-    let opts = ApplyOptions {
-        wait_timeout: Duration::from_secs(180),
-        progress: false,
-        ssh_control_dir: Some(state.to_path_buf()),
-        ..Default::default()
-    };
-    let r = apply::apply(&s, &fleet, &opts)
-        .await
-        .map_err(|e| pgherd::provision::error_chain(&e));
-    (fleet, r)
 }
 
 /// Servers of `backend` in HAProxy's `show servers state` on `host`.
@@ -97,7 +73,7 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
     write_inventory(&info3, &inv_path, 3);
     let (fleet, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("first apply: {e}"));
-    let (inv, s) = build(&inv_path);
+    let (inv, s) = build_spec(&inv_path);
     let pw = inv.secrets.superuser.expose().to_string();
     let api = format!("http://{}:{}", info3.hosts[0].address, s.restapi_port);
     let leader = leader_with_streaming_replicas(&api, 2).await;
@@ -120,7 +96,7 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
             );
         }
     }
-    let (_, s5) = build(&inv_path);
+    let (_, s5) = build_spec(&inv_path);
     let plan = apply::make_plan(&s5, &fleet5).await.expect("plan");
     assert!(
         plan.is_noop(),

@@ -12,21 +12,20 @@
 //!
 //! Needs root (namespaces); skipped with a message otherwise.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use pgherd::inventory::{self, Inventory};
+use pgherd::inventory::{self};
 use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
+use pgherd::provision::apply::{self};
 use pgherd::provision::etcd_members::parse_endpoint_status;
-use pgherd::provision::plan::DeploySpec;
-use pgherd::provision::spec;
 use pgherd::transport::{SshTransport, Transport};
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, fresh_lab, healthy_voters, is_root, leader_with_streaming_replicas, pids,
+    LabGuard, apply_inventory, build_spec, fresh_lab, healthy_voters, is_root,
+    leader_with_streaming_replicas, pids,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -48,28 +47,6 @@ fn write_inventory(info: &LabInfo, path: &Path, hosts: &[(&str, &str)]) {
     }
     y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
     std::fs::write(path, y).unwrap();
-}
-
-fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
-    let inv = inventory::load(inv_path).expect("inventory");
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
-    let s = spec::build_with(&inv, Some(&agent), None, None).expect("desired state");
-    (inv, s)
-}
-
-async fn apply_inventory(inv_path: &Path, state: &Path) -> (Fleet, Result<ApplyReport, String>) {
-    let (inv, s) = build(inv_path);
-    let fleet = pgherd::cli::connect(&inv, state).await.expect("connect");
-    let opts = ApplyOptions {
-        wait_timeout: Duration::from_secs(120),
-        progress: false,
-        ssh_control_dir: Some(state.to_path_buf()),
-        ..Default::default()
-    };
-    let r = apply::apply(&s, &fleet, &opts)
-        .await
-        .map_err(|e| pgherd::provision::error_chain(&e));
-    (fleet, r)
 }
 
 async fn ssh(info: &LabInfo, host: &str, state: &Path) -> SshTransport {
@@ -100,7 +77,7 @@ async fn etcd_membership_follows_the_inventory() {
     write_inventory(&info3, &inv_path, &[(e1, ALL), (e2, ALL), (e3, ALL)]);
     let (fleet, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("first apply: {e}"));
-    let (inv, s) = build(&inv_path);
+    let (inv, s) = build_spec(&inv_path);
     let pw = inv.secrets.superuser.expose().to_string();
     let t1 = fleet[e1].clone();
     assert_eq!(healthy_voters(t1.as_ref()).await, [e1, e2, e3]);
@@ -129,7 +106,7 @@ async fn etcd_membership_follows_the_inventory() {
     let before = pids(&s, &fleet).await;
     let (fleet5, r) = apply_inventory(&inv_path, &state).await;
     let report = r.unwrap_or_else(|e| panic!("grow apply: {e}"));
-    let (_, s5) = build(&inv_path);
+    let (_, s5) = build_spec(&inv_path);
     for d in report
         .done
         .iter()
@@ -193,7 +170,7 @@ async fn etcd_membership_follows_the_inventory() {
             "{gone}: {out}"
         );
     }
-    let (_, s3) = build(&inv_path);
+    let (_, s3) = build_spec(&inv_path);
     let plan = apply::make_plan(&s3, &fleet).await.expect("plan");
     assert!(
         plan.is_noop(),

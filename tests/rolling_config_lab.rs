@@ -13,18 +13,18 @@
 //!
 //! The write outage of each kind of change is printed (`MEASURED ...`). Needs root.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabSpec};
-use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
-use pgherd::provision::plan::DeploySpec;
-use pgherd::provision::spec;
+use pgherd::provision::apply::{self, Fleet};
 
 mod common;
 use common::cluster::eventually;
-use common::deploy::{fresh_lab, get_json, is_root, leader_with_streaming_replicas, pg, pids};
+use common::deploy::{
+    apply_inventory, build_spec, fresh_lab, get_json, is_root, leader_with_streaming_replicas, pg,
+    pids,
+};
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.22";
@@ -55,28 +55,6 @@ fn write_inventory(lab: &LabSpec, path: &Path, k: &Knobs) {
         }
     }
     std::fs::write(path, y).unwrap();
-}
-
-fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
-    let inv = inventory::load(inv_path).expect("inventory");
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
-    let s = spec::build_with(&inv, Some(&agent), None, None).expect("desired state");
-    (inv, s)
-}
-
-fn opts() -> ApplyOptions {
-    ApplyOptions {
-        wait_timeout: Duration::from_secs(120),
-        progress: false,
-        ..Default::default()
-    }
-}
-
-async fn apply_inventory(inv_path: &Path, fleet: &Fleet) -> Result<ApplyReport, String> {
-    let (_, s) = build(inv_path);
-    apply::apply(&s, fleet, &opts())
-        .await
-        .map_err(|e| pgherd::provision::error_chain(&e))
 }
 
 /// `SHOW name` on every host's own PostgreSQL.
@@ -170,7 +148,7 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
         on_role_change: "/usr/local/bin/cb-old".into(),
     };
     write_inventory(&lab_spec, &inv_path, &k);
-    let (inv, s) = build(&inv_path);
+    let (inv, s) = build_spec(&inv_path);
     let pw = inv.secrets.superuser.expose().to_string();
     let fleet = pgherd::cli::connect(&inv, &state).await.expect("connect");
     // Two callback scripts on every host: each appends its name and arguments to a log.
@@ -186,8 +164,9 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
             .await;
         }
     }
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("first apply: {e}"));
     let hosts: Vec<(String, String)> = info
         .hosts
@@ -202,7 +181,7 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     let before = pids(&s, &fleet).await;
     k.params[2].1 = "8MB".into();
     write_inventory(&lab_spec, &inv_path, &k);
-    let (_, s2) = build(&inv_path);
+    let (_, s2) = build_spec(&inv_path);
     let plan = apply::make_plan(&s2, &fleet).await.expect("plan");
     let text = pgherd::provision::report::render_plan(&plan, Default::default());
     assert!(
@@ -210,8 +189,9 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
         "{text}"
     );
     probe.take_max_gap();
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("work_mem apply: {e}"));
     assert_eq!(
         show_everywhere(&hosts, s.pg_port, &pw, "work_mem").await,
@@ -230,8 +210,9 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     k.params[1].1 = "64MB".into();
     write_inventory(&lab_spec, &inv_path, &k);
     let t_before = start_times(&hosts, s.pg_port, &pw).await;
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("shared_buffers apply: {e}"));
     assert_eq!(
         show_everywhere(&hosts, s.pg_port, &pw, "shared_buffers").await,
@@ -255,26 +236,27 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     );
     // A second apply plans nothing and restarts nothing.
     let before = pids(&s, &fleet).await;
-    let (_, s2) = build(&inv_path);
+    let (_, s2) = build_spec(&inv_path);
     let plan = apply::make_plan(&s2, &fleet).await.expect("plan");
     assert!(
         plan.is_noop(),
         "{}",
         pgherd::provision::report::render_plan(&plan, Default::default())
     );
-    let report = apply_inventory(&inv_path, &fleet).await.unwrap();
+    let report = apply_inventory(&inv_path, &state).await.1.unwrap();
     assert!(report.done.is_empty(), "{:?}", report.done);
     assert_eq!(pids(&s, &fleet).await, before);
 
     // 3. A lowered max_connections: the primary first, every standby still starts.
     k.params[0].1 = "90".into();
     write_inventory(&lab_spec, &inv_path, &k);
-    let (_, s2) = build(&inv_path);
+    let (_, s2) = build_spec(&inv_path);
     let plan = apply::make_plan(&s2, &fleet).await.expect("plan");
     let text = pgherd::provision::report::render_plan(&plan, Default::default());
     assert!(text.contains(&format!("restart: {leader} first")), "{text}");
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("max_connections apply: {e}"));
     settled(&api, 2).await;
     assert_eq!(
@@ -300,8 +282,9 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     let before = pids(&s, &fleet).await;
     k.hba.push("host all all 192.0.2.0/24 scram-sha-256".into());
     write_inventory(&lab_spec, &inv_path, &k);
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("pg_hba apply: {e}"));
     for (name, addr) in &hosts {
         let c = pg(addr, s.pg_port, &pw).await.unwrap();
@@ -323,8 +306,9 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     k.hba
         .push("host all all 198.51.100.0/24 scram-sha-257".into());
     write_inventory(&lab_spec, &inv_path, &k);
-    let err = apply_inventory(&inv_path, &fleet)
+    let err = apply_inventory(&inv_path, &state)
         .await
+        .1
         .expect_err("an invalid pg_hba line must be refused");
     assert!(err.contains("pg_hba"), "{err}");
     assert!(
@@ -343,15 +327,17 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     }
     k.hba.pop();
     write_inventory(&lab_spec, &inv_path, &k);
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("apply after fixing pg_hba: {e}"));
 
     // 5. A changed callback: PostgreSQL untouched, the new script runs on the next role change.
     k.on_role_change = "/usr/local/bin/cb-new".into();
     write_inventory(&lab_spec, &inv_path, &k);
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("callback apply: {e}"));
     let after = pids(&s, &fleet).await;
     for (h, p) in &before {
@@ -405,7 +391,7 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     k.hba
         .push("host all all 203.0.113.0/24 scram-sha-256".into());
     write_inventory(&lab_spec, &inv_path, &k);
-    let (_, s3) = build(&inv_path);
+    let (_, s3) = build_spec(&inv_path);
     for h in &s3.hosts {
         let f = h
             .files
@@ -422,8 +408,9 @@ async fn rolling_changes_reach_the_running_cluster_safely() {
     let plan = apply::make_plan(&s3, &fleet).await.expect("plan");
     let text = pgherd::provision::report::render_plan(&plan, Default::default());
     assert!(text.contains("written but not loaded"), "{text}");
-    apply_inventory(&inv_path, &fleet)
+    apply_inventory(&inv_path, &state)
         .await
+        .1
         .unwrap_or_else(|e| panic!("re-run after a cut apply: {e}"));
     for (name, addr) in &hosts {
         let c = pg(addr, s.pg_port, &pw).await.unwrap();

@@ -6,32 +6,25 @@
 //! Needs root (namespaces); skipped with a message otherwise. Prints the measured write outage.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pgherd::inventory::{self, Inventory};
+use pgherd::inventory::Inventory;
 use pgherd::lab::{self, LabSpec};
 use pgherd::provision::apply::{self, ApplyOptions, Fleet};
-use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::rolling;
-use pgherd::provision::spec;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 mod common;
 use common::cluster::eventually;
-use common::deploy::{fresh_lab, get_json, is_root, leader_with_streaming_replicas, pg, pids};
+use common::deploy::{
+    build_spec, fresh_lab, get_json, is_root, leader_with_streaming_replicas, pg, pids,
+};
 
 const SUBNET: &str = "10.232.21";
-
-fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
-    let inv = inventory::load(inv_path).expect("inventory");
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
-    let s = spec::build_with(&inv, Some(&agent), None, None).expect("desired state");
-    (inv, s)
-}
 
 /// `pgherd restart --pending -y`; returns stdout (asserts success, no password printed).
 fn restart_pending(state: &Path, inv_path: &Path, password: &str) -> String {
@@ -244,7 +237,7 @@ async fn pending_restarts_roll_replicas_first_without_losing_writes_and_decrease
     let mut y = lab::inventory_yaml(&guard.0);
     y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
     std::fs::write(&inv_path, y).unwrap();
-    let (inv, s) = build(&inv_path);
+    let (inv, s) = build_spec(&inv_path);
     let password = inv.secrets.superuser.expose().to_string();
     let fleet = pgherd::cli::connect(&inv, &state).await.expect("connect");
     let opts = ApplyOptions {

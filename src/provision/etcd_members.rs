@@ -54,9 +54,7 @@ const POLL: Duration = Duration::from_millis(500);
 /// (in per cent): etcd's own promote check uses 90 % of the leader's progress.
 const SYNC_PERCENT: u64 = 90;
 
-/// Stands for the member list etcd returns in a joining member's pre-rendered etcd.conf (see
-/// [`crate::render::Renderer::render_etcd_join`]): replaced at `member add` time.
-pub const INITIAL_CLUSTER_PLACEHOLDER: &str = "@@pgherd-initial-cluster@@";
+pub use crate::render::ETCD_INITIAL_CLUSTER_PLACEHOLDER as INITIAL_CLUSTER_PLACEHOLDER;
 
 /// What a member's etcd.conf holds that etcd reads only when its data directory is empty.
 pub const INITIAL_ONLY_KEYS: [&str; 4] = [

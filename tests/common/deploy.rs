@@ -1,17 +1,19 @@
 //! Helpers of the end-to-end provisioning tests on a namespace lab (`tests/deploy_lab.rs`,
 //! `tests/deploy_systemd.rs`): the lab's lifetime, service PIDs from facts, SQL through
-//! HAProxy, agent REST reads.
+//! HAProxy, agent REST reads, building and applying an inventory, etcd membership.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabSpec};
-use pgherd::provision::apply::{self, Fleet};
+use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
 use pgherd::provision::etcd_members::{Member, parse_endpoint_health, parse_member_list};
 use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::services::Service;
+use pgherd::provision::spec;
 use pgherd::transport::Transport;
 
 /// Tears the lab down (state purged) when the test ends, unless `PGHERD_KEEP_LAB` is set.
@@ -184,4 +186,32 @@ pub async fn healthy_voters(t: &dyn Transport) -> Vec<String> {
     let mut names: Vec<String> = m.into_iter().map(|m| m.name).collect();
     names.sort();
     names
+}
+
+/// The inventory at `inv_path` and its desired state, shipping this build's agent binary.
+pub fn build_spec(inv_path: &std::path::Path) -> (Inventory, DeploySpec) {
+    let inv = inventory::load(inv_path).expect("inventory");
+    let agent = std::path::PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
+    let s = spec::build_with(&inv, Some(&agent), None, None).expect("desired state");
+    (inv, s)
+}
+
+/// Connects to the inventory's hosts and applies it (SSH state in `state`); the error as the
+/// CLI prints it.
+pub async fn apply_inventory(
+    inv_path: &std::path::Path,
+    state: &std::path::Path,
+) -> (Fleet, Result<ApplyReport, String>) {
+    let (inv, s) = build_spec(inv_path);
+    let fleet = pgherd::cli::connect(&inv, state).await.expect("connect");
+    let opts = ApplyOptions {
+        wait_timeout: Duration::from_secs(180),
+        progress: false,
+        ssh_control_dir: Some(state.to_path_buf()),
+        ..Default::default()
+    };
+    let r = apply::apply(&s, &fleet, &opts)
+        .await
+        .map_err(|e| pgherd::provision::error_chain(&e));
+    (fleet, r)
 }
