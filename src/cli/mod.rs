@@ -363,6 +363,43 @@ async fn switchover_cmd(a: &SwitchoverArgs, failover: bool) -> anyhow::Result<()
     Ok(())
 }
 
+/// Takes the cluster's day-2 lock (see [`crate::provision::oplock`]) for `what`, waiting for a
+/// holder that is still running or died recently. Without a reachable etcd (a first bring-up,
+/// before etcd runs; an admin host that cannot reach etcd) the run goes on without the lock and
+/// says so.
+async fn day2_lock(
+    inv: &crate::inventory::Inventory,
+    what: &str,
+) -> anyhow::Result<Option<crate::provision::oplock::OpLock>> {
+    use crate::provision::oplock::{self, OpLock, OpLockError};
+    let endpoints: Vec<String> = inv
+        .etcd_endpoints()
+        .into_iter()
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let key = oplock::lock_key(&inv.namespace, &inv.cluster);
+    let waiting = |m: &str| eprintln!("{m}");
+    match OpLock::acquire(
+        &endpoints,
+        &key,
+        &oplock::holder_description(what),
+        oplock::LOCK_WAIT,
+        &waiting,
+    )
+    .await
+    {
+        Ok(l) => Ok(Some(l)),
+        Err(e @ OpLockError::Held { .. }) => Err(e.into()),
+        Err(e) => {
+            eprintln!(
+                "note: running without the day-2 lock: {}",
+                crate::provision::error_chain(&e)
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// `restart --pending`: plan, print the order with reasons and the write outage, confirm, run.
 async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Result<()> {
     use crate::provision::rolling;
@@ -388,7 +425,12 @@ async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Resul
     ctl::confirm("run these restarts", a.yes)?;
     let t0 = Instant::now();
     let progress = |m: &str| eprintln!("restart: {m}");
-    let report = rolling::run_pending_restarts(&inv, &fleet, &opts, &progress).await?;
+    let lock = day2_lock(&inv, "pgherd restart --pending").await?;
+    let report = rolling::run_pending_restarts(&inv, &fleet, &opts, &progress).await;
+    if let Some(l) = lock {
+        l.release().await;
+    }
+    let report = report?;
     for (m, what) in &report.done {
         println!("[{m}] {what}");
     }
@@ -648,7 +690,12 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
         max_parallel: a.forks,
         ssh_control_dir: Some(state_dir.to_path_buf()),
     };
-    let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await?;
+    let lock = day2_lock(&inv, "pgherd apply").await?;
+    let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await;
+    if let Some(l) = lock {
+        l.release().await;
+    }
+    let report = report?;
     tm.mark("execute");
     for (host, step, what) in &report.done {
         println!("[{host}] {step}: {what}");

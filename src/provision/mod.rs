@@ -15,6 +15,7 @@ pub mod apply;
 pub mod dcs_config;
 pub mod etcd_members;
 pub mod facts;
+pub mod oplock;
 pub mod plan;
 pub mod playbook;
 pub mod report;
