@@ -4,7 +4,9 @@
 //! Proves: 5 healthy etcd voters, the leader kept and 4 streaming replicas (the running members
 //! admitted the new ones in pg_hba before they cloned), every HAProxy (old and new) has a server
 //! for every member, no acknowledged write lost and no write refused, a second apply plans
-//! nothing. Needs root.
+//! nothing. The grow is first cut twice — `pgherd apply` SIGKILLed while a new etcd member
+//! joins, and again while the new replicas clone — and the next run converges (it waits for the
+//! killed run's day-2 lock to lapse). Needs root.
 
 use std::path::Path;
 use std::time::Duration;
@@ -34,6 +36,36 @@ fn write_inventory(info: &LabInfo, path: &Path, n: usize) {
     }
     y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
     std::fs::write(path, y).unwrap();
+}
+
+/// Runs `pgherd apply -y` and SIGKILLs it as soon as its progress shows `at`; returns whether
+/// it was killed there (rather than finishing first) and its output.
+fn apply_killed_at(state: &Path, inv_path: &Path, at: &str) -> (bool, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(["apply", "-y", "-i"])
+        .arg(inv_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("pgherd apply");
+    let mut seen = String::new();
+    let mut killed = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(at) {
+            child.kill().expect("SIGKILL pgherd apply");
+            killed = true;
+            break;
+        }
+    }
+    let _ = child.wait();
+    (killed, seen)
 }
 
 /// Servers of `backend` in HAProxy's `show servers state` on `host`.
@@ -81,6 +113,14 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
 
     let info5 = lab::up(&spec5).expect("the lab grows to 5 hosts");
     write_inventory(&info5, &inv_path, 5);
+    // Cut twice: during an etcd join, then during the clones.
+    for at in [
+        "waiting until the learner is started and in sync",
+        "waiting until replicas stream",
+    ] {
+        let (killed, out) = apply_killed_at(&state, &inv_path, at);
+        assert!(killed, "apply finished before reaching {at:?}:\n{out}");
+    }
     let (fleet5, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("grow apply: {e}"));
 
