@@ -47,6 +47,7 @@ use crate::types::{MemberName, Timeline};
 use crate::watchdog::WatchdogDevice;
 
 use super::candidates::plan_sync;
+use super::conditions::{Condition, Conditions};
 use super::decide::decide;
 use super::decision::Decision;
 use super::inputs::{
@@ -129,6 +130,8 @@ pub struct HaLoop {
     /// reload (its `config_error` is cleared once the retry succeeds).
     reload_owed: Option<bool>,
     watchdog_usable: bool,
+    /// Persistent conditions, logged when they start and end (see [`Conditions`]).
+    conditions: Conditions,
     dcs_last_seen: Option<i64>,
     scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
     last_slots_wanted: Option<Vec<String>>,
@@ -183,6 +186,7 @@ impl HaLoop {
             config,
             applied_config: None,
             watchdog_usable: true,
+            conditions: Conditions::default(),
             dcs_last_seen: None,
             scheduled_restart: None,
             last_slots_wanted: None,
@@ -400,12 +404,13 @@ impl HaLoop {
             match self.bounded(self.dcs.load()).await {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    warn!(error = %e, "failed to load the cluster from the DCS");
+                    self.conditions.raise(Condition::DcsUnreachable, &e);
                     None
                 }
             }
         };
         if let Some(v) = &view {
+            self.conditions.clear(Condition::DcsUnreachable);
             self.dcs_last_seen = Some(Utc::now().timestamp());
             if let Some((c, _)) = &v.config {
                 self.config = c.clone();
@@ -582,9 +587,17 @@ impl HaLoop {
                         None
                     }
                 };
-                if let Some(Err(e)) = pet {
-                    warn!(error = %e, "watchdog keepalive failed");
+                match pet {
+                    Some(Err(e)) => {
+                        self.conditions
+                            .raise(Condition::WatchdogKeepaliveFailing, &e);
+                    }
+                    Some(Ok(())) => {
+                        self.conditions.clear(Condition::WatchdogKeepaliveFailing);
+                    }
+                    None => {}
                 }
+                self.conditions.clear(Condition::LeaderRenewalFailing);
                 Renewal::Renewed
             }
             Ok(false) => {
@@ -592,7 +605,7 @@ impl HaLoop {
                 Renewal::Lost
             }
             Err(e) => {
-                warn!(error = %e, "failed to update leader lock");
+                self.conditions.raise(Condition::LeaderRenewalFailing, &e);
                 Renewal::Failed
             }
         }
@@ -997,15 +1010,20 @@ impl HaLoop {
         match r {
             Ok(()) => {
                 self.watchdog_usable = true;
+                self.conditions.clear(Condition::WatchdogUnusable);
+                self.conditions.clear(Condition::WatchdogRequiredUnusable);
                 true
             }
+            // Tried again every cycle (a device can appear, e.g. a module loaded late), but
+            // logged once per episode.
             Err(e) => {
                 self.watchdog_usable = false;
                 if mode == WatchdogMode::Required {
-                    error!(error = %e, "watchdog required but unusable: refusing leadership");
+                    self.conditions
+                        .raise(Condition::WatchdogRequiredUnusable, &e);
                     false
                 } else {
-                    warn!(error = %e, "watchdog unusable, continuing without it");
+                    self.conditions.raise(Condition::WatchdogUnusable, &e);
                     true
                 }
             }

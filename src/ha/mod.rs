@@ -7,9 +7,11 @@
 //! - [`decision`]: the `Decision` enum and its operator-facing sentences.
 //! - [`decide`](mod@decide): the decision function (no I/O; enforced by a test).
 //! - [`candidates`]: who may lead / be cloned from / be a sync standby.
+//! - [`conditions`]: persistent conditions, logged when they start and end.
 //! - [`ha_loop`]: the executor and loop.
 
 pub mod candidates;
+pub mod conditions;
 pub mod decide;
 pub mod decision;
 pub mod ha_loop;
