@@ -18,6 +18,9 @@
 //!   handles sleeps `retry_timeout` then fails with [`DcsError::Unavailable`] — exactly the
 //!   worst case the real backend is allowed by the [`Dcs`] contract.
 //!
+//! - the view is decoded by [`super::model::view_from_kvs`], the decoder the etcd backend
+//!   uses, so the simulation runs production's reading of the keys (malformed values included).
+//!
 //! It also keeps a little bookkeeping that only the simulation's invariant checkers need
 //! (every lease a member was granted, the history of `status` writes).
 
