@@ -39,13 +39,40 @@ fn default_namespace() -> String {
     "/service/".to_string()
 }
 
+/// Patroni's `log` section (the keys pgherd supports).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     #[serde(default)]
     pub level: Option<String>,
+    /// Log to this file (appending) instead of stderr.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// `plain` (default) or `json` (one JSON object per line). Patroni names this key `type`
+    /// and uses `format` for a Python format string; both names are accepted here with the
+    /// values `plain`/`json`, and must agree when both are given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<LogFormat>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub log_type: Option<LogFormat>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines; ANSI colour only when writing to a terminal.
+    #[default]
+    Plain,
+    /// JSON lines: `{"time":…,"level":…,"message":…,<fields>…}`.
+    Json,
+}
+
+impl LogConfig {
+    /// The format in force (`format`, else Patroni's `type`, else plain).
+    pub fn effective_format(&self) -> LogFormat {
+        self.format.or(self.log_type).unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -483,6 +510,15 @@ impl AgentConfig {
         }
         let timing = crate::config::Timing::from_dcs(&self.bootstrap.dcs);
         timing.check().map_err(|m| bad("bootstrap.dcs", m))?;
+        if let Some(l) = &self.log
+            && let (Some(f), Some(t)) = (l.format, l.log_type)
+            && f != t
+        {
+            return Err(bad(
+                "log.format",
+                format!("{f:?} disagrees with log.type {t:?}; give one of them"),
+            ));
+        }
         if self.watchdog.safety_margin < -1 {
             return Err(bad("watchdog.safety_margin", "must be -1 or >= 0".into()));
         }

@@ -151,7 +151,6 @@ fn node(me: &str) -> Case {
             me: name(me),
             cluster: None,
             renewal: Renewal::NotAttempted,
-            last_renewal_sent: None,
             pg: PgStatus::default(),
             local: LocalFacts {
                 tags: Tags::from_map(&Map::new()),

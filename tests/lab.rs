@@ -251,3 +251,124 @@ fn down_removes_namespaces_and_bridge(spec: &LabSpec, pids: &[u32]) {
     // down on a lab that is gone is fine.
     lab::down(spec, true).unwrap();
 }
+
+/// Runs the `pgherd` binary with pgherd's own state (known_hosts) under `state`.
+fn pgherd(state: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: std::process::Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `pgherd lab` verbs given only `--lab-dir` act on the lab recorded there: `down` of one lab
+/// leaves a second, differently named lab on another bridge running (it used to fall back to
+/// the default name and bridge, i.e. to another lab).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_by_lab_dir_tears_down_that_lab_and_leaves_another_running() {
+    if !is_root() {
+        eprintln!("SKIP lab test: needs root (network namespaces, mounts)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let dir_a = tmp.path().join("lab-a");
+    let dir_b = tmp.path().join("lab-b");
+    let a = LabSpec::new("lba", 1, "10.233.1", "phlaba0", &dir_a);
+    let b = LabSpec::new("lbb", 1, "10.233.2", "phlabb0", &dir_b);
+    for s in [&a, &b] {
+        lab::down(s, false).unwrap();
+    }
+    let _guards = (LabGuard(a.clone()), LabGuard(b.clone()));
+    let (da, db) = (dir_a.to_str().unwrap(), dir_b.to_str().unwrap());
+    let up = |name: &str, subnet: &str, bridge: &str, dir: &str| {
+        pgherd(
+            &state,
+            &[
+                "lab",
+                "up",
+                "--name",
+                name,
+                "--subnet",
+                subnet,
+                "--bridge",
+                bridge,
+                "--hosts",
+                "1",
+                "--lab-dir",
+                dir,
+            ],
+        )
+    };
+    tokio::task::block_in_place(|| {
+        ok(up("lba", "10.233.1", "phlaba0", da), "up a");
+        ok(up("lbb", "10.233.2", "phlabb0", db), "up b");
+    });
+
+    // Every verb finds the lab from its directory alone.
+    let st = ok(
+        pgherd(&state, &["lab", "status", "--lab-dir", db]),
+        "status b",
+    );
+    assert!(
+        st.contains("lbb1") && st.contains("10.233.2.11") && st.contains("up"),
+        "{st}"
+    );
+    let name = ok(
+        pgherd(
+            &state,
+            &["lab", "ssh", "--lab-dir", db, "lbb1", "--", "hostname"],
+        ),
+        "ssh b",
+    );
+    assert_eq!(name.trim(), "lbb1");
+    // A flag that contradicts the record is refused, not obeyed.
+    let wrong = pgherd(
+        &state,
+        &["lab", "down", "--lab-dir", da, "--bridge", "pgherd0"],
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("phlaba0"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    tokio::task::block_in_place(|| {
+        ok(
+            pgherd(&state, &["lab", "down", "--purge", "--lab-dir", da]),
+            "down a",
+        )
+    });
+    assert!(!Path::new("/run/netns/lba1").exists(), "lab a's host left");
+    assert!(
+        !Path::new("/sys/class/net/phlaba0").exists(),
+        "lab a's bridge left"
+    );
+    assert!(!dir_a.exists(), "lab a's state left");
+    let st_b = lab::status(&b).unwrap();
+    assert!(st_b[0].up, "lab b's host went down with lab a: {st_b:?}");
+    assert!(
+        Path::new("/sys/class/net/phlabb0").exists(),
+        "lab b's bridge removed"
+    );
+    let name = ok(
+        pgherd(
+            &state,
+            &["lab", "ssh", "--lab-dir", db, "lbb1", "--", "hostname"],
+        ),
+        "ssh b after down a",
+    );
+    assert_eq!(name.trim(), "lbb1");
+}

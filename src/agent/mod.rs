@@ -13,6 +13,10 @@
 //! credentials through the subscriber installed here. The peer probe keeps its start-up
 //! credentials: it only reads `GET /patroni`, which Patroni never authenticates.
 
+mod logging;
+
+pub use logging::{JsonLines, init_logging};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,40 +31,6 @@ use crate::dcs::Dcs;
 use crate::dcs::etcd::EtcdDcs;
 use crate::ha::HaLoop;
 use crate::status::{Command, CommandReply};
-
-/// Sets up `tracing` to stderr or to `log.file`, at `log.level` (RUST_LOG wins when set).
-pub fn init_logging(cfg: &AgentConfig) {
-    use tracing_subscriber::EnvFilter;
-    let level = cfg
-        .log
-        .as_ref()
-        .and_then(|l| l.level.clone())
-        .unwrap_or_else(|| "info".into());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match cfg.log.as_ref().and_then(|l| l.file.clone()) {
-        Some(path) => match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-        {
-            Ok(f) => builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(f))
-                .init(),
-            Err(e) => {
-                builder.init();
-                warn!(
-                    "cannot open log file {}: {e}; logging to stderr",
-                    path.display()
-                );
-            }
-        },
-        None => builder.init(),
-    }
-}
 
 /// Runs the agent until SIGTERM/SIGINT. `loaded` is the config read from `config_path` (its
 /// digest is what `/patroni` reports until a reload replaces it).

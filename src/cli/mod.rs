@@ -216,51 +216,82 @@ pub struct ApplyArgs {
     pub forks: usize,
 }
 
+/// Which lab a `pgherd lab` verb acts on. The lab directory records what `up` built
+/// (`lab.json`): with `--lab-dir` (or the default directory of `--name`) every verb acts on
+/// that recorded lab, and a flag that contradicts the record is an error rather than a way to
+/// reach a different lab.
 #[derive(Args, Debug, Clone)]
 pub struct LabArgs {
-    /// Lab name (host names are NAME1, NAME2, ...).
-    #[arg(long, default_value = "pg")]
-    pub name: String,
-    /// First three octets of the lab's /24.
-    #[arg(long, default_value = "10.230.0")]
-    pub subnet: String,
-    #[arg(long, default_value = "pgherd0")]
-    pub bridge: String,
+    /// Lab name (host names are NAME1, NAME2, ...) [default: pg, or the lab directory's].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// First three octets of the lab's /24 [default: 10.230.0, or the lab directory's].
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// Bridge in the root namespace [default: pgherd0, or the lab directory's].
+    #[arg(long)]
+    pub bridge: Option<String>,
     /// Lab state (keys, host disks); default /tmp/pgherd-lab-NAME (must be outside the
     /// directories every lab host overlays: /etc /var /root /usr/local /opt /home /srv).
     #[arg(long)]
     pub lab_dir: Option<PathBuf>,
 }
 
+const DEFAULT_LAB_NAME: &str = "pg";
+const DEFAULT_LAB_SUBNET: &str = "10.230.0";
+const DEFAULT_LAB_BRIDGE: &str = "pgherd0";
+const DEFAULT_LAB_HOSTS: usize = 3;
+
 impl LabArgs {
-    fn spec(&self, hosts: usize) -> LabSpec {
-        let dir = self
-            .lab_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("/tmp/pgherd-lab-{}", self.name)));
-        let init = LabSpec::recorded_init(&dir).unwrap_or_default();
-        LabSpec::new(
-            self.name.clone(),
-            hosts,
-            self.subnet.clone(),
-            self.bridge.clone(),
-            dir,
-        )
-        .with_init(init)
+    fn dir(&self) -> PathBuf {
+        self.lab_dir.clone().unwrap_or_else(|| {
+            let name = self.name.as_deref().unwrap_or(DEFAULT_LAB_NAME);
+            PathBuf::from(format!("/tmp/pgherd-lab-{name}"))
+        })
     }
 
-    /// Host count of an existing lab (from its state dir), else `default`.
-    fn existing_hosts(&self, default: usize) -> usize {
-        let s = self.spec(default);
-        std::fs::read_to_string(s.state_dir.join("hosts"))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-            .unwrap_or_else(|| {
-                (1..=99)
-                    .take_while(|i| s.state_dir.join(format!("{}{}", self.name, i)).exists())
-                    .count()
-                    .max(default)
-            })
+    /// The lab these arguments name, with `hosts` hosts when given. A recorded lab wins over
+    /// the defaults; a flag given explicitly must agree with the record.
+    fn resolve(&self, hosts: Option<usize>) -> anyhow::Result<LabSpec> {
+        let dir = self.dir();
+        if let Some(mut rec) = LabSpec::recorded(&dir)? {
+            for (flag, given, recorded) in [
+                ("--name", &self.name, &rec.name),
+                ("--subnet", &self.subnet, &rec.subnet),
+                ("--bridge", &self.bridge, &rec.bridge),
+            ] {
+                if let Some(g) = given
+                    && g != recorded
+                {
+                    anyhow::bail!(
+                        "the lab in {} was made with {flag} {recorded}, not {g} (take it down \
+                         first, or use another --lab-dir)",
+                        dir.display()
+                    );
+                }
+            }
+            if let Some(h) = hosts {
+                rec.hosts = h;
+            }
+            return Ok(rec);
+        }
+        // No record (a new lab, or one made before labs recorded themselves).
+        let name = self.name.as_deref().unwrap_or(DEFAULT_LAB_NAME);
+        let hosts = hosts.unwrap_or_else(|| {
+            (1..=99)
+                .take_while(|i| dir.join(format!("{name}{i}")).exists())
+                .count()
+                .max(1)
+        });
+        let init = LabSpec::recorded_init(&dir).unwrap_or_default();
+        Ok(LabSpec::new(
+            name,
+            hosts,
+            self.subnet.as_deref().unwrap_or(DEFAULT_LAB_SUBNET),
+            self.bridge.as_deref().unwrap_or(DEFAULT_LAB_BRIDGE),
+            dir,
+        )
+        .with_init(init))
     }
 }
 
@@ -270,8 +301,9 @@ pub enum LabCommand {
     Up {
         #[command(flatten)]
         lab: LabArgs,
-        #[arg(long, default_value_t = 3)]
-        hosts: usize,
+        /// Number of hosts [default: 3, or as many as the lab directory records].
+        #[arg(long)]
+        hosts: Option<usize>,
         /// Where to write the lab inventory (default: <lab dir>/inventory.yml).
         #[arg(long)]
         inventory: Option<PathBuf>,
@@ -304,6 +336,15 @@ pub enum LabCommand {
         #[command(flatten)]
         lab: LabArgs,
         host: String,
+    },
+    /// Open a root shell on a lab host over SSH (with the lab key and its known_hosts), or
+    /// run COMMAND there: `pgherd lab ssh pg1 -- systemctl status`.
+    Ssh {
+        #[command(flatten)]
+        lab: LabArgs,
+        host: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
 }
 
@@ -507,7 +548,12 @@ fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             inventory,
             systemd,
         } => {
-            let mut spec = l.spec(hosts);
+            // `--hosts`, else as many as the recorded lab has, else the default.
+            let recorded = LabSpec::recorded(&l.dir())?;
+            let hosts = hosts
+                .or(recorded.map(|r| r.hosts))
+                .unwrap_or(DEFAULT_LAB_HOSTS);
+            let mut spec = l.resolve(Some(hosts))?;
             if systemd {
                 spec.init = lab::HostInit::Systemd;
             }
@@ -536,7 +582,7 @@ fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Down { lab: l, purge } => {
-            let spec = l.spec(l.existing_hosts(1));
+            let spec = l.resolve(None)?;
             lab::down(&spec, purge)?;
             if purge {
                 // The hosts' keys are gone with the state; so must pgherd's trust in them.
@@ -550,7 +596,7 @@ fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Status { lab: l } => {
-            let spec = l.spec(l.existing_hosts(1));
+            let spec = l.resolve(None)?;
             for h in lab::status(&spec)? {
                 println!(
                     "{:<10} {:<15} {}{}",
@@ -563,14 +609,41 @@ fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         LabCommand::Crash { lab: l, host } => {
-            lab::crash(&l.spec(l.existing_hosts(1)), &host)?;
+            lab::crash(&l.resolve(None)?, &host)?;
             println!("{host} crashed");
             Ok(())
         }
         LabCommand::Boot { lab: l, host } => {
-            lab::boot(&l.spec(l.existing_hosts(1)), &host)?;
+            lab::boot(&l.resolve(None)?, &host)?;
             println!("{host} booted");
             Ok(())
+        }
+        LabCommand::Ssh {
+            lab: l,
+            host,
+            command,
+        } => {
+            let info = l.resolve(None)?.info();
+            let h = info
+                .host(&host)
+                .ok_or_else(|| lab::LabError::UnknownHost(host.clone()))?;
+            let mut ssh = std::process::Command::new("ssh");
+            ssh.arg("-i")
+                .arg(&info.key_path)
+                .args([
+                    "-o",
+                    "IdentitiesOnly=yes",
+                    "-o",
+                    "StrictHostKeyChecking=yes",
+                ])
+                .arg("-o")
+                .arg(format!("UserKnownHostsFile={}", info.known_hosts.display()))
+                .args(["-o", "ConnectTimeout=5"])
+                .arg(format!("root@{}", h.address))
+                .args(&command);
+            // Replace this process: the shell gets the terminal, and ssh's exit status is ours.
+            let e = std::os::unix::process::CommandExt::exec(&mut ssh);
+            Err(anyhow::anyhow!("cannot run ssh: {e}"))
         }
     }
 }

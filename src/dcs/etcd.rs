@@ -20,28 +20,17 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
     Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
-use serde_json::{Map, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
-    ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, LeaderKey, Member,
-    MemberData, Status, SyncState, history_from_json, history_to_json,
+    ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, KEY_CONFIG, KEY_FAILOVER,
+    KEY_HISTORY, KEY_INITIALIZE, KEY_LEADER, KEY_STATUS, KEY_SYNC, MEMBERS_DIR, MemberData, Status,
+    SyncState, history_to_json, view_from_kvs,
 };
 use crate::types::{LeaseId, MemberName, Revision};
-
-const KEY_INITIALIZE: &str = "initialize";
-const KEY_CONFIG: &str = "config";
-const KEY_LEADER: &str = "leader";
-const KEY_FAILOVER: &str = "failover";
-const KEY_SYNC: &str = "sync";
-const KEY_STATUS: &str = "status";
-const KEY_LEGACY_OPTIME: &str = "optime/leader";
-const KEY_HISTORY: &str = "history";
-const KEY_FAILSAFE: &str = "failsafe";
-const MEMBERS_DIR: &str = "members/";
 
 /// Settings shared by the request path and the watch task (they own separate connections).
 #[derive(Clone)]
@@ -235,126 +224,6 @@ fn value_string(kv: &KeyValue) -> String {
 
 fn lease_of(kv: &KeyValue) -> Option<LeaseId> {
     (kv.lease() != 0).then_some(LeaseId(kv.lease()))
-}
-
-/// Parses a member key value as Patroni does: compact JSON, or the legacy
-/// `postgres://…?application_name=<api_url>` connection string. Missing or mistyped fields
-/// degrade to defaults instead of dropping the member (it still counts as present).
-pub fn parse_member_value(raw: &str) -> MemberData {
-    match serde_json::from_str::<Value>(raw) {
-        Ok(Value::Object(map)) => member_from_map(map),
-        _ => {
-            let raw = raw.trim();
-            if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
-                let (url, query) = raw.split_once('?').unwrap_or((raw, ""));
-                let api_url = query
-                    .split('&')
-                    .find_map(|kv| kv.strip_prefix("application_name="))
-                    .unwrap_or("")
-                    .to_string();
-                MemberData {
-                    conn_url: url.to_string(),
-                    api_url,
-                    ..Default::default()
-                }
-            } else {
-                MemberData::default()
-            }
-        }
-    }
-}
-
-fn member_from_map(mut map: Map<String, Value>) -> MemberData {
-    for f in ["conn_url", "api_url", "state", "role", "version"] {
-        map.entry(f).or_insert_with(|| Value::String(String::new()));
-    }
-    match serde_json::from_value::<MemberData>(Value::Object(map.clone())) {
-        Ok(m) => m,
-        Err(_) => {
-            // Some optional field has a foreign type: keep the strings we can use and carry
-            // everything else verbatim in `extra`.
-            let s = |m: &mut Map<String, Value>, k: &str| match m.remove(k) {
-                Some(Value::String(s)) => s,
-                _ => String::new(),
-            };
-            MemberData {
-                conn_url: s(&mut map, "conn_url"),
-                api_url: s(&mut map, "api_url"),
-                state: s(&mut map, "state"),
-                role: s(&mut map, "role"),
-                version: s(&mut map, "version"),
-                extra: map,
-                ..Default::default()
-            }
-        }
-    }
-}
-
-/// Builds the [`ClusterView`] from the key-values of one prefix range (keys relative to the
-/// base already stripped by the caller).
-pub fn build_view<'a>(
-    kvs: impl IntoIterator<Item = (&'a str, &'a KeyValue)>,
-    revision: i64,
-) -> ClusterView {
-    let mut view = ClusterView {
-        revision,
-        ..Default::default()
-    };
-    let mut status: Option<Status> = None;
-    let mut legacy_optime: Option<u64> = None;
-    for (key, kv) in kvs {
-        let raw = value_string(kv);
-        let rev = Revision(kv.mod_revision());
-        match key {
-            KEY_INITIALIZE => view.initialize = Some(raw),
-            KEY_CONFIG => view.config = DynamicConfig::parse(&raw).map(|c| (c, rev)),
-            // An empty leader value means "unlocked" in Patroni (`Cluster.is_unlocked`).
-            KEY_LEADER if !raw.is_empty() => {
-                view.leader = Some(LeaderKey {
-                    name: MemberName::new(raw),
-                    lease: lease_of(kv),
-                    revision: rev,
-                })
-            }
-            KEY_FAILOVER => view.failover = Some((Failover::parse(&raw), rev)),
-            // An invalid sync key still carries its revision: CAS writes need it.
-            KEY_SYNC => {
-                let s = serde_json::from_str::<SyncState>(&raw).unwrap_or_default();
-                view.sync = Some((s, rev));
-            }
-            KEY_STATUS => status = Some(Status::parse(&raw)),
-            KEY_LEGACY_OPTIME => legacy_optime = raw.trim().parse().ok(),
-            KEY_HISTORY => view.history = history_from_json(&raw),
-            KEY_FAILSAFE => view.failsafe = serde_json::from_str::<Value>(&raw).ok(),
-            k => {
-                if let Some(name) = k.strip_prefix(MEMBERS_DIR)
-                    && !name.is_empty()
-                    && !name.contains('/')
-                {
-                    let name = MemberName::new(name);
-                    view.members.insert(
-                        name.clone(),
-                        Member {
-                            name,
-                            data: parse_member_value(&raw),
-                            lease: lease_of(kv),
-                            revision: rev,
-                        },
-                    );
-                }
-            }
-        }
-    }
-    // `status` replaced `optime/leader` in Patroni 2.1; the legacy key is only a fallback.
-    view.status = status
-        .or_else(|| {
-            legacy_optime.map(|o| Status {
-                optime: o,
-                ..Default::default()
-            })
-        })
-        .unwrap_or_default();
-    view
 }
 
 impl EtcdDcs {
@@ -853,7 +722,11 @@ impl Dcs for EtcdDcs {
                 }
             }
         }
-        Ok(build_view(rel, revision))
+        Ok(view_from_kvs(
+            rel.iter()
+                .map(|(k, kv)| (*k, value_string(kv), kv.mod_revision(), lease_of(kv))),
+            revision,
+        ))
     }
 
     async fn ensure_lease(&self, ttl: Duration) -> Result<LeaseId, DcsError> {
@@ -1147,35 +1020,5 @@ mod tests {
     fn base_path_is_normalised_with_single_slashes() {
         assert_eq!(normalize_base("/service/batman/"), "/service/batman/");
         assert_eq!(normalize_base("service//batman"), "/service/batman/");
-    }
-
-    #[test]
-    fn member_with_missing_fields_defaults_instead_of_vanishing() {
-        let m = parse_member_value(r#"{"conn_url":"postgres://h:5432/postgres","foo":1}"#);
-        assert_eq!(m.conn_url, "postgres://h:5432/postgres");
-        assert_eq!(m.state, "");
-        assert_eq!(m.extra.get("foo"), Some(&Value::from(1)));
-    }
-
-    #[test]
-    fn member_with_mistyped_field_keeps_strings() {
-        let m = parse_member_value(r#"{"api_url":"http://h:8008/patroni","xlog_location":"x"}"#);
-        assert_eq!(m.api_url, "http://h:8008/patroni");
-        assert_eq!(m.xlog_location, None);
-        assert_eq!(m.extra.get("xlog_location"), Some(&Value::from("x")));
-    }
-
-    #[test]
-    fn legacy_connection_string_member_is_understood() {
-        let m = parse_member_value(
-            "postgres://10.0.0.1:5432/postgres?application_name=http://10.0.0.1:8008/patroni",
-        );
-        assert_eq!(m.conn_url, "postgres://10.0.0.1:5432/postgres");
-        assert_eq!(m.api_url, "http://10.0.0.1:8008/patroni");
-    }
-
-    #[test]
-    fn garbage_member_value_is_an_empty_member() {
-        assert_eq!(parse_member_value("}{"), MemberData::default());
     }
 }

@@ -18,6 +18,9 @@
 //!   handles sleeps `retry_timeout` then fails with [`DcsError::Unavailable`] — exactly the
 //!   worst case the real backend is allowed by the [`Dcs`] contract.
 //!
+//! - the view is decoded by [`super::model::view_from_kvs`], the decoder the etcd backend
+//!   uses, so the simulation runs production's reading of the keys (malformed values included).
+//!
 //! It also keeps a little bookkeeping that only the simulation's invariant checkers need
 //! (every lease a member was granted, the history of `status` writes).
 
@@ -30,21 +33,16 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::{
-    ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, LeaderKey, Member,
-    MemberData, Status, SyncState, history_from_json, history_to_json,
+    ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, MemberData, Status,
+    SyncState, history_to_json, view_from_kvs,
 };
 use crate::types::{LeaseId, MemberName, Revision};
 
-/// Key names, relative to `/<namespace>/<scope>/` (Patroni's layout, patroni.md §1.1).
-pub const KEY_LEADER: &str = "leader";
-pub const KEY_INITIALIZE: &str = "initialize";
-pub const KEY_CONFIG: &str = "config";
-pub const KEY_FAILOVER: &str = "failover";
-pub const KEY_SYNC: &str = "sync";
-pub const KEY_STATUS: &str = "status";
-pub const KEY_HISTORY: &str = "history";
-pub const KEY_FAILSAFE: &str = "failsafe";
-pub const MEMBERS_PREFIX: &str = "members/";
+/// Key names (re-exported from [`super::model`], the one place they are defined).
+pub use super::model::{
+    KEY_CONFIG, KEY_FAILOVER, KEY_FAILSAFE, KEY_HISTORY, KEY_INITIALIZE, KEY_LEADER,
+    KEY_LEGACY_OPTIME, KEY_STATUS, KEY_SYNC, MEMBERS_DIR,
+};
 
 /// One stored key, as etcd keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,52 +184,14 @@ impl StoreState {
         Some(info)
     }
 
+    /// Decodes the store with the same decoder the etcd backend uses.
     fn view(&self) -> ClusterView {
-        let mut view = ClusterView {
-            revision: self.revision,
-            ..Default::default()
-        };
-        for (key, kv) in &self.kv {
-            let rev = Revision(kv.mod_revision);
-            match key.as_str() {
-                KEY_INITIALIZE => view.initialize = Some(kv.value.clone()),
-                KEY_CONFIG => view.config = DynamicConfig::parse(&kv.value).map(|c| (c, rev)),
-                KEY_LEADER => {
-                    view.leader = Some(LeaderKey {
-                        name: MemberName::new(kv.value.clone()),
-                        lease: kv.lease,
-                        revision: rev,
-                    })
-                }
-                KEY_FAILOVER => view.failover = Some((Failover::parse(&kv.value), rev)),
-                KEY_SYNC => {
-                    view.sync = serde_json::from_str::<SyncState>(&kv.value)
-                        .ok()
-                        .map(|s| (s, rev))
-                }
-                KEY_STATUS => view.status = Status::parse(&kv.value),
-                KEY_HISTORY => view.history = history_from_json(&kv.value),
-                KEY_FAILSAFE => view.failsafe = serde_json::from_str(&kv.value).ok(),
-                other => {
-                    if let Some(name) = other.strip_prefix(MEMBERS_PREFIX) {
-                        // A member key that does not parse is skipped, as Patroni does.
-                        if let Ok(data) = serde_json::from_str::<MemberData>(&kv.value) {
-                            let name = MemberName::new(name);
-                            view.members.insert(
-                                name.clone(),
-                                Member {
-                                    name,
-                                    data,
-                                    lease: kv.lease,
-                                    revision: rev,
-                                },
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        view
+        view_from_kvs(
+            self.kv
+                .iter()
+                .map(|(k, kv)| (k.as_str(), kv.value.as_str(), kv.mod_revision, kv.lease)),
+            self.revision,
+        )
     }
 }
 
@@ -550,7 +510,7 @@ impl Dcs for MemoryDcs {
         self.shared.with(|st, _| {
             // etcd refuses a put on an unknown lease ("requested lease not found").
             let id = self.live_lease(st)?;
-            let key = format!("{MEMBERS_PREFIX}{}", name.as_str());
+            let key = format!("{MEMBERS_DIR}{}", name.as_str());
             let mut local = self.local();
             let unchanged = local
                 .last_member

@@ -412,6 +412,159 @@ impl DynamicConfig {
     }
 }
 
+/// Key names, relative to `/<namespace>/<scope>/` (Patroni's layout, patroni.md §1.1,
+/// `AbstractDCS._INITIALIZE…_FAILSAFE`). Nothing else under the prefix is read.
+pub const KEY_INITIALIZE: &str = "initialize";
+pub const KEY_CONFIG: &str = "config";
+pub const KEY_LEADER: &str = "leader";
+pub const KEY_FAILOVER: &str = "failover";
+pub const KEY_SYNC: &str = "sync";
+pub const KEY_STATUS: &str = "status";
+/// Replaced by `status` in Patroni 2.1; read only as a fallback when `status` is absent.
+pub const KEY_LEGACY_OPTIME: &str = "optime/leader";
+pub const KEY_HISTORY: &str = "history";
+pub const KEY_FAILSAFE: &str = "failsafe";
+/// Member keys are `members/<name>`, with exactly one `/` (`Etcd3._postgresql_cluster_loader`).
+pub const MEMBERS_DIR: &str = "members/";
+
+/// Parses a member key value as Patroni does: compact JSON, or the legacy
+/// `postgres://…?application_name=<api_url>` connection string. Missing or mistyped fields
+/// degrade to defaults instead of dropping the member (it still counts as present).
+pub fn parse_member_value(raw: &str) -> MemberData {
+    match serde_json::from_str::<Value>(raw) {
+        Ok(Value::Object(map)) => member_from_map(map),
+        _ => {
+            let raw = raw.trim();
+            if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+                let (url, query) = raw.split_once('?').unwrap_or((raw, ""));
+                let api_url = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("application_name="))
+                    .unwrap_or("")
+                    .to_string();
+                MemberData {
+                    conn_url: url.to_string(),
+                    api_url,
+                    ..Default::default()
+                }
+            } else {
+                MemberData::default()
+            }
+        }
+    }
+}
+
+fn member_from_map(mut map: Map<String, Value>) -> MemberData {
+    for f in ["conn_url", "api_url", "state", "role", "version"] {
+        map.entry(f).or_insert_with(|| Value::String(String::new()));
+    }
+    match serde_json::from_value::<MemberData>(Value::Object(map.clone())) {
+        Ok(m) => m,
+        Err(_) => {
+            // Some optional field has a foreign type: keep the strings we can use and carry
+            // everything else verbatim in `extra`.
+            let s = |m: &mut Map<String, Value>, k: &str| match m.remove(k) {
+                Some(Value::String(s)) => s,
+                _ => String::new(),
+            };
+            MemberData {
+                conn_url: s(&mut map, "conn_url"),
+                api_url: s(&mut map, "api_url"),
+                state: s(&mut map, "state"),
+                role: s(&mut map, "role"),
+                version: s(&mut map, "version"),
+                extra: map,
+                ..Default::default()
+            }
+        }
+    }
+}
+
+/// The one decoder from Patroni's key layout to a [`ClusterView`], shared by every [`Dcs`]
+/// implementation (etcd and the in-memory fake) so that the simulation tests the decoding
+/// production runs. Input: each key under the cluster prefix, *relative* to it (the caller
+/// strips `/<namespace>/<scope>/`), with its value as text, its etcd `mod_revision` and its
+/// lease (`None` for an unleased key); `revision` is the header revision of the read.
+///
+/// Where a value is malformed it follows Patroni's `Cluster` loading
+/// (`Etcd3._cluster_from_nodes` and the `from_node` parsers), never failing the whole load:
+/// - an **empty `leader` value** means "unlocked" (`Cluster.is_unlocked` is true when the
+///   leader has no name): no [`LeaderKey`] is returned;
+/// - an **unparsable `sync` value** is an empty sync state that keeps the key's revision
+///   (`SyncState.from_node` → `SyncState.empty(version)`): the next CAS write needs it;
+/// - the **legacy `optime/leader`** key gives `status.optime` only when there is no `status`
+///   key (Patroni < 2.1 writers);
+/// - a **member key whose value does not parse** still makes a member, with default data
+///   (`Member.from_node` falls back to `{}`): the member is present (it holds a lease), it just
+///   tells us nothing. A key `members/a/b` or `members/` is not a member key and is ignored.
+///
+/// [`Dcs`]: super::Dcs
+pub fn view_from_kvs<K, V>(
+    kvs: impl IntoIterator<Item = (K, V, i64, Option<LeaseId>)>,
+    revision: i64,
+) -> ClusterView
+where
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let mut view = ClusterView {
+        revision,
+        ..Default::default()
+    };
+    let mut status: Option<Status> = None;
+    let mut legacy_optime: Option<u64> = None;
+    for (key, value, mod_revision, lease) in kvs {
+        let raw = value.as_ref();
+        let rev = Revision(mod_revision);
+        match key.as_ref() {
+            KEY_INITIALIZE => view.initialize = Some(raw.to_string()),
+            KEY_CONFIG => view.config = DynamicConfig::parse(raw).map(|c| (c, rev)),
+            KEY_LEADER => {
+                view.leader = (!raw.is_empty()).then(|| LeaderKey {
+                    name: MemberName::new(raw),
+                    lease,
+                    revision: rev,
+                })
+            }
+            KEY_FAILOVER => view.failover = Some((Failover::parse(raw), rev)),
+            KEY_SYNC => {
+                let s = serde_json::from_str::<SyncState>(raw).unwrap_or_default();
+                view.sync = Some((s, rev));
+            }
+            KEY_STATUS => status = Some(Status::parse(raw)),
+            KEY_LEGACY_OPTIME => legacy_optime = raw.trim().parse().ok(),
+            KEY_HISTORY => view.history = history_from_json(raw),
+            KEY_FAILSAFE => view.failsafe = serde_json::from_str::<Value>(raw).ok(),
+            k => {
+                if let Some(name) = k.strip_prefix(MEMBERS_DIR)
+                    && !name.is_empty()
+                    && !name.contains('/')
+                {
+                    let name = MemberName::new(name);
+                    view.members.insert(
+                        name.clone(),
+                        Member {
+                            name,
+                            data: parse_member_value(raw),
+                            lease,
+                            revision: rev,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    view.status = status
+        .or_else(|| {
+            legacy_optime.map(|o| Status {
+                optime: o,
+                ..Default::default()
+            })
+        })
+        .unwrap_or_default();
+    view
+}
+
 /// An immutable snapshot of everything under `/<namespace>/<scope>/`, built once per HA cycle.
 /// Revisions double as CAS tokens for the keys that Patroni updates with compare-and-swap.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -578,5 +731,35 @@ mod tests {
     fn status_parse_tolerates_legacy_int_and_garbage() {
         assert_eq!(Status::parse("123").optime, 123);
         assert_eq!(Status::parse("not json").optime, 0);
+    }
+
+    #[test]
+    fn member_with_missing_fields_defaults_instead_of_vanishing() {
+        let m = parse_member_value(r#"{"conn_url":"postgres://h:5432/postgres","foo":1}"#);
+        assert_eq!(m.conn_url, "postgres://h:5432/postgres");
+        assert_eq!(m.state, "");
+        assert_eq!(m.extra.get("foo"), Some(&Value::from(1)));
+    }
+
+    #[test]
+    fn member_with_mistyped_field_keeps_strings() {
+        let m = parse_member_value(r#"{"api_url":"http://h:8008/patroni","xlog_location":"x"}"#);
+        assert_eq!(m.api_url, "http://h:8008/patroni");
+        assert_eq!(m.xlog_location, None);
+        assert_eq!(m.extra.get("xlog_location"), Some(&Value::from("x")));
+    }
+
+    #[test]
+    fn legacy_connection_string_member_is_understood() {
+        let m = parse_member_value(
+            "postgres://10.0.0.1:5432/postgres?application_name=http://10.0.0.1:8008/patroni",
+        );
+        assert_eq!(m.conn_url, "postgres://10.0.0.1:5432/postgres");
+        assert_eq!(m.api_url, "http://10.0.0.1:8008/patroni");
+    }
+
+    #[test]
+    fn garbage_member_value_is_an_empty_member() {
+        assert_eq!(parse_member_value("}{"), MemberData::default());
     }
 }

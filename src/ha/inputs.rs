@@ -232,8 +232,6 @@ pub struct Inputs {
     /// retry_timeout.
     pub cluster: Option<ClusterView>,
     pub renewal: Renewal,
-    /// When the last *successful* lease renewal was sent (leader only).
-    pub last_renewal_sent: Option<Instant>,
     pub pg: PgStatus,
     pub local: LocalFacts,
     /// `/patroni` answers of the other members, fetched before deciding when a race or a

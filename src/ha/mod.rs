@@ -7,13 +7,17 @@
 //! - [`decision`]: the `Decision` enum and its operator-facing sentences.
 //! - [`decide`](mod@decide): the decision function (no I/O; enforced by a test).
 //! - [`candidates`]: who may lead / be cloned from / be a sync standby.
+//! - [`conditions`]: persistent conditions, logged when they start and end.
+//! - [`timing`]: pure timing rules of the leader lock (the renewal budget).
 //! - [`ha_loop`]: the executor and loop.
 
 pub mod candidates;
+pub mod conditions;
 pub mod decide;
 pub mod decision;
 pub mod ha_loop;
 pub mod inputs;
+pub mod timing;
 
 pub use decide::decide;
 pub use decision::{Decision, NotHealthiest};

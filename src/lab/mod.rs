@@ -77,6 +77,21 @@ impl HostInit {
 /// uses the same PID 1 as `up` did).
 pub const INIT_FILE: &str = "init";
 
+/// File in the state directory recording what `up` built (name, hosts, subnet, bridge, init),
+/// so that every later verb given only the lab directory acts on *that* lab, never on the
+/// defaults (which may name another running lab).
+pub const LAB_FILE: &str = "lab.json";
+
+/// The content of [`LAB_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RecordedLab {
+    name: String,
+    hosts: usize,
+    subnet: String,
+    bridge: String,
+    init: String,
+}
+
 /// A host of the lab.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabHost {
@@ -241,6 +256,46 @@ impl LabSpec {
         }
     }
 
+    /// The lab that [`up`] recorded in `state_dir`; `Ok(None)` when there is none (not a lab
+    /// directory yet, or made by a pgherd that did not record it). A record that cannot be
+    /// read or parsed is an error, not "no lab": guessing could tear down a different lab.
+    pub fn recorded(state_dir: &Path) -> Result<Option<LabSpec>, LabError> {
+        let path = state_dir.join(LAB_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        let r: RecordedLab = serde_json::from_str(&text).map_err(|e| {
+            LabError::InvalidSpec(format!("{}: not a lab record: {e}", path.display()))
+        })?;
+        let init = match r.init.as_str() {
+            "systemd" => HostInit::Systemd,
+            "tini" => HostInit::Tini,
+            other => {
+                return Err(LabError::InvalidSpec(format!(
+                    "{}: unknown init {other:?}",
+                    path.display()
+                )));
+            }
+        };
+        let spec = LabSpec::new(r.name, r.hosts, r.subnet, r.bridge, state_dir).with_init(init);
+        spec.validate()?;
+        Ok(Some(spec))
+    }
+
+    fn record(&self) -> Result<(), LabError> {
+        let r = RecordedLab {
+            name: self.name.clone(),
+            hosts: self.hosts,
+            subnet: self.subnet.clone(),
+            bridge: self.bridge.clone(),
+            init: self.init.as_str().to_string(),
+        };
+        let text = serde_json::to_string_pretty(&r).expect("plain data serializes") + "\n";
+        std::fs::write(self.state_dir.join(LAB_FILE), text).map_err(io_err("recording the lab"))
+    }
+
     /// The demo lab: hosts `pg1..pg3` on bridge `pgherd0`, 10.230.0.0/24. `state_dir` must lie
     /// outside the overlaid directories (e.g. `<repo>/.lab`, which .gitignore already ignores).
     pub fn demo(state_dir: impl Into<PathBuf>) -> LabSpec {
@@ -375,6 +430,7 @@ pub fn up(spec: &LabSpec) -> Result<LabInfo, LabError> {
         format!("{}\n", spec.init.as_str()),
     )
     .map_err(io_err("writing the lab's init kind"))?;
+    spec.record()?;
     host::ensure_keypair(&info.key_path, &format!("pgherd-lab-{}", spec.name))?;
     net::ensure_bridge(spec)?;
     for h in &info.hosts {
@@ -553,6 +609,20 @@ mod tests {
         let mut s = spec();
         s.hosts = 0;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn a_recorded_lab_reads_back_as_the_same_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(LabSpec::recorded(dir.path()).unwrap(), None);
+        let s = LabSpec::new("bd", 2, "10.240.3", "bdbr0", dir.path()).with_init(HostInit::Systemd);
+        s.record().unwrap();
+        assert_eq!(LabSpec::recorded(dir.path()).unwrap(), Some(s));
+        std::fs::write(dir.path().join(LAB_FILE), "{").unwrap();
+        assert!(matches!(
+            LabSpec::recorded(dir.path()),
+            Err(LabError::InvalidSpec(m)) if m.contains("lab.json")
+        ));
     }
 
     #[test]

@@ -1,0 +1,174 @@
+//! The leader lock and our lease: renewing the lock (inside the renewal budget of
+//! [`crate::ha::timing`]), refreshing the lease of a non-leader, the leader race, giving the
+//! lock up, and the deadline every DCS call of the loop runs under.
+
+use super::*;
+use crate::ha::timing::{RenewalBudget, renewal_budget};
+
+impl HaLoop {
+    /// Wraps a DCS call in a retry_timeout deadline (belt and braces: the trait promises it).
+    pub(super) async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, DcsError>>,
+    ) -> Result<T, DcsError> {
+        match tokio::time::timeout(self.retry_timeout(), fut).await {
+            Ok(r) => r,
+            Err(_) => Err(DcsError::Unavailable("timed out".into())),
+        }
+    }
+
+    /// Renews the leader lock within the budget of [`renewal_budget`] (capped so that, if the
+    /// renewal fails, retry_timeout remains to stop PostgreSQL before the lease can lapse).
+    pub(super) async fn renew(&mut self, sent: Instant) -> Renewal {
+        let ttl = self.ttl();
+        let retry = self.retry_timeout();
+        let budget = match renewal_budget(self.held_lock, self.lease_ok_sent, sent, ttl, retry) {
+            RenewalBudget::Attempt(b) => b,
+            RenewalBudget::TooLate { lock_expired } => {
+                warn!("leader lease too close to expiry to risk a renewal");
+                // Past the lease deadline the lock may already belong to someone else: stop
+                // counting it as ours (the decision demotes a primary on this failed renewal),
+                // so later cycles go through the normal, time-consuming lease refresh instead
+                // of retrying this instant refusal in a hot loop.
+                if lock_expired {
+                    self.held_lock = false;
+                }
+                return Renewal::Failed;
+            }
+        };
+        let dcs = self.dcs.clone();
+        let me = self.me.clone();
+        let attempt = async {
+            match dcs.update_leader(&me).await {
+                Err(DcsError::LeaseNotFound) => {
+                    // Our lease expired (e.g. a long pause of the process): take a new one; the
+                    // update re-attaches the key if it still names us.
+                    dcs.ensure_lease(ttl).await?;
+                    dcs.update_leader(&me).await
+                }
+                r => r,
+            }
+        };
+        let r = match tokio::time::timeout(budget, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(DcsError::Unavailable("renewal timed out".into())),
+        };
+        match r {
+            Ok(true) => {
+                self.lease_ok_sent = Some(sent);
+                self.held_lock = true;
+                // Pet the watchdog only after a successful renewal: a hung loop then cannot
+                // keep the host alive past its lease.
+                let pet = {
+                    let mut wd = self.wd();
+                    if wd.is_open() {
+                        Some(wd.keepalive())
+                    } else {
+                        None
+                    }
+                };
+                match pet {
+                    Some(Err(e)) => {
+                        self.conditions
+                            .raise(Condition::WatchdogKeepaliveFailing, &e);
+                    }
+                    Some(Ok(())) => {
+                        self.conditions.clear(Condition::WatchdogKeepaliveFailing);
+                    }
+                    None => {}
+                }
+                self.conditions.clear(Condition::LeaderRenewalFailing);
+                Renewal::Renewed
+            }
+            Ok(false) => {
+                self.held_lock = false;
+                Renewal::Lost
+            }
+            Err(e) => {
+                self.conditions.raise(Condition::LeaderRenewalFailing, &e);
+                Renewal::Failed
+            }
+        }
+    }
+
+    /// Keeps a non-leader's lease (and with it the member key) alive.
+    pub(super) async fn refresh_lease(&mut self, sent: Instant) {
+        let ttl = self.ttl();
+        let dcs = self.dcs.clone();
+        let r = self
+            .bounded(async {
+                dcs.ensure_lease(ttl).await?;
+                match dcs.keepalive().await {
+                    Err(DcsError::LeaseNotFound) => {
+                        dcs.ensure_lease(ttl).await?;
+                        Ok(())
+                    }
+                    r => r,
+                }
+            })
+            .await;
+        match r {
+            Ok(()) => self.lease_ok_sent = Some(sent),
+            Err(e) => debug!(error = %e, "lease refresh failed"),
+        }
+    }
+
+    /// The race: create the leader key; on success clear the failover request and promote.
+    pub(super) async fn acquire(&mut self, i: &Inputs) -> (Decision, bool) {
+        let ttl = self.ttl();
+        let dcs = self.dcs.clone();
+        let me = self.me.clone();
+        let sent = Instant::now();
+        let r = self
+            .bounded(async {
+                dcs.ensure_lease(ttl).await?;
+                dcs.acquire_leader(&me).await
+            })
+            .await;
+        match r {
+            Ok(true) => {
+                self.held_lock = true;
+                self.lease_ok_sent = Some(sent);
+                if let Some(v) = &i.cluster
+                    && let Some((f, rev)) = &v.failover
+                    && !f.is_empty()
+                {
+                    // Paused with leader+candidate: keep the candidate request alive as
+                    // a plain failover (Patroni).
+                    let next = if i.paused() && f.leader.is_some() && f.member.is_some() {
+                        Failover {
+                            member: f.member.clone(),
+                            ..Default::default()
+                        }
+                    } else {
+                        Failover::default()
+                    };
+                    let _ = self.bounded(self.dcs.set_failover(&next, Some(*rev))).await;
+                }
+                if !i.pg.is_running_primary() {
+                    self.promote(i).await;
+                }
+                (Decision::PromotedByLock, false)
+            }
+            Ok(false) => (Decision::FollowAfterFailedRace, true),
+            Err(e) => {
+                warn!(error = %e, "leader race failed");
+                (Decision::FollowAfterFailedRace, false)
+            }
+        }
+    }
+
+    /// Gives up the lock. `release`: delete the key (CAS on our name); otherwise it is left to
+    /// expire or is already someone else's.
+    pub(super) async fn lose_lock(&mut self, release: bool) {
+        if release
+            && (self.held_lock
+                || self.last_view.as_ref().and_then(|v| v.leader_name()) == Some(&self.me))
+            && let Err(e) = self.bounded(self.dcs.release_leader(&self.me)).await
+        {
+            warn!(error = %e, "failed to release the leader key");
+        }
+        self.held_lock = false;
+        self.watchdog_close();
+    }
+}
