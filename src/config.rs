@@ -48,11 +48,13 @@ pub struct LogConfig {
     /// Log to this file (appending) instead of stderr.
     #[serde(default)]
     pub file: Option<PathBuf>,
-    /// `plain` (default) or `json` (one JSON object per line). Patroni names this key `type`
-    /// and uses `format` for a Python format string; both names are accepted here with the
-    /// values `plain`/`json`, and must agree when both are given.
+    /// Patroni's Python format string for plain lines (e.g. `%(asctime)s %(levelname)s:
+    /// %(message)s`): accepted so that a patroni.yml loads unchanged, but not interpreted (pgherd
+    /// writes its own line layout). The values `plain` and `json` are a pgherd shorthand for
+    /// `type`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub format: Option<LogFormat>,
+    pub format: Option<String>,
+    /// Patroni's `type`: `plain` (default) or `json` (one JSON object per line).
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub log_type: Option<LogFormat>,
 }
@@ -69,9 +71,20 @@ pub enum LogFormat {
 }
 
 impl LogConfig {
-    /// The format in force (`format`, else Patroni's `type`, else plain).
+    /// `format` when it is the shorthand `plain` / `json`.
+    fn format_shorthand(&self) -> Option<LogFormat> {
+        match self.format.as_deref().map(str::trim) {
+            Some("plain") => Some(LogFormat::Plain),
+            Some("json") => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    /// The format in force (the `format` shorthand, else Patroni's `type`, else plain).
     pub fn effective_format(&self) -> LogFormat {
-        self.format.or(self.log_type).unwrap_or_default()
+        self.format_shorthand()
+            .or(self.log_type)
+            .unwrap_or_default()
     }
 }
 
@@ -511,7 +524,7 @@ impl AgentConfig {
         let timing = crate::config::Timing::from_dcs(&self.bootstrap.dcs);
         timing.check().map_err(|m| bad("bootstrap.dcs", m))?;
         if let Some(l) = &self.log
-            && let (Some(f), Some(t)) = (l.format, l.log_type)
+            && let (Some(f), Some(t)) = (l.format_shorthand(), l.log_type)
             && f != t
         {
             return Err(bad(
@@ -646,6 +659,21 @@ impl Timing {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_patroni_log_format_string_is_accepted_and_type_picks_json() {
+        let l: LogConfig = serde_json::from_value(serde_json::json!({
+            "format": "%(asctime)s %(levelname)s: %(message)s",
+            "type": "json"
+        }))
+        .unwrap();
+        assert_eq!(l.effective_format(), LogFormat::Json);
+        let l: LogConfig = serde_json::from_value(serde_json::json!({"format": "json"})).unwrap();
+        assert_eq!(l.effective_format(), LogFormat::Json);
+        let l: LogConfig = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(l.effective_format(), LogFormat::Plain);
+    }
+
     use super::*;
 
     const VALID: &str = include_str!("../tests/fixtures/agent/valid.yml");
