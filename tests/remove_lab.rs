@@ -183,7 +183,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
             &s3,
             t,
             h,
-            "select coalesce(string_agg(array_to_string(address, ','), ' '), '') from pg_hba_file_rules",
+            "select coalesce(string_agg(address, ' '), '') from pg_hba_file_rules",
         )
         .await;
         assert!(

@@ -103,19 +103,35 @@ pub async fn run(
     report: &(dyn Fn(&str, &str) + Sync),
     done: &mut Vec<(String, String, String)>,
 ) -> Result<(), DepartedError> {
+    // The WAL each member's slot holds, read just before its agent stops (the leader usually
+    // drops the slot within a cycle of the key's expiry, before the slot step looks).
+    let mut held: std::collections::BTreeMap<String, i64> = Default::default();
     for s in &plan.steps {
         let m = s.member().to_string();
         report(&m, &s.to_string());
-        let what = match s {
-            Step::Switchover { from, to } => switchover(spec, from, to).await?,
-            Step::Drain { member } => drain(spec, fleet, member).await?,
+        let (kind, what) = match s {
+            Step::Switchover { from, to } => ("switchover", switchover(spec, from, to).await?),
+            Step::Drain { member } => ("drain", drain(spec, fleet, member).await?),
             Step::StopAgent { member, address } => {
-                stop_agent(spec, member, address.as_deref(), control_dir.clone()).await?
+                if let Some(slot) = plan.steps.iter().find_map(|x| match x {
+                    Step::SlotGone { member: sm, slot } if sm == member => Some(slot.clone()),
+                    _ => None,
+                }) && let Ok(Some((_, wal))) = leader_slot(spec, fleet, &slot).await
+                {
+                    held.insert(member.clone(), wal);
+                }
+                (
+                    "stop agent",
+                    stop_agent(spec, member, address.as_deref(), control_dir.clone()).await?,
+                )
             }
-            Step::KeyGone { member } => key_gone(spec, member, key_timeout).await?,
-            Step::SlotGone { member, slot } => slot_gone(spec, fleet, member, slot).await?,
+            Step::KeyGone { member } => ("member key", key_gone(spec, member, key_timeout).await?),
+            Step::SlotGone { member, slot } => (
+                "slot",
+                slot_gone(spec, fleet, member, slot, held.get(member).copied()).await?,
+            ),
         };
-        done.push((m, "remove departed member".into(), what));
+        done.push((m, kind.into(), what));
     }
     Ok(())
 }
@@ -347,24 +363,43 @@ async fn sql_on(
     Ok(t.run_ok(&cmd, SQL_TIMEOUT).await?.stdout_str())
 }
 
-async fn slot_gone(
+/// The leader and its transport.
+async fn leader_transport(
     spec: &DeploySpec,
     fleet: &Fleet,
-    member: &str,
-    slot: &str,
-) -> Result<String, DepartedError> {
+) -> Result<(String, Arc<dyn Transport>), DepartedError> {
     let leader = cluster(spec)
         .await
         .as_ref()
         .and_then(leader_of)
         .ok_or(DepartedError::NoAgent)?;
     let t = fleet.get(&leader).cloned().ok_or_else(|| DepartedError::Call {
-        member: member.into(),
-        what: format!("reaching the leader {leader}"),
+        member: leader.clone(),
+        what: "reaching the leader".into(),
         message: "not connected (not a host of the inventory)".into(),
     })?;
+    Ok((leader, t))
+}
+
+async fn leader_slot(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    slot: &str,
+) -> Result<Option<(bool, i64)>, DepartedError> {
+    let (leader, t) = leader_transport(spec, fleet).await?;
+    read_slot(spec, t.as_ref(), &leader, slot).await
+}
+
+async fn slot_gone(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+    member: &str,
+    slot: &str,
+    held_before_stop: Option<i64>,
+) -> Result<String, DepartedError> {
+    let (leader, t) = leader_transport(spec, fleet).await?;
     let t0 = Instant::now();
-    let mut held: Option<i64> = None;
+    let mut held: Option<i64> = held_before_stop;
     loop {
         match read_slot(spec, t.as_ref(), &leader, slot).await? {
             None => {
@@ -372,11 +407,11 @@ async fn slot_gone(
                     Some(w) => format!(
                         "slot {slot} gone from the leader {leader} (it held {w} bytes of WAL)"
                     ),
-                    None => format!("the leader {leader} has no slot {slot}"),
+                    None => format!("the leader {leader} has no slot {slot} (none seen: no WAL held)"),
                 });
             }
             Some((active, wal)) => {
-                held = Some(wal);
+                held = Some(held.unwrap_or(0).max(wal));
                 if t0.elapsed() > SLOT_DROP_WAIT {
                     if active {
                         return Err(DepartedError::Call {
