@@ -49,8 +49,12 @@ fn sync(node_count: u64, strict: bool) -> SyncSettings {
 
 #[test]
 fn nothing_departs_when_every_member_is_in_the_inventory() {
-    let p = plan_departures(&facts(three()), &inv(&["n1", "n2", "n3"]), &Default::default())
-        .unwrap();
+    let p = plan_departures(
+        &facts(three()),
+        &inv(&["n1", "n2", "n3"]),
+        &Default::default(),
+    )
+    .unwrap();
     assert!(p.is_empty());
     assert_eq!(p.noops.len(), 1);
     assert!(p.noops[0].1.contains("every member"), "{:?}", p.noops);
@@ -155,7 +159,10 @@ fn refusals_and_their_reasons() {
     let e = plan_departures(&leader_gone, &inv(&["n2", "n3"]), &Default::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("n1") && e.contains("leader key") && e.contains("--switchover-first"), "{e}");
+    assert!(
+        e.contains("n1") && e.contains("leader key") && e.contains("--switchover-first"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -270,5 +277,71 @@ fn cluster_json_decodes_members_pause_and_sync_settings() {
     assert_eq!(f.members[1].address.as_deref(), Some("fd00::2"));
     assert_eq!(f.members[1].lag, Some(42));
     assert!(f.members[1].nosync && !f.members[1].nofailover);
-    assert_eq!(url_host("http://u:p@h.example:8008/x").as_deref(), Some("h.example"));
+    assert_eq!(
+        url_host("http://u:p@h.example:8008/x").as_deref(),
+        Some("h.example")
+    );
+}
+
+mod playbook_order {
+    use std::path::PathBuf;
+
+    use pgherd::inventory;
+    use pgherd::provision::spec;
+
+    const DEPLOY: &str = include_str!("../playbooks/deploy.yml");
+
+    fn tmp(name: &str, content: &[u8]) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("pgherd-departed-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    fn build(playbook: &str) -> Result<(), String> {
+        let text = std::fs::read_to_string("inventories/example.yml").unwrap();
+        let inv = inventory::parse(&text, "inventories/example.yml").unwrap();
+        let agent = tmp("agent", b"pgherd-agent test binary");
+        let pb = tmp("deploy.yml", playbook.as_bytes());
+        spec::build_with(&inv, Some(&agent), None, Some(&pb))
+            .map(|_| ())
+            .map_err(|e| pgherd::provision::error_chain(&e))
+    }
+
+    /// The shipped playbook with the `remove departed members` step moved before `before`.
+    fn moved_before(before: &str) -> String {
+        let start = DEPLOY.find("  - name: remove departed members\n").unwrap();
+        let end = start + DEPLOY[start..].find("\n\n").unwrap() + 2;
+        let block = &DEPLOY[start..end];
+        let rest = format!("{}{}", &DEPLOY[..start], &DEPLOY[end..]);
+        let at = rest.find(&format!("  - name: {before}\n")).unwrap();
+        format!("{}{block}{}", &rest[..at], &rest[at..])
+    }
+
+    #[test]
+    fn the_shipped_playbook_removes_departed_members_before_etcd_membership_and_haproxy() {
+        assert!(build(DEPLOY).is_ok());
+    }
+
+    #[test]
+    fn removing_departed_members_after_the_haproxy_config_is_a_located_error() {
+        let e = build(&moved_before("HAProxy running")).unwrap_err();
+        assert!(
+            e.contains("re-renders HAProxy before") && e.contains("remove departed members"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn removing_departed_members_after_the_etcd_membership_change_is_a_located_error() {
+        let e = build(&moved_before("start etcd")).unwrap_err();
+        assert!(
+            e.contains("changes etcd membership before")
+                && e.contains("stops the departed members' agents"),
+            "{e}"
+        );
+    }
 }

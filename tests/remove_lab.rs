@@ -73,7 +73,9 @@ async fn apply_inventory(inv_path: &Path, state: &Path) -> (Fleet, Result<ApplyR
 }
 
 async fn members(api: &str) -> Vec<(String, String)> {
-    let c = get_json(&format!("{api}/cluster")).await.expect("GET /cluster");
+    let c = get_json(&format!("{api}/cluster"))
+        .await
+        .expect("GET /cluster");
     c["members"]
         .as_array()
         .unwrap()
@@ -159,7 +161,9 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     assert!(!ms.iter().any(|(n, _)| n == "rm4"), "{ms:?}");
     assert_eq!(leader_with_streaming_replicas(&api, 2).await, "rm1");
     assert_eq!(
-        sql(&s3, fleet3["rm1"].as_ref(), "rm1", slot_sql).await.trim(),
+        sql(&s3, fleet3["rm1"].as_ref(), "rm1", slot_sql)
+            .await
+            .trim(),
         "0",
         "rm4's slot is left on the leader"
     );
@@ -219,9 +223,11 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     lab::crash(&guard.0, "rm4").expect("crash rm4");
     lab::boot(&guard.0, "rm4").expect("boot rm4");
     // sshd starts after the boot hook: once it answers, the hook has run.
-    let t4 = eventually(Duration::from_secs(60), "rm4 answers ssh after boot", || {
-        ssh("rm4")
-    })
+    let t4 = eventually(
+        Duration::from_secs(60),
+        "rm4 answers ssh after boot",
+        || ssh("rm4"),
+    )
     .await;
     let out = t4
         .run_ok(&check, Duration::from_secs(20))

@@ -456,8 +456,8 @@ async fn remove_cmd(a: &RemoveArgs, state_dir: &Path) -> anyhow::Result<()> {
         switchover_first: a.switchover_first,
         only: Some(a.member.clone()),
     };
-    let plan = departed::plan_departures(d, &inventory, &opts)
-        .map_err(departed::DepartedError::from)?;
+    let plan =
+        departed::plan_departures(d, &inventory, &opts).map_err(departed::DepartedError::from)?;
     print!("{}", departed::render(&Ok(plan.clone()), false));
     ctl::confirm(&format!("remove {}", a.member), a.yes)?;
     let timeout = spec

@@ -128,7 +128,12 @@ impl DepartedFacts {
                     .collect()
             })
             .unwrap_or_default();
-        let cfg = |k: &str| config.and_then(|c| c.get(k)).cloned().unwrap_or(Value::Null);
+        let cfg = |k: &str| {
+            config
+                .and_then(|c| c.get(k))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
         DepartedFacts {
             members,
             paused: truthy(&cluster["pause"]) || truthy(&cfg("pause")),

@@ -584,7 +584,12 @@ pub fn check(spec: &DeploySpec) -> Result<(), PlaybookError> {
                         ),
                     ))
                     .or_default()
-                    .insert("all".into());
+                    .extend(
+                        spec.hosts
+                            .iter()
+                            .filter(|h| h.roles.etcd)
+                            .map(|h| h.name.clone()),
+                    );
             }
         }
         for h in spec.hosts.iter().filter(|h| h.roles.haproxy) {

@@ -205,7 +205,10 @@ async fn drain(spec: &DeploySpec, fleet: &Fleet, member: &str) -> Result<String,
         } else {
             return Err(DepartedError::Call {
                 member: member.into(),
-                what: format!("HAProxy on {} `set server {backend}/{member} state maint`", h.name.as_str()),
+                what: format!(
+                    "HAProxy on {} `set server {backend}/{member} state maint`",
+                    h.name.as_str()
+                ),
                 message: text.trim().to_string(),
             });
         }
@@ -262,7 +265,9 @@ async fn stop_agent(
         .into_iter()
         .find(|s| inv.host(&s.name).is_some_and(|h| h.has(Role::Postgres)))
     else {
-        return Ok(format!("no postgres host to copy SSH settings from: {addr} not contacted"));
+        return Ok(format!(
+            "no postgres host to copy SSH settings from: {addr} not contacted"
+        ));
     };
     hs.name = format!("{addr} (departed member {member})");
     hs.address = addr.to_string();
@@ -288,13 +293,16 @@ async fn stop_agent(
             ));
         }
     };
-    t.run_ok(&stop_agent_script(), AGENT_STOP_TIMEOUT + Duration::from_secs(10))
-        .await
-        .map_err(|e| DepartedError::Call {
-            member: member.into(),
-            what: format!("stopping its agent on {addr}"),
-            message: e.to_string(),
-        })?;
+    t.run_ok(
+        &stop_agent_script(),
+        AGENT_STOP_TIMEOUT + Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| DepartedError::Call {
+        member: member.into(),
+        what: format!("stopping its agent on {addr}"),
+        message: e.to_string(),
+    })?;
     Ok(format!(
         "agent stopped on {addr} (PostgreSQL with it) and disabled at boot"
     ))
@@ -373,11 +381,14 @@ async fn leader_transport(
         .as_ref()
         .and_then(leader_of)
         .ok_or(DepartedError::NoAgent)?;
-    let t = fleet.get(&leader).cloned().ok_or_else(|| DepartedError::Call {
-        member: leader.clone(),
-        what: "reaching the leader".into(),
-        message: "not connected (not a host of the inventory)".into(),
-    })?;
+    let t = fleet
+        .get(&leader)
+        .cloned()
+        .ok_or_else(|| DepartedError::Call {
+            member: leader.clone(),
+            what: "reaching the leader".into(),
+            message: "not connected (not a host of the inventory)".into(),
+        })?;
     Ok((leader, t))
 }
 
@@ -407,7 +418,9 @@ async fn slot_gone(
                     Some(w) => format!(
                         "slot {slot} gone from the leader {leader} (it held {w} bytes of WAL)"
                     ),
-                    None => format!("the leader {leader} has no slot {slot} (none seen: no WAL held)"),
+                    None => {
+                        format!("the leader {leader} has no slot {slot} (none seen: no WAL held)")
+                    }
                 });
             }
             Some((active, wal)) => {
