@@ -199,7 +199,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     // rm4's agent is stopped, and stays stopped when its host boots again.
     let check = format!(
         "pgrep -x pgherd-agent >/dev/null && echo agent || echo no-agent; \
-         pgrep -f 'supervise pgherd-agent' >/dev/null && echo sup || echo no-sup; \
+         pgrep -f '[s]upervise pgherd-agent' >/dev/null && echo sup || echo no-sup; \
          [ -e {run} ] && echo run || echo no-run",
         run = Service::Agent.run_file()
     );
