@@ -275,7 +275,9 @@ pub async fn facts_and_plan(
     let cluster = gather_cluster(spec, fleet, &mut facts).await?;
     let plan = plan::plan_with_cluster(spec, &facts, &cluster)
         .map_err(dcs_config::ClusterConfigError::from)?;
-    refuse_unsafe_departures(spec, &plan)?;
+    if let Some(e) = departure_refusal(spec, &plan) {
+        return Err(e);
+    }
     // A refused membership change stops the run before any host is touched.
     if let Some(Err(r)) = &plan.cluster.etcd {
         return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
@@ -285,9 +287,9 @@ pub async fn facts_and_plan(
 
 /// A refused departure (the departing member leads, sync capacity, paused, several at once)
 /// stops the run before any host is touched; planned departures need the step that makes them.
-fn refuse_unsafe_departures(spec: &DeploySpec, plan: &Plan) -> Result<(), ProvisionError> {
+fn departure_refusal(spec: &DeploySpec, plan: &Plan) -> Option<ProvisionError> {
     match &plan.cluster.departed {
-        Some(Err(r)) => Err(super::departed::DepartedError::Refused(r.clone()).into()),
+        Some(Err(r)) => Some(super::departed::DepartedError::Refused(r.clone()).into()),
         Some(Ok(p))
             if !p.is_empty()
                 && !spec
@@ -296,7 +298,7 @@ fn refuse_unsafe_departures(spec: &DeploySpec, plan: &Plan) -> Result<(), Provis
                     .iter()
                     .any(|s| matches!(s.kind, StepKind::RemoveDeparted { .. })) =>
         {
-            Err(PlaybookError::Invalid {
+            Some(PlaybookError::Invalid {
                 path: spec.playbook_origin.clone(),
                 problems: vec![crate::inventory::Problem {
                     pos: None,
@@ -309,7 +311,7 @@ fn refuse_unsafe_departures(spec: &DeploySpec, plan: &Plan) -> Result<(), Provis
             }
             .into())
         }
-        _ => Ok(()),
+        _ => None,
     }
 }
 
@@ -622,7 +624,9 @@ pub async fn execute(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ProvisionError> {
     let started = Instant::now();
-    refuse_unsafe_departures(spec, &plan)?;
+    if let Some(e) = departure_refusal(spec, &plan) {
+        return Err(e);
+    }
     // A refused membership change stops the run before any host is touched.
     if let Some(Err(r)) = &plan.cluster.etcd {
         return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
