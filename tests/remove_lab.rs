@@ -2,13 +2,16 @@
 //! namespace lab (subnet 10.232.24.0/24, bridge `phrm0`) over SSH, with a write probe through
 //! HAProxy's primary port running throughout. 4 hosts: rm1-rm3 `[postgres, etcd, haproxy]`,
 //! rm4 `[postgres]` (etcd stays at 3 members).
-//! - the refusal: rm4 made leader (switchover), then deleted from the inventory → `apply`
-//!   fails naming rm4 as the leader, and nothing changed (still a member, still the leader);
-//! - the removal: leadership back on rm1, rm4 (a replica) deleted from the inventory, one
-//!   `apply` → rm4 gone from `GET /cluster`, its slot gone from the leader, its server gone
-//!   from every HAProxy (`show servers state`), its address gone from every remaining node's
-//!   `pg_hba_file_rules`, its agent stopped and not started again when its host boots; no
-//!   acknowledged write lost; a second `apply` plans nothing.
+//! 1. the refusal: rm4 made leader (switchover), then deleted from the inventory → `apply`
+//!    fails naming rm4 as the leader, and nothing changed (still a member, still the leader);
+//! 2. `pgherd remove rm4` refused while the inventory lists it; deleted there, `pgherd remove
+//!    rm4 --switchover-first` hands the leader key to a replica and removes rm4;
+//! 3. rm4 back in the inventory: one `apply` makes it a streaming replica again;
+//! 4. rm4 (a replica) deleted from the inventory, one `apply` → rm4 gone from `GET /cluster`,
+//!    its slot gone from the leader, its server gone from every HAProxy (`show servers
+//!    state`), its address gone from every remaining node's `pg_hba_file_rules`, its agent
+//!    stopped and not started again when its host boots; the leader unchanged;
+//! 5. a second `apply` plans nothing; no acknowledged write was lost.
 //!
 //! Needs root (namespaces); skipped with a message otherwise.
 
@@ -137,16 +140,51 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         "something changed: {ms:?}"
     );
 
-    // 2. The removal of a replica.
+    // 2. `pgherd remove rm4`: refused while the inventory lists it; once deleted there, with
+    //    --switchover-first, the leader key goes to the healthiest replica and rm4 leaves.
+    let agent = env!("CARGO_BIN_EXE_pgherd-agent");
+    let remove = |extra: &[&str]| {
+        let mut args = vec![
+            "pgherd".to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "remove".into(),
+            "-i".into(),
+            inv_path.display().to_string(),
+            "--agent-binary".into(),
+            agent.into(),
+            "-y".into(),
+            "rm4".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        pgherd::cli::run(<pgherd::cli::Cli as clap::Parser>::parse_from(args))
+    };
     write_inventory(&info, &inv_path, &full);
-    pgherd::cli::ctl::switchover(&inv, Some("rm1"), false, true)
+    let e = remove(&[])
         .await
-        .expect("switchover back to rm1");
-    let leader = leader_with_streaming_replicas(&api, 3).await;
-    assert_eq!(leader, "rm1");
+        .expect_err("refused while listed")
+        .to_string();
+    assert!(e.contains("rm4 is still a postgres host"), "{e}");
+    write_inventory(&info, &inv_path, &without_rm4);
+    remove(&["--switchover-first"])
+        .await
+        .expect("pgherd remove rm4 --switchover-first");
+    let leader = leader_with_streaming_replicas(&api, 2).await;
+    assert_ne!(leader, "rm4");
+    assert!(!members(&api).await.iter().any(|(n, _)| n == "rm4"));
+
+    // 3. rm4 back in the inventory: one apply makes it a streaming replica again.
+    write_inventory(&info, &inv_path, &full);
+    let (_, r) = apply_inventory(&inv_path, &state).await;
+    r.unwrap_or_else(|e| panic!("re-adding rm4: {e}"));
+    assert_eq!(leader_with_streaming_replicas(&api, 3).await, leader);
+
+    // 4. The removal of a replica by deleting it from the inventory and applying.
     let slot_sql = "select count(*) from pg_replication_slots where slot_name = 'rm4'";
     assert_eq!(
-        sql(&s, fleet["rm1"].as_ref(), "rm1", slot_sql).await.trim(),
+        sql(&s, fleet[leader.as_str()].as_ref(), &leader, slot_sql)
+            .await
+            .trim(),
         "1",
         "the leader has a slot for rm4 before the removal"
     );
@@ -159,9 +197,9 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     let (_, s3) = build(&inv_path);
     let ms = members(&api).await;
     assert!(!ms.iter().any(|(n, _)| n == "rm4"), "{ms:?}");
-    assert_eq!(leader_with_streaming_replicas(&api, 2).await, "rm1");
+    assert_eq!(leader_with_streaming_replicas(&api, 2).await, leader);
     assert_eq!(
-        sql(&s3, fleet3["rm1"].as_ref(), "rm1", slot_sql)
+        sql(&s3, fleet3[leader.as_str()].as_ref(), &leader, slot_sql)
             .await
             .trim(),
         "0",
@@ -241,7 +279,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     );
     assert!(!members(&api).await.iter().any(|(n, _)| n == "rm4"));
 
-    // 3. A second apply plans nothing.
+    // 5. A second apply plans nothing.
     let plan = apply::make_plan(&s3, &fleet3).await.expect("plan");
     assert!(
         plan.is_noop(),
