@@ -345,3 +345,17 @@ mod playbook_order {
         );
     }
 }
+
+#[test]
+fn the_agent_stop_disables_it_at_boot_before_stopping_it() {
+    let s = pgherd::provision::departed::step::stop_agent_script();
+    assert!(s.contains("systemctl disable --now pgherd-agent"), "{s}");
+    let rm = s
+        .find("rm -f /etc/pgherd/services/pgherd-agent.run")
+        .expect(&s);
+    let kill = s.find("kill -TERM").expect(&s);
+    assert!(
+        rm < kill,
+        "the run file (boot hook) must go before the stop: {s}"
+    );
+}
