@@ -1,6 +1,6 @@
 //! The `pgherd` command line: argument parsing (clap) and the verbs — `lab up|down|status|crash|
 //! boot`, `plan`, `apply`, `status`, `check`, and the day-2 verbs of [`ctl`] (`switchover`,
-//! `failover`, `restart`, `reinit`, `pause`, `resume`). Each verb loads and validates the
+//! `failover`, `restart`, `reinit`, `pause`, `resume`) and `remove` ([`crate::provision::departed`]). Each verb loads and validates the
 //! inventory before touching any host; the binary only maps [`run`]'s result to an exit code.
 
 pub mod ctl;
@@ -56,6 +56,9 @@ pub enum Command {
     Restart(RestartArgs),
     /// Re-create a replica's data from the leader (its local data is discarded).
     Reinit(MemberArgs),
+    /// Remove a member that left the inventory from the running cluster now (drain, stop and
+    /// disable its agent, its key and slot gone); refused while the inventory lists it.
+    Remove(RemoveArgs),
     /// Stop automatic failover (maintenance); the agents keep reporting.
     Pause(InvArgs),
     /// Turn automatic failover back on.
@@ -95,6 +98,20 @@ pub struct MemberArgs {
     pub inv: InvArgs,
     /// Member name (restart: default all members).
     pub member: Option<String>,
+    /// Do not ask for confirmation.
+    #[arg(short, long)]
+    pub yes: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    pub deploy: DeployArgs,
+    /// The member to remove (its host must already be deleted from the inventory).
+    pub member: String,
+    /// If it holds the leader key: switch over to the healthiest remaining replica first.
+    #[arg(long)]
+    pub switchover_first: bool,
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
@@ -387,6 +404,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", ctl::reinit(&inv, member, a.yes).await?);
             Ok(())
         }
+        Command::Remove(a) => remove_cmd(&a, &state_dir).await,
         Command::Drill(a) => {
             let inv = crate::inventory::load(&a.inv.inventory)?;
             println!("{}", drill::run(&inv, &state_dir, a.fault, a.yes).await?);
@@ -478,6 +496,83 @@ async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Resul
     println!(
         "pending restarts done in {:.1}s: no member is pending restart",
         t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `remove NAME`: the departed-member removal for one member, now, with `--switchover-first`
+/// for a leader. Refused while the inventory still lists NAME as a postgres host: the next
+/// `apply` would start its agent again and re-clone it, so the removal would not stick (the
+/// inventory is the source of truth; deleting the host there is the decision, this verb only
+/// carries it out sooner, or with a switchover).
+async fn remove_cmd(a: &RemoveArgs, state_dir: &Path) -> anyhow::Result<()> {
+    use crate::provision::departed;
+    let (inv, spec) = load_spec(&a.deploy)?;
+    if inv
+        .host(&a.member)
+        .is_some_and(|h| h.has(crate::inventory::Role::Postgres))
+    {
+        anyhow::bail!(
+            "{} is still a postgres host of {}: delete it from the inventory first, then run `pgherd remove {}` (or `pgherd apply`, which removes it too); nothing changed",
+            a.member,
+            a.deploy.inv.inventory.display(),
+            a.member
+        );
+    }
+    let fleet = connect(&inv, state_dir).await?;
+    let mut facts = apply::gather_all(&spec, &fleet).await?;
+    let cluster = apply::gather_cluster(&spec, &fleet, &mut facts).await?;
+    let Some(d) = &cluster.departed else {
+        anyhow::bail!("no agent of the inventory answered GET /cluster; nothing changed");
+    };
+    if !d.members.iter().any(|m| m.name == a.member) {
+        println!("{} is not a member in the DCS: nothing to remove", a.member);
+        return Ok(());
+    }
+    let inventory = spec
+        .hosts
+        .iter()
+        .filter(|h| h.roles.postgres)
+        .map(|h| h.name.clone())
+        .collect();
+    let opts = departed::PlanOptions {
+        switchover_first: a.switchover_first,
+        only: Some(a.member.clone()),
+    };
+    let plan =
+        departed::plan_departures(d, &inventory, &opts).map_err(departed::DepartedError::from)?;
+    print!("{}", departed::render(&Ok(plan.clone()), false));
+    ctl::confirm(&format!("remove {}", a.member), a.yes)?;
+    let timeout = spec
+        .playbook
+        .steps
+        .iter()
+        .find_map(|s| match s.kind {
+            crate::provision::playbook::StepKind::RemoveDeparted { timeout_secs } => {
+                Some(Duration::from_secs(timeout_secs))
+            }
+            _ => None,
+        })
+        .unwrap_or(Duration::from_secs(120));
+    let mut done = Vec::new();
+    let report = |m: &str, what: &str| eprintln!("[{m}] {what}");
+    departed::run(
+        &spec,
+        &fleet,
+        &plan,
+        timeout,
+        Some(state_dir.to_path_buf()),
+        &report,
+        &mut done,
+    )
+    .await?;
+    for (m, step, what) in &done {
+        println!("[{m}] {step}: {what}");
+    }
+    println!(
+        "{} removed from the cluster; run `pgherd apply -i {}` to re-render HAProxy and pg_hba without it (and to remove its etcd member, if it was one)",
+        a.member,
+        a.deploy.inv.inventory.display()
     );
     Ok(())
 }

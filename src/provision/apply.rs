@@ -70,6 +70,8 @@ pub enum ProvisionError {
     Rolling(#[from] super::rolling::executor::RollingError),
     #[error("etcd membership")]
     EtcdMembers(#[from] super::etcd_members::EtcdMembersError),
+    #[error("departed members")]
+    Departed(#[from] super::departed::DepartedError),
 }
 
 fn join_errors(errs: &[ProvisionError]) -> String {
@@ -251,6 +253,8 @@ pub async fn gather_cluster(
 ) -> Result<ClusterFacts, ProvisionError> {
     let mut cluster = dcs_config::gather(spec, fleet).await?;
     cluster.etcd = super::etcd_members::gather(spec, fleet).await?;
+    cluster.departed =
+        super::departed::gather(spec, cluster.config.as_ref().map(|c| &c.value)).await;
     for (host, a) in &cluster.agents {
         if let Some(f) = facts.get_mut(host) {
             f.agent = Some(a.clone());
@@ -271,11 +275,44 @@ pub async fn facts_and_plan(
     let cluster = gather_cluster(spec, fleet, &mut facts).await?;
     let plan = plan::plan_with_cluster(spec, &facts, &cluster)
         .map_err(dcs_config::ClusterConfigError::from)?;
+    if let Some(e) = departure_refusal(spec, &plan) {
+        return Err(e);
+    }
     // A refused membership change stops the run before any host is touched.
     if let Some(Err(r)) = &plan.cluster.etcd {
         return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
     }
     Ok((facts, plan))
+}
+
+/// A refused departure (the departing member leads, sync capacity, paused, several at once)
+/// stops the run before any host is touched; planned departures need the step that makes them.
+fn departure_refusal(spec: &DeploySpec, plan: &Plan) -> Option<ProvisionError> {
+    match &plan.cluster.departed {
+        Some(Err(r)) => Some(super::departed::DepartedError::Refused(r.clone()).into()),
+        Some(Ok(p))
+            if !p.is_empty()
+                && !spec
+                    .playbook
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s.kind, StepKind::RemoveDeparted { .. })) =>
+        {
+            Some(PlaybookError::Invalid {
+                path: spec.playbook_origin.clone(),
+                problems: vec![crate::inventory::Problem {
+                    pos: None,
+                    field: "steps".into(),
+                    message: format!(
+                        "members left the inventory ({}) but no step of the playbook is a remove_departed step (put one before the etcd membership and HAProxy config steps)",
+                        p.departing.join(", ")
+                    ),
+                }],
+            }
+            .into())
+        }
+        _ => None,
+    }
 }
 
 /// facts → plan (pure planner).
@@ -587,6 +624,9 @@ pub async fn execute(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ProvisionError> {
     let started = Instant::now();
+    if let Some(e) = departure_refusal(spec, &plan) {
+        return Err(e);
+    }
     // A refused membership change stops the run before any host is touched.
     if let Some(Err(r)) = &plan.cluster.etcd {
         return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
@@ -1094,6 +1134,24 @@ async fn execute_stages(
                     super::etcd_members::run(
                         spec,
                         fleet,
+                        Duration::from_secs(*timeout_secs),
+                        opts.ssh_control_dir.clone(),
+                        &report,
+                        done,
+                    )
+                    .await?;
+                }
+            }
+            StepKind::RemoveDeparted { timeout_secs } => {
+                // Planned against the facts of this run; a re-run re-plans from fresh facts.
+                if let Some(Ok(p)) = &plan.cluster.departed
+                    && !p.is_empty()
+                {
+                    let report = |h: &str, m: &str| progress.msg(h, m);
+                    super::departed::run(
+                        spec,
+                        fleet,
+                        p,
                         Duration::from_secs(*timeout_secs),
                         opts.ssh_control_dir.clone(),
                         &report,

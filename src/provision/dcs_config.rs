@@ -136,6 +136,9 @@ pub struct ClusterFacts {
     pub drained: Vec<(String, String)>,
     /// The live etcd membership (`None`: embedded etcd not running anywhere yet, or external).
     pub etcd: Option<super::etcd_members::EtcdFacts>,
+    /// The DCS members (`GET /cluster`) for the departed-member planner (`None`: no agent
+    /// answered).
+    pub departed: Option<super::departed::DepartedFacts>,
 }
 
 /// What a change does to the running cluster.

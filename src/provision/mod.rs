@@ -10,9 +10,11 @@
 //! - [`spec`]: inventory + rendered templates → the desired state.
 //! - [`rolling`]: restarts of members pending restart, one at a time, in a safe order.
 //! - [`etcd_members`]: etcd membership changes (add as learner, promote, remove) from the inventory.
+//! - [`departed`]: PostgreSQL members that left the inventory, removed cleanly (drain, stop, key, slot).
 
 pub mod apply;
 pub mod dcs_config;
+pub mod departed;
 pub mod etcd_members;
 pub mod facts;
 pub mod oplock;

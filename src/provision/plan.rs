@@ -444,6 +444,9 @@ pub struct ClusterPlan {
     pub config: Option<ConfigPlan>,
     /// The etcd membership changes, or why they are refused; `None` without embedded etcd.
     pub etcd: Option<Result<super::etcd_members::MemberPlan, super::etcd_members::Refusal>>,
+    /// The removal of DCS members that left the inventory, or why it is refused; `None` when
+    /// no agent answered.
+    pub departed: Option<Result<super::departed::DeparturePlan, super::departed::Refusal>>,
     /// Members whose agents report `pending_restart` now (a restart step will restart them).
     pub pending_restart: Vec<String>,
     /// `(HAProxy host, member)` left drained in the replica backend by an interrupted run.
@@ -468,10 +471,16 @@ impl ClusterPlan {
             Some(Err(_)) => 1,
             None => 0,
         };
+        let departed = match &self.departed {
+            Some(Ok(p)) => p.steps.len(),
+            Some(Err(_)) => 1,
+            None => 0,
+        };
         self.config.as_ref().map_or(0, |c| c.changes.len())
             + self.pending_restart.len()
             + self.drained.len()
             + etcd
+            + departed
     }
 }
 
@@ -931,6 +940,18 @@ pub fn plan_with_cluster(
         }
         p.cluster.etcd = Some(members);
     }
+    p.cluster.departed = cluster.departed.as_ref().map(|d| {
+        super::departed::plan_departures(
+            d,
+            &spec
+                .hosts
+                .iter()
+                .filter(|h| h.roles.postgres)
+                .map(|h| h.name.clone())
+                .collect(),
+            &super::departed::PlanOptions::default(),
+        )
+    });
     p.cluster.leader = cluster.leader.clone();
     p.cluster.drained = cluster.drained.clone();
     p.cluster.replicas = cluster

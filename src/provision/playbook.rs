@@ -244,6 +244,13 @@ pub enum StepKind {
     RestartPending {
         timeout_secs: u64,
     },
+    /// Remove the DCS members that are no longer postgres hosts of the inventory: drain from
+    /// HAProxy, stop and disable the agent (best effort on its host), wait until its member key
+    /// (bounded by `timeout_secs`) and its slot on the leader are gone; refused when unsafe
+    /// (see [`super::departed`]); a no-op when every member is in the inventory.
+    RemoveDeparted {
+        timeout_secs: u64,
+    },
 }
 
 impl StepKind {
@@ -262,6 +269,7 @@ impl StepKind {
             StepKind::DcsConfig { .. } => "dcs_config",
             StepKind::RestartPending { .. } => "restart_pending",
             StepKind::EtcdMembers { .. } => "etcd_members",
+            StepKind::RemoveDeparted { .. } => "remove_departed",
         }
     }
 
@@ -307,7 +315,8 @@ impl StepKind {
             | StepKind::StartReplicas { .. }
             | StepKind::DcsConfig { .. }
             | StepKind::RestartPending { .. }
-            | StepKind::EtcdMembers { .. } => {}
+            | StepKind::EtcdMembers { .. }
+            | StepKind::RemoveDeparted { .. } => {}
         }
         Ok(k)
     }
@@ -387,6 +396,8 @@ struct RawStep {
     restart_pending: Option<RawTimeout>,
     #[serde(default)]
     etcd_members: Option<RawTimeout>,
+    #[serde(default)]
+    remove_departed: Option<RawTimeout>,
 }
 
 /// `serial: true | false | N`.
@@ -809,11 +820,20 @@ impl Playbook {
                     ),
                 });
             }
+            if let Some(b) = &r.remove_departed {
+                kinds.push(StepKind::RemoveDeparted {
+                    timeout_secs: timeout(
+                        &b.timeout,
+                        &format!("{f}.remove_departed.timeout"),
+                        &mut problems,
+                    ),
+                });
+            }
             let kind = match kinds.len() {
                 1 => kinds.pop().expect("one"),
                 0 => {
                     problems.push(problem(s, f.clone(), format!(
-                        "step {:?} has no action (expected one of ensure_packages, ensure_directory, ensure_user, render, upload_binary, service, wait_for, bootstrap_primary, start_replicas, dcs_config, restart_pending, etcd_members)",
+                        "step {:?} has no action (expected one of ensure_packages, ensure_directory, ensure_user, render, upload_binary, service, wait_for, bootstrap_primary, start_replicas, dcs_config, restart_pending, etcd_members, remove_departed)",
                         r.name.value
                     )));
                     continue;

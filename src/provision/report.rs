@@ -53,6 +53,9 @@ fn render_cluster(out: &mut String, plan: &Plan, opts: ReportOptions) {
     if let Some(m) = &c.etcd {
         out.push_str(&super::etcd_members::render(m, opts.show_noops));
     }
+    if let Some(d) = &c.departed {
+        out.push_str(&super::departed::render(d, opts.show_noops));
+    }
     if let Some(cp) = &c.config {
         let rev = cp
             .revision

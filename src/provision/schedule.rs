@@ -565,6 +565,56 @@ pub fn check(spec: &DeploySpec) -> Result<(), PlaybookError> {
                 .insert(h.name.clone());
         }
     }
+    // Departed members: their agents stop before their etcd members are removed (an agent
+    // whose etcd vanishes under it retries), and HAProxy is re-rendered without them only
+    // after they are drained and gone.
+    if let Some(di) = steps
+        .iter()
+        .position(|s| matches!(s.kind, StepKind::RemoveDeparted { .. }))
+    {
+        for (i, s) in steps.iter().enumerate().take(di) {
+            if matches!(s.kind, StepKind::EtcdMembers { .. }) {
+                problems
+                    .entry((
+                        i,
+                        format!(
+                            "step {:?} changes etcd membership before {} stops the departed members' agents",
+                            s.name,
+                            at(di)
+                        ),
+                    ))
+                    .or_default()
+                    .extend(
+                        spec.hosts
+                            .iter()
+                            .filter(|h| h.roles.etcd)
+                            .map(|h| h.name.clone()),
+                    );
+            }
+        }
+        for h in spec.hosts.iter().filter(|h| h.roles.haproxy) {
+            for mode in [ServiceMode::Systemd, ServiceMode::Supervisor] {
+                for f in spec.files_for(h, mode) {
+                    if file_service(&f.path) == Some(Service::Haproxy)
+                        && let Some(fi) = slot(h, Item::File(&f.path), false)
+                        && fi < di
+                    {
+                        problems
+                            .entry((
+                                fi,
+                                format!(
+                                    "step {:?} re-renders HAProxy before {} drains and removes the departed members",
+                                    steps[fi].name,
+                                    at(di)
+                                ),
+                            ))
+                            .or_default()
+                            .insert(h.name.clone());
+                    }
+                }
+            }
+        }
+    }
     if problems.is_empty() && missing.is_empty() {
         return Ok(());
     }
