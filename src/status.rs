@@ -69,6 +69,9 @@ pub struct PgherdStatus {
     /// Why the last bootstrap attempt (initdb, start, post_bootstrap) of this node failed;
     /// cleared once a bootstrap succeeds.
     pub bootstrap_error: Option<String>,
+    /// Why the last clone (pg_basebackup of a new replica, reinitialize) of this node failed;
+    /// cleared once a clone succeeds.
+    pub clone_error: Option<String>,
 }
 
 impl AgentStatus {

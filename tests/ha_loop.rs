@@ -445,3 +445,35 @@ async fn a_failing_bootstrap_reports_its_cause_until_a_bootstrap_succeeds() {
     .await;
     c.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_clone_reports_its_cause_until_a_clone_succeeds() {
+    let c = Cluster::start(2).await;
+    eventually(120, "a leader", || c.leader().is_some()).await;
+    let leader = c.leader().unwrap();
+    let replica = if leader == "n1" { "n2" } else { "n1" };
+    let n = c.node(replica);
+    // Wipe the replica and make its clones fail: it retries, and says why.
+    n.pg.set_faults(pgherd::pg::fake::FakeFaults {
+        fail_basebackup: true,
+        ..Default::default()
+    });
+    n.pg.crash();
+    pgherd::pg::Postgres::wipe_data_dir(&n.pg).await.unwrap();
+    let status = n.status.clone();
+    eventually(120, "the clone error in the status", || {
+        status
+            .borrow()
+            .pgherd
+            .clone_error
+            .as_deref()
+            .is_some_and(|e| e.contains("simulated failure"))
+    })
+    .await;
+    n.pg.set_faults(Default::default());
+    eventually(120, "the replica cloned, and the error gone", || {
+        status.borrow().pgherd.clone_error.is_none() && status.borrow().pg.running
+    })
+    .await;
+    c.shutdown().await;
+}

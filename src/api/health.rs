@@ -19,7 +19,9 @@
 //! - `dcs_config_error` (absent unless refused): why PostgreSQL refused the DCS config (its
 //!   `pg_hba`); that revision is then not reported as applied;
 //! - `bootstrap_error` (absent unless the last bootstrap attempt of this node failed): the
-//!   cause (initdb, start or post_bootstrap), also logged at error level once per attempt.
+//!   cause (initdb, start or post_bootstrap), also logged at error level once per attempt;
+//! - `clone_error` (absent unless the last clone of this node failed): the cause (e.g. the
+//!   pg_basebackup error: no pg_hba entry on the leader), until a clone succeeds.
 
 use std::time::Instant;
 
@@ -221,6 +223,9 @@ fn pgherd_json(p: &crate::status::PgherdStatus) -> Value {
     }
     if let Some(e) = &p.bootstrap_error {
         o.insert("bootstrap_error".into(), e.clone().into());
+    }
+    if let Some(e) = &p.clone_error {
+        o.insert("clone_error".into(), e.clone().into());
     }
     Value::Object(o)
 }

@@ -551,6 +551,33 @@ async fn replica_streaming(c: &reqwest::Client, base: &str) -> bool {
     v["role"] == "replica" && v["state"] == "running" && v["replication_state"] == "streaming"
 }
 
+/// What a member's agent says about itself, for errors: role, state and the last clone /
+/// bootstrap / config error it reports.
+async fn agent_reason(c: &reqwest::Client, base: &str) -> String {
+    let Ok(r) = c.get(format!("{base}/patroni")).send().await else {
+        return "no answer from its REST API".into();
+    };
+    let Ok(v) = r.json::<serde_json::Value>().await else {
+        return "an unreadable status".into();
+    };
+    let mut out = format!(
+        "role {}, state {}",
+        v["role"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?")
+    );
+    for (key, what) in [
+        ("clone_error", "clone failed"),
+        ("bootstrap_error", "bootstrap failed"),
+        ("config_error", "config refused"),
+        ("dcs_config_error", "DCS config refused"),
+    ] {
+        if let Some(e) = v["pgherd"][key].as_str() {
+            out.push_str(&format!("; {what}: {e}"));
+        }
+    }
+    out
+}
+
 fn api_base(spec: &DeploySpec, host: &str) -> String {
     let addr = spec.host(host).map(|h| h.address.as_str()).unwrap_or(host);
     format!("http://{addr}:{}", spec.restapi_port)
@@ -897,7 +924,7 @@ async fn wait_condition(
                 let c = c.clone();
                 let base = api_base(&spec, &h);
                 async move {
-                    wait_until(
+                    let r = wait_until(
                         &h,
                         "it leads or streams from the leader as a replica",
                         timeout,
@@ -913,7 +940,24 @@ async fn wait_condition(
                             }
                         },
                     )
-                    .await
+                    .await;
+                    // A member that never streams: say what its agent reports (e.g. the
+                    // pg_basebackup error), not only that the wait ran out.
+                    match r {
+                        Err(ProvisionError::Wait {
+                            host,
+                            what,
+                            timeout,
+                        }) => Err(ProvisionError::Wait {
+                            what: format!(
+                                "{what} (its agent reports: {})",
+                                agent_reason(&c, &base).await
+                            ),
+                            host,
+                            timeout,
+                        }),
+                        other => other,
+                    }
                 }
             })
             .await

@@ -66,6 +66,11 @@ impl HaLoop {
         if a.kind == ActionKind::Bootstrap {
             self.report.bootstrap_error = r.as_ref().err().cloned();
         }
+        // A replica that cannot clone (no pg_hba entry on the leader, a full disk) retries for
+        // ever; the cause in the status lets `pgherd apply` say why it is stuck.
+        if matches!(a.kind, ActionKind::Clone | ActionKind::Reinitialize) {
+            self.report.clone_error = r.as_ref().err().cloned();
+        }
         if (a.rewind_checked || matches!(a.kind, ActionKind::Clone | ActionKind::Reinitialize))
             && r.is_ok()
         {
