@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use pgherd::provision::dcs_config::{
-    ConfigRefusal, Effect, LiveConfig, PgSetting, parse_pg_settings, plan_config,
+    ConfigRefusal, Effect, LiveConfig, PgSetting, add_headroom, parse_pg_settings, plan_config,
 };
 use pgherd::provision::plan::{ClusterPlan, Plan};
 use pgherd::provision::report::{self, ReportOptions};
@@ -281,4 +281,51 @@ fn plan_shows_the_primary_first_for_a_lowered_max_connections() {
         t.contains("restart: pg1 first, in place (max_connections lowered"),
         "{t}"
     );
+}
+
+fn senders_and_slots(senders: u64, slots: u64) -> BTreeMap<String, PgSetting> {
+    parse_pg_settings(&format!(
+        "max_wal_senders\u{1f}{senders}\u{1f}\u{1f}postmaster\u{1f}integer\nmax_replication_slots\u{1f}{slots}\u{1f}\u{1f}postmaster\u{1f}integer"
+    ))
+}
+
+#[test]
+fn adding_members_needs_wal_senders_for_every_replica_plus_a_clone() {
+    // 5 members after the add: 4 replicas + 2 for pg_basebackup = 6 senders, 4 slots.
+    assert_eq!(
+        add_headroom(&senders_and_slots(6, 4), Some("pg1"), 5, 2),
+        Ok(())
+    );
+    let e = add_headroom(&senders_and_slots(5, 10), Some("pg1"), 5, 2).unwrap_err();
+    assert!(matches!(
+        e,
+        ConfigRefusal::NoHeadroom {
+            setting: "max_wal_senders",
+            need: 6,
+            have: 5,
+            ..
+        }
+    ));
+    assert!(
+        e.to_string()
+            .contains("raise postgresql.parameters.max_wal_senders"),
+        "{e}"
+    );
+    let e = add_headroom(&senders_and_slots(10, 3), Some("pg1"), 5, 2).unwrap_err();
+    assert!(matches!(
+        e,
+        ConfigRefusal::NoHeadroom {
+            setting: "max_replication_slots",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn nothing_added_or_no_leader_needs_no_headroom() {
+    assert_eq!(
+        add_headroom(&senders_and_slots(1, 1), Some("pg1"), 5, 0),
+        Ok(())
+    );
+    assert_eq!(add_headroom(&senders_and_slots(1, 1), None, 5, 2), Ok(()));
 }

@@ -230,9 +230,57 @@ pub enum ConfigRefusal {
     #[error("postgresql.parameters.{0}: an internal parameter, it cannot be changed")]
     Internal(String),
     #[error(
+        "adding {adding} member(s) needs {setting} >= {need} on the leader {leader} (it runs {have}: one WAL sender per replica plus two for a clone's pg_basebackup, one slot per replica): raise postgresql.parameters.{setting} and apply that first, then add the members"
+    )]
+    NoHeadroom {
+        adding: usize,
+        setting: &'static str,
+        need: u64,
+        have: u64,
+        leader: String,
+    },
+    #[error(
         "the DCS config must change ({0}) but no running leader answered, so the effect of the change cannot be read from pg_settings; start the cluster first"
     )]
     NoLeader(String),
+}
+
+/// Before new members clone: the leader must have a WAL sender for every replica after the
+/// add plus the two a streaming pg_basebackup uses, and a replication slot for every replica
+/// (day2.md §2.3 pre-checks). Pure; `settings` are the leader's `pg_settings`. Without a leader
+/// (nothing running yet) there is nothing to check.
+pub fn add_headroom(
+    settings: &BTreeMap<String, PgSetting>,
+    leader: Option<&str>,
+    members_after: usize,
+    adding: usize,
+) -> Result<(), ConfigRefusal> {
+    let Some(leader) = leader else { return Ok(()) };
+    if adding == 0 || settings.is_empty() {
+        return Ok(());
+    }
+    let replicas = members_after.saturating_sub(1) as u64;
+    for (setting, need) in [
+        ("max_wal_senders", replicas + 2),
+        ("max_replication_slots", replicas),
+    ] {
+        let Some(have) = settings
+            .get(setting)
+            .and_then(|s| s.setting.trim().parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if have < need {
+            return Err(ConfigRefusal::NoHeadroom {
+                adding,
+                setting,
+                need,
+                have,
+                leader: leader.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Memory units in bytes and time units in microseconds, as PostgreSQL spells them.

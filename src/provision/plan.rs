@@ -920,6 +920,18 @@ pub fn plan_with_cluster(
     cluster: &ClusterFacts,
 ) -> Result<Plan, ConfigRefusal> {
     let mut p = plan(spec, facts);
+    // Members about to be added: inventory postgres hosts whose agent does not answer yet.
+    let members: Vec<&HostTarget> = spec.hosts.iter().filter(|h| h.roles.postgres).collect();
+    let adding = members
+        .iter()
+        .filter(|h| !cluster.agents.contains_key(&h.name))
+        .count();
+    super::dcs_config::add_headroom(
+        &cluster.settings,
+        cluster.leader.as_deref(),
+        members.len(),
+        adding,
+    )?;
     if let Some(desired) = &spec.dcs_config
         && cluster.config.is_some()
     {
