@@ -9,33 +9,28 @@
 //! killed run's day-2 lock to lapse). Needs root.
 
 use std::path::Path;
-use std::time::Duration;
 
 use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self, Fleet};
+use pgherd::provision::apply::{self};
 
 mod common;
 use common::deploy::{
-    LabGuard, apply_inventory, build_spec, fresh_lab, healthy_voters, is_root,
-    leader_with_streaming_replicas,
+    LabGuard, apply_inventory, build_spec, fresh_lab, haproxy_servers, healthy_voters, is_root,
+    leader_with_streaming_replicas, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.25";
 
+/// The first `n` lab hosts, each with every role.
 fn write_inventory(info: &LabInfo, path: &Path, n: usize) {
-    let mut y = format!(
-        "cluster: add\nssh:\n  user: root\n  port: 22\n  identity_file: {:?}\nhosts:\n",
-        info.key_path.display().to_string()
-    );
-    for h in info.hosts.iter().take(n) {
-        y.push_str(&format!(
-            "  - name: {}\n    address: {}\n    roles: [postgres, etcd, haproxy]\n",
-            h.name, h.address
-        ));
-    }
-    y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
-    std::fs::write(path, y).unwrap();
+    let hosts: Vec<(&str, &str)> = info
+        .hosts
+        .iter()
+        .take(n)
+        .map(|h| (h.name.as_str(), "[postgres, etcd, haproxy]"))
+        .collect();
+    write_lab_inventory(info, "add", path, &hosts);
 }
 
 /// Runs `pgherd apply -y` and SIGKILLs it as soon as its progress shows `at`; returns whether
@@ -66,25 +61,6 @@ fn apply_killed_at(state: &Path, inv_path: &Path, at: &str) -> (bool, String) {
     }
     let _ = child.wait();
     (killed, seen)
-}
-
-/// Servers of `backend` in HAProxy's `show servers state` on `host`.
-async fn haproxy_servers(fleet: &Fleet, host: &str, backend: &str) -> Vec<String> {
-    let cmd = pgherd::provision::rolling::haproxy::haproxy_admin_command(&format!(
-        "show servers state {backend}"
-    ));
-    let out = fleet[host]
-        .run_ok(&cmd, Duration::from_secs(20))
-        .await
-        .expect("HAProxy admin socket")
-        .stdout_str();
-    let mut v: Vec<String> = out
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
-        .collect();
-    v.sort();
-    v
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,37 +5,20 @@
 //! DCS, its slot gone from the leader, its server gone from every HAProxy, its agent stopped and
 //! disabled at boot; no acknowledged write lost; a second apply plans nothing. Needs root.
 
-use std::path::Path;
 use std::time::Duration;
 
-use pgherd::lab::{self, HostInit, LabInfo, LabSpec};
+use pgherd::lab::{self, HostInit, LabSpec};
 use pgherd::provision::apply::{self, Fleet};
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, apply_inventory, build_spec, fresh_lab, get_json, is_root,
-    leader_with_streaming_replicas, pg,
+    LabGuard, apply_inventory, build_spec, fresh_lab, get_json, haproxy_servers, is_root,
+    leader_with_streaming_replicas, pg, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.27";
-
-fn write_inventory(info: &LabInfo, path: &Path, hosts: &[(&str, &str)]) {
-    let mut y = format!(
-        "cluster: ars\nssh:\n  user: root\n  port: 22\n  identity_file: {:?}\nhosts:\n",
-        info.key_path.display().to_string()
-    );
-    for (name, roles) in hosts {
-        let h = info.host(name).unwrap();
-        y.push_str(&format!(
-            "  - name: {name}\n    address: {}\n    roles: {roles}\n",
-            h.address
-        ));
-    }
-    y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
-    std::fs::write(path, y).unwrap();
-}
 
 async fn systemctl(fleet: &Fleet, host: &str, args: &str) -> String {
     fleet[host]
@@ -49,21 +32,7 @@ async fn systemctl(fleet: &Fleet, host: &str, args: &str) -> String {
 
 /// Servers of the replica backend in `host`'s HAProxy.
 async fn replica_servers(fleet: &Fleet, host: &str) -> Vec<String> {
-    let cmd = pgherd::provision::rolling::haproxy::haproxy_admin_command(
-        "show servers state ars_replicas",
-    );
-    let out = fleet[host]
-        .run_ok(&cmd, Duration::from_secs(20))
-        .await
-        .expect("HAProxy admin socket")
-        .stdout_str();
-    let mut v: Vec<String> = out
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
-        .collect();
-    v.sort();
-    v
+    haproxy_servers(fleet, host, "ars_replicas").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,7 +54,7 @@ async fn a_node_joins_and_leaves_on_systemd_hosts() {
     let inv_path = tmp.path().join("lab.yml");
     let all = "[postgres, etcd, haproxy]";
     let three = [("ars1", all), ("ars2", all), ("ars3", all)];
-    write_inventory(&info, &inv_path, &three);
+    write_lab_inventory(&info, "ars", &inv_path, &three);
     let (_, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("first apply: {e}"));
     let (inv, s) = build_spec(&inv_path);
@@ -98,7 +67,7 @@ async fn a_node_joins_and_leaves_on_systemd_hosts() {
     // Join.
     let mut four = three.to_vec();
     four.push(("ars4", "[postgres, haproxy]"));
-    write_inventory(&info, &inv_path, &four);
+    write_lab_inventory(&info, "ars", &inv_path, &four);
     let (fleet, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("join apply: {e}"));
     assert_eq!(leader_with_streaming_replicas(&api, 3).await, leader);
@@ -119,7 +88,7 @@ async fn a_node_joins_and_leaves_on_systemd_hosts() {
     }
 
     // Leave.
-    write_inventory(&info, &inv_path, &three);
+    write_lab_inventory(&info, "ars", &inv_path, &three);
     let (fleet3, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("remove apply: {e}"));
     eventually(

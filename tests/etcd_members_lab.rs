@@ -25,29 +25,13 @@ mod common;
 use common::cluster::eventually;
 use common::deploy::{
     LabGuard, apply_inventory, build_spec, fresh_lab, healthy_voters, is_root,
-    leader_with_streaming_replicas, pids,
+    leader_with_streaming_replicas, pids, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.23";
 const ALL: &str = "[postgres, etcd, haproxy]";
 const ETCD: &str = "[etcd]";
-
-fn write_inventory(info: &LabInfo, path: &Path, hosts: &[(&str, &str)]) {
-    let mut y = format!(
-        "cluster: etm\nssh:\n  user: root\n  port: 22\n  identity_file: {:?}\nhosts:\n",
-        info.key_path.display().to_string()
-    );
-    for (name, roles) in hosts {
-        let h = info.host(name).unwrap();
-        y.push_str(&format!(
-            "  - name: {name}\n    address: {}\n    roles: {roles}\n",
-            h.address
-        ));
-    }
-    y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
-    std::fs::write(path, y).unwrap();
-}
 
 async fn ssh(info: &LabInfo, host: &str, state: &Path) -> SshTransport {
     SshTransport::connect(&info.host_spec(host).unwrap(), state)
@@ -74,7 +58,7 @@ async fn etcd_membership_follows_the_inventory() {
     let inv_path = tmp.path().join("lab.yml");
     let info6 = spec6.info();
     let (e1, e2, e3) = ("etm1", "etm2", "etm3");
-    write_inventory(&info3, &inv_path, &[(e1, ALL), (e2, ALL), (e3, ALL)]);
+    write_lab_inventory(&info3, "etm", &inv_path, &[(e1, ALL), (e2, ALL), (e3, ALL)]);
     let (fleet, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("first apply: {e}"));
     let (inv, s) = build_spec(&inv_path);
@@ -92,8 +76,9 @@ async fn etcd_membership_follows_the_inventory() {
     })
     .expect("lab grows to 5 hosts");
     assert_eq!(info5.hosts.len(), 5);
-    write_inventory(
+    write_lab_inventory(
         &info5,
+        "etm",
         &inv_path,
         &[
             (e1, ALL),
@@ -130,8 +115,9 @@ async fn etcd_membership_follows_the_inventory() {
     );
 
     // 2. Shrink by one: 4 members would be even → refused, nothing changed.
-    write_inventory(
+    write_lab_inventory(
         &info5,
+        "etm",
         &inv_path,
         &[(e1, ALL), (e2, ALL), (e3, ALL), ("etm4", ETCD)],
     );
@@ -140,7 +126,7 @@ async fn etcd_membership_follows_the_inventory() {
     assert_eq!(healthy_voters(t1.as_ref()).await.len(), 5);
 
     // 3. Shrink by two: 3 voters; etcd stopped and wiped on the removed hosts.
-    write_inventory(&info5, &inv_path, &[(e1, ALL), (e2, ALL), (e3, ALL)]);
+    write_lab_inventory(&info5, "etm", &inv_path, &[(e1, ALL), (e2, ALL), (e3, ALL)]);
     let (fleet, r) = apply_inventory(&inv_path, &state).await;
     let report = r.unwrap_or_else(|e| panic!("shrink apply: {e}"));
     for d in report
@@ -224,7 +210,12 @@ async fn etcd_membership_follows_the_inventory() {
     })
     .await;
     leader_with_streaming_replicas(&api, 1).await;
-    write_inventory(&info6, &inv_path, &[(e1, ALL), (e2, ALL), ("etm6", ETCD)]);
+    write_lab_inventory(
+        &info6,
+        "etm",
+        &inv_path,
+        &[(e1, ALL), (e2, ALL), ("etm6", ETCD)],
+    );
     let (_, r) = apply_inventory(&inv_path, &state).await;
     let report = r.unwrap_or_else(|e| panic!("replace apply: {e}"));
     let membership: Vec<&str> = report

@@ -15,64 +15,31 @@
 //!
 //! Needs root (namespaces); skipped with a message otherwise.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use pgherd::inventory::{self, Inventory};
-use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
+use pgherd::lab::{self, LabSpec};
+use pgherd::provision::apply::{self, ApplyReport, Fleet};
 use pgherd::provision::dcs_config::psql_command;
 use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::rolling::haproxy::haproxy_admin_command;
 use pgherd::provision::services::Service;
-use pgherd::provision::spec;
 use pgherd::transport::{SshTransport, Transport};
 
 mod common;
 use common::cluster::eventually;
-use common::deploy::{fresh_lab, get_json, is_root, leader_with_streaming_replicas};
+use common::deploy::{
+    apply_inventory_within, build_spec, fresh_lab, get_json, is_root,
+    leader_with_streaming_replicas, write_lab_inventory,
+};
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.24";
 const ALL: &str = "[postgres, etcd, haproxy]";
 const PG: &str = "[postgres]";
 
-fn write_inventory(info: &LabInfo, path: &Path, hosts: &[(&str, &str)]) {
-    let mut y = format!(
-        "cluster: rmc\nssh:\n  user: root\n  port: 22\n  identity_file: {:?}\nhosts:\n",
-        info.key_path.display().to_string()
-    );
-    for (name, roles) in hosts {
-        let h = info.host(name).unwrap();
-        y.push_str(&format!(
-            "  - name: {name}\n    address: {}\n    roles: {roles}\n",
-            h.address
-        ));
-    }
-    y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
-    std::fs::write(path, y).unwrap();
-}
-
-fn build(inv_path: &Path) -> (Inventory, DeploySpec) {
-    let inv = inventory::load(inv_path).expect("inventory");
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_pgherd-agent"));
-    let s = spec::build_with(&inv, Some(&agent), None, None).expect("desired state");
-    (inv, s)
-}
-
 async fn apply_inventory(inv_path: &Path, state: &Path) -> (Fleet, Result<ApplyReport, String>) {
-    let (inv, s) = build(inv_path);
-    let fleet = pgherd::cli::connect(&inv, state).await.expect("connect");
-    let opts = ApplyOptions {
-        wait_timeout: Duration::from_secs(120),
-        progress: false,
-        ssh_control_dir: Some(state.to_path_buf()),
-        ..Default::default()
-    };
-    let r = apply::apply(&s, &fleet, &opts)
-        .await
-        .map_err(|e| pgherd::provision::error_chain(&e));
-    (fleet, r)
+    apply_inventory_within(inv_path, state, Duration::from_secs(120)).await
 }
 
 async fn members(api: &str) -> Vec<(String, String)> {
@@ -111,10 +78,10 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     let inv_path = tmp.path().join("lab.yml");
     let full = [("rm1", ALL), ("rm2", ALL), ("rm3", ALL), ("rm4", PG)];
     let without_rm4 = [("rm1", ALL), ("rm2", ALL), ("rm3", ALL)];
-    write_inventory(&info, &inv_path, &full);
+    write_lab_inventory(&info, "rmc", &inv_path, &full);
     let (fleet, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("first apply: {e}"));
-    let (inv, s) = build(&inv_path);
+    let (inv, s) = build_spec(&inv_path);
     let pw = inv.secrets.superuser.expose().to_string();
     let addr = |h: &str| info.host(h).unwrap().address.clone();
     let api = format!("http://{}:{}", addr("rm1"), s.restapi_port);
@@ -127,7 +94,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         .expect("switchover to rm4");
     eprintln!("{out}");
     assert_eq!(leader_with_streaming_replicas(&api, 3).await, "rm4");
-    write_inventory(&info, &inv_path, &without_rm4);
+    write_lab_inventory(&info, "rmc", &inv_path, &without_rm4);
     let (_, r) = apply_inventory(&inv_path, &state).await;
     let err = r.expect_err("removing the leader's host is refused");
     assert!(
@@ -159,13 +126,13 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         args.extend(extra.iter().map(|s| s.to_string()));
         pgherd::cli::run(<pgherd::cli::Cli as clap::Parser>::parse_from(args))
     };
-    write_inventory(&info, &inv_path, &full);
+    write_lab_inventory(&info, "rmc", &inv_path, &full);
     let e = remove(&[])
         .await
         .expect_err("refused while listed")
         .to_string();
     assert!(e.contains("rm4 is still a postgres host"), "{e}");
-    write_inventory(&info, &inv_path, &without_rm4);
+    write_lab_inventory(&info, "rmc", &inv_path, &without_rm4);
     remove(&["--switchover-first"])
         .await
         .expect("pgherd remove rm4 --switchover-first");
@@ -174,7 +141,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     assert!(!members(&api).await.iter().any(|(n, _)| n == "rm4"));
 
     // 3. rm4 back in the inventory: one apply makes it a streaming replica again.
-    write_inventory(&info, &inv_path, &full);
+    write_lab_inventory(&info, "rmc", &inv_path, &full);
     let (_, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("re-adding rm4: {e}"));
     assert_eq!(leader_with_streaming_replicas(&api, 3).await, leader);
@@ -188,13 +155,13 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         "1",
         "the leader has a slot for rm4 before the removal"
     );
-    write_inventory(&info, &inv_path, &without_rm4);
+    write_lab_inventory(&info, "rmc", &inv_path, &without_rm4);
     let (fleet3, r) = apply_inventory(&inv_path, &state).await;
     let report = r.unwrap_or_else(|e| panic!("removal apply: {e}"));
     for d in &report.done {
         eprintln!("[{}] {}: {}", d.0, d.1, d.2);
     }
-    let (_, s3) = build(&inv_path);
+    let (_, s3) = build_spec(&inv_path);
     let ms = members(&api).await;
     assert!(!ms.iter().any(|(n, _)| n == "rm4"), "{ms:?}");
     assert_eq!(leader_with_streaming_replicas(&api, 2).await, leader);

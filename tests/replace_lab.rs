@@ -17,26 +17,19 @@ mod common;
 use common::cluster::eventually;
 use common::deploy::{
     LabGuard, apply_inventory, build_spec, fresh_lab, get_json, healthy_voters, is_root,
-    leader_with_streaming_replicas,
+    leader_with_streaming_replicas, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
 const SUBNET: &str = "10.232.26";
 
+/// The lab hosts `hosts`, each with every role.
 fn write_inventory(info: &LabInfo, path: &Path, hosts: &[&str]) {
-    let mut y = format!(
-        "cluster: rep\nssh:\n  user: root\n  port: 22\n  identity_file: {:?}\nhosts:\n",
-        info.key_path.display().to_string()
-    );
-    for name in hosts {
-        let h = info.host(name).unwrap();
-        y.push_str(&format!(
-            "  - name: {name}\n    address: {}\n    roles: [postgres, etcd, haproxy]\n",
-            h.address
-        ));
-    }
-    y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
-    std::fs::write(path, y).unwrap();
+    let hosts: Vec<(&str, &str)> = hosts
+        .iter()
+        .map(|h| (*h, "[postgres, etcd, haproxy]"))
+        .collect();
+    write_lab_inventory(info, "rep", path, &hosts);
 }
 
 /// Physical slot names on the server behind HAProxy's primary port (the leader).

@@ -632,16 +632,7 @@ pub fn agent_bases(spec: &DeploySpec) -> Vec<(String, String)> {
     spec.hosts
         .iter()
         .filter(|h| h.roles.postgres)
-        .map(|h| {
-            (
-                h.name.clone(),
-                if h.address.contains(':') {
-                    format!("http://[{}]:{}", h.address, spec.restapi_port)
-                } else {
-                    format!("http://{}:{}", h.address, spec.restapi_port)
-                },
-            )
-        })
+        .map(|h| (h.name.clone(), super::apply::api_base(spec, &h.name)))
         .collect()
 }
 

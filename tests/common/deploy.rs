@@ -202,10 +202,19 @@ pub async fn apply_inventory(
     inv_path: &std::path::Path,
     state: &std::path::Path,
 ) -> (Fleet, Result<ApplyReport, String>) {
+    apply_inventory_within(inv_path, state, Duration::from_secs(180)).await
+}
+
+/// [`apply_inventory`] with `wait` bounding each of apply's waits.
+pub async fn apply_inventory_within(
+    inv_path: &std::path::Path,
+    state: &std::path::Path,
+    wait: Duration,
+) -> (Fleet, Result<ApplyReport, String>) {
     let (inv, s) = build_spec(inv_path);
     let fleet = pgherd::cli::connect(&inv, state).await.expect("connect");
     let opts = ApplyOptions {
-        wait_timeout: Duration::from_secs(180),
+        wait_timeout: wait,
         progress: false,
         ssh_control_dir: Some(state.to_path_buf()),
         ..Default::default()
@@ -214,4 +223,46 @@ pub async fn apply_inventory(
         .await
         .map_err(|e| pgherd::provision::error_chain(&e));
     (fleet, r)
+}
+
+/// Writes an inventory of cluster `cluster` for the lab hosts `hosts` (name, roles), with the
+/// fast profile and no watchdog.
+pub fn write_lab_inventory(
+    info: &lab::LabInfo,
+    cluster: &str,
+    path: &std::path::Path,
+    hosts: &[(&str, &str)],
+) {
+    let mut y = format!(
+        "cluster: {cluster}\nssh:\n  user: root\n  port: 22\n  identity_file: {:?}\nhosts:\n",
+        info.key_path.display().to_string()
+    );
+    for (name, roles) in hosts {
+        let h = info.host(name).unwrap();
+        y.push_str(&format!(
+            "  - name: {name}\n    address: {}\n    roles: {roles}\n",
+            h.address
+        ));
+    }
+    y.push_str("profile: fast\nwatchdog:\n  mode: \"off\"\n");
+    std::fs::write(path, y).unwrap();
+}
+
+/// Server names of `backend` in `host`'s HAProxy (`show servers state`), sorted.
+pub async fn haproxy_servers(fleet: &Fleet, host: &str, backend: &str) -> Vec<String> {
+    let cmd = pgherd::provision::rolling::haproxy::haproxy_admin_command(&format!(
+        "show servers state {backend}"
+    ));
+    let out = fleet[host]
+        .run_ok(&cmd, Duration::from_secs(20))
+        .await
+        .expect("HAProxy admin socket")
+        .stdout_str();
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect();
+    v.sort();
+    v
 }
