@@ -133,16 +133,6 @@ pub fn render_order(stages: &[Stage], origin: &str) -> String {
     out
 }
 
-/// Hot-standby settings a replica must run with at least the primary's value: lowering one
-/// restarts the primary first.
-const HOT_STANDBY_FLOORS: [&str; 5] = [
-    "max_connections",
-    "max_prepared_transactions",
-    "max_locks_per_transaction",
-    "max_wal_senders",
-    "max_worker_processes",
-];
-
 /// The restart order a restart-needing config change will take, and its write outage.
 fn restart_preview(plan: &Plan) -> String {
     let c = &plan.cluster;
@@ -163,7 +153,7 @@ fn restart_preview(plan: &Plan) -> String {
             let name = ch.key.strip_prefix("postgresql.parameters.")?;
             let old = ch.old.as_ref().and_then(num)?;
             let new = num(&ch.new)?;
-            (HOT_STANDBY_FLOORS.contains(&name) && new < old).then_some(name)
+            (super::rolling::HotParam::from_guc(name).is_some() && new < old).then_some(name)
         })
         .collect();
     let order = if lowered.is_empty() {
