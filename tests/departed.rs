@@ -1,10 +1,11 @@
 //! The departed-member planner (`provision::departed`), table-tested: which DCS members depart,
 //! the steps of a removal, and every refusal.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use pgherd::provision::departed::{
-    DcsMember, DepartedFacts, PlanOptions, Refusal, Step, SyncSettings, plan_departures, url_host,
+    DcsMember, DepartedFacts, Moved, PlanOptions, Refusal, Step, SyncSettings, moved_members,
+    plan_departures, url_host,
 };
 use serde_json::json;
 
@@ -17,6 +18,7 @@ fn m(name: &str, role: &str, state: &str, lag: u64) -> DcsMember {
         lag: Some(lag),
         nofailover: false,
         nosync: false,
+        api_url: None,
     }
 }
 
@@ -357,5 +359,117 @@ fn the_agent_stop_disables_it_at_boot_before_stopping_it() {
     assert!(
         rm < kill,
         "the run file (boot hook) must go before the stop: {s}"
+    );
+}
+
+fn moved(member: &str, old: &str, new: &str, alive: &[&str]) -> Moved {
+    Moved {
+        member: member.into(),
+        old: old.into(),
+        new: new.into(),
+        alive: alive.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+#[test]
+fn a_member_whose_inventory_address_differs_from_the_dcs_is_moved() {
+    let addrs: BTreeMap<String, String> =
+        [("n1", "10.0.0.1"), ("n2", "10.0.0.22"), ("n4", "10.0.0.4")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    // n1: same address (not moved); n2: moved; n3: not in the inventory (departs, not moved);
+    // n4: in the inventory but not yet in the DCS (an addition, not a move).
+    assert_eq!(
+        moved_members(&three(), &addrs),
+        vec![moved("n2", "10.0.0.2", "10.0.0.22", &[])]
+    );
+}
+
+#[test]
+fn a_moved_member_whose_old_host_still_answers_is_refused_with_the_evidence() {
+    let f = DepartedFacts {
+        moved: vec![moved(
+            "n2",
+            "10.0.0.2",
+            "10.0.0.22",
+            &[
+                "REST API http://10.0.0.2:8008 answered",
+                "SSH port 22 accepts connections",
+            ],
+        )],
+        ..facts(three())
+    };
+    let e = plan_departures(&f, &inv(&["n1", "n2", "n3"]), &Default::default()).unwrap_err();
+    assert!(
+        matches!(&e, Refusal::MovedAlive { member, .. } if member == "n2"),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("10.0.0.2 still answers"), "{msg}");
+    assert!(msg.contains("REST API"), "{msg}");
+    assert!(msg.contains("SSH port"), "{msg}");
+}
+
+#[test]
+fn a_moved_member_that_still_holds_the_leader_key_waits_for_failover() {
+    let f = DepartedFacts {
+        moved: vec![moved("n1", "10.0.0.1", "10.0.0.11", &[])],
+        ttl_secs: Some(30),
+        ..facts(three())
+    };
+    let e = plan_departures(&f, &inv(&["n1", "n2", "n3"]), &Default::default()).unwrap_err();
+    assert_eq!(
+        e,
+        Refusal::MovedLeader {
+            member: "n1".into(),
+            old: "10.0.0.1".into(),
+            new: "10.0.0.11".into(),
+            ttl: " 30 s".into(),
+        }
+    );
+}
+
+#[test]
+fn a_moved_member_whose_old_host_is_silent_waits_for_its_key_then_keeps_its_name() {
+    let f = DepartedFacts {
+        moved: vec![moved("n3", "10.0.0.3", "10.0.0.33", &[])],
+        ..facts(three())
+    };
+    let p = plan_departures(&f, &inv(&["n1", "n2", "n3"]), &Default::default()).unwrap();
+    assert!(p.departing.is_empty(), "{:?}", p.departing);
+    assert_eq!(
+        p.steps,
+        vec![Step::MovedAway {
+            member: "n3".into(),
+            old: "10.0.0.3".into(),
+            new: "10.0.0.33".into(),
+        }]
+    );
+    assert!(
+        p.noops.is_empty(),
+        "a move is a change, not a no-op: {:?}",
+        p.noops
+    );
+    assert!(p.steps[0].to_string().contains("its slot kept"));
+}
+
+#[test]
+fn a_move_plans_alongside_a_departure_in_one_run() {
+    let f = DepartedFacts {
+        moved: vec![moved("n2", "10.0.0.2", "10.0.0.22", &[])],
+        ..facts(three())
+    };
+    let p = plan_departures(&f, &inv(&["n1", "n2"]), &Default::default()).unwrap();
+    assert_eq!(p.departing, ["n3"]);
+    assert!(
+        matches!(p.steps[0], Step::MovedAway { .. }),
+        "{:?}",
+        p.steps
+    );
+    assert!(
+        p.steps
+            .iter()
+            .any(|s| matches!(s, Step::StopAgent { member, .. } if member == "n3"))
     );
 }

@@ -255,6 +255,20 @@ pub async fn gather_cluster(
     cluster.etcd = super::etcd_members::gather(spec, fleet).await?;
     cluster.departed =
         super::departed::gather(spec, cluster.config.as_ref().map(|c| &c.value)).await;
+    // A moved member's old etcd peer still healthy is life at the old address, too.
+    if let (Some(d), Some(e)) = (&mut cluster.departed, &cluster.etcd) {
+        for mv in &mut d.moved {
+            for m in e.members.iter().filter(|m| e.is_up(m)) {
+                if m.peer_urls
+                    .iter()
+                    .any(|u| super::departed::url_host(u).as_deref() == Some(mv.old.as_str()))
+                {
+                    mv.alive
+                        .push(format!("its etcd member {} is healthy", m.label()));
+                }
+            }
+        }
+    }
     for (host, a) in &cluster.agents {
         if let Some(f) = facts.get_mut(host) {
             f.agent = Some(a.clone());
@@ -304,8 +318,12 @@ fn departure_refusal(spec: &DeploySpec, plan: &Plan) -> Option<ProvisionError> {
                     pos: None,
                     field: "steps".into(),
                     message: format!(
-                        "members left the inventory ({}) but no step of the playbook is a remove_departed step (put one before the etcd membership and HAProxy config steps)",
-                        p.departing.join(", ")
+                        "members left the inventory or moved ({}) but no step of the playbook is a remove_departed step (put one before the etcd membership and HAProxy config steps)",
+                        {
+                            let mut who: Vec<&str> = p.steps.iter().map(|s| s.member()).collect();
+                            who.dedup();
+                            who.join(", ")
+                        }
                     ),
                 }],
             }

@@ -42,6 +42,8 @@ pub struct DcsMember {
     pub lag: Option<u64>,
     pub nofailover: bool,
     pub nosync: bool,
+    /// Its REST API (`api_url`), when the DCS gives one.
+    pub api_url: Option<String>,
 }
 
 impl DcsMember {
@@ -77,6 +79,47 @@ pub struct DepartedFacts {
     pub sync: SyncSettings,
     /// The live `ttl` (how long a stopped member's key can outlive it), when known.
     pub ttl_secs: Option<u64>,
+    /// Members the inventory moved to another address (a host replaced under the same name),
+    /// with what still answers at the old one.
+    pub moved: Vec<Moved>,
+}
+
+/// A member the inventory moved: the DCS lists it at `old`, the inventory at `new` (a failed
+/// host replaced under the same name: `pgherd replace NAME --address NEW`, or the inventory
+/// edited by hand).
+///
+/// Why it matters: the replacement runs an agent under the same name. If the old host were
+/// still alive, two agents would share one member key, one slot and one etcd name: the
+/// cluster could no longer tell them apart. So a move proceeds only once the old host is
+/// proven silent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub member: String,
+    pub old: String,
+    pub new: String,
+    /// What still answers at `old` (REST API, SSH port, a healthy etcd peer); empty = silent.
+    pub alive: Vec<String>,
+}
+
+/// The members whose DCS address differs from the inventory's (`inventory`: postgres host
+/// name → address). Pure; `alive` is left empty for the caller's probes.
+pub fn moved_members(
+    members: &[DcsMember],
+    inventory: &std::collections::BTreeMap<String, String>,
+) -> Vec<Moved> {
+    members
+        .iter()
+        .filter_map(|m| {
+            let new = inventory.get(&m.name)?;
+            let old = m.address.as_ref()?;
+            (old != new).then(|| Moved {
+                member: m.name.clone(),
+                old: old.clone(),
+                new: new.clone(),
+                alive: Vec::new(),
+            })
+        })
+        .collect()
 }
 
 fn truthy(v: &Value) -> bool {
@@ -123,6 +166,7 @@ impl DepartedFacts {
                             lag: m["lag"].as_u64(),
                             nofailover: truthy(&m["tags"]["nofailover"]),
                             nosync: truthy(&m["tags"]["nosync"]),
+                            api_url: m["api_url"].as_str().map(str::to_string),
                         })
                     })
                     .collect()
@@ -143,6 +187,7 @@ impl DepartedFacts {
                 node_count: cfg("synchronous_node_count").as_u64().unwrap_or(1),
             },
             ttl_secs: cfg("ttl").as_u64(),
+            moved: Vec::new(),
         }
     }
 }
@@ -174,6 +219,14 @@ pub enum Step {
     KeyGone { member: String },
     /// Wait until the leader has no slot `slot`, dropping it if still there and inactive.
     SlotGone { member: String, slot: String },
+    /// A moved member whose old host is silent: wait until the DCS no longer lists it at
+    /// `old` (its key expires with the dead agent's lease), so that the replacement at `new`
+    /// starts under the same name without a stale key (the slot of the name is kept).
+    MovedAway {
+        member: String,
+        old: String,
+        new: String,
+    },
 }
 
 impl Step {
@@ -183,7 +236,8 @@ impl Step {
             Step::Drain { member }
             | Step::StopAgent { member, .. }
             | Step::KeyGone { member }
-            | Step::SlotGone { member, .. } => member,
+            | Step::SlotGone { member, .. }
+            | Step::MovedAway { member, .. } => member,
         }
     }
 }
@@ -220,6 +274,10 @@ impl fmt::Display for Step {
             Step::SlotGone { member, slot } => write!(
                 f,
                 "{member}: wait until the leader has no replication slot {slot} (dropped if still there and inactive), report the WAL it held"
+            ),
+            Step::MovedAway { member, old, new } => write!(
+                f,
+                "{member}: moves from {old} to {new}; {old} is silent (REST API, SSH, etcd peer): wait until the DCS no longer lists {member} at {old} (its key expires with the dead agent's lease), then {new} is provisioned under the same name (its slot kept)"
             ),
         }
     }
@@ -269,6 +327,24 @@ pub enum Refusal {
     )]
     Paused { departing: String },
     #[error(
+        "member {member}: the inventory moves it from {old} to {new}, but {old} still answers ({evidence}): a second node would run under the same name. Stop it there first, or remove it (`pgherd remove`) and add the new host under a new name"
+    )]
+    MovedAlive {
+        member: String,
+        old: String,
+        new: String,
+        evidence: String,
+    },
+    #[error(
+        "member {member} holds the leader key at {old}, and the inventory moves it to {new}: the agents fail over once its leader lease expires (ttl{ttl}); re-run then, or switch over first if {old} is alive"
+    )]
+    MovedLeader {
+        member: String,
+        old: String,
+        new: String,
+        ttl: String,
+    },
+    #[error(
         "{departing} leave in one run while {not_streaming} is not streaming: remove one member at a time until every remaining replica streams"
     )]
     SeveralWhileNotStreaming {
@@ -291,11 +367,49 @@ pub fn plan_departures(
         .filter(|m| opts.only.as_ref().is_none_or(|o| o == &m.name))
         .collect();
     let mut plan = DeparturePlan::default();
+    for mv in &facts.moved {
+        if opts.only.is_some() {
+            break;
+        }
+        if !mv.alive.is_empty() {
+            return Err(Refusal::MovedAlive {
+                member: mv.member.clone(),
+                old: mv.old.clone(),
+                new: mv.new.clone(),
+                evidence: mv.alive.join("; "),
+            });
+        }
+        // A silent old host that still holds the leader key: the agents promote a replica
+        // once its lease lapses. pgherd never takes the key away itself (that would be a
+        // promotion without the HA loop's checks).
+        if facts
+            .members
+            .iter()
+            .any(|m| m.name == mv.member && m.holds_leader_key())
+        {
+            return Err(Refusal::MovedLeader {
+                member: mv.member.clone(),
+                old: mv.old.clone(),
+                new: mv.new.clone(),
+                ttl: facts
+                    .ttl_secs
+                    .map(|t| format!(" {t} s"))
+                    .unwrap_or_default(),
+            });
+        }
+        plan.steps.push(Step::MovedAway {
+            member: mv.member.clone(),
+            old: mv.old.clone(),
+            new: mv.new.clone(),
+        });
+    }
     if departing.is_empty() {
-        plan.noops.push((
-            "departed members".into(),
-            "every member in the DCS is a postgres host of the inventory".into(),
-        ));
+        if plan.steps.is_empty() {
+            plan.noops.push((
+                "departed members".into(),
+                "every member in the DCS is a postgres host of the inventory".into(),
+            ));
+        }
         return Ok(plan);
     }
     let names: Vec<String> = departing.iter().map(|m| m.name.clone()).collect();

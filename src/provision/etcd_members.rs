@@ -123,7 +123,7 @@ impl Member {
         format!("{:x}", self.id)
     }
 
-    fn label(&self) -> String {
+    pub fn label(&self) -> String {
         if self.name.is_empty() {
             format!("(unstarted) {}", self.peer_urls.join(","))
         } else {

@@ -35,6 +35,10 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(500);
 /// A `GET /cluster` or `POST /switchover` call to an agent.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// One liveness probe of a moved member's old address (REST, SSH port): a live host answers
+/// in milliseconds on the cluster network, a dead one never; 3 s also covers a slow ARP
+/// resolution on a loaded host.
+const MOVED_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a removal stopped.
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +76,76 @@ async fn cluster(spec: &DeploySpec) -> Option<Value> {
     None
 }
 
-/// Reads the DCS members (`None` when no agent answers: a fresh cluster, nothing departs).
+/// Reads the DCS members (`None` when no agent answers: a fresh cluster, nothing departs),
+/// and probes the old address of every member the inventory moved (see [`super::Moved`]).
 pub async fn gather(
     spec: &DeploySpec,
     config: Option<&serde_json::Map<String, Value>>,
 ) -> Option<DepartedFacts> {
     let c = cluster(spec).await?;
-    Some(DepartedFacts::from_cluster(&c, config))
+    let mut f = DepartedFacts::from_cluster(&c, config);
+    let addresses = spec
+        .hosts
+        .iter()
+        .filter(|h| h.roles.postgres)
+        .map(|h| (h.name.clone(), h.address.clone()))
+        .collect();
+    let moved = super::moved_members(&f.members, &addresses);
+    let mut probes = tokio::task::JoinSet::new();
+    for mut mv in moved {
+        let api_url = f
+            .members
+            .iter()
+            .find(|m| m.name == mv.member)
+            .and_then(|m| m.api_url.clone());
+        let ssh_port = spec
+            .inventory
+            .as_ref()
+            .and_then(|inv| inv.hosts.iter().find(|h| h.name.as_str() == mv.member))
+            .map_or(22, |h| h.ssh.port);
+        probes.spawn(async move {
+            mv.alive = still_answers(&mv.old, api_url.as_deref(), ssh_port).await;
+            mv
+        });
+    }
+    while let Some(mv) = probes.join_next().await {
+        f.moved.push(mv.expect("liveness probe task panicked"));
+    }
+    f.moved.sort_by(|a, b| a.member.cmp(&b.member));
+    Some(f)
+}
+
+/// What answers at a moved member's old address: its REST API (any HTTP answer) or its SSH
+/// port (a TCP connection accepted). Each probe is bounded by [`MOVED_PROBE_TIMEOUT`], so a
+/// dead host costs that long once, never a wait on it.
+async fn still_answers(old: &str, api_url: Option<&str>, ssh_port: u16) -> Vec<String> {
+    let rest = async {
+        let url = api_url?;
+        let http = reqwest::Client::builder()
+            .timeout(MOVED_PROBE_TIMEOUT)
+            .build()
+            .ok()?;
+        let r = http.get(url).send().await.ok()?;
+        Some(format!(
+            "its REST API {url} answers {}",
+            r.status().as_u16()
+        ))
+    };
+    let ssh = async {
+        let target = if old.contains(':') {
+            format!("[{old}]:{ssh_port}")
+        } else {
+            format!("{old}:{ssh_port}")
+        };
+        let conn = tokio::time::timeout(
+            MOVED_PROBE_TIMEOUT,
+            tokio::net::TcpStream::connect(target.clone()),
+        )
+        .await;
+        matches!(conn, Ok(Ok(_))).then(|| format!("its SSH port {target} accepts connections"))
+    };
+    let (rest, ssh) = tokio::join!(rest, ssh);
+    rest.into_iter().chain(ssh).collect()
 }
 
 fn members_of(c: &Value) -> Vec<DcsMember> {
@@ -130,6 +197,9 @@ pub async fn run(
                 "slot",
                 slot_gone(spec, fleet, member, slot, held.get(member).copied()).await?,
             ),
+            Step::MovedAway { member, old, .. } => {
+                ("moved", moved_away(spec, member, old, key_timeout).await?)
+            }
         };
         done.push((m, kind.into(), what));
     }
@@ -330,6 +400,37 @@ async fn key_gone(
             return Err(DepartedError::Wait {
                 member: member.into(),
                 what: "its member key is gone from the DCS".into(),
+                timeout,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until the DCS no longer lists `member` at `old`: its key expired (the dead agent's
+/// lease), or its replacement already registered at the new address (a re-run).
+async fn moved_away(
+    spec: &DeploySpec,
+    member: &str,
+    old: &str,
+    timeout: Duration,
+) -> Result<String, DepartedError> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(c) = cluster(spec).await
+            && !members_of(&c)
+                .iter()
+                .any(|m| m.name == member && m.address.as_deref() == Some(old))
+        {
+            return Ok(format!(
+                "no longer listed at {old} after {:.1}s",
+                t0.elapsed().as_secs_f64()
+            ));
+        }
+        if t0.elapsed() > timeout {
+            return Err(DepartedError::Wait {
+                member: member.into(),
+                what: format!("its member key at {old} expires"),
                 timeout,
             });
         }
