@@ -16,7 +16,7 @@ use pgherd::provision::apply::{self};
 mod common;
 use common::deploy::{
     LabGuard, apply_inventory, build_spec, fresh_lab, haproxy_servers, healthy_voters, is_root,
-    leader_with_streaming_replicas, write_lab_inventory,
+    leader_with_streaming_replicas, pgherd_killed_at, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -31,36 +31,6 @@ fn write_inventory(info: &LabInfo, path: &Path, n: usize) {
         .map(|h| (h.name.as_str(), "[postgres, etcd, haproxy]"))
         .collect();
     write_lab_inventory(info, "add", path, &hosts);
-}
-
-/// Runs `pgherd apply -y` and SIGKILLs it as soon as its progress shows `at`; returns whether
-/// it was killed there (rather than finishing first) and its output.
-fn apply_killed_at(state: &Path, inv_path: &Path, at: &str) -> (bool, String) {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
-        .arg("--state-dir")
-        .arg(state)
-        .args(["apply", "-y", "-i"])
-        .arg(inv_path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .expect("pgherd apply");
-    let mut seen = String::new();
-    let mut killed = false;
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let Ok(line) = line else { break };
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains(at) {
-            child.kill().expect("SIGKILL pgherd apply");
-            killed = true;
-            break;
-        }
-    }
-    let _ = child.wait();
-    (killed, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,12 +59,13 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
 
     let info5 = lab::up(&spec5).expect("the lab grows to 5 hosts");
     write_inventory(&info5, &inv_path, 5);
+    let inv_arg = inv_path.to_str().unwrap();
     // Cut twice: during an etcd join, then during the clones.
     for at in [
         "waiting until the learner is started and in sync",
         "waiting until replicas stream",
     ] {
-        let (killed, out) = apply_killed_at(&state, &inv_path, at);
+        let (killed, out) = pgherd_killed_at(&state, &["apply", "-y", "-i", inv_arg], at);
         assert!(killed, "apply finished before reaching {at:?}:\n{out}");
     }
     let (fleet5, r) = apply_inventory(&inv_path, &state).await;

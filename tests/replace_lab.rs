@@ -1,10 +1,16 @@
 //! Replacing failed hosts end to end, on a real namespace lab (subnet 10.232.26.0/24, bridge
-//! `phrep0`) over SSH, by editing the inventory (the dead host out, a new host at a new address
-//! in) and running `apply`, with a write probe through HAProxy's primary port running:
-//! - a replica's host crashed for good → 3 healthy etcd voters (the dead member removed first),
-//!   the replacement streaming, no slot of the old name on the leader, `plan` empty afterwards;
-//! - then the leader's host crashed for good → the agents fail over first (pgherd never
-//!   promotes), then the same replace completes;
+//! `phrep0`) over SSH, with a write probe through HAProxy's primary port running throughout:
+//! - a live host is never replaced: `pgherd replace` of a running replica, and an `apply` of an
+//!   inventory that moves it by hand, are both refused with the evidence (the inventory file
+//!   untouched, the replica still streaming);
+//! - a replica's host crashed for good, replaced under a new name by editing the inventory →
+//!   the run is SIGKILLed twice (at the dead etcd member's removal, during the clone) and the
+//!   next one converges: 3 healthy etcd voters, the replacement streaming, no slot of the old
+//!   name, `plan` empty;
+//! - the leader's host crashed for good → the agents fail over first (pgherd never promotes),
+//!   then `pgherd replace OLDLEADER --address NEW` (cut once during the clone, run again)
+//!   brings the same name back on a new host: its etcd member at the new peer URL, its slot
+//!   (same name) active on the new leader, `plan` empty;
 //! - no acknowledged write lost. Needs root.
 
 use std::path::Path;
@@ -17,7 +23,7 @@ mod common;
 use common::cluster::eventually;
 use common::deploy::{
     LabGuard, apply_inventory, build_spec, fresh_lab, get_json, healthy_voters, is_root,
-    leader_with_streaming_replicas, write_lab_inventory,
+    leader_with_streaming_replicas, pgherd_killed_at, pgherd_run, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -32,50 +38,56 @@ fn write_inventory(info: &LabInfo, path: &Path, hosts: &[&str]) {
     write_lab_inventory(info, "rep", path, &hosts);
 }
 
-/// Physical slot names on the server behind HAProxy's primary port (the leader).
-async fn leader_slots(addr: &str, port: u16, pw: &str) -> Vec<String> {
+/// Slots on the leader (behind HAProxy's primary port at `via`): (name, active).
+async fn leader_slots_active(addr: &str, port: u16, pw: &str) -> Vec<(String, bool)> {
     let c = common::deploy::pg(addr, port, pw).await.expect("leader");
-    c.query("SELECT slot_name::text FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    c.query(
+        "SELECT slot_name::text, active FROM pg_replication_slots",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
-/// Replaces the hosts of the inventory with `hosts`, applies, and checks the end state.
-async fn replace_and_check(
+/// The end state of a replace: `names` (the inventory's, `names[0]` a survivor on lab host
+/// `names[0]`) are the healthy etcd voters, the leader streams to the others, its slots are
+/// exactly the other members' (none of `gone`), all active, and `plan` is empty.
+async fn check_replaced(
     info: &LabInfo,
     inv_path: &Path,
     state: &Path,
-    hosts: &[&str],
-    gone: &str,
+    names: &[&str],
+    gone: Option<&str>,
     pw: &str,
 ) {
-    write_inventory(info, inv_path, hosts);
     let (fleet, r) = apply_inventory(inv_path, state).await;
-    r.unwrap_or_else(|e| panic!("replace {gone}: {e}"));
+    r.unwrap_or_else(|e| panic!("the converging run: {e}"));
     let (_, s) = build_spec(inv_path);
-    let mut names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
-    names.sort();
-    assert_eq!(healthy_voters(fleet[hosts[0]].as_ref()).await, names);
-    let api = format!(
-        "http://{}:{}",
-        info.host(hosts[0]).unwrap().address,
-        s.restapi_port
-    );
-    leader_with_streaming_replicas(&api, hosts.len() - 1).await;
-    let via = &info.host(hosts[0]).unwrap().address;
+    let mut sorted: Vec<String> = names.iter().map(|h| h.to_string()).collect();
+    sorted.sort();
+    assert_eq!(healthy_voters(fleet[names[0]].as_ref()).await, sorted);
+    let via = &info.host(names[0]).unwrap().address;
+    let api = format!("http://{via}:{}", s.restapi_port);
+    let leader = leader_with_streaming_replicas(&api, names.len() - 1).await;
+    let mut want: Vec<String> = sorted.iter().filter(|n| **n != leader).cloned().collect();
+    want.sort();
     let slots = eventually(
         Duration::from_secs(60),
-        "no slot of the replaced member is left",
+        "the leader's slots are the other members', all active",
         || async {
-            let slots = leader_slots(via, s.primary_port, pw).await;
-            (!slots.iter().any(|x| x == gone)).then_some(slots)
+            let mut slots = leader_slots_active(via, s.primary_port, pw).await;
+            slots.sort();
+            let names: Vec<String> = slots.iter().map(|(n, _)| n.clone()).collect();
+            (names == want && slots.iter().all(|(_, a)| *a)).then_some(names)
         },
     )
     .await;
-    assert_eq!(slots.len(), hosts.len() - 1, "{slots:?}");
+    if let Some(g) = gone {
+        assert!(!slots.iter().any(|x| x == g), "{slots:?}");
+    }
     let plan = apply::make_plan(&s, &fleet).await.expect("plan");
     assert!(
         plan.is_noop(),
@@ -85,7 +97,7 @@ async fn replace_and_check(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_hosts_are_replaced_from_the_inventory() {
+async fn failed_hosts_are_replaced_and_live_ones_never() {
     if !is_root() {
         eprintln!("skipped: replace_lab needs root (network namespaces)");
         return;
@@ -99,6 +111,7 @@ async fn failed_hosts_are_replaced_from_the_inventory() {
     let _guard5 = LabGuard(spec5.clone());
     let state = tmp.path().join("st");
     let inv_path = tmp.path().join("lab.yml");
+    let inv_arg = inv_path.to_str().unwrap();
     write_inventory(&info3, &inv_path, &["rep1", "rep2", "rep3"]);
     let (_, r) = apply_inventory(&inv_path, &state).await;
     r.unwrap_or_else(|e| panic!("first apply: {e}"));
@@ -114,23 +127,65 @@ async fn failed_hosts_are_replaced_from_the_inventory() {
         .filter(|h| *h != leader);
     let (replica, survivor) = (others.next().unwrap(), others.next().unwrap());
     let via = info5.host(survivor).unwrap().address.clone();
+    let api = format!("http://{via}:{}", s.restapi_port);
     let probe = WriteProbe::start(&via, s.primary_port, &pw).await;
+    let addr = |h: &str| info5.host(h).unwrap().address.clone();
 
-    // 1. A replica's host dies for good; rep4 (a new address) takes its place.
+    // 0. A live host is never replaced: by the verb, nor by an edited inventory.
+    let before = std::fs::read_to_string(&inv_path).unwrap();
+    let (ok, out) = pgherd_run(
+        &state,
+        &[
+            "replace",
+            replica,
+            "--address",
+            &addr("rep4"),
+            "-y",
+            "-i",
+            inv_arg,
+        ],
+    );
+    assert!(!ok, "replace of a live replica succeeded:\n{out}");
+    assert!(out.contains("still answers"), "{out}");
+    assert!(out.contains("unchanged"), "{out}");
+    assert_eq!(std::fs::read_to_string(&inv_path).unwrap(), before);
+    let moved = before.replace(
+        &format!("address: {}\n", addr(replica)),
+        &format!("address: {}\n", addr("rep4")),
+    );
+    std::fs::write(&inv_path, &moved).unwrap();
+    let (_, r) = apply_inventory(&inv_path, &state).await;
+    let e = r.expect_err("an apply moving a live replica was not refused");
+    assert!(e.contains("still answers"), "{e}");
+    std::fs::write(&inv_path, &before).unwrap();
+    leader_with_streaming_replicas(&api, 2).await;
+
+    // 1. A replica's host dies for good; rep4 (a new name, a new address) takes its place.
+    //    The run is cut twice, then converges.
     lab::crash(&guard.0, replica).expect("crash the replica's host");
     let mut hosts: Vec<&str> = ["rep1", "rep2", "rep3"]
         .into_iter()
         .filter(|h| *h != replica)
         .collect();
     hosts.push("rep4");
-    replace_and_check(&info5, &inv_path, &state, &hosts, replica, &pw).await;
+    write_inventory(&info5, &inv_path, &hosts);
+    for at in [
+        &format!("remove etcd member {replica}"),
+        "waiting until replicas stream",
+    ] {
+        let (killed, out) = pgherd_killed_at(&state, &["apply", "-y", "-i", inv_arg], at);
+        assert!(killed, "apply finished before reaching {at:?}:\n{out}");
+    }
+    let mut names = hosts.clone();
+    names.sort_by_key(|n| *n != survivor);
+    check_replaced(&info5, &inv_path, &state, &names, Some(replica), &pw).await;
     println!(
         "MEASURED replace a dead replica: longest write gap {:.2}s",
         probe.take_max_gap().as_secs_f64()
     );
 
-    // 2. The leader's host dies for good: the agents fail over first, then rep5 replaces it.
-    let api = format!("http://{via}:{}", s.restapi_port);
+    // 2. The leader's host dies for good: the agents fail over first, then the same name
+    //    comes back on rep5's address through `pgherd replace`.
     lab::crash(&guard.0, &leader).expect("crash the leader's host");
     let new_leader = eventually(
         Duration::from_secs(90),
@@ -149,11 +204,29 @@ async fn failed_hosts_are_replaced_from_the_inventory() {
         },
     )
     .await;
-    let mut hosts: Vec<&str> = hosts.into_iter().filter(|h| *h != leader).collect();
-    hosts.push("rep5");
-    replace_and_check(&info5, &inv_path, &state, &hosts, &leader, &pw).await;
+    let new_addr = addr("rep5");
+    let replace = [
+        "replace",
+        leader.as_str(),
+        "--address",
+        &new_addr,
+        "-y",
+        "-i",
+        inv_arg,
+    ];
+    let (killed, out) = pgherd_killed_at(&state, &replace, "waiting until replicas stream");
+    assert!(killed, "replace finished before the clone:\n{out}");
+    let text = std::fs::read_to_string(&inv_path).unwrap();
+    assert!(
+        text.contains(&format!("name: {leader}\n    address: {new_addr}\n")),
+        "the interrupted replace did not leave the edited inventory:\n{text}"
+    );
+    let (ok, out) = pgherd_run(&state, &replace);
+    assert!(ok, "the re-run replace failed:\n{out}");
+    assert!(out.contains("converging"), "{out}");
+    check_replaced(&info5, &inv_path, &state, &names, None, &pw).await;
     println!(
-        "MEASURED leader host lost (failover {new_leader}) and replaced: longest write gap {:.2}s",
+        "MEASURED leader host lost (failover {new_leader}) and replaced under its name: longest write gap {:.2}s",
         probe.take_max_gap().as_secs_f64()
     );
 

@@ -5,6 +5,7 @@
 
 pub mod ctl;
 pub mod drill;
+pub mod replace;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,9 @@ pub enum Command {
     /// Remove a member that left the inventory from the running cluster now (drain, stop and
     /// disable its agent, its key and slot gone); refused while the inventory lists it.
     Remove(RemoveArgs),
+    /// Replace a failed host under the same name: set its address in the inventory to the new
+    /// host's and apply; refused while anything still answers at the old address.
+    Replace(replace::ReplaceArgs),
     /// Stop automatic failover (maintenance); the agents keep reporting.
     Pause(InvArgs),
     /// Turn automatic failover back on.
@@ -371,6 +375,8 @@ pub fn exit_code(e: &anyhow::Error) -> ExitCode {
         .downcast_ref::<SpecError>()
         .is_some_and(SpecError::is_input_error)
         || e.downcast_ref::<crate::inventory::InventoryError>()
+            .is_some()
+        || e.downcast_ref::<crate::inventory::edit::EditError>()
             .is_some();
     if input {
         ExitCode::from(2)
@@ -405,6 +411,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Remove(a) => remove_cmd(&a, &state_dir).await,
+        Command::Replace(a) => replace::replace_cmd(&a, &state_dir).await,
         Command::Drill(a) => {
             let inv = crate::inventory::load(&a.inv.inventory)?;
             println!("{}", drill::run(&inv, &state_dir, a.fault, a.yes).await?);
@@ -746,17 +753,25 @@ fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
 /// Loads the inventory and builds the desired state (no host touched).
 pub fn load_spec(a: &DeployArgs) -> Result<(crate::inventory::Inventory, DeploySpec), SpecError> {
     let inv = crate::inventory::load(&a.inv.inventory)?;
-    let spec = spec::build_with(
-        &inv,
+    let spec = spec_for(a, &inv)?;
+    Ok((inv, spec))
+}
+
+/// The deploy spec of a loaded inventory, with the flags of `a`.
+pub fn spec_for(
+    a: &DeployArgs,
+    inv: &crate::inventory::Inventory,
+) -> Result<DeploySpec, SpecError> {
+    let mut spec = spec::build_with(
+        inv,
         a.agent_binary.as_deref(),
         a.templates.as_deref(),
         a.playbook.as_deref(),
     )?;
-    let mut spec = spec;
     if let Some(e) = &mut spec.etcd {
         e.allow_degraded = a.allow_degraded_etcd;
     }
-    Ok((inv, spec))
+    Ok(spec)
 }
 
 /// Connects to every host of the inventory; all must succeed (else an error naming each
@@ -819,6 +834,21 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     let mut tm = Timings::new(a.deploy.timings);
     let (inv, spec) = load_spec(&a.deploy)?;
     tm.mark("inventory, templates, agent binary");
+    apply_loaded(a, state_dir, &inv, &spec, (t0, tm), || Ok(())).await
+}
+
+/// `apply` from a loaded inventory: facts, plan (printed), the refusals, confirmation, then
+/// `before_writes` (the one point where a verb that edits the inventory writes it: after
+/// every gate passed, before any host is changed), the day-2 lock and the run.
+async fn apply_loaded(
+    a: &ApplyArgs,
+    state_dir: &Path,
+    inv: &crate::inventory::Inventory,
+    spec: &DeploySpec,
+    (t0, mut tm): (Instant, Timings),
+    before_writes: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (inv, spec) = (inv, spec);
     let fleet = connect(&inv, state_dir).await?;
     tm.mark("connect (ssh)");
     let (mut facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
@@ -840,7 +870,11 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
         )
     );
     print!("{}", report::render_order(&stages, &spec.playbook_origin));
+    if let Some(e) = apply::refusal(spec, &plan) {
+        return Err(e.into());
+    }
     if plan.is_noop() {
+        before_writes()?;
         println!("nothing to do ({:.1}s)", t0.elapsed().as_secs_f64());
         return Ok(());
     }
@@ -852,6 +886,7 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
             anyhow::bail!("aborted, nothing changed");
         }
     }
+    before_writes()?;
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(a.wait_timeout),
         progress: true,

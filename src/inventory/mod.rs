@@ -6,6 +6,7 @@
 //! Passwords are not in the inventory: they live in a secrets file next to it (see
 //! [`secrets`]), generated on first use.
 
+pub mod edit;
 pub mod error;
 pub mod model;
 pub mod profile;
@@ -26,12 +27,18 @@ pub use secrets::{ClusterSecrets, Secret, SecretsFile};
 /// default `<stem>.secrets.yml` next to the inventory) is read, missing passwords are generated
 /// and written back with mode 0600.
 pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
-    let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| InventoryError::Read {
-        path: shown.clone(),
+        path: path.display().to_string(),
         source,
     })?;
-    let raw = parse_raw(&text, &shown)?;
+    load_text(path, &text)
+}
+
+/// Like [`load`], with the inventory's text given (an edit not yet written to `path`, see
+/// [`edit`]); errors and the secrets file are those of `path`.
+pub fn load_text(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
+    let shown = path.display().to_string();
+    let raw = parse_raw(text, &shown)?;
     let secrets_path = secrets_path(path, raw.secrets_file.as_deref());
     let sp = secrets_path.clone();
     model::build(raw, &shown, secrets_path, move |users| {

@@ -289,14 +289,22 @@ pub async fn facts_and_plan(
     let cluster = gather_cluster(spec, fleet, &mut facts).await?;
     let plan = plan::plan_with_cluster(spec, &facts, &cluster)
         .map_err(dcs_config::ClusterConfigError::from)?;
-    if let Some(e) = departure_refusal(spec, &plan) {
+    if let Some(e) = refusal(spec, &plan) {
         return Err(e);
     }
-    // A refused membership change stops the run before any host is touched.
-    if let Some(Err(r)) = &plan.cluster.etcd {
-        return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
-    }
     Ok((facts, plan))
+}
+
+/// Why `plan` must not run, checked before any host is touched: a refused departure or move
+/// (see [`departure_refusal`]), or a refused etcd membership change.
+pub fn refusal(spec: &DeploySpec, plan: &Plan) -> Option<ProvisionError> {
+    if let Some(e) = departure_refusal(spec, plan) {
+        return Some(e);
+    }
+    match &plan.cluster.etcd {
+        Some(Err(r)) => Some(super::etcd_members::EtcdMembersError::Refused(r.clone()).into()),
+        _ => None,
+    }
 }
 
 /// A refused departure (the departing member leads, sync capacity, paused, several at once)
@@ -674,12 +682,8 @@ pub async fn execute(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ProvisionError> {
     let started = Instant::now();
-    if let Some(e) = departure_refusal(spec, &plan) {
+    if let Some(e) = refusal(spec, &plan) {
         return Err(e);
-    }
-    // A refused membership change stops the run before any host is touched.
-    if let Some(Err(r)) = &plan.cluster.etcd {
-        return Err(super::etcd_members::EtcdMembersError::Refused(r.clone()).into());
     }
     // Planned membership changes need the step that makes them (a joining host's etcd.conf
     // and start are left to it), or the run would report success for what it did not do.

@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::types::MemberName;
 
-pub use step::{DepartedError, gather, run};
+pub use step::{DepartedError, gather, run, still_answers};
 
 /// One member as `GET /cluster` lists it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

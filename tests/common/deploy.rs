@@ -266,3 +266,53 @@ pub async fn haproxy_servers(fleet: &Fleet, host: &str, backend: &str) -> Vec<St
     v.sort();
     v
 }
+
+/// Runs `pgherd --state-dir STATE ARGS` and SIGKILLs it as soon as its progress (stderr)
+/// shows `at`; returns whether it was killed there (rather than finishing first) and its
+/// output.
+pub fn pgherd_killed_at(state: &std::path::Path, args: &[&str], at: &str) -> (bool, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("pgherd");
+    let mut seen = String::new();
+    let mut killed = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(at) {
+            child.kill().expect("SIGKILL pgherd");
+            killed = true;
+            break;
+        }
+    }
+    let _ = child.wait();
+    (killed, seen)
+}
+
+/// Runs `pgherd --state-dir STATE ARGS` to its end: whether it exited 0, and its stdout and
+/// stderr.
+pub fn pgherd_run(state: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgherd"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("pgherd");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -118,7 +118,7 @@ pub async fn gather(
 /// What answers at a moved member's old address: its REST API (any HTTP answer) or its SSH
 /// port (a TCP connection accepted). Each probe is bounded by [`MOVED_PROBE_TIMEOUT`], so a
 /// dead host costs that long once, never a wait on it.
-async fn still_answers(old: &str, api_url: Option<&str>, ssh_port: u16) -> Vec<String> {
+pub async fn still_answers(old: &str, api_url: Option<&str>, ssh_port: u16) -> Vec<String> {
     let rest = async {
         let url = api_url?;
         let http = reqwest::Client::builder()

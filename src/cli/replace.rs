@@ -1,0 +1,117 @@
+//! `pgherd replace NAME --address A`: a failed host replaced under the same name. It is the
+//! inventory edit an operator would make (NAME's `address:` set to A), followed by the `apply`
+//! of the edited inventory, with one more gate in front: the old address must be dead.
+//!
+//! Why the gate: the replacement runs an agent, an etcd member and a replication slot under
+//! NAME. If the old host still ran, two nodes would share one identity and the cluster could
+//! not tell them apart (two agents racing for one member key; a second etcd member under the
+//! same name). So the old address is probed directly (REST API, SSH port), and the apply's
+//! own move gate adds the DCS and etcd evidence (see [`crate::provision::departed::Moved`]).
+//!
+//! Order, so that a refusal leaves nothing behind: the edited text is loaded and planned in
+//! memory; the inventory file is written (atomically) only once every gate passed and the
+//! operator confirmed, right before the first host is changed. A re-run with the same address
+//! finds the inventory already edited and converges like `apply` (an interrupted replace).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::{ApplyArgs, Timings, apply_loaded, spec_for};
+use crate::inventory::{self, edit};
+use crate::provision::departed;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplaceArgs {
+    #[command(flatten)]
+    pub apply: ApplyArgs,
+    /// The host to replace (its name, kept: the same member, slot and etcd name).
+    pub name: String,
+    /// The replacement's address (the old host at the inventory's address must be dead).
+    #[arg(long)]
+    pub address: String,
+}
+
+pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let mut tm = Timings::new(a.apply.deploy.timings);
+    let path = &a.apply.deploy.inv.inventory;
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {origin}"))?;
+    let current = inventory::load_text(path, &text)?;
+    let Some(host) = current.host(&a.name) else {
+        anyhow::bail!(
+            "{} is not a host of {origin}: `pgherd replace` keeps a host's name; to add a host under a new name, add it to the inventory and run `pgherd apply`; nothing changed",
+            a.name
+        );
+    };
+    let old = host.address.clone();
+    let edited = edit::set_host_address(&text, &origin, &a.name, &a.address)?;
+    if old == a.address {
+        println!(
+            "{origin} already has {} at {}: converging (a re-run of an interrupted replace)",
+            a.name, a.address
+        );
+    } else {
+        let api = if old.contains(':') {
+            format!("http://[{old}]:{}/patroni", current.agent.restapi_port)
+        } else {
+            format!("http://{old}:{}/patroni", current.agent.restapi_port)
+        };
+        let alive = departed::still_answers(&old, Some(&api), host.ssh.port).await;
+        if !alive.is_empty() {
+            anyhow::bail!(
+                "{}: {old} still answers ({}): pgherd replaces only a dead host, or two nodes would run as {}. Stop it there first (or remove it with `pgherd remove` and add the new host under a new name); {origin} unchanged, nothing changed",
+                a.name,
+                alive.join("; "),
+                a.name
+            );
+        }
+        println!(
+            "{}: {old} is silent (REST API, SSH port): replacing it with {}",
+            a.name, a.address
+        );
+    }
+    let inv = inventory::load_text(path, &edited)?;
+    let spec = spec_for(&a.apply.deploy, &inv)?;
+    tm.mark("inventory, templates, agent binary");
+    let write = || -> anyhow::Result<()> {
+        if edited == text {
+            return Ok(());
+        }
+        write_atomically(path, &edited).with_context(|| format!("writing {origin}"))?;
+        println!("{origin}: {} address {old} -> {}", a.name, a.address);
+        Ok(())
+    };
+    let r = apply_loaded(&a.apply, state_dir, &inv, &spec, (t0, tm), write).await;
+    if r.is_err() && std::fs::read_to_string(path).ok().as_deref() == Some(&text) {
+        eprintln!("{origin} unchanged");
+    }
+    r
+}
+
+/// Replaces `path` with `text` through a temporary file in the same directory (same
+/// permissions), so that a crash leaves the old or the new inventory, never half of one.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string());
+    let tmp = path.with_file_name(format!(
+        ".{}.pgherd-{}.tmp",
+        name.unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            std::fs::set_permissions(&tmp, meta.permissions())?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
