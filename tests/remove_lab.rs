@@ -20,17 +20,14 @@ use std::time::Duration;
 
 use pgherd::lab::{self, LabSpec};
 use pgherd::provision::apply::{self, ApplyReport, Fleet};
-use pgherd::provision::dcs_config::psql_command;
-use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::rolling::haproxy::haproxy_admin_command;
-use pgherd::provision::services::Service;
 use pgherd::transport::{SshTransport, Transport};
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    apply_inventory_within, build_spec, fresh_lab, get_json, is_root,
-    leader_with_streaming_replicas, write_lab_inventory,
+    agent_state_check, apply_inventory_within, build_spec, fresh_lab, get_json, is_root,
+    leader_with_streaming_replicas, sql_on, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -57,14 +54,6 @@ async fn members(api: &str) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-async fn sql(s: &DeploySpec, t: &dyn Transport, host: &str, q: &str) -> String {
-    let cmd = psql_command(s, host, q).expect("psql command");
-    t.run_ok(&cmd, Duration::from_secs(20))
-        .await
-        .unwrap_or_else(|e| panic!("SQL on {host}: {e}"))
-        .stdout_str()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +138,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     // 4. The removal of a replica by deleting it from the inventory and applying.
     let slot_sql = "select count(*) from pg_replication_slots where slot_name = 'rm4'";
     assert_eq!(
-        sql(&s, fleet[leader.as_str()].as_ref(), &leader, slot_sql)
+        sql_on(&s, fleet[leader.as_str()].as_ref(), &leader, slot_sql)
             .await
             .trim(),
         "1",
@@ -166,7 +155,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
     assert!(!ms.iter().any(|(n, _)| n == "rm4"), "{ms:?}");
     assert_eq!(leader_with_streaming_replicas(&api, 2).await, leader);
     assert_eq!(
-        sql(&s3, fleet3[leader.as_str()].as_ref(), &leader, slot_sql)
+        sql_on(&s3, fleet3[leader.as_str()].as_ref(), &leader, slot_sql)
             .await
             .trim(),
         "0",
@@ -188,7 +177,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
             "HAProxy on {h} still has rm4:\n{state}"
         );
         assert!(state.split_whitespace().any(|w| w == "rm2"), "{state}");
-        let hba = sql(
+        let hba = sql_on(
             &s3,
             t,
             h,
@@ -202,12 +191,7 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         assert!(hba.contains(&addr("rm2")), "{h}: {hba}");
     }
     // rm4's agent is stopped, and stays stopped when its host boots again.
-    let check = format!(
-        "pgrep -x pgherd-agent >/dev/null && echo agent || echo no-agent; \
-         pgrep -f '[s]upervise pgherd-agent' >/dev/null && echo sup || echo no-sup; \
-         [ -e {run} ] && echo run || echo no-run",
-        run = Service::Agent.run_file()
-    );
+    let check = agent_state_check();
     let ssh = |h: &str| {
         let hs = info.host_spec(h).unwrap();
         let state = state.clone();

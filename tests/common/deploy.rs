@@ -250,6 +250,22 @@ pub fn write_lab_inventory(
 
 /// Server names of `backend` in `host`'s HAProxy (`show servers state`), sorted.
 pub async fn haproxy_servers(fleet: &Fleet, host: &str, backend: &str) -> Vec<String> {
+    haproxy_servers_where(fleet, host, backend, |_| true).await
+}
+
+/// The servers of `backend` that `host`'s HAProxy routes to now (operational state 2,
+/// running: its health check passes), sorted.
+pub async fn haproxy_servers_up(fleet: &Fleet, host: &str, backend: &str) -> Vec<String> {
+    // `show servers state` columns: be_id be_name srv_id srv_name srv_addr srv_op_state ...
+    haproxy_servers_where(fleet, host, backend, |cols| cols.get(5) == Some(&"2")).await
+}
+
+async fn haproxy_servers_where(
+    fleet: &Fleet,
+    host: &str,
+    backend: &str,
+    keep: impl Fn(&[&str]) -> bool,
+) -> Vec<String> {
     let cmd = pgherd::provision::rolling::haproxy::haproxy_admin_command(&format!(
         "show servers state {backend}"
     ));
@@ -261,7 +277,9 @@ pub async fn haproxy_servers(fleet: &Fleet, host: &str, backend: &str) -> Vec<St
     let mut v: Vec<String> = out
         .lines()
         .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|cols| keep(cols))
+        .filter_map(|cols| cols.get(3).map(|s| s.to_string()))
         .collect();
     v.sort();
     v
@@ -314,5 +332,25 @@ pub fn pgherd_run(state: &std::path::Path, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
+    )
+}
+
+/// The result of SQL `q` run by psql on `host` (over its transport `t`), as text.
+pub async fn sql_on(s: &DeploySpec, t: &dyn Transport, host: &str, q: &str) -> String {
+    let cmd = pgherd::provision::dcs_config::psql_command(s, host, q).expect("psql command");
+    t.run_ok(&cmd, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("SQL on {host}: {e}"))
+        .stdout_str()
+}
+
+/// A shell check printing `agent|no-agent sup|no-sup run|no-run`: whether pgherd-agent runs,
+/// its supervisor loop runs, and its run file (start at boot) exists.
+pub fn agent_state_check() -> String {
+    format!(
+        "pgrep -x pgherd-agent >/dev/null && echo agent || echo no-agent; \
+         pgrep -f '[s]upervise pgherd-agent' >/dev/null && echo sup || echo no-sup; \
+         [ -e {run} ] && echo run || echo no-run",
+        run = Service::Agent.run_file()
     )
 }
