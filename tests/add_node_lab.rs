@@ -3,20 +3,27 @@
 //! the edited inventory, with a write probe through HAProxy's primary port running throughout.
 //! Proves: 5 healthy etcd voters, the leader kept and 4 streaming replicas (the running members
 //! admitted the new ones in pg_hba before they cloned), every HAProxy (old and new) has a server
-//! for every member, no acknowledged write lost and no write refused, a second apply plans
-//! nothing. The grow is first cut twice — `pgherd apply` SIGKILLed while a new etcd member
-//! joins, and again while the new replicas clone — and the next run converges (it waits for the
-//! killed run's day-2 lock to lapse). Needs root.
+//! for every member and routes writes to the leader and reads to the 4 replicas (health checks
+//! passing), no acknowledged write lost and no write refused, a second apply plans nothing.
+//! The grow is first cut twice — `pgherd apply` SIGKILLed while a new etcd member joins, and
+//! again while the new replicas clone — and the next run converges (it waits for the killed
+//! run's day-2 lock to lapse). Then back to 3: the two new postgres + etcd replicas leave the
+//! inventory; refused while a remaining etcd member is unhealthy (nothing changed), then
+//! removed from the DCS, etcd, slots, HAProxy and pg_hba, their agent and etcd stopped and not
+//! started at boot. Needs root.
 
 use std::path::Path;
+use std::time::Duration;
 
 use pgherd::lab::{self, LabInfo, LabSpec};
 use pgherd::provision::apply::{self};
 
 mod common;
+use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, apply_inventory, build_spec, fresh_lab, haproxy_servers, healthy_voters, is_root,
-    leader_with_streaming_replicas, pgherd_killed_at, write_lab_inventory,
+    LabGuard, agent_state_check, apply_inventory, build_spec, fresh_lab, get_json, haproxy_servers,
+    haproxy_servers_up, healthy_voters, is_root, leader_with_streaming_replicas, pgherd_killed_at,
+    sql_on, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -83,6 +90,21 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
             );
         }
     }
+    // Every HAProxy routes writes to the leader and reads to the four replicas (their health
+    // checks pass, not only their server lines exist).
+    let replicas: Vec<String> = names.iter().filter(|n| **n != leader).cloned().collect();
+    for h in &names {
+        eventually(
+            Duration::from_secs(60),
+            "HAProxy routes to the leader and every replica",
+            || async {
+                (haproxy_servers_up(&fleet5, h, "add_primary").await == [leader.clone()]
+                    && haproxy_servers_up(&fleet5, h, "add_replicas").await == replicas)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
     let (_, s5) = build_spec(&inv_path);
     let plan = apply::make_plan(&s5, &fleet5).await.expect("plan");
     assert!(
@@ -101,5 +123,142 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
         report.failures
     );
     assert_eq!(report.failures, 0, "writes were refused during the grow");
+
+    shrink_back_to_three(&info5, &inv_path, &state, &leader, &pw).await;
     drop(guard);
+}
+
+/// 5 → 3: the two new hosts (postgres + etcd replicas) leave the inventory. First refused while
+/// a remaining etcd member is not healthy (its etcd frozen by SIGSTOP: a membership change then
+/// risks quorum), with nothing changed; then, once it is back, one apply removes both: gone
+/// from the DCS, etcd, the leader's slots, every HAProxy and every pg_hba; their agents and
+/// etcd stopped and not started at boot; the leader kept; `plan` empty; no write lost.
+async fn shrink_back_to_three(
+    info5: &LabInfo,
+    inv_path: &Path,
+    state: &Path,
+    leader: &str,
+    pw: &str,
+) {
+    let (_, s5) = build_spec(inv_path);
+    let via = info5.hosts[0].address.clone();
+    let api = format!("http://{via}:{}", s5.restapi_port);
+    let probe = WriteProbe::start(&via, s5.primary_port, pw).await;
+    let fleet5 = pgherd::cli::connect(&build_spec(inv_path).0, state)
+        .await
+        .expect("connect");
+    let frozen = ["add2", "add3"].into_iter().find(|h| *h != leader).unwrap();
+    let freeze = |sig: &'static str| {
+        let t = fleet5[frozen].clone();
+        async move {
+            t.run_ok(&format!("pkill -{sig} -x etcd"), Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|e| panic!("pkill -{sig} etcd: {e}"));
+        }
+    };
+    write_inventory(info5, inv_path, 3);
+    freeze("STOP").await;
+    let (_, r) = apply_inventory(inv_path, state).await;
+    freeze("CONT").await;
+    let err = r.expect_err("a membership change with an unhealthy remaining member is refused");
+    assert!(err.contains(frozen) && err.contains("not healthy"), "{err}");
+    let all: Vec<String> = info5.hosts.iter().map(|h| h.name.clone()).collect();
+    let voters = eventually(Duration::from_secs(60), "etcd healthy again", || async {
+        let v = healthy_voters(fleet5["add1"].as_ref()).await;
+        (v.len() == 5).then_some(v)
+    })
+    .await;
+    assert_eq!(voters, all, "the refused run changed etcd membership");
+    assert_eq!(leader_with_streaming_replicas(&api, 4).await, leader);
+
+    let (fleet3, r) = apply_inventory(inv_path, state).await;
+    let report = r.unwrap_or_else(|e| panic!("shrink apply: {e}"));
+    for d in &report.done {
+        eprintln!("[{}] {}: {}", d.0, d.1, d.2);
+    }
+    let (_, s3) = build_spec(inv_path);
+    let three = ["add1", "add2", "add3"];
+    assert_eq!(healthy_voters(fleet3["add1"].as_ref()).await, three);
+    assert_eq!(leader_with_streaming_replicas(&api, 2).await, leader);
+    let members = get_json(&format!("{api}/cluster"))
+        .await
+        .expect("GET /cluster");
+    let mut listed: Vec<&str> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, three, "DCS members");
+    let slots = sql_on(
+        &s3,
+        fleet3[leader].as_ref(),
+        leader,
+        "select coalesce(string_agg(slot_name::text, ' ' order by slot_name), '') from pg_replication_slots",
+    )
+    .await;
+    let mut want: Vec<&str> = three.into_iter().filter(|h| *h != leader).collect();
+    want.sort();
+    assert_eq!(
+        slots.split_whitespace().collect::<Vec<_>>(),
+        want,
+        "the leader's slots"
+    );
+    let gone = [
+        info5.hosts[3].address.clone(),
+        info5.hosts[4].address.clone(),
+    ];
+    for h in three {
+        for backend in ["add_primary", "add_replicas"] {
+            assert_eq!(
+                haproxy_servers(&fleet3, h, backend).await,
+                three,
+                "{h}: HAProxy {backend}"
+            );
+        }
+        let hba = sql_on(
+            &s3,
+            fleet3[h].as_ref(),
+            h,
+            "select coalesce(string_agg(address, ' '), '') from pg_hba_file_rules",
+        )
+        .await;
+        for a in &gone {
+            assert!(
+                !hba.split([' ', ',', '\n']).any(|x| x == a),
+                "{h}'s pg_hba still admits {a}: {hba}"
+            );
+        }
+    }
+    let check = format!(
+        "{}; pgrep -x etcd >/dev/null && echo etcd || echo no-etcd",
+        agent_state_check()
+    );
+    for h in ["add4", "add5"] {
+        let out = fleet5[h]
+            .run_ok(&check, Duration::from_secs(20))
+            .await
+            .unwrap()
+            .stdout_str();
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            ["no-agent", "no-sup", "no-run", "no-etcd"],
+            "{h}: {out}"
+        );
+    }
+    let plan = apply::make_plan(&s3, &fleet3).await.expect("plan");
+    assert!(
+        plan.is_noop(),
+        "{}",
+        pgherd::provision::report::render_plan(&plan, Default::default())
+    );
+    let report = probe.stop().await;
+    let lost = lost_writes(&via, s5.primary_port, pw, &report.acked).await;
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(!report.acked.is_empty());
+    println!(
+        "MEASURED 5 → 3 hosts: longest write gap {:.2}s",
+        report.max_gap.as_secs_f64()
+    );
 }
