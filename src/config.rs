@@ -260,6 +260,14 @@ pub struct WatchdogConfig {
     pub device: PathBuf,
     #[serde(default = "default_safety_margin")]
     pub safety_margin: i64,
+    /// pgherd's extension: without a usable `device`, guard the leader with the fence process
+    /// (see [`crate::watchdog::fence`]); default on.
+    #[serde(default = "default_true")]
+    pub fence: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for WatchdogConfig {
@@ -268,6 +276,7 @@ impl Default for WatchdogConfig {
             mode: WatchdogMode::Automatic,
             device: default_wd_device(),
             safety_margin: default_safety_margin(),
+            fence: true,
         }
     }
 }

@@ -14,8 +14,10 @@ async fn log_file_has_no_escape_codes_and_an_unusable_watchdog_is_logged_once() 
     opts.nodes = 1;
     // `automatic`: the leader keeps leading without a watchdog and retries the device every
     // cycle (loop_wait = 1 s), which used to log the same warning every cycle.
-    opts.watchdog =
-        vec!["watchdog:\n  mode: automatic\n  device: /dev/pgherd-no-such-watchdog\n".into()];
+    opts.watchdog = vec![
+        "watchdog:\n  mode: automatic\n  device: /dev/pgherd-no-such-watchdog\n  fence: false\n"
+            .into(),
+    ];
     let mut c = Cluster::new(opts);
     c.start_all();
     let log_path = c.nodes[0].log();

@@ -327,8 +327,10 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
 async fn watchdog_required_without_a_usable_device_never_takes_leadership() {
     let mut opts = ClusterOpts::new("wdreq", 27500);
     opts.nodes = 1;
-    opts.watchdog =
-        vec!["watchdog:\n  mode: required\n  device: /dev/pgherd-no-such-watchdog\n".into()];
+    opts.watchdog = vec![
+        "watchdog:\n  mode: required\n  device: /dev/pgherd-no-such-watchdog\n  fence: false\n"
+            .into(),
+    ];
     let mut c = Cluster::new(opts);
     c.start_all();
     // Give it several cycles: it must never report itself as leader.

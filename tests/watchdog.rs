@@ -54,21 +54,23 @@ fn device_from_config_picks_the_driver() {
         mode: WatchdogMode::Required,
         device: PathBuf::from(format!("file:{}", file.display())),
         safety_margin: 5,
+        fence: false,
     };
-    let mut wd = device_from_config(&cfg);
+    let pgdata = dir.path().join("data");
+    let mut wd = device_from_config(&cfg, &pgdata);
     wd.open(Duration::from_secs(3)).unwrap();
     assert!(wd.is_open() && file.exists());
     wd.close();
     cfg.mode = WatchdogMode::Off;
     assert!(
-        device_from_config(&cfg)
+        device_from_config(&cfg, &pgdata)
             .open(Duration::from_secs(3))
             .is_err()
     );
     cfg.mode = WatchdogMode::Automatic;
     cfg.device = PathBuf::from("/nonexistent/watchdog0");
     assert!(matches!(
-        device_from_config(&cfg).open(Duration::from_secs(3)),
+        device_from_config(&cfg, &pgdata).open(Duration::from_secs(3)),
         Err(WatchdogError::Unusable(..))
     ));
 }

@@ -73,7 +73,7 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
         cfg.postgresql.pre_promote.clone(),
         cfg.postgresql.before_stop.clone(),
     ));
-    let watchdog = crate::watchdog::device_from_config(&cfg.watchdog);
+    let watchdog = crate::watchdog::device_from_config(&cfg.watchdog, &cfg.postgresql.data_dir);
     let mut probe = crate::peers::HttpPeerProbe::new();
     if let Some(a) = &cfg.restapi.authentication {
         probe = probe.with_auth(a.username.clone(), a.password.clone());

@@ -15,10 +15,26 @@ struct Args {
     /// Only check the configuration file and exit (0 when valid).
     #[arg(long, value_name = "FILE")]
     validate_config: Option<PathBuf>,
+    /// Run as the fence process on state file STATE (started by the agent itself when the
+    /// host has no watchdog device; see `pgherd::watchdog::fence`).
+    #[arg(long, value_name = "STATE", requires = "fence_pgdata", hide = true)]
+    fence: Option<PathBuf>,
+    /// The data directory the fence guards.
+    #[arg(long, value_name = "DIR", hide = true)]
+    fence_pgdata: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let (Some(state), Some(pgdata)) = (&args.fence, &args.fence_pgdata) {
+        return match pgherd::watchdog::fence::run(state, pgdata) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: fence {}: {e}", state.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(path) = args.validate_config {
         return match pgherd::config::AgentConfig::load(&path) {
             Ok(_) => {

@@ -848,16 +848,15 @@ async fn apply_loaded(
     (t0, mut tm): (Instant, Timings),
     before_writes: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let (inv, spec) = (inv, spec);
-    let fleet = connect(&inv, state_dir).await?;
+    let fleet = connect(inv, state_dir).await?;
     tm.mark("connect (ssh)");
-    let (mut facts, took) = apply::gather_all_timed(&spec, &fleet).await?;
+    let (mut facts, took) = apply::gather_all_timed(spec, &fleet).await?;
     tm.facts(&took);
-    let cluster = apply::gather_cluster(&spec, &fleet, &mut facts).await?;
+    let cluster = apply::gather_cluster(spec, &fleet, &mut facts).await?;
     tm.mark("cluster facts (agents, DCS config, pg_settings)");
-    let plan = crate::provision::plan::plan_with_cluster(&spec, &facts, &cluster)
+    let plan = crate::provision::plan::plan_with_cluster(spec, &facts, &cluster)
         .map_err(crate::provision::dcs_config::ClusterConfigError::from)?;
-    let stages = apply::stages(&spec, &plan, &facts)?;
+    let stages = apply::stages(spec, &plan, &facts)?;
     tm.mark("plan");
     print!(
         "{}",
@@ -893,8 +892,8 @@ async fn apply_loaded(
         max_parallel: a.forks,
         ssh_control_dir: Some(state_dir.to_path_buf()),
     };
-    let lock = day2_lock(&inv, "pgherd apply").await?;
-    let report = apply::execute(&spec, &fleet, plan, &facts, &opts).await;
+    let lock = day2_lock(inv, "pgherd apply").await?;
+    let report = apply::execute(spec, &fleet, plan, &facts, &opts).await;
     if let Some(l) = lock {
         l.release().await;
     }

@@ -1,9 +1,12 @@
 //! The watchdog: a device that resets the host unless pinged, so that a primary whose agent
-//! hangs cannot outlive its leader lease.
+//! hangs cannot outlive its leader lease — or, where the host has no device, the [`fence`]
+//! process that stops PostgreSQL instead.
 //!
-//! [`WatchdogDevice`] is the narrow driver trait (Linux `/dev/watchdog` ioctls, or a test
-//! device); the mode logic (off / automatic / required, timeout = ttl − safety_margin) sits on
-//! top of it.
+//! [`WatchdogDevice`] is the narrow driver trait (Linux `/dev/watchdog` ioctls, the fence, or a
+//! test device); the mode logic (off / automatic / required, timeout = ttl − safety_margin)
+//! sits on top of it, in the HA loop.
+
+pub mod fence;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -25,9 +28,14 @@ pub enum WatchdogError {
 /// - `open` opens the device and sets its timeout; after it returns `Ok`, the device resets the
 ///   host unless `keepalive` is called within `timeout`.
 /// - `close` writes the magic close character `V` and closes, disarming it.
+/// - `keepalive_since(sent)` is a keepalive for a renewal sent at `sent`: a driver that can
+///   count its timeout from then (the fence) does; a device counts from the call.
 pub trait WatchdogDevice: Send {
     fn open(&mut self, timeout: Duration) -> Result<(), WatchdogError>;
     fn keepalive(&mut self) -> Result<(), WatchdogError>;
+    fn keepalive_since(&mut self, _sent: std::time::Instant) -> Result<(), WatchdogError> {
+        self.keepalive()
+    }
     fn close(&mut self);
     fn is_open(&self) -> bool;
 }
@@ -49,15 +57,87 @@ const WDIOC_KEEPALIVE: u32 = (2 << 30) | (4 << 16) | ((b'W' as u32) << 8) | 5;
 ///   regular file or a FIFO read by a test "hardware" process, see [`FileWatchdogHardware`]);
 /// - otherwise → [`LinuxWatchdog`] on that device (default `/dev/watchdog`).
 ///
+/// - `device: fence` → the [`fence`] only;
+/// - otherwise → [`LinuxWatchdog`] on that device (default `/dev/watchdog`), falling back to the
+///   [`fence`] when the device cannot be opened (unless `fence: false`).
+///
 /// The mode logic (automatic vs required, timeout = ttl − safety_margin) is the HA loop's.
-pub fn device_from_config(cfg: &WatchdogConfig) -> Box<dyn WatchdogDevice> {
+pub fn device_from_config(cfg: &WatchdogConfig, pgdata: &Path) -> Box<dyn WatchdogDevice> {
     if cfg.mode == WatchdogMode::Off {
         return Box::new(NullWatchdog);
     }
+    let fence = || fence::FenceWatchdog::new(fence::FenceWatchdog::default_state(pgdata), pgdata);
     let dev = cfg.device.to_string_lossy();
+    if dev == "fence" {
+        return Box::new(fence());
+    }
     match dev.strip_prefix("file:") {
         Some(path) => Box::new(FileWatchdog::new(path)),
-        None => Box::new(LinuxWatchdog::new(&cfg.device)),
+        None => Box::new(DeviceOrFence {
+            device: LinuxWatchdog::new(&cfg.device),
+            fence: cfg.fence.then(fence),
+            on_fence: false,
+        }),
+    }
+}
+
+/// A watchdog device when it can be opened, else the fence (see [`device_from_config`]).
+pub struct DeviceOrFence {
+    device: LinuxWatchdog,
+    fence: Option<fence::FenceWatchdog>,
+    on_fence: bool,
+}
+
+impl DeviceOrFence {
+    fn active(&mut self) -> &mut dyn WatchdogDevice {
+        match (&mut self.fence, self.on_fence) {
+            (Some(f), true) => f,
+            _ => &mut self.device,
+        }
+    }
+}
+
+impl WatchdogDevice for DeviceOrFence {
+    fn open(&mut self, timeout: Duration) -> Result<(), WatchdogError> {
+        let device_err = match self.device.open(timeout) {
+            Ok(()) => {
+                self.on_fence = false;
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        let Some(f) = &mut self.fence else {
+            return Err(device_err);
+        };
+        match f.open(timeout) {
+            Ok(()) => {
+                self.on_fence = true;
+                tracing::info!(
+                    device = %device_err,
+                    "no watchdog device: the fence process guards this leader (it stops PostgreSQL if the agent stops renewing)"
+                );
+                Ok(())
+            }
+            Err(e) => Err(WatchdogError::Unusable(
+                "device and fence".into(),
+                format!("{device_err}; {e}"),
+            )),
+        }
+    }
+    fn keepalive(&mut self) -> Result<(), WatchdogError> {
+        self.active().keepalive()
+    }
+    fn keepalive_since(&mut self, sent: std::time::Instant) -> Result<(), WatchdogError> {
+        self.active().keepalive_since(sent)
+    }
+    fn close(&mut self) {
+        self.active().close();
+    }
+    fn is_open(&self) -> bool {
+        match (&self.fence, self.on_fence) {
+            (Some(f), true) => f.is_open(),
+            _ => self.device.is_open(),
+        }
     }
 }
 

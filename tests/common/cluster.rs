@@ -472,6 +472,16 @@ impl Drop for Cluster {
         for i in 0..self.nodes.len() {
             self.kill_agent(i);
             self.kill_postgres(i);
+            // The agents' fence processes (their own sessions: they outlive the agents on
+            // purpose) go too, before the directory they write in is removed.
+            let mut pid_file = self.nodes[i].data_dir().into_os_string();
+            pid_file.push(".fence.pid");
+            if let Some(pid) = std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
         }
     }
 }

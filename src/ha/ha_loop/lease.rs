@@ -62,7 +62,7 @@ impl HaLoop {
                 let pet = {
                     let mut wd = self.wd();
                     if wd.is_open() {
-                        Some(wd.keepalive())
+                        Some(wd.keepalive_since(sent.into_std()))
                     } else {
                         None
                     }

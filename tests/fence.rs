@@ -1,0 +1,234 @@
+//! Fencing without a watchdog device, on real etcd + PostgreSQL 15 + agents on loopback
+//! (ports 29500+): `watchdog: automatic` with no device, so the fence process guards the leader.
+//! Two faults that used to leave two writable primaries (the agent gone or frozen, PostgreSQL
+//! left running):
+//! 1. the leader's agent frozen (SIGSTOP): the agent process stays (frozen), its PostgreSQL is
+//!    stopped by the fence, and the last write the old primary accepted (server clock) comes
+//!    before the first write the new primary accepts — direct writes to both nodes run
+//!    throughout; after SIGCONT the old leader rejoins as a replica with the new leader's rows;
+//! 2. the new leader's agent SIGKILLed: the same, then a fresh agent rejoins it.
+//!
+//! Needs root (PostgreSQL runs as the postgres user); skipped with a message otherwise.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+mod common;
+use common::cluster::{Cluster, ClusterOpts, SUPERUSER_PW, eventually, postmaster_pid};
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Direct writes to every node, each acknowledged one recorded as (node, server clock).
+struct Writers {
+    acked: Arc<Mutex<Vec<(usize, f64)>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(c: &Cluster) -> Writers {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let tasks = c
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let conn = format!(
+                    "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PW} dbname=postgres connect_timeout=1",
+                    n.pg_port
+                );
+                let (acked, rx) = (acked.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let mut client = None;
+                    while !*rx.borrow() {
+                        if client.is_none()
+                            && let Ok((cl, conn)) =
+                                tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+                        {
+                            tokio::spawn(conn);
+                            client = Some(cl);
+                        }
+                        if let Some(cl) = &client {
+                            let q = format!(
+                                "INSERT INTO fence_probe(node) VALUES ({i}) RETURNING extract(epoch from clock_timestamp())::float8"
+                            );
+                            match cl.query_one(&q, &[]).await {
+                                Ok(row) => acked.lock().unwrap().push((i, row.get::<_, f64>(0))),
+                                Err(e) if e.is_closed() || e.as_db_error().is_none() => {
+                                    client = None
+                                }
+                                Err(_) => {} // read-only (a replica): try again
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                })
+            })
+            .collect();
+        Writers { acked, stop, tasks }
+    }
+
+    /// Waits (bounded) until node `i` acknowledged a write.
+    async fn wait_writable(&self, i: usize, what: &str) {
+        eventually(Duration::from_secs(90), what, || async {
+            self.acked
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(n, _)| *n == i)
+                .then_some(())
+        })
+        .await;
+    }
+
+    async fn stop(self) -> Vec<(usize, f64)> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// The old primary's last acknowledged write came before the new one's first.
+fn assert_no_overlap(acked: &[(usize, f64)], old: usize, new: usize) {
+    let last_old = acked
+        .iter()
+        .filter(|(n, _)| *n == old)
+        .map(|(_, t)| *t)
+        .fold(f64::MIN, f64::max);
+    let first_new = acked
+        .iter()
+        .filter(|(n, _)| *n == new)
+        .map(|(_, t)| *t)
+        .fold(f64::MAX, f64::min);
+    assert!(
+        last_old > f64::MIN,
+        "node{old} acknowledged no write before the fault"
+    );
+    assert!(
+        last_old < first_new,
+        "two writable primaries: node{old} accepted a write at {last_old}, node{new} already at {first_new}"
+    );
+    eprintln!(
+        "MEASURED node{old} fenced {:.2}s before node{new} took its first write",
+        first_new - last_old
+    );
+}
+
+fn agent_pid(c: &Cluster, i: usize) -> i32 {
+    c.nodes[i].agent.as_ref().expect("agent running").id() as i32
+}
+
+/// The process is alive and stopped (state `T` in /proc).
+fn is_frozen(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('T'))
+        })
+        .unwrap_or(false)
+}
+
+async fn rejoins_with_rows_of(c: &Cluster, i: usize, leader: usize) {
+    eventually(
+        Duration::from_secs(120),
+        "the old leader rejoins as a streaming replica",
+        || async {
+            c.streaming_replicas(leader)
+                .await
+                .contains(&c.nodes[i].name)
+                .then_some(())
+        },
+    )
+    .await;
+    let q = format!("SELECT count(*) FROM fence_probe WHERE node = {leader}");
+    let on_leader = c
+        .query_one_i64(leader, &q)
+        .await
+        .expect("count on the leader");
+    eventually(
+        Duration::from_secs(60),
+        "the rejoined node has the new leader's rows",
+        || async { (c.query_one_i64(i, &q).await.ok()? >= on_leader).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_or_killed_leader_agent_is_fenced_before_another_node_promotes() {
+    if !is_root() {
+        eprintln!("skipped: fence needs root (PostgreSQL runs as postgres)");
+        return;
+    }
+    let mut opts = ClusterOpts::new("fence", 29500);
+    opts.nodes = 2;
+    // No device: the fence guards the leader, armed for ttl − safety_margin = 6 − 2 s.
+    opts.watchdog = vec![
+        "watchdog:\n  mode: automatic\n  device: /dev/pgherd-no-such-watchdog\n  safety_margin: 2\n"
+            .into();
+        opts.nodes
+    ];
+    let mut c = Cluster::new(opts);
+    c.start_all();
+    let first = c.wait_healthy(Duration::from_secs(120)).await;
+    let other = 1 - first;
+    c.sql(first, "CREATE TABLE fence_probe(id bigserial, node int)")
+        .await
+        .expect("create the probe table");
+    let logs: Vec<std::path::PathBuf> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut p = n.data_dir().into_os_string();
+            p.push(".fence.log");
+            p.into()
+        })
+        .collect();
+    let fence_log = |i: usize| std::fs::read_to_string(&logs[i]).unwrap_or_default();
+    eventually(
+        Duration::from_secs(30),
+        "the leader's fence runs",
+        || async { fence_log(first).contains("fence started").then_some(()) },
+    )
+    .await;
+
+    // 1. The leader's agent frozen.
+    let w = Writers::start(&c);
+    w.wait_writable(first, "writes reach the leader").await;
+    let frozen = agent_pid(&c, first);
+    unsafe { libc::kill(frozen, libc::SIGSTOP) };
+    w.wait_writable(other, "the replica is promoted").await;
+    let acked = w.stop().await;
+    assert!(is_frozen(frozen), "the frozen agent is gone");
+    assert!(
+        postmaster_pid(&c.nodes[first].data_dir()).is_none_or(|p| unsafe { libc::kill(p, 0) } != 0),
+        "the frozen leader's PostgreSQL still runs"
+    );
+    assert!(fence_log(first).contains("stopped"), "{}", fence_log(first));
+    assert_no_overlap(&acked, first, other);
+    unsafe { libc::kill(frozen, libc::SIGCONT) };
+    rejoins_with_rows_of(&c, first, other).await;
+
+    // 2. The new leader's agent killed (PostgreSQL left running).
+    eventually(
+        Duration::from_secs(30),
+        "the new leader's fence runs",
+        || async { fence_log(other).contains("fence started").then_some(()) },
+    )
+    .await;
+    let w = Writers::start(&c);
+    w.wait_writable(other, "writes reach the new leader").await;
+    c.kill_agent(other);
+    w.wait_writable(first, "the old leader is promoted again")
+        .await;
+    let acked = w.stop().await;
+    assert!(fence_log(other).contains("stopped"), "{}", fence_log(other));
+    assert_no_overlap(&acked, other, first);
+    c.start_agent(other);
+    rejoins_with_rows_of(&c, other, first).await;
+}
