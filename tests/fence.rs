@@ -119,6 +119,18 @@ fn assert_no_overlap(acked: &[(usize, f64)], old: usize, new: usize) {
     );
 }
 
+/// Whether a fence process runs for node `i` (its command line names the node's state file).
+fn fence_runs(c: &Cluster, i: usize) -> bool {
+    let mut state = c.nodes[i].data_dir().into_os_string();
+    state.push(".fence");
+    std::process::Command::new("pgrep")
+        .args(["-f", "--"])
+        .arg(format!("--fence {}( |$)", state.to_string_lossy()))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn agent_pid(c: &Cluster, i: usize) -> i32 {
     c.nodes[i].agent.as_ref().expect("agent running").id() as i32
 }
@@ -213,6 +225,14 @@ async fn a_frozen_or_killed_leader_agent_is_fenced_before_another_node_promotes(
     assert_no_overlap(&acked, first, other);
     unsafe { libc::kill(frozen, libc::SIGCONT) };
     rejoins_with_rows_of(&c, first, other).await;
+    // A fence runs only while a leader is armed: the new leader's does, the rejoined
+    // replica's (it fenced, then the agent disarmed) is gone.
+    eventually(
+        Duration::from_secs(30),
+        "fences only on the leader",
+        || async { (fence_runs(&c, other) && !fence_runs(&c, first)).then_some(()) },
+    )
+    .await;
 
     // 2. The new leader's agent killed (PostgreSQL left running).
     eventually(

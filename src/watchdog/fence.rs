@@ -13,7 +13,8 @@
 //!   [`FENCE_POLL`] it reads the state file; armed and past the deadline → it stops PostgreSQL
 //!   at once (SIGQUIT to the postmaster: immediate shutdown, every backend exits without
 //!   committing more; SIGKILL to the postmaster and its children if any is left after
-//!   [`FENCE_KILL_AFTER`]), records `fenced`, and stays running for the next arm.
+//!   [`FENCE_KILL_AFTER`]) and records `fenced`. It runs only while armed: disarmed or fenced,
+//!   it exits, and the next `open` starts it again.
 //!
 //! Timing: the HA loop arms it for `ttl − safety_margin` (as it would a device), and the
 //! deadline counts from the *send time* of the last renewal etcd acknowledged. The leader key
@@ -216,9 +217,14 @@ impl FenceWatchdog {
 
 impl WatchdogDevice for FenceWatchdog {
     fn open(&mut self, timeout: Duration) -> Result<(), WatchdogError> {
-        self.ensure_running()?;
+        // Armed first, then the process checked: a fence about to exit (it saw `disarmed`)
+        // re-reads the state after giving up its pid file, finds it armed and stays.
         self.arm(Instant::now(), timeout)
             .map_err(|e| self.unusable(e))?;
+        if let Err(e) = self.ensure_running() {
+            let _ = write_state(&self.state, FenceState::Disarmed);
+            return Err(e);
+        }
         self.timeout = Some(timeout);
         Ok(())
     }
@@ -231,17 +237,17 @@ impl WatchdogDevice for FenceWatchdog {
         let timeout = self
             .timeout
             .ok_or_else(|| WatchdogError::Keepalive("fence not armed".into()))?;
-        // A fence that died is started again (and reported: it was not guarding meanwhile).
-        let restarted = running_fence(&self.state).is_none();
-        if restarted {
+        let previous = read_state(&self.state);
+        self.arm(since, timeout).map_err(WatchdogError::Keepalive)?;
+        // A fence that is gone (it fenced while this agent was frozen, or it was killed) is
+        // started again.
+        if running_fence(&self.state).is_none() {
+            tracing::warn!(
+                state = ?previous,
+                "the fence process was not running: starting it again"
+            );
             self.ensure_running()
                 .map_err(|e| WatchdogError::Keepalive(e.to_string()))?;
-        }
-        self.arm(since, timeout).map_err(WatchdogError::Keepalive)?;
-        if restarted {
-            return Err(WatchdogError::Keepalive(
-                "the fence process had stopped (started again)".into(),
-            ));
         }
         Ok(())
     }
@@ -313,6 +319,9 @@ fn stop_postgres(pgdata: &Path) -> String {
 /// state file takes over and this one exits).
 pub fn run(state: &Path, pgdata: &Path) -> std::io::Result<()> {
     let me = std::process::id();
+    // `pgherd-fence` in ps and pgrep: operators (and scripts counting agents) tell it apart.
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"pgherd-fence".as_ptr()) };
     let log_path = beside(state, ".log");
     let log = |msg: &str| {
         if let Ok(mut f) = std::fs::OpenOptions::new()
@@ -336,6 +345,7 @@ pub fn run(state: &Path, pgdata: &Path) -> std::io::Result<()> {
         match named {
             // The instance is gone (its directories deleted): nothing left to guard.
             None if !pgdata.exists() => return Ok(()),
+            // A newer fence (two opens raced) guards it.
             Some(other) if other != me && is_fence(other) => {
                 log(&format!("fence {other} guards this instance: exiting"));
                 return Ok(());
@@ -352,6 +362,19 @@ pub fn run(state: &Path, pgdata: &Path) -> std::io::Result<()> {
             log(&format!(
                 "the agent stopped renewing its leadership: {what} before the leader key could expire"
             ));
+        }
+        // The fence runs only while a leader is armed (none lingers on replicas or removed
+        // hosts): disarmed or fenced, it gives up its pid file, and exits unless an agent
+        // armed it again meanwhile (see `FenceWatchdog::open`).
+        if !matches!(s, FenceState::Armed { .. }) {
+            let _ = std::fs::remove_file(pid_file(state));
+            if matches!(read_state(state), Some(FenceState::Armed { .. })) {
+                std::fs::write(&pid_tmp, format!("{me}\n"))?;
+                std::fs::rename(&pid_tmp, pid_file(state))?;
+                continue;
+            }
+            log("disarmed: exiting");
+            return Ok(());
         }
     }
 }
