@@ -552,13 +552,8 @@ pub fn context(inv: &Inventory, h: &Host) -> serde_json::Value {
             "replica_port": inv.haproxy.replica_port,
             "stats_port": inv.haproxy.stats_port,
             "maxconn": inv.haproxy.maxconn,
-            "check": {
-                "inter": format_haproxy_duration(check.inter_ms),
-                "fastinter": format_haproxy_duration(check.fastinter_ms),
-                "downinter": format_haproxy_duration(check.downinter_ms),
-                "rise": check.rise,
-                "fall": check.fall,
-            },
+            "check": haproxy_check_context(check),
+            "primary_check": haproxy_check_context(&inv.haproxy.primary_check),
         },
         "agent": {
             "restapi_port": inv.agent.restapi_port,
@@ -579,5 +574,17 @@ pub fn context(inv: &Inventory, h: &Host) -> serde_json::Value {
             "rewind": inv.secrets.rewind.expose(),
             "restapi": inv.secrets.restapi.expose(),
         },
+    })
+}
+
+/// One pool's check cadence as haproxy.cfg writes it.
+fn haproxy_check_context(check: &crate::inventory::HaproxyCheck) -> serde_json::Value {
+    serde_json::json!({
+        "inter": format_haproxy_duration(check.inter_ms),
+        "fastinter": format_haproxy_duration(check.fastinter_ms),
+        "downinter": format_haproxy_duration(check.downinter_ms),
+        "rise": check.rise,
+        "fall": check.fall,
+        "timeout": format_haproxy_duration(check.timeout_ms),
     })
 }

@@ -248,8 +248,21 @@ fn profile_derives_agent_timing_and_haproxy_checks() {
     assert_eq!(inv.timing.safety_margin, 3);
     assert_eq!(inv.haproxy.check.fastinter_ms, 500);
     assert_eq!((inv.haproxy.check.rise, inv.haproxy.check.fall), (1, 2));
+    assert_eq!(inv.haproxy.primary_check.inter_ms, 100);
+    assert_eq!(inv.haproxy.primary_check.timeout_ms, 1000);
     let inv = inventory::parse(&minimal(""), "t.yml").unwrap();
     assert_eq!(inv.profile, inventory::Profile::Norm);
+}
+
+#[test]
+fn haproxy_check_overrides_set_both_pools() {
+    let inv = inventory::parse(
+        &minimal("profile: fast\nhaproxy:\n  check:\n    inter: 3s\n"),
+        "t.yml",
+    )
+    .unwrap();
+    assert_eq!(inv.haproxy.check.inter_ms, 3000);
+    assert_eq!(inv.haproxy.primary_check, inv.haproxy.check);
 }
 
 #[test]

@@ -141,6 +141,15 @@ fn haproxy_checks_follow_the_agent_api_and_the_profile() {
     has(
         "default-server inter 2s fastinter 1s downinter 2s rise 2 fall 2 on-marked-down shutdown-sessions",
     );
+    // The write pool's faster cadence (profile norm), with its own check timeout.
+    let primary = cfg.split("_primary\n").nth(1).expect("primary listen");
+    let primary = primary.split("listen ").next().unwrap();
+    assert!(
+        primary.contains(
+            "default-server inter 200ms fastinter 100ms downinter 200ms rise 1 fall 2 on-marked-down shutdown-sessions"
+        ) && primary.contains("timeout check 1s"),
+        "{primary}"
+    );
     for (n, a) in [
         ("pg1", "10.0.0.11"),
         ("pg2", "10.0.0.12"),

@@ -195,7 +195,11 @@ pub struct Haproxy {
     pub replica_port: u16,
     pub stats_port: u16,
     pub maxconn: u32,
+    /// The replicas' pool.
     pub check: HaproxyCheck,
+    /// The primary's pool: the profile's faster cadence, or `check` when the inventory sets
+    /// `haproxy.check` (the operator took control of both).
+    pub primary_check: HaproxyCheck,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -995,6 +999,10 @@ pub fn build(
 
     // --- haproxy -------------------------------------------------------------------------------
     let mut check = profile.haproxy_check();
+    let primary_check = match &raw.haproxy.check {
+        Some(_) => None,
+        None => Some(profile.haproxy_primary_check()),
+    };
     if let Some(rc) = &raw.haproxy.check {
         for (v, slot, name) in [
             (&rc.inter, &mut check.inter_ms, "inter"),
@@ -1138,6 +1146,7 @@ pub fn build(
             stats_port,
             maxconn,
             check,
+            primary_check: primary_check.unwrap_or(check),
         },
         agent: Agent {
             restapi_port,

@@ -14,7 +14,8 @@
 //! and `ttl − safety_margin ≥ loop_wait + retry_timeout`: the watchdog (armed for
 //! `ttl − safety_margin`) must outlast the slowest healthy cycle (a sleep plus a full DCS retry),
 //! otherwise it would reset a healthy primary. HAProxy's `fall × fastinter` is kept below
-//! `loop_wait` so that a demoted primary leaves the write pool within about one agent cycle.
+//! `loop_wait` so that a demoted primary leaves the write pool within about one agent cycle;
+//! the write pool itself checks far faster (see [`Profile::haproxy_primary_check`]).
 
 use crate::config::Timing;
 
@@ -65,7 +66,7 @@ impl Profile {
         }
     }
 
-    /// HAProxy's health-check cadence for this profile.
+    /// HAProxy's health-check cadence for this profile (the replicas' pool).
     pub fn haproxy_check(self) -> HaproxyCheck {
         let (inter_ms, fastinter_ms, downinter_ms, rise, fall) = match self {
             Profile::Fast => (1000, 500, 1000, 1, 2),
@@ -79,6 +80,38 @@ impl Profile {
             downinter_ms,
             rise,
             fall,
+            timeout_ms: 5000,
+        }
+    }
+
+    /// The primary pool's cadence: much faster, because it alone decides how long writes stop
+    /// after a switchover or failover (the agents hand over in a fraction of a second; with the
+    /// replicas' cadence HAProxy needed up to a second more to notice). Why these numbers:
+    /// - `rise 1`: only the agent holding the leader key answers 200 on `/primary`, so one
+    ///   success is proof enough, and the new primary joins within one `downinter`;
+    /// - `fall 2` (3 for the slower profiles): one lost check must not drop the primary, since
+    ///   `on-marked-down shutdown-sessions` then cuts every client session;
+    /// - `timeout check` 1–3 s instead of 5 s: an agent answers `/primary` from its published
+    ///   snapshot in milliseconds; a frozen one (its PostgreSQL fenced) must leave the pool in
+    ///   seconds, not after two 5 s timeouts.
+    ///
+    /// Cost: each balancer sends about 1000 / inter checks a second to each agent (10 for
+    /// `fast`): a new TCP connection and one `OPTIONS` answered from memory, negligible for
+    /// HAProxy and the agent alike.
+    pub fn haproxy_primary_check(self) -> HaproxyCheck {
+        let (inter_ms, fastinter_ms, downinter_ms, rise, fall, timeout_ms) = match self {
+            Profile::Fast => (100, 100, 100, 1, 2, 1000),
+            Profile::Norm => (200, 100, 200, 1, 2, 1000),
+            Profile::Safe => (500, 250, 500, 1, 3, 2000),
+            Profile::Wide => (1000, 500, 1000, 1, 3, 3000),
+        };
+        HaproxyCheck {
+            inter_ms,
+            fastinter_ms,
+            downinter_ms,
+            rise,
+            fall,
+            timeout_ms,
         }
     }
 }
@@ -142,7 +175,7 @@ impl HaTiming {
     }
 }
 
-/// HAProxy `default-server` check timing.
+/// HAProxy `default-server` check timing (and the listen's `timeout check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct HaproxyCheck {
     pub inter_ms: u64,
@@ -150,6 +183,8 @@ pub struct HaproxyCheck {
     pub downinter_ms: u64,
     pub rise: u32,
     pub fall: u32,
+    /// How long one check may take before it counts as failed.
+    pub timeout_ms: u64,
 }
 
 /// Parses an HAProxy time (`500ms`, `2s`, `1m`, bare number = ms) into milliseconds.
@@ -199,6 +234,27 @@ mod tests {
                 u64::from(c.fall) * c.fastinter_ms <= t.loop_wait * 1000,
                 "{p}"
             );
+        }
+    }
+
+    #[test]
+    fn the_primary_pool_learns_a_new_primary_faster_than_the_replicas_pool() {
+        for p in Profile::ALL {
+            let (pc, rc) = (p.haproxy_primary_check(), p.haproxy_check());
+            assert!(
+                pc.downinter_ms * u64::from(pc.rise) < rc.downinter_ms,
+                "{p}"
+            );
+            assert!(
+                pc.inter_ms + pc.fastinter_ms * u64::from(pc.fall - 1)
+                    <= rc.inter_ms + rc.fastinter_ms * u64::from(rc.fall - 1),
+                "{p}"
+            );
+            assert!(
+                pc.fall >= 2,
+                "{p}: one lost check must not drop the primary"
+            );
+            assert!(pc.timeout_ms < rc.timeout_ms, "{p}");
         }
     }
 
