@@ -220,6 +220,25 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
             && text.contains("port=5000"),
         "{text}"
     );
+    let v: serde_json::Value = serde_json::from_str(&cli(&["status", "--json"]))
+        .expect("pgherd status --json is one JSON document");
+    assert_eq!(v["leader"], leader.as_str(), "{v}");
+    let members = v["members"].as_array().expect("members");
+    assert_eq!(members.len(), 3, "{v}");
+    for m in members {
+        assert!(m["timeline"].as_u64().is_some_and(|t| t >= 1), "{m}");
+        if m["name"] != leader.as_str() {
+            assert_eq!(m["state"], "streaming", "{m}");
+            assert!(m["lag"].as_u64().is_some(), "{m}");
+        }
+    }
+    assert_eq!(v["connect"].as_array().map(Vec::len), Some(3), "{v}");
+    assert!(
+        v["connect"][0]["read_write"]
+            .as_str()
+            .is_some_and(|c| c.contains("port=5000")),
+        "{v}"
+    );
 
     // One HAProxy setting: only haproxy.cfg changes, only HAProxy reloads.
     write_inventory(&lab_spec, &inv_path, 150, "/bin/true");

@@ -6,6 +6,7 @@
 pub mod ctl;
 pub mod drill;
 pub mod replace;
+pub mod status;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ pub enum Command {
     /// Converge the hosts to the inventory (etcd, agents, HAProxy).
     Apply(ApplyArgs),
     /// Cluster status from the agents, and how to connect through HAProxy.
-    Status(InvArgs),
+    Status(StatusArgs),
     /// Validate the inventory and the playbook, render every file, reach every host.
     Check(CheckArgs),
     /// Hand the leader role to a healthy replica (planned, no data loss).
@@ -158,6 +159,15 @@ pub struct InvArgs {
     /// Inventory file.
     #[arg(short, long)]
     pub inventory: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub inv: InvArgs,
+    /// One JSON document (members, roles, states, timelines, lag, connection strings).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -910,10 +920,14 @@ async fn apply_loaded(
     Ok(())
 }
 
-async fn status_cmd(a: &InvArgs) -> anyhow::Result<()> {
-    let inv = crate::inventory::load(&a.inventory)?;
-    let text = spec::cluster_status(&inv).await?;
-    print!("{text}");
+async fn status_cmd(a: &StatusArgs) -> anyhow::Result<()> {
+    let inv = crate::inventory::load(&a.inv.inventory)?;
+    let st = status::cluster_status(&inv).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{st}");
+    }
     Ok(())
 }
 

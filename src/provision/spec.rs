@@ -4,7 +4,6 @@
 //! specs, cluster status from the agents). Never touches a host.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -361,59 +360,6 @@ pub fn host_specs(inv: &Inventory) -> Vec<HostSpec> {
             command_timeout: Duration::from_secs(h.ssh.command_timeout_secs),
         })
         .collect()
-}
-
-/// `pgherd status`: the cluster as the agents see it (`GET /cluster` from the first agent that
-/// answers) plus how to connect through HAProxy.
-pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<String> {
-    let v = crate::cli::ctl::Agents::new(inv)?.cluster().await?;
-    let mut out = String::new();
-    let _ = writeln!(out, "cluster {} (namespace {})", inv.cluster, inv.namespace);
-    let _ = writeln!(
-        out,
-        "{:<12} {:<16} {:<8} {:<10} {:>3} {:>10}",
-        "member", "host", "role", "state", "TL", "lag(B)"
-    );
-    for m in v["members"].as_array().into_iter().flatten() {
-        let s = |k: &str| {
-            m[k].as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| m[k].to_string())
-        };
-        let lag = if m["lag"].is_null() {
-            String::new()
-        } else {
-            m["lag"].to_string()
-        };
-        let _ = writeln!(
-            out,
-            "{:<12} {:<16} {:<8} {:<10} {:>3} {:>10}",
-            s("name"),
-            format!("{}:{}", s("host"), m["port"]),
-            s("role"),
-            s("state"),
-            m["timeline"],
-            lag
-        );
-    }
-    let _ = writeln!(
-        out,
-        "connect through HAProxy (user postgres, password in {}):",
-        inv.secrets_file.display()
-    );
-    for h in inv.hosts_with(Role::Haproxy) {
-        let _ = writeln!(
-            out,
-            "  read-write: psql \"host={} port={} user=postgres dbname=postgres\"",
-            h.address, inv.haproxy.primary_port
-        );
-        let _ = writeln!(
-            out,
-            "  read-only:  psql \"host={} port={} user=postgres dbname=postgres\"",
-            h.address, inv.haproxy.replica_port
-        );
-    }
-    Ok(out)
 }
 
 /// Default ports used in fixtures (documentation of what the inventory defaults are).
