@@ -15,12 +15,50 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::dcs::Tags;
 use crate::dcs::{Member, tag_is_true};
-use crate::ha::inputs::{PeerStatus, Tags};
 use crate::status::AgentStatus;
 use crate::types::{Lsn, MemberName, Timeline};
 
-pub use crate::ha::inputs::PeerStatus as Peer;
+pub use PeerStatus as Peer;
+
+/// One peer's answer to `GET /patroni`, reduced to what the leader race compares
+/// (Patroni's `_MemberStatus`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub name: MemberName,
+    /// Answered within the timeout with a usable body (an `xlog` section).
+    pub reachable: bool,
+    /// `role` primary or `xlog.location` present: PostgreSQL runs read-write there.
+    pub is_primary: bool,
+    /// Replica: max(received, replayed); primary: its location.
+    pub wal_position: Lsn,
+    pub timeline: Option<Timeline>,
+    pub nofailover: bool,
+    pub failover_priority: i64,
+    pub watchdog_failed: bool,
+}
+
+impl PeerStatus {
+    /// A peer that did not answer (it is ignored by the race, never counted against us).
+    pub fn unreachable(name: MemberName) -> PeerStatus {
+        PeerStatus {
+            name,
+            reachable: false,
+            is_primary: false,
+            wal_position: Lsn(0),
+            timeline: None,
+            nofailover: false,
+            failover_priority: 1,
+            watchdog_failed: false,
+        }
+    }
+
+    /// Reachable and allowed to become leader (Patroni's "without limitation").
+    pub fn is_healthy_candidate(&self) -> bool {
+        self.reachable && !self.nofailover && self.failover_priority > 0 && !self.watchdog_failed
+    }
+}
 
 /// How long the loop waits for peers. Patroni uses 2 s. pgherd's REST API answers `/patroni`
 /// from the HA loop's published snapshot without running SQL, so a live peer answers in

@@ -3,7 +3,7 @@
 //! `failover`, `restart`, `reinit`, `pause`, `resume`) and `remove` ([`crate::provision::departed`]). Each verb loads and validates the
 //! inventory before touching any host; the binary only maps [`run`]'s result to an exit code.
 
-pub mod ctl;
+pub use crate::provision::ctl;
 pub mod drill;
 pub mod replace;
 pub mod status;

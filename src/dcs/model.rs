@@ -639,6 +639,53 @@ impl ClusterView {
     }
 }
 
+/// The effective tags of this node (patroni.md §3.18), parsed once.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tags {
+    pub nofailover: bool,
+    /// Default 1; ≤ 0 acts as nofailover.
+    pub failover_priority: i64,
+    pub clonefrom: bool,
+    pub nosync: bool,
+    pub nostream: bool,
+    pub replicatefrom: Option<String>,
+}
+
+impl Tags {
+    /// Parses Patroni tags. An explicit `nofailover` bool wins over `failover_priority`.
+    pub fn from_map(m: &Map<String, Value>) -> Tags {
+        let prio = m
+            .get("failover_priority")
+            .and_then(|v| match v {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => s.trim().parse().ok(),
+                _ => None,
+            })
+            .unwrap_or(1);
+        let nofailover = match m.get("nofailover") {
+            Some(v) => tag_is_true(Some(v)),
+            None => prio <= 0,
+        };
+        let sync_prio = m.get("sync_priority").and_then(Value::as_i64).unwrap_or(1);
+        Tags {
+            nofailover,
+            failover_priority: if nofailover { prio.min(0) } else { prio },
+            clonefrom: tag_is_true(m.get("clonefrom")),
+            nosync: tag_is_true(m.get("nosync")) || sync_prio <= 0,
+            nostream: tag_is_true(m.get("nostream")),
+            replicatefrom: m
+                .get("replicatefrom")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        }
+    }
+
+    /// May this node ever take the leader lock automatically?
+    pub fn may_promote(&self) -> bool {
+        !self.nofailover && self.failover_priority > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

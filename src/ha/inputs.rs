@@ -7,13 +7,15 @@
 //! so the decision is a pure function that table tests can drive row by row.
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+
 use tokio::time::Instant;
 
 use crate::config::WatchdogMode;
-use crate::dcs::{ClusterView, DynamicConfig, tag_is_true};
+pub use crate::dcs::Tags;
+use crate::dcs::{ClusterView, DynamicConfig};
+pub use crate::peers::PeerStatus;
 use crate::pg::PgStatus;
-use crate::types::{Lsn, MemberName, Timeline};
+use crate::types::{MemberName, Timeline};
 
 /// What the loop learnt when it tried to renew the leader lock this cycle.
 ///
@@ -73,53 +75,6 @@ impl ActionKind {
 impl std::fmt::Display for ActionKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// The effective tags of this node (patroni.md §3.18), parsed once.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Tags {
-    pub nofailover: bool,
-    /// Default 1; ≤ 0 acts as nofailover.
-    pub failover_priority: i64,
-    pub clonefrom: bool,
-    pub nosync: bool,
-    pub nostream: bool,
-    pub replicatefrom: Option<String>,
-}
-
-impl Tags {
-    /// Parses Patroni tags. An explicit `nofailover` bool wins over `failover_priority`.
-    pub fn from_map(m: &Map<String, Value>) -> Tags {
-        let prio = m
-            .get("failover_priority")
-            .and_then(|v| match v {
-                Value::Number(n) => n.as_i64(),
-                Value::String(s) => s.trim().parse().ok(),
-                _ => None,
-            })
-            .unwrap_or(1);
-        let nofailover = match m.get("nofailover") {
-            Some(v) => tag_is_true(Some(v)),
-            None => prio <= 0,
-        };
-        let sync_prio = m.get("sync_priority").and_then(Value::as_i64).unwrap_or(1);
-        Tags {
-            nofailover,
-            failover_priority: if nofailover { prio.min(0) } else { prio },
-            clonefrom: tag_is_true(m.get("clonefrom")),
-            nosync: tag_is_true(m.get("nosync")) || sync_prio <= 0,
-            nostream: tag_is_true(m.get("nostream")),
-            replicatefrom: m
-                .get("replicatefrom")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        }
-    }
-
-    /// May this node ever take the leader lock automatically?
-    pub fn may_promote(&self) -> bool {
-        !self.nofailover && self.failover_priority > 0
     }
 }
 
@@ -184,44 +139,6 @@ pub struct RejoinMark {
     pub leader: MemberName,
     /// The leader's timeline as its member key showed it when the check was decided.
     pub leader_timeline: Option<Timeline>,
-}
-
-/// One peer's answer to `GET /patroni`, reduced to what the leader race compares
-/// (Patroni's `_MemberStatus`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeerStatus {
-    pub name: MemberName,
-    /// Answered within the timeout with a usable body (an `xlog` section).
-    pub reachable: bool,
-    /// `role` primary or `xlog.location` present: PostgreSQL runs read-write there.
-    pub is_primary: bool,
-    /// Replica: max(received, replayed); primary: its location.
-    pub wal_position: Lsn,
-    pub timeline: Option<Timeline>,
-    pub nofailover: bool,
-    pub failover_priority: i64,
-    pub watchdog_failed: bool,
-}
-
-impl PeerStatus {
-    /// A peer that did not answer (it is ignored by the race, never counted against us).
-    pub fn unreachable(name: MemberName) -> PeerStatus {
-        PeerStatus {
-            name,
-            reachable: false,
-            is_primary: false,
-            wal_position: Lsn(0),
-            timeline: None,
-            nofailover: false,
-            failover_priority: 1,
-            watchdog_failed: false,
-        }
-    }
-
-    /// Reachable and allowed to become leader (Patroni's "without limitation").
-    pub fn is_healthy_candidate(&self) -> bool {
-        self.reachable && !self.nofailover && self.failover_priority > 0 && !self.watchdog_failed
-    }
 }
 
 /// Input of [`decide`](super::decide).

@@ -13,6 +13,7 @@
 //! - [`departed`]: PostgreSQL members that left the inventory, removed cleanly (drain, stop, key, slot).
 
 pub mod apply;
+pub mod ctl;
 pub mod dcs_config;
 pub mod departed;
 pub mod etcd_members;

@@ -22,9 +22,9 @@ use super::{
     RollingOptions, RollingRefusal, StepAction, hot_values_from_controldata, plan_restarts,
     show_reason, show_values,
 };
-use crate::cli::ctl::{self, Agents};
 use crate::inventory::Inventory;
 use crate::provision::apply::Fleet;
+use crate::provision::ctl::{self, Agents};
 use crate::transport::{Transport, TransportError, shell_quote};
 
 /// HAProxy gives a drained replica's client sessions this long to end on their own before the
