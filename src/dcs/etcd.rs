@@ -8,6 +8,10 @@
 //! routing to it, and a call can sit waiting for a ready endpoint for the whole budget.
 //! Every public call is bounded by `retry_timeout` in total, split per attempt the way Patroni
 //! splits it across nodes (§1.3), so a dead member costs one attempt, not the whole budget.
+//!
+//! Why one file: every call (CAS writes, the lease, the prefix watch) goes through the same
+//! rotating single-endpoint connection and the same per-call `retry_timeout` budget; split
+//! across files those internals would have to become crate-visible.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -23,6 +23,8 @@
 //!
 //! It also keeps a little bookkeeping that only the simulation's invariant checkers need
 //! (every lease a member was granted, the history of `status` writes).
+//!
+//! Past 800 lines only because of the contract tests at the bottom (the code is ~740).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

@@ -4,6 +4,8 @@
 //! Every key lives under `/<namespace>/<scope>/` (see `../shared/reference/patroni.md` §1).
 //! The JSON field names here are a compatibility contract with patronictl, vip-manager and
 //! HAProxy checks written for Patroni: do not rename them.
+//!
+//! Past 800 lines only because of the decoder's table tests at the bottom (the code is ~690).
 
 use std::collections::BTreeMap;
 

@@ -16,6 +16,8 @@
 //! Recovery settings (`primary_conninfo`, `primary_slot_name`, `recovery_target_timeline`)
 //! are dropped from user parameters: they describe *this node's* upstream, which only the HA
 //! loop knows, and they are rendered in the standby section instead.
+//!
+//! Past 800 lines only because of the table tests at the bottom (the code is ~460).
 
 use std::collections::BTreeMap;
 

@@ -20,6 +20,10 @@
 //!
 //! Every promotion is recorded ([`PromotionRecord`]) for the simulation's
 //! `no_promotion_beyond_max_lag` invariant.
+//!
+//! Why one file: it is one state machine (data directories, timeline branches, streaming,
+//! crash and recovery) whose invariants the simulation relies on; split, the invariants would
+//! span files that each see half of the state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
