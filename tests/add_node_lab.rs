@@ -16,14 +16,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self};
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, agent_state_check, apply_inventory, build_spec, fresh_lab, get_json, haproxy_servers,
-    haproxy_servers_up, healthy_voters, is_root, leader_with_streaming_replicas, pgherd_killed_at,
-    sql_on, write_lab_inventory,
+    LabGuard, agent_state_check, apply_inventory, assert_plan_empty, build_spec, fresh_lab,
+    get_json, haproxy_servers, haproxy_servers_up, healthy_voters, is_root,
+    leader_with_streaming_replicas, pgherd_killed_at, sql_on, words_of, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -106,12 +105,7 @@ async fn three_hosts_grow_to_five_in_one_apply_without_interrupting_writes() {
         .await;
     }
     let (_, s5) = build_spec(&inv_path);
-    let plan = apply::make_plan(&s5, &fleet5).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    assert_plan_empty(&s5, &fleet5).await;
 
     let report = probe.stop().await;
     // Read back through HAProxy's primary port: the leader.
@@ -236,23 +230,13 @@ async fn shrink_back_to_three(
         agent_state_check()
     );
     for h in ["add4", "add5"] {
-        let out = fleet5[h]
-            .run_ok(&check, Duration::from_secs(20))
-            .await
-            .unwrap()
-            .stdout_str();
         assert_eq!(
-            out.split_whitespace().collect::<Vec<_>>(),
+            words_of(fleet5[h].as_ref(), &check).await,
             ["no-agent", "no-sup", "no-run", "no-etcd"],
-            "{h}: {out}"
+            "{h}"
         );
     }
-    let plan = apply::make_plan(&s3, &fleet3).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    assert_plan_empty(&s3, &fleet3).await;
     let report = probe.stop().await;
     let lost = lost_writes(&via, s5.primary_port, pw, &report.acked).await;
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");

@@ -8,13 +8,13 @@
 use std::time::Duration;
 
 use pgherd::lab::{self, HostInit, LabSpec};
-use pgherd::provision::apply::{self, Fleet};
+use pgherd::provision::apply::Fleet;
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, apply_inventory, build_spec, fresh_lab, get_json, haproxy_servers, is_root,
-    leader_with_streaming_replicas, pg, write_lab_inventory,
+    LabGuard, apply_inventory, assert_plan_empty, build_spec, fresh_lab, get_json, haproxy_servers,
+    is_root, leader_with_streaming_replicas, pg, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -126,12 +126,7 @@ async fn a_node_joins_and_leaves_on_systemd_hosts() {
         "disabled"
     );
     let (_, s3) = build_spec(&inv_path);
-    let plan = apply::make_plan(&s3, &fleet3).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    assert_plan_empty(&s3, &fleet3).await;
 
     let report = probe.stop().await;
     let lost = lost_writes(&via, s.primary_port, &pw, &report.acked).await;

@@ -17,14 +17,13 @@ use std::time::Duration;
 
 use pgherd::inventory::{self};
 use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply::{self};
 use pgherd::provision::etcd_members::parse_endpoint_status;
 use pgherd::transport::{SshTransport, Transport};
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, apply_inventory, build_spec, fresh_lab, healthy_voters, is_root,
+    LabGuard, apply_inventory, assert_plan_empty, build_spec, fresh_lab, healthy_voters, is_root,
     leader_with_streaming_replicas, pids, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
@@ -157,12 +156,7 @@ async fn etcd_membership_follows_the_inventory() {
         );
     }
     let (_, s3) = build_spec(&inv_path);
-    let plan = apply::make_plan(&s3, &fleet).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    assert_plan_empty(&s3, &fleet).await;
     assert_eq!(leader_with_streaming_replicas(&api, 2).await, leader);
     let report_probe = probe.stop().await;
     let lost = lost_writes(

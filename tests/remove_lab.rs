@@ -19,15 +19,15 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgherd::lab::{self, LabSpec};
-use pgherd::provision::apply::{self, ApplyReport, Fleet};
+use pgherd::provision::apply::{ApplyReport, Fleet};
 use pgherd::provision::rolling::haproxy::haproxy_admin_command;
-use pgherd::transport::{SshTransport, Transport};
+use pgherd::transport::SshTransport;
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    agent_state_check, apply_inventory_within, build_spec, fresh_lab, get_json, is_root,
-    leader_with_streaming_replicas, sql_on, write_lab_inventory,
+    agent_state_check, apply_inventory_within, assert_plan_empty, build_spec, fresh_lab, get_json,
+    is_root, leader_with_streaming_replicas, sql_on, words_of, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -198,15 +198,9 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         async move { SshTransport::connect(&hs, &state).await.ok() }
     };
     let t4 = ssh("rm4").await.expect("ssh to rm4");
-    let out = t4
-        .run_ok(&check, Duration::from_secs(20))
-        .await
-        .unwrap()
-        .stdout_str();
     assert_eq!(
-        out.split_whitespace().collect::<Vec<_>>(),
-        ["no-agent", "no-sup", "no-run"],
-        "{out}"
+        words_of(&t4, &check).await,
+        ["no-agent", "no-sup", "no-run"]
     );
     drop(t4);
     lab::crash(&guard.0, "rm4").expect("crash rm4");
@@ -218,25 +212,15 @@ async fn a_member_deleted_from_the_inventory_is_removed_cleanly() {
         || ssh("rm4"),
     )
     .await;
-    let out = t4
-        .run_ok(&check, Duration::from_secs(20))
-        .await
-        .unwrap()
-        .stdout_str();
     assert_eq!(
-        out.split_whitespace().collect::<Vec<_>>(),
+        words_of(&t4, &check).await,
         ["no-agent", "no-sup", "no-run"],
-        "after boot: {out}"
+        "after boot"
     );
     assert!(!members(&api).await.iter().any(|(n, _)| n == "rm4"));
 
     // 5. A second apply plans nothing.
-    let plan = apply::make_plan(&s3, &fleet3).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    assert_plan_empty(&s3, &fleet3).await;
     let rp = probe.stop().await;
     let lost = lost_writes(&addr("rm1"), s.primary_port, &pw, &rp.acked).await;
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");

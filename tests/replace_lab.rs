@@ -17,13 +17,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgherd::lab::{self, LabInfo, LabSpec};
-use pgherd::provision::apply;
 
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, apply_inventory, build_spec, fresh_lab, get_json, healthy_voters, is_root,
-    leader_with_streaming_replicas, pgherd_killed_at, pgherd_run, write_lab_inventory,
+    LabGuard, apply_inventory, assert_plan_empty, build_spec, fresh_lab, get_json, healthy_voters,
+    is_root, leader_with_streaming_replicas, pgherd_killed_at, pgherd_run, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
 
@@ -88,12 +87,7 @@ async fn check_replaced(
     if let Some(g) = gone {
         assert!(!slots.iter().any(|x| x == g), "{slots:?}");
     }
-    let plan = apply::make_plan(&s, &fleet).await.expect("plan");
-    assert!(
-        plan.is_noop(),
-        "{}",
-        pgherd::provision::report::render_plan(&plan, Default::default())
-    );
+    assert_plan_empty(&s, &fleet).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,20 +68,12 @@ impl Profile {
 
     /// HAProxy's health-check cadence for this profile (the replicas' pool).
     pub fn haproxy_check(self) -> HaproxyCheck {
-        let (inter_ms, fastinter_ms, downinter_ms, rise, fall) = match self {
-            Profile::Fast => (1000, 500, 1000, 1, 2),
-            Profile::Norm => (2000, 1000, 2000, 2, 2),
-            Profile::Safe => (3000, 1500, 3000, 3, 3),
-            Profile::Wide => (4000, 2000, 4000, 3, 3),
-        };
-        HaproxyCheck {
-            inter_ms,
-            fastinter_ms,
-            downinter_ms,
-            rise,
-            fall,
-            timeout_ms: 5000,
-        }
+        HaproxyCheck::from_row(match self {
+            Profile::Fast => (1000, 500, 1000, 1, 2, 5000),
+            Profile::Norm => (2000, 1000, 2000, 2, 2, 5000),
+            Profile::Safe => (3000, 1500, 3000, 3, 3, 5000),
+            Profile::Wide => (4000, 2000, 4000, 3, 3, 5000),
+        })
     }
 
     /// The primary pool's cadence: much faster, because it alone decides how long writes stop
@@ -99,20 +91,12 @@ impl Profile {
     /// `fast`): a new TCP connection and one `OPTIONS` answered from memory, negligible for
     /// HAProxy and the agent alike.
     pub fn haproxy_primary_check(self) -> HaproxyCheck {
-        let (inter_ms, fastinter_ms, downinter_ms, rise, fall, timeout_ms) = match self {
+        HaproxyCheck::from_row(match self {
             Profile::Fast => (100, 100, 100, 1, 2, 1000),
             Profile::Norm => (200, 100, 200, 1, 2, 1000),
             Profile::Safe => (500, 250, 500, 1, 3, 2000),
             Profile::Wide => (1000, 500, 1000, 1, 3, 3000),
-        };
-        HaproxyCheck {
-            inter_ms,
-            fastinter_ms,
-            downinter_ms,
-            rise,
-            fall,
-            timeout_ms,
-        }
+        })
     }
 }
 
@@ -186,6 +170,22 @@ pub struct HaproxyCheck {
     /// How long one check may take before it counts as failed.
     pub timeout_ms: u64,
 }
+
+impl HaproxyCheck {
+    /// From a profile table row: (inter, fastinter, downinter, rise, fall, timeout), in ms.
+    fn from_row((inter_ms, fastinter_ms, downinter_ms, rise, fall, timeout_ms): CheckRow) -> Self {
+        HaproxyCheck {
+            inter_ms,
+            fastinter_ms,
+            downinter_ms,
+            rise,
+            fall,
+            timeout_ms,
+        }
+    }
+}
+
+type CheckRow = (u64, u64, u64, u32, u32, u64);
 
 /// Parses an HAProxy time (`500ms`, `2s`, `1m`, bare number = ms) into milliseconds.
 pub fn parse_haproxy_duration(s: &str) -> Option<u64> {

@@ -354,3 +354,24 @@ pub fn agent_state_check() -> String {
         run = Service::Agent.run_file()
     )
 }
+
+/// A fresh plan of `s` on `fleet` is empty (a converged cluster: the re-run changes nothing).
+pub async fn assert_plan_empty(s: &DeploySpec, fleet: &Fleet) {
+    let plan = apply::make_plan(s, fleet).await.expect("plan");
+    assert!(
+        plan.is_noop(),
+        "{}",
+        pgherd::provision::report::render_plan(&plan, Default::default())
+    );
+}
+
+/// The words `cmd` prints on the host of `t` (a state check such as [`agent_state_check`]).
+pub async fn words_of(t: &dyn Transport, cmd: &str) -> Vec<String> {
+    t.run_ok(cmd, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+        .stdout_str()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}

@@ -383,28 +383,12 @@ async fn key_gone(
     member: &str,
     timeout: Duration,
 ) -> Result<String, DepartedError> {
-    let t0 = Instant::now();
-    loop {
-        match cluster(spec).await {
-            Some(c) if !members_of(&c).iter().any(|m| m.name == member) => {
-                return Ok(format!(
-                    "member key gone from the DCS after {:.1}s",
-                    t0.elapsed().as_secs_f64()
-                ));
-            }
-            Some(_) => {}
-            None if t0.elapsed() > timeout => return Err(DepartedError::NoAgent),
-            None => {}
-        }
-        if t0.elapsed() > timeout {
-            return Err(DepartedError::Wait {
-                member: member.into(),
-                what: "its member key is gone from the DCS".into(),
-                timeout,
-            });
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let what = "its member key is gone from the DCS".to_string();
+    let took = until_unlisted(spec, member, timeout, what, |m| m.name == member).await?;
+    Ok(format!(
+        "member key gone from the DCS after {:.1}s",
+        took.as_secs_f64()
+    ))
 }
 
 /// Waits until the DCS no longer lists `member` at `old`: its key expired (the dead agent's
@@ -415,23 +399,42 @@ async fn moved_away(
     old: &str,
     timeout: Duration,
 ) -> Result<String, DepartedError> {
+    let what = format!("its member key at {old} expires");
+    let took = until_unlisted(spec, member, timeout, what, |m| {
+        m.name == member && m.address.as_deref() == Some(old)
+    })
+    .await?;
+    Ok(format!(
+        "no longer listed at {old} after {:.1}s",
+        took.as_secs_f64()
+    ))
+}
+
+/// Polls the DCS members every [`POLL`] until none is `listed`; how long that took. Bounded by
+/// `timeout`: then `what` did not happen, or no agent answered at all.
+async fn until_unlisted(
+    spec: &DeploySpec,
+    member: &str,
+    timeout: Duration,
+    what: String,
+    listed: impl Fn(&DcsMember) -> bool,
+) -> Result<Duration, DepartedError> {
     let t0 = Instant::now();
     loop {
-        if let Some(c) = cluster(spec).await
-            && !members_of(&c)
-                .iter()
-                .any(|m| m.name == member && m.address.as_deref() == Some(old))
+        let c = cluster(spec).await;
+        if let Some(c) = &c
+            && !members_of(c).iter().any(&listed)
         {
-            return Ok(format!(
-                "no longer listed at {old} after {:.1}s",
-                t0.elapsed().as_secs_f64()
-            ));
+            return Ok(t0.elapsed());
         }
         if t0.elapsed() > timeout {
-            return Err(DepartedError::Wait {
-                member: member.into(),
-                what: format!("its member key at {old} expires"),
-                timeout,
+            return Err(match c {
+                None => DepartedError::NoAgent,
+                Some(_) => DepartedError::Wait {
+                    member: member.into(),
+                    what,
+                    timeout,
+                },
             });
         }
         tokio::time::sleep(POLL).await;
