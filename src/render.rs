@@ -586,5 +586,6 @@ fn haproxy_check_context(check: &crate::inventory::HaproxyCheck) -> serde_json::
         "rise": check.rise,
         "fall": check.fall,
         "timeout": format_haproxy_duration(check.timeout_ms),
+        "connect": format_haproxy_duration(check.connect_ms),
     })
 }

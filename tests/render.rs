@@ -147,7 +147,9 @@ fn haproxy_checks_follow_the_agent_api_and_the_profile() {
     assert!(
         primary.contains(
             "default-server inter 200ms fastinter 100ms downinter 200ms rise 1 fall 2 on-marked-down shutdown-sessions"
-        ) && primary.contains("timeout check 1s"),
+        ) && primary.contains("timeout check 1s")
+            && primary.contains("timeout connect 500ms")
+            && primary.contains("option redispatch"),
         "{primary}"
     );
     for (n, a) in [
