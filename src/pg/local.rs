@@ -71,6 +71,10 @@ const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(600);
 const POST_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Slack added to pg_ctl's own `-t` so that its own timeout message wins over ours.
 const PG_CTL_SLACK: Duration = Duration::from_secs(5);
+/// How often a promotion is checked for completion (`pg_is_in_recovery()` on the local
+/// socket). `pg_ctl promote -w` checks every 100 ms, which added up to 100 ms to every
+/// switchover's and failover's write outage; a local query costs well under a millisecond.
+const PROMOTE_POLL: Duration = Duration::from_millis(10);
 
 /// Environment variables that would redirect PostgreSQL tools away from what we pass explicitly.
 const SCRUBBED_ENV: &[&str] = &[
@@ -1581,31 +1585,40 @@ impl Postgres for LocalPostgres {
         timeout: Duration,
     ) -> Result<(), PgError> {
         self.reserve_timelines(used, history)?;
+        // `-W`: pg_ctl only signals; we wait ourselves (see PROMOTE_POLL).
         let args: Vec<OsString> = vec![
             "promote".into(),
             "-D".into(),
             self.data_dir.clone().into(),
-            "-w".into(),
-            "-t".into(),
-            Self::pg_ctl_secs(timeout),
+            "-W".into(),
         ];
-        match self
-            .run_tool(
-                "pg_ctl promote",
-                "pg_ctl",
-                args,
-                timeout + PG_CTL_SLACK,
-                &[],
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(PgError::CommandFailed { detail, .. })
-                if detail.contains("did not promote in time") =>
-            {
-                return Err(PgError::Timeout(timeout, "waiting for promotion".into()));
+        self.run_tool("pg_ctl promote", "pg_ctl", args, TOOL_TIMEOUT, &[])
+            .await?;
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let probe = async {
+                let c = connect(&self.local_sql_config("0"), SQL_CONNECT_TIMEOUT).await?;
+                let row = bounded(
+                    SQL_TIMEOUT,
+                    "waiting for promotion",
+                    c.query_one("SELECT pg_is_in_recovery()", &[]),
+                )
+                .await?;
+                Ok::<bool, PgError>(row.get(0))
+            };
+            let last = match probe.await {
+                Ok(false) => break,
+                Ok(true) => "still in recovery".to_string(),
+                // Without hot_standby no connection is accepted until the promotion is done.
+                Err(e) => e.to_string(),
+            };
+            if t0.elapsed() > timeout {
+                return Err(PgError::Timeout(
+                    timeout,
+                    format!("waiting for promotion ({last})"),
+                ));
             }
-            Err(e) => return Err(e),
+            tokio::time::sleep(PROMOTE_POLL).await;
         }
         // PostgreSQL removed standby.signal; drop the standby section too so a later restart
         // by anyone (not only start(Primary)) comes up as primary.

@@ -269,10 +269,20 @@ impl HaLoop {
                 .await
                 .map_err(|e| e.to_string())?;
             hooks.callback(CallbackAction::OnRoleChange, Role::Primary);
-            // A checkpoint right after promotion lets ex-primaries pg_rewind from us.
-            if let Err(e) = pg.checkpoint().await {
-                warn!(error = %e, "checkpoint after promote failed");
-            }
+            // A checkpoint right after promotion lets ex-primaries pg_rewind from us. It runs
+            // beside the action, not in it: the action's end is what makes this node report
+            // itself primary (`/primary` 200, so HAProxy routes writes here), and PostgreSQL
+            // accepts writes as soon as `pg_ctl promote` returned; waiting for the checkpoint
+            // kept every switchover's writes out a checkpoint longer. Bounded by the pg
+            // layer's own timeout; nothing waits for it.
+            tokio::spawn(
+                async move {
+                    if let Err(e) = pg.checkpoint().await {
+                        warn!(error = %e, "checkpoint after promote failed");
+                    }
+                }
+                .instrument(tracing::info_span!("post-promote-checkpoint")),
+            );
             Ok(())
         });
     }
