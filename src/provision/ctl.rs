@@ -22,6 +22,10 @@ const EFFECT_TIMEOUT: Duration = Duration::from_secs(120);
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// A mutating call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent answers `POST /restart` once PostgreSQL is back: its stop (≤ 60 s) plus its start
+/// (≤ `primary_start_timeout`, 300 s by default), plus margin for the HTTP round trip. With
+/// [`CALL_TIMEOUT`] a restart slower than 10 s was reported as failed although it went on.
+pub const RESTART_CALL_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// The agents of one inventory.
 pub struct Agents<'a> {
@@ -287,7 +291,13 @@ pub async fn restart(inv: &Inventory, member: Option<&str>, yes: bool) -> anyhow
     confirm(&format!("restart PostgreSQL on {}", order.join(", ")), yes)?;
     for m in &order {
         agents
-            .send(reqwest::Method::POST, m, "/restart", json!({}))
+            .send_with_timeout(
+                reqwest::Method::POST,
+                m,
+                "/restart",
+                json!({}),
+                RESTART_CALL_TIMEOUT,
+            )
             .await?;
         let is_leader = Some(m) == leader.as_ref();
         wait_until(&agents, &format!("{m} runs again"), |c| {

@@ -30,9 +30,7 @@ use crate::transport::{Transport, TransportError, shell_quote};
 /// HAProxy gives a drained replica's client sessions this long to end on their own before the
 /// restart closes them (a fast shutdown disconnects them anyway; this only spares idle pools).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// The agent answers `POST /restart` once PostgreSQL is back: its stop (≤ 60 s) plus its start
-/// (≤ `primary_start_timeout`, 300 s by default), plus margin for the HTTP round trip.
-pub const RESTART_CALL_TIMEOUT: Duration = Duration::from_secs(420);
+pub use super::super::ctl::RESTART_CALL_TIMEOUT;
 /// A restarted replica reconnects to the primary and replays the WAL written meanwhile.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(180);
 /// An agent refreshes its member key (and `pending_restart`) once per `loop_wait` (≤ 10 s in
