@@ -333,19 +333,40 @@ async fn watchdog_required_without_a_usable_device_never_takes_leadership() {
     ];
     let mut c = Cluster::new(opts);
     c.start_all();
-    // Give it several cycles: it must never report itself as leader.
+    // Give it several cycles: it must stay alive and answering, and never lead. (A dead
+    // agent would pass a "never 200" check too: `None` means nobody answered.)
     let t0 = Instant::now();
+    let mut answered = 0;
     while t0.elapsed() < Duration::from_secs(12) {
-        assert_ne!(
-            c.code(0, "GET", "/leader").await,
-            Some(200),
-            "took leadership without a watchdog"
+        let code = c.code(0, "GET", "/leader").await;
+        assert_ne!(code, Some(200), "took leadership without a watchdog");
+        if code.is_some() {
+            answered += 1;
+        }
+        let agent = c.nodes[0].agent.as_mut().expect("agent started");
+        assert!(
+            agent.try_wait().unwrap().is_none(),
+            "the agent exited instead of refusing leadership"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    assert!(
+        answered >= 20,
+        "the agent answered only {answered} times in 12 s"
+    );
+    let (_, cluster) = c.get(0, "/cluster").await.expect("GET /cluster");
+    let members = cluster["members"].as_array().expect("members");
+    assert!(
+        members.iter().any(|m| m["name"] == "node0"),
+        "the refusing agent keeps its member key: {cluster}"
+    );
+    assert!(
+        !members.iter().any(|m| m["role"] == "leader"),
+        "somebody leads: {cluster}"
+    );
     let log = std::fs::read_to_string(c.nodes[0].log()).unwrap();
     assert!(
-        log.to_lowercase().contains("watchdog"),
+        log.contains("watchdog required but unusable"),
         "no watchdog explanation in the log"
     );
 }
