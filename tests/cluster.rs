@@ -6,9 +6,11 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, ClusterOpts, eventually, pg_ctl_as_postgres};
+use common::cluster::{Cluster, ClusterOpts, SUPERUSER_PW, eventually, pg_ctl_as_postgres};
 use serde_json::json;
 
 fn step(s: &str) {
@@ -62,16 +64,72 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
             .unwrap();
     }
 
-    step("SIGKILL primary agent + postgres: another node is promoted, acked writes survive");
+    step(
+        "SIGKILL primary agent + postgres while writes run: another node is promoted, every acked write survives",
+    );
+    // A writer on its own connection to the primary, one row per commit (ids from 100000,
+    // in order); it stops at its first error, so the acknowledged ids are contiguous.
+    let acked = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let acked = acked.clone();
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PW} dbname=postgres connect_timeout=3",
+            c.nodes[p0].pg_port
+        );
+        tokio::spawn(async move {
+            let (client, io) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .expect("writer connects to the primary");
+            tokio::spawn(io);
+            for id in 100_000.. {
+                let q = format!("INSERT INTO acked VALUES ({id}, 'during the kill')");
+                if client.simple_query(&q).await.is_err() {
+                    break;
+                }
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    eventually(Duration::from_secs(30), "the writer commits", || async {
+        (acked.load(Ordering::SeqCst) >= 50).then_some(())
+    })
+    .await;
     let t_kill = Instant::now();
     c.kill_agent(p0);
     c.kill_postgres(p0);
+    tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer stops once the primary is gone")
+        .unwrap();
+    let n = acked.load(Ordering::SeqCst);
     let p1 = eventually(Duration::from_secs(ttl + 30), "a new primary", || async {
         c.primary().await.filter(|p| *p != p0)
     })
     .await;
-    eprintln!("new primary node{p1} after {:?}", t_kill.elapsed());
-    assert_eq!(count_rows(&c, p1).await.unwrap(), 100, "acked writes lost");
+    eprintln!(
+        "new primary node{p1} after {:?}; {n} writes acknowledged during the run-up to the kill",
+        t_kill.elapsed()
+    );
+    assert_eq!(
+        c.query_one_i64(p1, "SELECT count(*) FROM acked WHERE id < 100")
+            .await
+            .unwrap(),
+        100,
+        "acked writes from before lost"
+    );
+    assert_eq!(
+        c.query_one_i64(
+            p1,
+            &format!(
+                "SELECT count(*) FROM acked WHERE id >= 100000 AND id < {}",
+                100_000 + n
+            )
+        )
+        .await
+        .unwrap(),
+        n,
+        "writes acknowledged while the primary was killed are lost"
+    );
     eventually(
         Duration::from_secs(20),
         "writes accepted on the new primary",
