@@ -356,26 +356,84 @@ async fn cluster_bootstraps_fails_over_rejoins_and_obeys_rest_commands() {
         );
     }
 
-    step("etcd fully stopped: the primary demotes before ttl");
+    step("etcd fully stopped: the primary takes no write past ttl, then serves read-only");
     let p = c.primary().await.unwrap();
+    // Writes run throughout (reconnecting when the server goes away): the demotion is the last
+    // write PostgreSQL accepted, not the first failed probe (a refused connection proves
+    // nothing about what the server would still accept).
+    let last_ok: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (last_ok, stop) = (last_ok.clone(), stop.clone());
+        let conn = format!(
+            "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PW} dbname=postgres connect_timeout=1",
+            c.nodes[p].pg_port
+        );
+        tokio::spawn(async move {
+            let mut client = None;
+            while !stop.load(Ordering::SeqCst) {
+                if client.is_none()
+                    && let Ok((cl, io)) =
+                        tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(io);
+                    client = Some(cl);
+                }
+                if let Some(cl) = &client {
+                    match cl
+                        .simple_query("INSERT INTO acked VALUES (-1, 'etcd gone') ON CONFLICT (id) DO UPDATE SET note = 'etcd gone'")
+                        .await
+                    {
+                        Ok(_) => *last_ok.lock().unwrap() = Some(Instant::now()),
+                        Err(e) if e.as_db_error().is_none() => client = None,
+                        Err(_) => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    eventually(
+        Duration::from_secs(20),
+        "writes reach the primary",
+        || async { last_ok.lock().unwrap().map(|_| ()) },
+    )
+    .await;
     let t_stop = Instant::now();
     c.etcd.stop_all();
-    let demoted_after = eventually(Duration::from_secs(ttl + 10), "primary demoted", || async {
-        let ro = c
-            .query_one_i64(
-                p,
-                "SELECT CASE WHEN pg_is_in_recovery() THEN 1 ELSE 0 END::bigint",
-            )
-            .await
-            .map(|v| v == 1)
-            .unwrap_or(true);
-        ro.then(|| t_stop.elapsed())
-    })
+    eventually(
+        Duration::from_secs(ttl + 60),
+        "the old primary serves read-only",
+        || async {
+            (c.query_one_i64(p, "SELECT pg_is_in_recovery()::int::bigint")
+                .await
+                .ok()?
+                == 1)
+                .then_some(())
+        },
+    )
     .await;
-    eprintln!("primary read-only {demoted_after:?} after etcd stopped (ttl {ttl}s)");
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    let demoted_after = last_ok
+        .lock()
+        .unwrap()
+        .expect("a write succeeded")
+        .saturating_duration_since(t_stop);
+    eprintln!("last write accepted {demoted_after:?} after etcd stopped (ttl {ttl}s)");
+    // The safety bound itself: no write may be accepted once the lease could have expired.
     assert!(
         demoted_after < Duration::from_secs(ttl),
-        "demotion took {demoted_after:?} >= ttl"
+        "a write was accepted {demoted_after:?} after etcd stopped (ttl {ttl} s)"
+    );
+    let agent = c.nodes[p].agent.as_mut().expect("agent");
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent died instead of demoting"
+    );
+    assert!(
+        c.code(p, "GET", "/patroni").await.is_some(),
+        "the agent does not answer while the DCS is gone"
     );
     c.etcd.start_all();
     c.wait_healthy(Duration::from_secs(90)).await;
