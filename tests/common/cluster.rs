@@ -35,6 +35,11 @@ pub struct ClusterOpts {
     /// Patroni-style: only `bootstrap.pg_hba` (appended to initdb's file), no
     /// `postgresql.pg_hba`.
     pub bootstrap_pg_hba_only: bool,
+    /// `tags:` per node (a YAML flow map, e.g. "{nofailover: true}"); default `{}`.
+    pub tags: Vec<String>,
+    /// Extra lines under `postgresql:` for every node (2-space indented YAML, each line ending
+    /// in a newline); `{dir}` stands for the node's directory.
+    pub pg_extra: String,
 }
 
 impl ClusterOpts {
@@ -50,6 +55,8 @@ impl ClusterOpts {
             extra_dcs: String::new(),
             watchdog: vec![],
             bootstrap_pg_hba_only: false,
+            tags: vec![],
+            pg_extra: String::new(),
         }
     }
 }
@@ -204,8 +211,10 @@ bootstrap:
     on_role_change: {script}
   use_pg_rewind: true
   use_slots: true
-{watchdog}tags: {{}}
+{pg_extra}{watchdog}tags: {tags}
 "#,
+                pg_extra = opts.pg_extra.replace("{dir}", &dir.display().to_string()),
+                tags = opts.tags.get(i).map(String::as_str).unwrap_or("{}"),
                 scope = opts.scope,
                 hosts = hosts.join(", "),
                 ttl = opts.ttl,
