@@ -450,38 +450,9 @@ impl LocalPostgres {
         Ok(ControlData::parse(&out))
     }
 
-    /// PID of a live postmaster for our data directory. A pid file whose process is gone, or
-    /// whose pid now belongs to something that is not a postgres process (pid reuse after a
-    /// crash/reboot), is stale and ignored.
+    /// PID of a live postmaster for our data directory (see [`live_postmaster`]).
     fn postmaster_pid(&self) -> Option<i32> {
-        let text = std::fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
-        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-        if pid <= 0 {
-            return None;
-        }
-        // SAFETY: kill with signal 0 only checks for existence/permission.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
-            return None;
-        }
-        // The postmaster chdirs into its data directory: when we may read its cwd, that tells
-        // a reused pid (even another cluster's postmaster) from ours.
-        if let (Ok(cwd), Ok(ours)) = (
-            std::fs::read_link(format!("/proc/{pid}/cwd")),
-            std::fs::canonicalize(&self.data_dir),
-        ) {
-            return (cwd == ours).then_some(pid);
-        }
-        match std::fs::read(format!("/proc/{pid}/cmdline")) {
-            Ok(cmdline) => {
-                let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-                let argv0 = String::from_utf8_lossy(argv0);
-                (argv0.contains("postgres") || argv0.contains("postmaster")).then_some(pid)
-            }
-            // No /proc: trust kill(0).
-            Err(_) => Some(pid),
-        }
+        live_postmaster(&self.data_dir)
     }
 
     fn local_sql_config(&self, statement_timeout: &str) -> tokio_postgres::Config {
@@ -1842,5 +1813,40 @@ impl Postgres for LocalPostgres {
             })
             .collect();
         Ok(lines)
+    }
+}
+
+/// PID of a live postmaster for the data directory `data_dir`. A pid file whose process is
+/// gone, or whose pid now belongs to something that is not a postgres process (pid reuse after
+/// a crash/reboot), is stale and ignored. Shared by the controller and the fence (which must
+/// never signal a process that merely inherited the pid).
+pub fn live_postmaster(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 {
+        return None;
+    }
+    // SAFETY: kill with signal 0 only checks for existence/permission.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !alive {
+        return None;
+    }
+    // The postmaster chdirs into its data directory: when we may read its cwd, that tells
+    // a reused pid (even another cluster's postmaster) from ours.
+    if let (Ok(cwd), Ok(ours)) = (
+        std::fs::read_link(format!("/proc/{pid}/cwd")),
+        std::fs::canonicalize(data_dir),
+    ) {
+        return (cwd == ours).then_some(pid);
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+            let argv0 = String::from_utf8_lossy(argv0);
+            (argv0.contains("postgres") || argv0.contains("postmaster")).then_some(pid)
+        }
+        // No /proc: trust kill(0).
+        Err(_) => Some(pid),
     }
 }

@@ -265,14 +265,6 @@ impl WatchdogDevice for FenceWatchdog {
     }
 }
 
-/// The postmaster's pid (first line of `postmaster.pid`), when it runs.
-fn postmaster(pgdata: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-    // SAFETY: signal 0 only checks that the process exists.
-    (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
-}
-
 /// The pids whose parent is `parent` (from /proc).
 fn children(parent: i32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -292,14 +284,14 @@ fn children(parent: i32) -> Vec<i32> {
 
 /// Stops the PostgreSQL instance at `pgdata` at once; returns what was done.
 fn stop_postgres(pgdata: &Path) -> String {
-    let Some(pid) = postmaster(pgdata) else {
+    let Some(pid) = crate::pg::local::live_postmaster(pgdata) else {
         return "PostgreSQL was not running".into();
     };
     // SAFETY: plain signals to a process we just checked exists.
     unsafe { libc::kill(pid, libc::SIGQUIT) };
     let t0 = Instant::now();
     while t0.elapsed() < FENCE_KILL_AFTER {
-        if postmaster(pgdata).is_none() {
+        if crate::pg::local::live_postmaster(pgdata).is_none() {
             return format!("postmaster {pid} stopped (immediate shutdown)");
         }
         std::thread::sleep(Duration::from_millis(10));
