@@ -54,11 +54,10 @@ pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()
             a.name, a.address
         );
     } else {
-        let api = if old.contains(':') {
-            format!("http://[{old}]:{}/patroni", current.agent.restapi_port)
-        } else {
-            format!("http://{old}:{}/patroni", current.agent.restapi_port)
-        };
+        let api = format!(
+            "http://{}/patroni",
+            host.endpoint(current.agent.restapi_port)
+        );
         let alive = departed::still_answers(&old, Some(&api), host.ssh.port).await;
         if !alive.is_empty() {
             anyhow::bail!(

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 pub use error::{InventoryError, Pos, Problem};
 pub use model::{
     Agent, Callbacks, Database, EmbeddedEtcd, Etcd, Haproxy, Host, Inventory, Postgresql,
-    PrimaryUpdateMethod, Role, Ssh, User, Watchdog,
+    PrimaryUpdateMethod, Role, Ssh, User, Watchdog, endpoint,
 };
 pub use profile::{HaTiming, HaproxyCheck, Profile};
 pub use secrets::{ClusterSecrets, Secret, SecretsFile};

@@ -97,6 +97,16 @@ pub struct Host {
     pub watchdog: Watchdog,
 }
 
+/// `address:port` for a host name or IP literal, an IPv6 literal in brackets (only IPv6
+/// literals contain a `:`; a zone id such as `fe80::1%eth0` is bracketed too).
+pub fn endpoint(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
+
 impl Host {
     pub fn has(&self, role: Role) -> bool {
         self.roles.contains(&role)
@@ -104,10 +114,7 @@ impl Host {
 
     /// `address:port`, bracketing IPv6 literals.
     pub fn endpoint(&self, port: u16) -> String {
-        match self.address.parse::<IpAddr>() {
-            Ok(IpAddr::V6(_)) => format!("[{}]:{port}", self.address),
-            _ => format!("{}:{port}", self.address),
-        }
+        endpoint(&self.address, port)
     }
 
     /// The address as used in pg_hba (`/32` or `/128` for IPs, the name otherwise).

@@ -607,11 +607,10 @@ async fn agent_reason(c: &reqwest::Client, base: &str) -> String {
 /// `http://addr:port` of `host`'s agent REST API (an IPv6 address in brackets).
 pub fn api_base(spec: &DeploySpec, host: &str) -> String {
     let addr = spec.host(host).map(|h| h.address.as_str()).unwrap_or(host);
-    if addr.contains(':') {
-        format!("http://[{addr}]:{}", spec.restapi_port)
-    } else {
-        format!("http://{addr}:{}", spec.restapi_port)
-    }
+    format!(
+        "http://{}",
+        crate::inventory::endpoint(addr, spec.restapi_port)
+    )
 }
 
 /// Whether a PostgreSQL server answers at `addr` (directly or through a proxy): sends the

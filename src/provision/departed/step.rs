@@ -101,7 +101,7 @@ pub async fn gather(
         let ssh_port = spec
             .inventory
             .as_ref()
-            .and_then(|inv| inv.hosts.iter().find(|h| h.name.as_str() == mv.member))
+            .and_then(|inv| inv.host(&mv.member))
             .map_or(22, |h| h.ssh.port);
         probes.spawn(async move {
             mv.alive = still_answers(&mv.old, api_url.as_deref(), ssh_port).await;
@@ -132,11 +132,7 @@ pub async fn still_answers(old: &str, api_url: Option<&str>, ssh_port: u16) -> V
         ))
     };
     let ssh = async {
-        let target = if old.contains(':') {
-            format!("[{old}]:{ssh_port}")
-        } else {
-            format!("{old}:{ssh_port}")
-        };
+        let target = crate::inventory::endpoint(old, ssh_port);
         let conn = tokio::time::timeout(
             MOVED_PROBE_TIMEOUT,
             tokio::net::TcpStream::connect(target.clone()),
