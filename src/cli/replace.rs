@@ -9,7 +9,7 @@
 //! own move gate adds the DCS and etcd evidence (see [`crate::provision::departed::Moved`]).
 //!
 //! Order, so that a refusal leaves nothing behind: the edited text is loaded and planned in
-//! memory; the inventory file is written (atomically) only once every gate passed and the
+//! memory; the inventory file is written (atomically, [`inventory::replace_file`]) only once every gate passed and the
 //! operator confirmed, right before the first host is changed. A re-run with the same address
 //! finds the inventory already edited and converges like `apply` (an interrupted replace).
 
@@ -79,7 +79,12 @@ pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()
         if edited == text {
             return Ok(());
         }
-        write_atomically(path, &edited).with_context(|| format!("writing {origin}"))?;
+        // The operator's file keeps its permissions.
+        let mode = std::fs::metadata(path).map_or(0o644, |m| {
+            std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777
+        });
+        inventory::replace_file(path, &edited, mode)
+            .with_context(|| format!("writing {origin}"))?;
         println!("{origin}: {} address {old} -> {}", a.name, a.address);
         Ok(())
     };
@@ -88,29 +93,4 @@ pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()
         eprintln!("{origin} unchanged");
     }
     r
-}
-
-/// Replaces `path` with `text` through a temporary file in the same directory (same
-/// permissions), so that a crash leaves the old or the new inventory, never half of one.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string());
-    let tmp = path.with_file_name(format!(
-        ".{}.pgherd-{}.tmp",
-        name.unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        if let Ok(meta) = std::fs::metadata(path) {
-            std::fs::set_permissions(&tmp, meta.permissions())?;
-        }
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

@@ -8,8 +8,7 @@
 //! error message by accident; code that really needs the value calls [`Secret::expose`].
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use rand::Rng;
@@ -211,23 +210,7 @@ impl SecretsFile {
         let text = format!(
             "# pgherd cluster secrets: generated, keep private (mode 0600), do not commit.\n{body}"
         );
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{file_name}.tmp{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(werr)?;
-        f.write_all(text.as_bytes()).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        Ok(())
+        super::replace_file(path, &text, 0o600).map_err(werr)
     }
 }
 
