@@ -96,12 +96,18 @@ pub fn boottime_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Replaces the state file through a rename, so the fence never reads half a line.
-fn write_state(path: &Path, s: FenceState) -> std::io::Result<()> {
-    let tmp = beside(path, ".tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(s.line().as_bytes())?;
+/// Replaces `path` with `text` through a rename, so the other process never reads half a
+/// line. The temporary name carries the writer's pid: the agent and the fence both write the
+/// state file. Not synced: these files matter only while the host runs (a reboot ends the
+/// lease).
+fn replace(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = beside(path, &format!(".tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
+}
+
+fn write_state(path: &Path, s: FenceState) -> std::io::Result<()> {
+    replace(path, &s.line())
 }
 
 fn read_state(path: &Path) -> Option<FenceState> {
@@ -307,8 +313,9 @@ fn stop_postgres(pgdata: &Path) -> String {
     )
 }
 
-/// The fence process: never returns while its pid file names it (a newer fence for the same
-/// state file takes over and this one exits).
+/// The fence process: runs while its state is armed and its pid file names it; exits once
+/// disarmed or fenced (unless re-armed meanwhile), when a newer fence took the pid file, or
+/// when the instance's directories are gone.
 pub fn run(state: &Path, pgdata: &Path) -> std::io::Result<()> {
     let me = std::process::id();
     // `pgherd-fence` in ps and pgrep: operators (and scripts counting agents) tell it apart.
@@ -324,9 +331,8 @@ pub fn run(state: &Path, pgdata: &Path) -> std::io::Result<()> {
             let _ = writeln!(f, "{} pid {me}: {msg}", super::unix_millis());
         }
     };
-    let pid_tmp = beside(state, ".pid.tmp");
-    std::fs::write(&pid_tmp, format!("{me}\n"))?;
-    std::fs::rename(&pid_tmp, pid_file(state))?;
+    let claim = || replace(&pid_file(state), &format!("{me}\n"));
+    claim()?;
     log(&format!("fence started for {}", pgdata.display()));
     loop {
         std::thread::sleep(FENCE_POLL);
@@ -361,8 +367,7 @@ pub fn run(state: &Path, pgdata: &Path) -> std::io::Result<()> {
         if !matches!(s, FenceState::Armed { .. }) {
             let _ = std::fs::remove_file(pid_file(state));
             if matches!(read_state(state), Some(FenceState::Armed { .. })) {
-                std::fs::write(&pid_tmp, format!("{me}\n"))?;
-                std::fs::rename(&pid_tmp, pid_file(state))?;
+                claim()?;
                 continue;
             }
             log("disarmed: exiting");
