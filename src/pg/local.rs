@@ -1567,16 +1567,17 @@ impl Postgres for LocalPostgres {
             .await?;
         let t0 = tokio::time::Instant::now();
         loop {
-            let probe = async {
-                let c = connect(&self.local_sql_config("0"), SQL_CONNECT_TIMEOUT).await?;
+            // The persistent connection (reconnected after an error): a session survives the
+            // promotion, so polling costs one query, not one connection, per PROMOTE_POLL.
+            let probe = self.with_client(|c| async move {
                 let row = bounded(
                     SQL_TIMEOUT,
                     "waiting for promotion",
                     c.query_one("SELECT pg_is_in_recovery()", &[]),
                 )
                 .await?;
-                Ok::<bool, PgError>(row.get(0))
-            };
+                Ok(row.get::<_, bool>(0))
+            });
             let last = match probe.await {
                 Ok(false) => break,
                 Ok(true) => "still in recovery".to_string(),
