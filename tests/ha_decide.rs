@@ -929,6 +929,27 @@ fn demotes_when_renewal_failed() {
 }
 
 #[test]
+fn stays_primary_when_the_lock_was_renewed_but_the_cluster_read_failed() {
+    // The acknowledged renewal keeps the lease (and the leader key on it) alive for ttl: no
+    // other node can lead, so a failed read after it is no reason to demote.
+    let d = node("n1").primary(lsn(100)).renewed().dcs_down().decide();
+    assert_eq!(d, Decision::PrimaryOnRenewedLease);
+    assert_eq!(
+        d.to_string(),
+        "renewed the leader lock but could not read the cluster: staying primary on the \
+         renewed lease"
+    );
+}
+
+#[test]
+fn a_replica_with_an_unreadable_cluster_keeps_replicating_even_after_a_renewal() {
+    // Only a running primary rides on the renewed lease; anything else is the ordinary
+    // unreachable-DCS case.
+    let d = node("n1").replica(lsn(100)).renewed().dcs_down().decide();
+    assert_eq!(d, Decision::DcsUnreachableSecondary);
+}
+
+#[test]
 fn demotes_when_dcs_unreachable() {
     // §3.7: no failsafe → demote offline.
     let d = node("n1")

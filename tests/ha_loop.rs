@@ -268,6 +268,55 @@ async fn partitioned_leader_demotes_before_its_lease_expires() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn leader_rides_out_a_dcs_outage_longer_than_retry_timeout_but_shorter_than_its_lease() {
+    let c = Cluster::start(3).await;
+    eventually(120, "bootstrap", || {
+        c.leader().is_some() && c.nodes.iter().filter(|n| n.pg.is_streaming()).count() == 2
+    })
+    .await;
+    let old = c.leader().unwrap();
+    let stops = |c: &Cluster| {
+        c.node(&old)
+            .pg
+            .calls()
+            .iter()
+            .filter(|call| call.starts_with("stop"))
+            .count()
+    };
+    let stops_before = stops(&c);
+    // Start the outage just before the leader's next renewal (the lease says when the last
+    // one was sent), so that renewal fails after the whole retry_timeout — where Patroni
+    // demotes — and the outage ends while the leader retries.
+    let sent = c.store.last_lease_of(&old).unwrap().expires_at - Duration::from_secs(TTL);
+    let next = sent + Duration::from_secs(LOOP_WAIT);
+    tokio::time::sleep_until(next - Duration::from_millis(500)).await;
+    c.store.set_partitioned(&old, true);
+    let heal = next + Duration::from_secs(RETRY) - Duration::from_secs(4);
+    tokio::time::sleep_until(heal).await;
+    c.store.set_partitioned(&old, false);
+    for _ in 0..(TTL * 10) {
+        assert_eq!(c.leader().as_ref(), Some(&old), "leadership moved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // PostgreSQL was never stopped (a demotion and re-promotion can fall within one instant
+    // of paused time, so writability alone would not show it), and the renewal that failed
+    // during the outage was retried and succeeded after the first attempt gave up.
+    assert_eq!(
+        stops(&c),
+        stops_before,
+        "the leader's PostgreSQL was stopped"
+    );
+    assert!(c.node(&old).pg.is_writable());
+    let expires = c.store.last_lease_of(&old).unwrap().expires_at;
+    assert!(
+        expires > next + Duration::from_secs(RETRY + TTL),
+        "lease not renewed"
+    );
+    assert_eq!(c.net.writable(), vec![old]);
+    c.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn switchover_via_failover_key_moves_the_leader_to_the_candidate() {
     let c = Cluster::start(3).await;
     eventually(120, "bootstrap", || {

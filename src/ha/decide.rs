@@ -20,6 +20,17 @@ use crate::types::Timeline;
 pub fn decide(i: &Inputs) -> Decision {
     let paused = i.paused();
     let Some(view) = i.cluster.as_ref() else {
+        if i.renewal == Renewal::Renewed
+            && i.pg.is_running_primary()
+            && i.local.action.is_none()
+            && !paused
+        {
+            // The renewal etcd just acknowledged keeps our lease, and the leader key on it,
+            // alive for ttl from its send: no other node can lead meanwhile, so a read that
+            // failed after the write succeeded is no reason to stop taking writes. The next
+            // cycle renews (or demotes at the deadline) as usual.
+            return Decision::PrimaryOnRenewedLease;
+        }
         return dcs_unreachable(i);
     };
     let named_leader = view.leader_name() == Some(&i.me);
@@ -117,14 +128,16 @@ pub fn decide(i: &Inputs) -> Decision {
     }
 }
 
-/// The DCS could not be read (or the lock could not be renewed) within retry_timeout.
+/// The DCS could not be read, or the lock could not be renewed before the demotion deadline.
 ///
-/// Why demoting now is early enough: a successful keepalive keeps our lease alive for at least
-/// `ttl` from the moment it was *sent*. The loop renews first thing every cycle, and cycles
-/// start at most `loop_wait` apart; each DCS call gives up after `retry_timeout`. So this
-/// branch runs at the latest `loop_wait + retry_timeout` after the last successful renewal
-/// was sent, and the rule `loop_wait + 2·retry_timeout ≤ ttl` (config::Timing::check) leaves
-/// at least `retry_timeout` to stop PostgreSQL before any other node can create the leader key.
+/// Why demoting now is early enough, and not too early: a successful keepalive keeps our lease
+/// alive for at least `ttl` from the moment it was *sent*. A leader's renewal is retried (see
+/// `ha_loop::lease`) until it succeeds or the demotion deadline of `ha::timing` passes —
+/// `last acknowledged send + min(ttl, fence timeout) − STOP_RESERVE` — and only then does it
+/// report `Renewal::Failed`; the executor's immediate stop then has `STOP_RESERVE` left before
+/// any other node can create the leader key. A leader whose cycle starts after the deadline
+/// (a stalled loop) is refused the renewal and lands here at once. A node that did not lead
+/// (the view read failed without a renewal) has nothing to protect.
 fn dcs_unreachable(i: &Inputs) -> Decision {
     let was_leader = i.local.held_lock || i.pg.is_running_primary();
     if i.paused() {

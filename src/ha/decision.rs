@@ -83,6 +83,8 @@ pub enum Decision {
     DemoteRenewalFailed,
     /// Paused leader whose renewal failed: PostgreSQL keeps running.
     PausedRenewalFailed,
+    /// The lock was renewed this cycle but the cluster could not be read: stay primary.
+    PrimaryOnRenewedLease,
 
     // --- long actions (patroni.md §3.2 step 5) ---
     /// We lead and renewed the lock while a long action runs.
@@ -214,6 +216,10 @@ impl fmt::Display for Decision {
             Decision::DemoteRenewalFailed => {
                 f.write_str("demoted self because failed to update leader lock in DCS")
             }
+            Decision::PrimaryOnRenewedLease => f.write_str(
+                "renewed the leader lock but could not read the cluster: staying primary on the \
+                 renewed lease",
+            ),
             Decision::PausedRenewalFailed => f.write_str(
                 "failed to update leader lock in DCS, cluster is paused: postgres keeps running",
             ),

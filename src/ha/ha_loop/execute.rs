@@ -11,13 +11,20 @@ impl HaLoop {
         let view = i.cluster.as_ref();
         match &d {
             Decision::DemoteDcsUnreachable | Decision::DemoteRenewalFailed => {
-                // Emergency: before_stop is skipped (it could eat the time reserved to stop).
-                self.cancel_action().await;
-                self.stop_pg(StopMode::Immediate, false).await;
+                // Emergency: the lease may lapse STOP_RESERVE from now. No before_stop and no
+                // fresh observation (either could eat the time reserved to stop): SIGQUIT
+                // first, bookkeeping after.
+                self.emergency_stop(&i.pg).await;
+                if self.action.is_some() {
+                    // A promotion or primary start in flight could have started the
+                    // postmaster after the stop above: cancel it, then stop again.
+                    self.cancel_action().await;
+                    self.emergency_stop(&PgStatus::default()).await;
+                }
                 self.lose_lock(false).await;
             }
             Decision::DcsUnreachablePaused | Decision::DcsUnreachableSecondary => {}
-            Decision::PausedRenewalFailed => {}
+            Decision::PausedRenewalFailed | Decision::PrimaryOnRenewedLease => {}
             Decision::LeaderDuringAction { .. } | Decision::ActionInProgress { .. } => {}
             Decision::CancelPromoteLostLock => {
                 self.cancel_action().await;
@@ -287,6 +294,23 @@ impl HaLoop {
         });
     }
 
+    /// The demotion of a leader whose lease is running out: an immediate stop straight away,
+    /// without observing PostgreSQL first (`pg` is the cycle's observation, used only for the
+    /// on_stop callback). `Postgres::stop` is a no-op on a stopped server.
+    async fn emergency_stop(&mut self, pg: &PgStatus) {
+        if let Err(e) = self
+            .pg
+            .stop(StopMode::Immediate, self.retry_timeout())
+            .await
+        {
+            error!(error = %e, "emergency stop of postgres failed");
+        }
+        if pg.running {
+            self.role_after_stop = Some(Role::Demoted);
+            self.hooks.callback(CallbackAction::OnStop, Role::Demoted);
+        }
+    }
+
     /// Stops PostgreSQL (bounded by retry_timeout for immediate stops) and fires on_stop.
     pub(super) async fn stop_pg(&mut self, mode: StopMode, run_before_stop: bool) {
         let observed = self.pg.observe().await;
@@ -319,11 +343,7 @@ impl HaLoop {
         if mode == WatchdogMode::Off || self.wd().is_open() {
             return true;
         }
-        let ttl = self.config.ttl() as i64;
-        let margin = self.cfg.watchdog.safety_margin;
-        // Timeout = ttl − safety_margin (ttl/2 when −1): the host resets before (or as) the
-        // lease expires if the loop stops petting it.
-        let secs = if margin == -1 { ttl / 2 } else { ttl - margin };
+        let secs = self.watchdog_timeout_secs();
         let supported = secs >= self.config.loop_wait() as i64 && secs > 0;
         let r = if supported {
             self.wd()
@@ -353,6 +373,26 @@ impl HaLoop {
                 }
             }
         }
+    }
+
+    /// The watchdog's (or fence's) timeout: ttl − safety_margin (ttl/2 when −1), so the host
+    /// resets (or PostgreSQL is fenced) before, or as, the lease expires if the loop stops
+    /// petting it. May be ≤ 0 for a bad configuration; `watchdog_activate` refuses that.
+    fn watchdog_timeout_secs(&self) -> i64 {
+        let ttl = self.config.ttl() as i64;
+        let margin = self.cfg.watchdog.safety_margin;
+        if margin == -1 { ttl / 2 } else { ttl - margin }
+    }
+
+    /// The armed fence's (or watchdog's) timeout, counted from the send instant of the last
+    /// successful renewal; `None` while nothing is armed. The renewal stops retrying before it.
+    pub(super) fn fence_timeout(&self) -> Option<Duration> {
+        if !self.wd().is_open() {
+            return None;
+        }
+        u64::try_from(self.watchdog_timeout_secs())
+            .ok()
+            .map(Duration::from_secs)
     }
 
     pub(super) fn watchdog_close(&mut self) {

@@ -3,7 +3,7 @@
 //! lock up, and the deadline every DCS call of the loop runs under.
 
 use super::*;
-use crate::ha::timing::{RenewalBudget, renewal_budget};
+use crate::ha::timing::{RENEWAL_RETRY_PAUSE, RenewalBudget, renewal_budget};
 
 impl HaLoop {
     /// Wraps a DCS call in a retry_timeout deadline (belt and braces: the trait promises it).
@@ -17,27 +17,64 @@ impl HaLoop {
         }
     }
 
-    /// Renews the leader lock within the budget of [`renewal_budget`] (capped so that, if the
-    /// renewal fails, retry_timeout remains to stop PostgreSQL before the lease can lapse).
-    pub(super) async fn renew(&mut self, sent: Instant) -> Renewal {
+    /// Renews the leader lock, retrying a failed attempt (the DCS client has already moved on
+    /// to the other endpoints inside it) until the renewal succeeds, the lock turns out to be
+    /// somebody else's, or the [`demotion_deadline`](crate::ha::timing::demotion_deadline)
+    /// passes — the whole lease, not one `retry_timeout` (see `ha::timing` for why that is
+    /// safe). `cycle_start` is when the cycle began; each attempt counts its lease from its
+    /// own send instant.
+    pub(super) async fn renew(&mut self, cycle_start: Instant) -> Renewal {
         let ttl = self.ttl();
         let retry = self.retry_timeout();
-        let budget = match renewal_budget(self.held_lock, self.lease_ok_sent, sent, ttl, retry) {
-            RenewalBudget::Attempt(b) => b,
-            RenewalBudget::TooLate { lock_expired } => {
-                warn!("leader lease too close to expiry to risk a renewal");
-                // Past the lease deadline the lock may already belong to someone else: stop
-                // counting it as ours (the decision demotes a primary on this failed renewal),
-                // so later cycles go through the normal, time-consuming lease refresh instead
-                // of retrying this instant refusal in a hot loop.
-                if lock_expired {
-                    self.held_lock = false;
+        let mut sent = cycle_start;
+        loop {
+            let fence = self.fence_timeout();
+            let budget =
+                match renewal_budget(self.held_lock, self.lease_ok_sent, sent, ttl, retry, fence) {
+                    RenewalBudget::Attempt(b) => b,
+                    RenewalBudget::TooLate { lock_expired } => {
+                        warn!("leader lease too close to expiry to risk a renewal");
+                        // Past the lease deadline the lock may already belong to someone else:
+                        // stop counting it as ours (the decision demotes a primary on this
+                        // failed renewal), so later cycles go through the normal,
+                        // time-consuming lease refresh instead of retrying this instant refusal
+                        // in a hot loop.
+                        if lock_expired {
+                            self.held_lock = false;
+                        }
+                        return Renewal::Failed;
+                    }
+                };
+            match self.renew_once(budget).await {
+                Ok(true) => {
+                    self.renewed(sent);
+                    return Renewal::Renewed;
                 }
-                return Renewal::Failed;
+                Ok(false) => {
+                    self.held_lock = false;
+                    return Renewal::Lost;
+                }
+                Err(e) => {
+                    // Raised once per episode: the log says when renewals started failing and
+                    // (on the clear) when they recovered, not every attempt.
+                    self.conditions.raise(Condition::LeaderRenewalFailing, &e);
+                    if !self.held_lock {
+                        // A re-attach of a key that names us (no lease of ours yet): one
+                        // attempt, the normal cycle retries.
+                        return Renewal::Failed;
+                    }
+                    tokio::time::sleep(RENEWAL_RETRY_PAUSE).await;
+                    sent = Instant::now();
+                }
             }
-        };
+        }
+    }
+
+    /// One attempt of the renewal, bounded by `budget`.
+    async fn renew_once(&self, budget: Duration) -> Result<bool, DcsError> {
         let dcs = self.dcs.clone();
         let me = self.me.clone();
+        let ttl = self.ttl();
         let attempt = async {
             match dcs.update_leader(&me).await {
                 Err(DcsError::LeaseNotFound) => {
@@ -49,46 +86,37 @@ impl HaLoop {
                 r => r,
             }
         };
-        let r = match tokio::time::timeout(budget, attempt).await {
+        match tokio::time::timeout(budget, attempt).await {
             Ok(r) => r,
             Err(_) => Err(DcsError::Unavailable("renewal timed out".into())),
-        };
-        match r {
-            Ok(true) => {
-                self.lease_ok_sent = Some(sent);
-                self.held_lock = true;
-                // Pet the watchdog only after a successful renewal: a hung loop then cannot
-                // keep the host alive past its lease.
-                let pet = {
-                    let mut wd = self.wd();
-                    if wd.is_open() {
-                        Some(wd.keepalive_since(sent.into_std()))
-                    } else {
-                        None
-                    }
-                };
-                match pet {
-                    Some(Err(e)) => {
-                        self.conditions
-                            .raise(Condition::WatchdogKeepaliveFailing, &e);
-                    }
-                    Some(Ok(())) => {
-                        self.conditions.clear(Condition::WatchdogKeepaliveFailing);
-                    }
-                    None => {}
-                }
-                self.conditions.clear(Condition::LeaderRenewalFailing);
-                Renewal::Renewed
-            }
-            Ok(false) => {
-                self.held_lock = false;
-                Renewal::Lost
-            }
-            Err(e) => {
-                self.conditions.raise(Condition::LeaderRenewalFailing, &e);
-                Renewal::Failed
-            }
         }
+    }
+
+    /// Bookkeeping of a successful renewal sent at `sent`.
+    fn renewed(&mut self, sent: Instant) {
+        self.lease_ok_sent = Some(sent);
+        self.held_lock = true;
+        // Pet the watchdog only after a successful renewal: a hung loop then cannot keep the
+        // host alive past its lease.
+        let pet = {
+            let mut wd = self.wd();
+            if wd.is_open() {
+                Some(wd.keepalive_since(sent.into_std()))
+            } else {
+                None
+            }
+        };
+        match pet {
+            Some(Err(e)) => {
+                self.conditions
+                    .raise(Condition::WatchdogKeepaliveFailing, &e);
+            }
+            Some(Ok(())) => {
+                self.conditions.clear(Condition::WatchdogKeepaliveFailing);
+            }
+            None => {}
+        }
+        self.conditions.clear(Condition::LeaderRenewalFailing);
     }
 
     /// Keeps a non-leader's lease (and with it the member key) alive.

@@ -426,7 +426,8 @@ impl HaLoop {
         // 1. Renew first when we lead: see decide.rs `dcs_unreachable` for why the deadline
         //    argument needs the renewal at the top of the cycle.
         let mut renewal = Renewal::NotAttempted;
-        if self.held_lock {
+        let led = self.held_lock;
+        if led {
             renewal = self.renew(now).await;
         } else {
             self.refresh_lease(now).await;
@@ -457,7 +458,15 @@ impl HaLoop {
                 renewal = self.renew(Instant::now()).await;
             }
         }
-        let pg = self.pg.observe().await;
+        // A failed renewal of a held lock reached its demotion deadline: the time left is
+        // reserved for stopping PostgreSQL (`ha::timing::STOP_RESERVE`), so the decision runs on
+        // the last cycle's observation instead of a fresh one (a hung server can take seconds to
+        // answer it).
+        let pg = if renewal == Renewal::Failed && led {
+            self.last_pg.clone()
+        } else {
+            self.pg.observe().await
+        };
         let peers = match &view {
             Some(v) if self.needs_peers(v, &pg) => {
                 let members: Vec<_> = v
