@@ -5,6 +5,11 @@
 //! Run: `cargo bench --bench ha` (as root; `PGHERD_BENCH_REPS=N` repetitions, default 3).
 //! Timings: ttl 5, loop_wait 1, retry_timeout 2 (the "fast" profile).
 //!
+//! `cargo bench --bench ha -- etcd-soak` instead restarts etcd members one at a time
+//! (`PGHERD_SOAK_RESTARTS=N`, default 20; every other one the etcd leader; SIGTERM, 1 s down,
+//! start, wait until all three are healthy, 2 s to settle) with the write probe running, and
+//! counts what must stay zero: demotions, failovers, PostgreSQL restarts on the primary.
+//!
 //! Write probe: a new connection per attempt to all three nodes with
 //! `target_session_attrs=read-write` (so it finds whoever is primary), one INSERT every 20 ms,
 //! each attempt with a 1 s deadline. Write-unavailable window = from the start of the first
@@ -64,6 +69,25 @@ fn start_probe(c: &Cluster) -> Probe {
 }
 
 impl Probe {
+    /// Failed writes and the longest run of consecutive failures (first failure's start to
+    /// the next success's end), without stopping the probe.
+    async fn failures(&self) -> (usize, Duration) {
+        let log = self.log.lock().await;
+        let failed = log.iter().filter(|e| !e.2).count();
+        let (mut longest, mut run_start) = (Duration::ZERO, None);
+        for e in log.iter() {
+            match (e.2, run_start) {
+                (false, None) => run_start = Some(e.0),
+                (true, Some(t0)) => {
+                    longest = longest.max(e.1 - t0);
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        (failed, longest)
+    }
+
     async fn finish(self) -> Option<Duration> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
@@ -106,8 +130,102 @@ fn median(mut v: Vec<f64>) -> String {
     format!("{:.2} [{:.2}–{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
+/// Index of the etcd member that is the raft leader, by `etcdctl endpoint status`.
+fn etcd_leader(c: &Cluster) -> usize {
+    let out = c.etcd.etcdctl(&["endpoint", "status", "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("endpoint status json");
+    let rows = v.as_array().expect("endpoint status array");
+    let leader = rows[0]["Status"]["leader"].as_u64().expect("leader id");
+    let ep = rows
+        .iter()
+        .find(|r| r["Status"]["header"]["member_id"].as_u64() == Some(leader))
+        .and_then(|r| r["Endpoint"].as_str())
+        .expect("leader among the endpoints")
+        .to_string();
+    (0..c.etcd.len())
+        .find(|&i| c.etcd.endpoint(i) == ep)
+        .expect("leader endpoint is a member")
+}
+
+/// Lines of the agents' logs where a primary demoted itself.
+fn demotions(c: &Cluster) -> usize {
+    c.nodes
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(n.log())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("demoted self") || l.contains("demoting self"))
+                .count()
+        })
+        .sum()
+}
+
+async fn etcd_soak(restarts: usize) {
+    let mut opts = ClusterOpts::new("soak", 31500);
+    opts.ttl = 5;
+    opts.loop_wait = 1;
+    opts.retry_timeout = 2;
+    let mut c = Cluster::new(opts);
+    c.start_all();
+    let p = c.wait_healthy(Duration::from_secs(90)).await;
+    c.sql(p, "CREATE TABLE probe(id bigint)").await.unwrap();
+    let postmaster = common::cluster::postmaster_pid(&c.nodes[p].data_dir());
+    let demoted_before = demotions(&c);
+    let probe = start_probe(&c);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut leader_restarts = 0;
+    for r in 0..restarts {
+        let leader = etcd_leader(&c);
+        let victim = if r % 2 == 0 {
+            leader_restarts += 1;
+            leader
+        } else {
+            (leader + 1 + (r / 2) % 2) % 3
+        };
+        c.etcd.stop(victim);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c.etcd.start_member(victim);
+        c.etcd.wait_healthy(Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (failed, longest) = probe.failures().await;
+        eprintln!(
+            "restart {}: etcd{victim}{} — failed writes so far {failed}, longest {longest:?}",
+            r + 1,
+            if victim == leader { " (leader)" } else { "" },
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (failed, longest) = probe.failures().await;
+    let now_primary = c.primary().await;
+    let same_postmaster = common::cluster::postmaster_pid(&c.nodes[p].data_dir()) == postmaster;
+    println!(
+        "\n| etcd soak (ttl 5, loop_wait 1, retry_timeout 2): {restarts} member restarts, {leader_restarts} of the leader | result |"
+    );
+    println!("|---|---|");
+    println!("| demotions | {} |", demotions(&c) - demoted_before);
+    println!(
+        "| failovers | {} |",
+        if now_primary == Some(p) { 0 } else { 1 }
+    );
+    println!(
+        "| primary's PostgreSQL restarted | {} |",
+        if same_postmaster { "no" } else { "yes" }
+    );
+    println!("| failed writes (one INSERT every 20 ms) | {failed} |");
+    println!("| longest write outage | {:.2} s |", longest.as_secs_f64());
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::args().any(|a| a == "etcd-soak") {
+        let restarts = std::env::var("PGHERD_SOAK_RESTARTS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        etcd_soak(restarts).await;
+        return;
+    }
     let reps: usize = std::env::var("PGHERD_BENCH_REPS")
         .ok()
         .and_then(|s| s.parse().ok())
