@@ -76,6 +76,32 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(1);
 #[async_trait]
 pub trait PeerProbe: Send + Sync {
     async fn fetch(&self, members: &[Member], timeout: Duration) -> Vec<PeerStatus>;
+
+    /// The leader's failsafe round (Patroni's `check_failsafe_topology`): `POST /failsafe`
+    /// with `body` to every `(member, api_url)`, all in parallel, each bounded by `timeout`.
+    /// One answer per member, in order: `Ok` only for a 200 (Patroni's "Accepted"); `Err` says
+    /// why not (unreachable, or the member's own answer, e.g. 500 "Running as a leader").
+    /// The default refuses every member: a probe that cannot announce never keeps a primary
+    /// running without the DCS.
+    async fn announce_failsafe(
+        &self,
+        members: &[(MemberName, String)],
+        _body: &Value,
+        _timeout: Duration,
+    ) -> Vec<(MemberName, Result<(), String>)> {
+        members
+            .iter()
+            .map(|(m, _)| (m.clone(), Err("this probe cannot announce failsafe".into())))
+            .collect()
+    }
+}
+
+/// The `POST /failsafe` address of a member whose failsafe entry is `api_url` (Patroni
+/// stores `http://host:port/patroni`; a bare base is accepted too).
+pub fn failsafe_url(api_url: &str) -> String {
+    let base = api_url.trim_end_matches('/');
+    let base = base.strip_suffix("/patroni").unwrap_or(base);
+    format!("{base}/failsafe")
 }
 
 /// Parses a `GET /patroni` body the way Patroni's `_MemberStatus.from_api_response` does.
@@ -176,6 +202,43 @@ impl PeerProbe for HttpPeerProbe {
             Err(_) => members
                 .iter()
                 .map(|m| PeerStatus::unreachable(m.name.clone()))
+                .collect(),
+        }
+    }
+
+    async fn announce_failsafe(
+        &self,
+        members: &[(MemberName, String)],
+        body: &Value,
+        timeout: Duration,
+    ) -> Vec<(MemberName, Result<(), String>)> {
+        let one = |name: MemberName, url: String| async move {
+            let mut req = self
+                .client
+                .post(failsafe_url(&url))
+                .json(body)
+                .timeout(timeout);
+            if let Some((u, p)) = &self.auth {
+                req = req.basic_auth(u, Some(p));
+            }
+            let r = match req.send().await {
+                Ok(r) if r.status().as_u16() == 200 => Ok(()),
+                Ok(r) => {
+                    let code = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_default();
+                    Err(format!("answered {code} {}", text.trim()))
+                }
+                // (reqwest's error names the url, never the credentials)
+                Err(e) => Err(format!("unreachable: {e}")),
+            };
+            (name, r)
+        };
+        let all = futures_join_all(members.iter().map(|(n, u)| one(n.clone(), u.clone())));
+        match tokio::time::timeout(timeout + Duration::from_millis(200), all).await {
+            Ok(v) => v,
+            Err(_) => members
+                .iter()
+                .map(|(n, _)| (n.clone(), Err("timed out".to_string())))
                 .collect(),
         }
     }

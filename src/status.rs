@@ -3,13 +3,14 @@
 //! the loop (restart, reinitialize, reload), each with a reply channel.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use crate::dcs::ClusterView;
 use crate::pg::{PgState, PgStatus, Role};
+use crate::types::MemberName;
 
 /// Snapshot published by the HA loop after every cycle (and after state changes inside one).
 #[derive(Debug, Clone)]
@@ -49,6 +50,42 @@ pub struct AgentStatus {
     pub updated_at: SystemTime,
     /// What the agent runs with (the `pgherd` object of `/patroni`).
     pub pgherd: PgherdStatus,
+    /// The primary keeps running on DCS loss because every failsafe member accepted it
+    /// (`/patroni`'s `failsafe_mode_is_active`).
+    pub failsafe_active: bool,
+}
+
+/// A leader's failsafe announcement (`POST /failsafe`) as this node received it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailsafeNotice {
+    pub leader: MemberName,
+    pub api_url: String,
+    pub conn_url: String,
+    pub received: tokio::time::Instant,
+}
+
+/// The last failsafe announcement, shared by the REST API (which records it) and the HA loop
+/// (which, for `ttl` after it arrived, treats its sender as the leader and does not race).
+#[derive(Debug, Clone, Default)]
+pub struct FailsafeBoard(Arc<std::sync::Mutex<Option<FailsafeNotice>>>);
+
+impl FailsafeBoard {
+    pub fn record(&self, notice: FailsafeNotice) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(notice);
+    }
+
+    /// The announcement if it arrived less than `ttl` before `now`.
+    pub fn current(&self, now: tokio::time::Instant, ttl: Duration) -> Option<FailsafeNotice> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|n| now.saturating_duration_since(n.received) < ttl)
+    }
+
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// The agent's own account of its configuration, published as `/patroni`'s `pgherd` object

@@ -152,6 +152,12 @@ impl Dcs for MemDcs {
     async fn set_history(&self, _h: &[HistoryLine]) -> Result<(), DcsError> {
         Ok(())
     }
+    async fn set_failsafe(
+        &self,
+        _m: &std::collections::BTreeMap<MemberName, String>,
+    ) -> Result<(), DcsError> {
+        Ok(())
+    }
     async fn delete_cluster(&self) -> Result<(), DcsError> {
         Ok(())
     }
@@ -299,6 +305,7 @@ fn primary_status(view: &ClusterView) -> AgentStatus {
         loop_wait: 10,
         updated_at: SystemTime::now(),
         pgherd: Default::default(),
+        failsafe_active: false,
     }
 }
 
@@ -1323,6 +1330,12 @@ async fn patch_config_conflict_is_409() {
             Ok(())
         }
         async fn set_history(&self, _h: &[HistoryLine]) -> Result<(), DcsError> {
+            Ok(())
+        }
+        async fn set_failsafe(
+            &self,
+            _m: &std::collections::BTreeMap<MemberName, String>,
+        ) -> Result<(), DcsError> {
             Ok(())
         }
         async fn delete_cluster(&self) -> Result<(), DcsError> {

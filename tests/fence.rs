@@ -10,113 +10,14 @@
 //!
 //! Needs root (PostgreSQL runs as the postgres user); skipped with a message otherwise.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
-use common::cluster::{Cluster, ClusterOpts, SUPERUSER_PW, eventually, postmaster_pid};
+use common::cluster::{Cluster, ClusterOpts, eventually, postmaster_pid};
+use common::writers::{Writers, assert_no_overlap};
 
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
-}
-
-/// Direct writes to every node, each acknowledged one recorded as (node, server clock).
-struct Writers {
-    acked: Arc<Mutex<Vec<(usize, f64)>>>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(c: &Cluster) -> Writers {
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let tasks = c
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let conn = format!(
-                    "host=127.0.0.1 port={} user=postgres password={SUPERUSER_PW} dbname=postgres connect_timeout=1",
-                    n.pg_port
-                );
-                let (acked, rx) = (acked.clone(), rx.clone());
-                tokio::spawn(async move {
-                    let mut client = None;
-                    while !*rx.borrow() {
-                        if client.is_none()
-                            && let Ok((cl, conn)) =
-                                tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
-                        {
-                            tokio::spawn(conn);
-                            client = Some(cl);
-                        }
-                        if let Some(cl) = &client {
-                            let q = format!(
-                                "INSERT INTO fence_probe(node) VALUES ({i}) RETURNING extract(epoch from clock_timestamp())::float8"
-                            );
-                            match cl.query_one(&q, &[]).await {
-                                Ok(row) => acked.lock().unwrap().push((i, row.get::<_, f64>(0))),
-                                Err(e) if e.is_closed() || e.as_db_error().is_none() => {
-                                    client = None
-                                }
-                                Err(_) => {} // read-only (a replica): try again
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                })
-            })
-            .collect();
-        Writers { acked, stop, tasks }
-    }
-
-    /// Waits (bounded) until node `i` acknowledged a write.
-    async fn wait_writable(&self, i: usize, what: &str) {
-        eventually(Duration::from_secs(90), what, || async {
-            self.acked
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|(n, _)| *n == i)
-                .then_some(())
-        })
-        .await;
-    }
-
-    async fn stop(self) -> Vec<(usize, f64)> {
-        let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
-    }
-}
-
-/// The old primary's last acknowledged write came before the new one's first.
-fn assert_no_overlap(acked: &[(usize, f64)], old: usize, new: usize) {
-    let last_old = acked
-        .iter()
-        .filter(|(n, _)| *n == old)
-        .map(|(_, t)| *t)
-        .fold(f64::MIN, f64::max);
-    let first_new = acked
-        .iter()
-        .filter(|(n, _)| *n == new)
-        .map(|(_, t)| *t)
-        .fold(f64::MAX, f64::min);
-    assert!(
-        last_old > f64::MIN,
-        "node{old} acknowledged no write before the fault"
-    );
-    assert!(
-        last_old < first_new,
-        "two writable primaries: node{old} accepted a write at {last_old}, node{new} already at {first_new}"
-    );
-    eprintln!(
-        "MEASURED node{old} fenced {:.2}s before node{new} took its first write",
-        first_new - last_old
-    );
 }
 
 /// Whether a fence process runs for node `i` (its command line names the node's state file).
@@ -210,7 +111,7 @@ async fn a_frozen_or_killed_leader_agent_is_fenced_before_another_node_promotes(
     .await;
 
     // 1. The leader's agent frozen.
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, "fence_probe");
     w.wait_writable(first, "writes reach the leader").await;
     let frozen = agent_pid(&c, first);
     unsafe { libc::kill(frozen, libc::SIGSTOP) };
@@ -241,7 +142,7 @@ async fn a_frozen_or_killed_leader_agent_is_fenced_before_another_node_promotes(
         || async { fence_log(other).contains("fence started").then_some(()) },
     )
     .await;
-    let w = Writers::start(&c);
+    let w = Writers::start(&c, "fence_probe");
     w.wait_writable(other, "writes reach the new leader").await;
     c.kill_agent(other);
     w.wait_writable(first, "the old leader is promoted again")

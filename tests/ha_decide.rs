@@ -12,8 +12,8 @@ use pgherd::dcs::{
 };
 use pgherd::ha::candidates::{format_ssn, plan_sync, rank};
 use pgherd::ha::{
-    ActionKind, Decision, Finished, Inputs, LocalFacts, NotHealthiest, PeerStatus, RejoinMark,
-    Renewal, Tags, WatchdogFacts, decide,
+    ActionKind, Decision, FailsafeRound, Finished, Inputs, LocalFacts, NotHealthiest, PeerStatus,
+    RejoinMark, Renewal, Tags, WatchdogFacts, decide,
 };
 use pgherd::pg::{ControlState, PgStatus, ReplicationRow};
 use pgherd::types::{Lsn, MemberName, Revision, Timeline};
@@ -1523,6 +1523,98 @@ fn ex_primary_restarts_through_rewind_check_before_following_new_leader() {
         Decision::StartAsReplica {
             leader: Some(name("n2")),
             rewind_check: true
+        }
+    );
+}
+
+// ----------------------------------------------------------------------------- failsafe mode
+
+fn failsafe_listing(c: ClusterB, members: &[&str]) -> ClusterB {
+    let mut c = c;
+    let m: Map<String, Value> = members
+        .iter()
+        .map(|n| (n.to_string(), json!(format!("http://{n}:8008/patroni"))))
+        .collect();
+    c.0.failsafe = Some(Value::Object(m));
+    c
+}
+
+#[test]
+fn failsafe_keeps_the_primary_running_when_every_member_accepted() {
+    // §3.7: DCS lost, failsafe_mode on, all members answered POST /failsafe → stay primary.
+    let mut c = node("n1")
+        .primary(lsn(100))
+        .renewal(Renewal::Failed)
+        .cfg("failsafe_mode", json!(true))
+        .dcs_down();
+    c.i.local.held_lock = true;
+    c.i.local.failsafe_round = Some(FailsafeRound::Accepted);
+    let d = c.decide();
+    assert_eq!(d, Decision::FailsafeKeepPrimary);
+    assert_eq!(
+        d.to_string(),
+        "continue to run as a leader because failsafe mode is enabled and all members are \
+         accessible"
+    );
+}
+
+#[test]
+fn failsafe_demotes_the_primary_when_a_member_did_not_accept() {
+    let mut c = node("n1")
+        .primary(lsn(100))
+        .renewal(Renewal::Failed)
+        .cfg("failsafe_mode", json!(true))
+        .dcs_down();
+    c.i.local.held_lock = true;
+    c.i.local.failsafe_round = Some(FailsafeRound::Refused {
+        member: name("n3"),
+        reason: "unreachable: connection refused".into(),
+    });
+    let d = c.decide();
+    assert!(matches!(d, Decision::DemoteFailsafeRefused { .. }), "{d:?}");
+    assert_eq!(
+        d.to_string(),
+        "demoted self because DCS is not accessible and I was a leader (failsafe: n3 \
+         unreachable: connection refused)"
+    );
+}
+
+#[test]
+fn a_replica_does_not_race_while_a_failsafe_leader_announced_itself_within_ttl() {
+    // The leader's key expired (it cannot reach etcd, we can), but it told us it runs on.
+    let mut c = node("n2")
+        .replica(lsn(100))
+        .peer("n3", lsn(90))
+        .cfg("failsafe_mode", json!(true))
+        .in_cluster(failsafe_listing(leaderless(), &["n1", "n2", "n3"]));
+    c.i.local.failsafe_leader = Some(name("n1"));
+    let d = c.decide();
+    assert_eq!(d, Decision::FailsafeLeaderAnnounced { leader: name("n1") });
+}
+
+#[test]
+fn an_old_failsafe_announcement_is_ignored_when_failsafe_mode_is_off() {
+    let mut c = node("n2")
+        .replica(lsn(100))
+        .peer("n3", lsn(90))
+        .in_cluster(leaderless());
+    c.i.local.failsafe_leader = Some(name("n1"));
+    assert_eq!(c.decide(), Decision::AcquireLock);
+}
+
+#[test]
+fn a_member_missing_from_the_failsafe_key_never_races() {
+    // Patroni: only members of /failsafe may win the race; n2 was never asked to stay out.
+    let d = node("n2")
+        .replica(lsn(100))
+        .peer("n3", lsn(90))
+        .cfg("failsafe_mode", json!(true))
+        .in_cluster(failsafe_listing(leaderless(), &["n1", "n3"]))
+        .decide();
+    assert_eq!(
+        d,
+        Decision::NotHealthiest {
+            reason: NotHealthiest::NotInFailsafe
         }
     );
 }

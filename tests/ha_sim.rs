@@ -160,6 +160,13 @@ impl Dcs for SpinGuard {
         self.tick();
         self.inner.set_history(history).await
     }
+    async fn set_failsafe(
+        &self,
+        members: &std::collections::BTreeMap<MemberName, String>,
+    ) -> Result<(), DcsError> {
+        self.tick();
+        self.inner.set_failsafe(members).await
+    }
     async fn delete_cluster(&self) -> Result<(), DcsError> {
         self.tick();
         self.inner.delete_cluster().await

@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use pgherd::ha::timing::{RenewalBudget, STOP_RESERVE, demotion_deadline, renewal_budget};
+use pgherd::ha::timing::{
+    FAILSAFE_POST_TIMEOUT, RenewalBudget, STOP_RESERVE, demotion_deadline, renewal_budget,
+};
 use tokio::time::Instant;
 
 const TTL: Duration = Duration::from_secs(30);
@@ -193,6 +195,7 @@ fn renewal_attempts_use_the_lease_up_to_the_demotion_deadline() {
             TTL,
             RETRY,
             *fence,
+            false,
         );
         assert_eq!(got, *want, "{what}");
     }
@@ -213,15 +216,30 @@ fn no_renewal_attempt_of_a_leader_can_end_after_the_demotion_deadline() {
                 if let Some(f) = fence {
                     assert!(deadline + STOP_RESERVE <= t0 + f.max(STOP_RESERVE));
                 }
-                for sent in (0..=ttl * 1000 + 500).step_by(250) {
-                    let at = t0 + ms(sent);
-                    match renewal_budget(true, Some(t0), at, s(ttl), s(retry), fence) {
-                        RenewalBudget::Attempt(b) => {
-                            assert!(b <= s(retry) && at + b <= deadline, "ttl {ttl} at {sent}")
-                        }
-                        RenewalBudget::TooLate { lock_expired } => {
-                            assert!(at >= deadline, "ttl {ttl} at {sent}: refused early");
-                            assert_eq!(lock_expired, at >= t0 + s(ttl));
+                for failsafe in [false, true] {
+                    // With failsafe_mode the round (≤ FAILSAFE_POST_TIMEOUT) follows a failed
+                    // renewal and must also end by the deadline.
+                    let round = if failsafe {
+                        FAILSAFE_POST_TIMEOUT
+                    } else {
+                        Duration::ZERO
+                    };
+                    for sent in (0..=ttl * 1000 + 500).step_by(250) {
+                        let at = t0 + ms(sent);
+                        let b =
+                            renewal_budget(true, Some(t0), at, s(ttl), s(retry), fence, failsafe);
+                        match b {
+                            RenewalBudget::Attempt(b) => assert!(
+                                b <= s(retry) && at + b + round <= deadline,
+                                "ttl {ttl} at {sent} failsafe {failsafe}"
+                            ),
+                            RenewalBudget::TooLate { lock_expired } => {
+                                assert!(
+                                    at + round >= deadline,
+                                    "ttl {ttl} at {sent}: refused early"
+                                );
+                                assert_eq!(lock_expired, at >= t0 + s(ttl));
+                            }
                         }
                     }
                 }
@@ -231,10 +249,25 @@ fn no_renewal_attempt_of_a_leader_can_end_after_the_demotion_deadline() {
 }
 
 #[test]
+fn with_failsafe_mode_the_renewal_stops_early_enough_for_the_failsafe_round() {
+    let t0 = Instant::now();
+    let b = |at_ms: u64| renewal_budget(true, Some(t0), t0 + ms(at_ms), TTL, RETRY, None, true);
+    // Deadline 29 s; the round needs FAILSAFE_POST_TIMEOUT (1 s) before it.
+    assert_eq!(b(27_000), RenewalBudget::Attempt(s(1)));
+    assert_eq!(
+        b(28_000),
+        RenewalBudget::TooLate {
+            lock_expired: false
+        }
+    );
+    assert_eq!(b(1_000), RenewalBudget::Attempt(RETRY));
+}
+
+#[test]
 fn renewal_budget_with_zero_retry_timeout_never_attempts() {
     let t0 = Instant::now();
     assert_eq!(
-        renewal_budget(false, None, t0, TTL, Duration::ZERO, None),
+        renewal_budget(false, None, t0, TTL, Duration::ZERO, None, false),
         RenewalBudget::TooLate { lock_expired: true }
     );
 }

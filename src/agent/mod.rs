@@ -89,6 +89,7 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
     let listener = tokio::net::TcpListener::bind(&cfg.restapi.listen)
         .await
         .with_context(|| format!("restapi.listen {}: cannot bind", cfg.restapi.listen))?;
+    let failsafe_board = crate::status::FailsafeBoard::default();
     let api_state = crate::api::ApiState::new(
         status_rx,
         dcs.clone(),
@@ -96,7 +97,8 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
         cfg.restapi.authentication.clone(),
         cfg.scope.clone(),
         cfg.name.clone(),
-    );
+    )
+    .with_failsafe_board(failsafe_board.clone());
     let api_auth = api_state.auth_handle();
     let api_stop = CancellationToken::new();
     let api_stop2 = api_stop.clone();
@@ -121,6 +123,7 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
     );
 
     let ha = HaLoop::new(cfg, dcs, pg, hooks, watchdog, peers, status_tx, cmd_rx)
+        .with_failsafe_board(failsafe_board)
         .with_config_path(config_path)
         .with_config_sha256(sha256)
         .with_config_subscriber(Arc::new(move |c: &AgentConfig| {

@@ -321,7 +321,7 @@ pub fn metrics_text(st: &AgentStatus, scope: &str, name: &str) -> String {
             "patroni_failsafe_mode_is_active",
             "gauge",
             "Value is 1 if failsafe mode is active, 0 if inactive.",
-            "0".into(),
+            b(st.failsafe_active),
         ),
         (
             "patroni_postgres_timeline",

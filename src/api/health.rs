@@ -175,6 +175,9 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
     if st.paused {
         m.insert("pause".into(), true.into());
     }
+    if st.failsafe_active {
+        m.insert("failsafe_mode_is_active".into(), true.into());
+    }
     if let Some(t) = st.dcs_last_seen {
         m.insert("dcs_last_seen".into(), t.into());
     }

@@ -24,6 +24,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod failsafe;
 pub mod health;
 
 use std::future::Future;
@@ -42,7 +43,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Credentials;
 use crate::dcs::{ClusterView, Dcs, Member};
-use crate::status::{AgentStatus, Command};
+use crate::status::{AgentStatus, Command, FailsafeBoard};
 
 /// Largest request body we read (config patches are a few KiB).
 const MAX_BODY: usize = 1 << 20;
@@ -109,6 +110,8 @@ pub struct ApiState {
     pub switchover_poll: Duration,
     /// Overrides the switchover wait (default `2 * max(10, loop_wait)` s, as Patroni).
     pub switchover_timeout: Option<Duration>,
+    /// Where `POST /failsafe` records the leader's announcement for the HA loop.
+    pub failsafe: FailsafeBoard,
 }
 
 impl ApiState {
@@ -131,7 +134,14 @@ impl ApiState {
             probe: Arc::new(HttpMemberProbe::default()),
             switchover_poll: Duration::from_millis(100),
             switchover_timeout: None,
+            failsafe: FailsafeBoard::default(),
         }
+    }
+
+    /// Shares the failsafe board with the HA loop ([`crate::ha::HaLoop::with_failsafe_board`]).
+    pub fn with_failsafe_board(mut self, board: FailsafeBoard) -> Self {
+        self.failsafe = board;
+        self
     }
 
     /// The handle a reload writes new credentials through.
@@ -240,7 +250,7 @@ async fn handle(state: ApiState, req: Request) -> Response {
             "history" => cluster::get_history(&state).await,
             "config" => cluster::get_config(&state).await,
             "metrics" => cluster::get_metrics(&state),
-            "failsafe" => text(502, "Failsafe mode is not enabled"),
+            "failsafe" => failsafe::get_failsafe(&state),
             _ => health::get_health(&state, &req),
         };
     }
@@ -275,7 +285,7 @@ async fn handle(state: ApiState, req: Request) -> Response {
         ("POST", "restart") => admin::post_restart(&state, req).await,
         ("POST", "reinitialize") => admin::post_reinitialize(&state, req).await,
         ("POST", "reload") => admin::post_reload(&state).await,
-        ("POST", "failsafe") => text(502, "Failsafe mode is not enabled"),
+        ("POST", "failsafe") => failsafe::post_failsafe(&state, req).await,
         ("DELETE", "switchover") => admin::delete_switchover(&state).await,
         ("DELETE", "restart") => admin::delete_restart(&state).await,
         ("PATCH", "config") => admin::patch_config(&state, req).await,

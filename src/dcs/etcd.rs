@@ -13,6 +13,7 @@
 //! rotating single-endpoint connection and the same per-call `retry_timeout` budget; split
 //! across files those internals would have to become crate-visible.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -31,8 +32,8 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
     ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, KEY_CONFIG, KEY_FAILOVER,
-    KEY_HISTORY, KEY_INITIALIZE, KEY_LEADER, KEY_STATUS, KEY_SYNC, MEMBERS_DIR, MemberData, Status,
-    SyncState, history_to_json, view_from_kvs,
+    KEY_FAILSAFE, KEY_HISTORY, KEY_INITIALIZE, KEY_LEADER, KEY_STATUS, KEY_SYNC, MEMBERS_DIR,
+    MemberData, Status, SyncState, failsafe_to_json, history_to_json, view_from_kvs,
 };
 use crate::types::{LeaseId, MemberName, Revision};
 
@@ -989,6 +990,11 @@ impl Dcs for EtcdDcs {
 
     async fn set_history(&self, history: &[HistoryLine]) -> Result<(), DcsError> {
         self.put_plain(KEY_HISTORY, history_to_json(history)).await
+    }
+
+    async fn set_failsafe(&self, members: &BTreeMap<MemberName, String>) -> Result<(), DcsError> {
+        self.put_plain(KEY_FAILSAFE, failsafe_to_json(members))
+            .await
     }
 
     async fn delete_cluster(&self) -> Result<(), DcsError> {

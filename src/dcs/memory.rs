@@ -36,7 +36,7 @@ use tokio::time::Instant;
 
 use super::{
     ClusterView, Dcs, DcsError, DynamicConfig, Failover, HistoryLine, MemberData, Status,
-    SyncState, history_to_json, view_from_kvs,
+    SyncState, failsafe_to_json, history_to_json, view_from_kvs,
 };
 use crate::types::{LeaseId, MemberName, Revision};
 
@@ -704,6 +704,13 @@ impl Dcs for MemoryDcs {
         self.reach().await?;
         self.shared
             .with(|st, _| st.put(KEY_HISTORY, history_to_json(history), None));
+        Ok(())
+    }
+
+    async fn set_failsafe(&self, members: &BTreeMap<MemberName, String>) -> Result<(), DcsError> {
+        self.reach().await?;
+        self.shared
+            .with(|st, _| st.put(KEY_FAILSAFE, failsafe_to_json(members), None));
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod memory;
 pub mod model;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -111,6 +112,10 @@ pub trait Dcs: Send + Sync {
 
     /// Plain put of `history`.
     async fn set_history(&self, history: &[HistoryLine]) -> Result<(), DcsError>;
+
+    /// Plain put of `failsafe` (`{"member": "api_url", ...}`), written by the leader while
+    /// `failsafe_mode` is on.
+    async fn set_failsafe(&self, members: &BTreeMap<MemberName, String>) -> Result<(), DcsError>;
 
     /// Switches to a new endpoint list (a reloaded config): later calls and the change watch
     /// use it. Our lease is an etcd object, not a connection, so it — and the member and

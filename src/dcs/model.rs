@@ -245,6 +245,17 @@ impl HistoryLine {
     }
 }
 
+/// The `failsafe` key's JSON: an object `member → api_url`.
+pub fn failsafe_to_json(members: &BTreeMap<MemberName, String>) -> String {
+    Value::Object(
+        members
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), Value::String(v.clone())))
+            .collect(),
+    )
+    .to_string()
+}
+
 pub fn history_to_json(lines: &[HistoryLine]) -> String {
     Value::Array(lines.iter().map(HistoryLine::to_json).collect()).to_string()
 }
@@ -326,6 +337,11 @@ impl DynamicConfig {
     }
     pub fn pause(&self) -> bool {
         tag_is_true(self.0.get("pause"))
+    }
+    /// `failsafe_mode` (Patroni 4): on DCS loss the primary keeps running while every member
+    /// of the `failsafe` key accepts its `POST /failsafe`.
+    pub fn failsafe_mode(&self) -> bool {
+        tag_is_true(self.0.get("failsafe_mode"))
     }
     pub fn check_timeline(&self) -> bool {
         tag_is_true(self.0.get("check_timeline"))
@@ -586,6 +602,18 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// The `failsafe` key as `member → REST API url` (Patroni writes `.../patroni` urls);
+    /// entries whose value is not a string are skipped. `None` when the key is absent or not an
+    /// object.
+    pub fn failsafe_members(&self) -> Option<BTreeMap<MemberName, String>> {
+        let o = self.failsafe.as_ref()?.as_object()?;
+        Some(
+            o.iter()
+                .filter_map(|(k, v)| Some((MemberName::from(k.as_str()), v.as_str()?.to_string())))
+                .collect(),
+        )
+    }
+
     pub fn leader_name(&self) -> Option<&MemberName> {
         self.leader.as_ref().map(|l| &l.name)
     }

@@ -91,6 +91,15 @@ pub fn race_eligibility(i: &Inputs, view: &ClusterView) -> Result<(), NotHealthi
         // Handled by the caller (NotAllowedToPromote); kept here for completeness.
         return Err(NotHealthiest::Paused);
     }
+    if cfg.failsafe_mode()
+        && let Some(fs) = view.failsafe_members()
+        && !fs.is_empty()
+        && !fs.contains_key(&i.me)
+    {
+        // A member the last leader did not list was never asked to stay out of a race while
+        // it ran in failsafe mode; letting it win could promote beside a failsafe primary.
+        return Err(NotHealthiest::NotInFailsafe);
+    }
     if i.local.watchdog.blocks_leadership() {
         return Err(NotHealthiest::WatchdogUnusable);
     }

@@ -13,7 +13,7 @@ use crate::dcs::ClusterView;
 
 use super::candidates::{clone_source, race_eligibility, switchover_target};
 use super::decision::Decision;
-use super::inputs::{ActionKind, Inputs, RejoinMark, Renewal};
+use super::inputs::{ActionKind, FailsafeRound, Inputs, RejoinMark, Renewal};
 use crate::types::Timeline;
 
 /// Decides what this node does this cycle. Pure: same inputs, same decision.
@@ -157,6 +157,20 @@ fn dcs_unreachable(i: &Inputs) -> Decision {
                 Some(ActionKind::Promote | ActionKind::StartPrimary)
             ))
     {
+        match &i.local.failsafe_round {
+            // Every failsafe member answered our POST /failsafe just now and will not race for
+            // ttl from receiving it: no other node can be promoted, so the primary may keep
+            // taking writes without the DCS (Patroni's failsafe_mode, patroni.md §3.7). The
+            // loop counts our lease from the round's send instant and pets the fence with it.
+            Some(FailsafeRound::Accepted) => return Decision::FailsafeKeepPrimary,
+            Some(FailsafeRound::Refused { member, reason }) => {
+                return Decision::DemoteFailsafeRefused {
+                    member: member.clone(),
+                    reason: reason.clone(),
+                };
+            }
+            None => {}
+        }
         if i.cluster.is_some() {
             return Decision::DemoteRenewalFailed;
         }
@@ -419,6 +433,16 @@ fn needs_rejoin_check(i: &Inputs, view: &ClusterView, leader: &crate::types::Mem
 
 /// No leader key: the race (patroni.md §3.4).
 fn unhealthy_cluster(i: &Inputs, view: &ClusterView) -> Decision {
+    if i.config.failsafe_mode()
+        && !i.pg.is_running_primary()
+        && let Some(l) = &i.local.failsafe_leader
+        && *l != i.me
+    {
+        // The leader's key expired, but the leader told us less than ttl ago that it keeps
+        // running as primary in failsafe mode (it cannot reach the DCS, we can): racing now
+        // would make a second primary (Patroni injects it into the view instead).
+        return Decision::FailsafeLeaderAnnounced { leader: l.clone() };
+    }
     if !i.local.tags.may_promote() && !i.pg.is_running_primary() {
         return Decision::NotAllowedToPromote;
     }

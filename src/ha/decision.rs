@@ -34,6 +34,9 @@ pub enum NotHealthiest {
     FormerLeader,
     /// `watchdog.mode: required` and the device is unusable.
     WatchdogUnusable,
+    /// `failsafe_mode` on and the `failsafe` key does not list me (Patroni: only its members
+    /// may win the race).
+    NotInFailsafe,
 }
 
 impl fmt::Display for NotHealthiest {
@@ -65,6 +68,9 @@ impl fmt::Display for NotHealthiest {
                 f.write_str("I am the former leader and other members are healthy")
             }
             NotHealthiest::WatchdogUnusable => f.write_str("watchdog is required but unusable"),
+            NotHealthiest::NotInFailsafe => {
+                f.write_str("failsafe mode is enabled and I am not in the failsafe key")
+            }
         }
     }
 }
@@ -85,6 +91,13 @@ pub enum Decision {
     PausedRenewalFailed,
     /// The lock was renewed this cycle but the cluster could not be read: stay primary.
     PrimaryOnRenewedLease,
+    /// DCS lost, `failsafe_mode` on, and every failsafe member accepted us: stay primary.
+    FailsafeKeepPrimary,
+    /// DCS lost, `failsafe_mode` on, but a failsafe member did not accept: demote.
+    DemoteFailsafeRefused { member: MemberName, reason: String },
+    /// No leader key, but a leader announced itself by `POST /failsafe` less than ttl ago:
+    /// keep following it, do not race.
+    FailsafeLeaderAnnounced { leader: MemberName },
 
     // --- long actions (patroni.md §3.2 step 5) ---
     /// We lead and renewed the lock while a long action runs.
@@ -216,6 +229,20 @@ impl fmt::Display for Decision {
             Decision::DemoteRenewalFailed => {
                 f.write_str("demoted self because failed to update leader lock in DCS")
             }
+            Decision::FailsafeKeepPrimary => f.write_str(
+                "continue to run as a leader because failsafe mode is enabled and all members \
+                 are accessible",
+            ),
+            Decision::DemoteFailsafeRefused { member, reason } => write!(
+                f,
+                "demoted self because DCS is not accessible and I was a leader (failsafe: \
+                 {member} {reason})"
+            ),
+            Decision::FailsafeLeaderAnnounced { leader } => write!(
+                f,
+                "no action. {leader} announced itself as the leader in failsafe mode less than \
+                 ttl ago"
+            ),
             Decision::PrimaryOnRenewedLease => f.write_str(
                 "renewed the leader lock but could not read the cluster: staying primary on the \
                  renewed lease",

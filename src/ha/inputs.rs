@@ -131,6 +131,21 @@ pub struct LocalFacts {
     /// last passed a divergence check: a running replica that does not stream is checked again
     /// only once the leader or its timeline changes, never every cycle.
     pub rejoin_checked: Option<RejoinMark>,
+    /// This cycle's failsafe round (`failsafe_mode` on, the DCS lost while we led a running
+    /// primary): whether every member of the `failsafe` key accepted us.
+    pub failsafe_round: Option<FailsafeRound>,
+    /// A leader's failsafe announcement (`POST /failsafe`) received less than `ttl` ago.
+    pub failsafe_leader: Option<MemberName>,
+}
+
+/// Outcome of the leader's failsafe round (Patroni's `check_failsafe_topology`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailsafeRound {
+    /// Every other member listed in the `failsafe` key answered 200: none of them will race
+    /// for `ttl`, so the primary may keep running without the DCS.
+    Accepted,
+    /// A listed member did not accept (or we are not listed): the normal DCS-loss demotion.
+    Refused { member: MemberName, reason: String },
 }
 
 /// Whom a divergence check (pg_rewind check, or a rewind) last cleared us to follow.

@@ -23,5 +23,6 @@ pub use decide::decide;
 pub use decision::{Decision, NotHealthiest};
 pub use ha_loop::HaLoop;
 pub use inputs::{
-    ActionKind, Finished, Inputs, LocalFacts, PeerStatus, RejoinMark, Renewal, Tags, WatchdogFacts,
+    ActionKind, FailsafeRound, Finished, Inputs, LocalFacts, PeerStatus, RejoinMark, Renewal, Tags,
+    WatchdogFacts,
 };

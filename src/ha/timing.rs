@@ -37,6 +37,13 @@ use tokio::time::Instant;
 /// the fence's (or watchdog's) job, which fires independently of the agent.
 pub const STOP_RESERVE: Duration = Duration::from_secs(1);
 
+/// Bound of one `POST /failsafe` to each failsafe member (all in parallel). Why 1 s, not
+/// Patroni's 2 s with one retry: a member answers from memory (the API records the announcement
+/// and replies, no I/O), so 1 s is a round trip plus a loaded host's scheduling delay; and with
+/// `failsafe_mode` on, the renewal stops this much before the demotion deadline so that a
+/// refused round still demotes in time — at ttl 5 a 4 s round would leave no lease to renew in.
+pub const FAILSAFE_POST_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Pause between two renewal attempts inside the lease. Why: a refused connection fails at
 /// once, and a fully down etcd must not be hammered in a tight loop; 100 ms costs at most a
 /// tenth of a second of the remaining lease.
@@ -71,6 +78,9 @@ pub enum RenewalBudget {
 /// matter, one that failed would leave no time to stop PostgreSQL. The loop calls this again
 /// after every failed attempt, so together the attempts use the lease up to the deadline.
 /// Without a held lock or a previous success the budget is simply `retry_timeout`.
+///
+/// With `failsafe` (failsafe_mode on), the attempts stop [`FAILSAFE_POST_TIMEOUT`] earlier:
+/// the failsafe round that follows a failed renewal must end by the demotion deadline.
 pub fn renewal_budget(
     held_lock: bool,
     last_ok_sent: Option<Instant>,
@@ -78,6 +88,7 @@ pub fn renewal_budget(
     ttl: Duration,
     retry_timeout: Duration,
     fence_timeout: Option<Duration>,
+    failsafe: bool,
 ) -> RenewalBudget {
     let Some(t) = last_ok_sent.filter(|_| held_lock) else {
         return if retry_timeout.is_zero() {
@@ -86,7 +97,14 @@ pub fn renewal_budget(
             RenewalBudget::Attempt(retry_timeout)
         };
     };
-    let left = demotion_deadline(t, ttl, fence_timeout).saturating_duration_since(now);
+    let mut stop_at = demotion_deadline(t, ttl, fence_timeout);
+    if failsafe {
+        stop_at = stop_at
+            .checked_sub(FAILSAFE_POST_TIMEOUT)
+            .unwrap_or(stop_at)
+            .max(t);
+    }
+    let left = stop_at.saturating_duration_since(now);
     if left.is_zero() {
         RenewalBudget::TooLate {
             lock_expired: now >= t + ttl,

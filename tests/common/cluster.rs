@@ -394,7 +394,10 @@ bootstrap:
         (found.len() == 1).then(|| found[0])
     }
 
-    /// Nodes streaming from the primary per its `/patroni` `replication` list.
+    /// Nodes streaming from the primary per its `/patroni` `replication` list. Only the
+    /// cluster's own members count: a clone in progress shows up there too, as a streaming
+    /// `pg_basebackup` WAL sender, and counting it would call a cluster healthy whose replicas
+    /// have no data yet.
     pub async fn streaming_replicas(&self, primary: usize) -> Vec<String> {
         let Some((200, v)) = self.get(primary, "/patroni").await else {
             return vec![];
@@ -405,6 +408,7 @@ bootstrap:
                 a.iter()
                     .filter(|r| r["state"] == "streaming")
                     .filter_map(|r| r["application_name"].as_str().map(str::to_string))
+                    .filter(|n| self.nodes.iter().any(|node| node.name == *n))
                     .collect()
             })
             .unwrap_or_default()

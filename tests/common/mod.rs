@@ -4,3 +4,4 @@ pub mod cluster;
 pub mod deploy;
 pub mod etcd;
 pub mod probe;
+pub mod writers;

@@ -16,6 +16,22 @@ impl HaLoop {
             let c = DynamicConfig(self.cfg.bootstrap.dcs.clone());
             let _ = self.bounded(self.dcs.set_config(&c, None)).await;
         }
+        // failsafe: every member with a REST API, and us — the members whose acceptance keeps
+        // this primary running if the DCS is lost (Patroni's `_failsafe_config`).
+        if self.config.failsafe_mode() {
+            let mut want: BTreeMap<MemberName, String> = v
+                .members
+                .values()
+                .filter(|m| !m.data.api_url.is_empty())
+                .map(|m| (m.name.clone(), m.data.api_url.clone()))
+                .collect();
+            want.insert(self.me.clone(), self.member_data(pg, false).api_url);
+            if v.failsafe_members().as_ref() != Some(&want)
+                && let Err(e) = self.bounded(self.dcs.set_failsafe(&want)).await
+            {
+                warn!(error = %e, "failed to write the failsafe key");
+            }
+        }
         // Replication slots: one per member, created the cycle the member appears so a new
         // replica never streams without WAL retention.
         let use_slots = self

@@ -10,7 +10,9 @@ impl HaLoop {
     pub(super) async fn execute(&mut self, d: Decision, i: &Inputs) -> (Decision, bool) {
         let view = i.cluster.as_ref();
         match &d {
-            Decision::DemoteDcsUnreachable | Decision::DemoteRenewalFailed => {
+            Decision::DemoteDcsUnreachable
+            | Decision::DemoteRenewalFailed
+            | Decision::DemoteFailsafeRefused { .. } => {
                 // Emergency: the lease may lapse STOP_RESERVE from now. No before_stop and no
                 // fresh observation (either could eat the time reserved to stop): SIGQUIT
                 // first, bookkeeping after.
@@ -24,7 +26,10 @@ impl HaLoop {
                 self.lose_lock(false).await;
             }
             Decision::DcsUnreachablePaused | Decision::DcsUnreachableSecondary => {}
-            Decision::PausedRenewalFailed | Decision::PrimaryOnRenewedLease => {}
+            Decision::PausedRenewalFailed
+            | Decision::PrimaryOnRenewedLease
+            | Decision::FailsafeKeepPrimary
+            | Decision::FailsafeLeaderAnnounced { .. } => {}
             Decision::LeaderDuringAction { .. } | Decision::ActionInProgress { .. } => {}
             Decision::CancelPromoteLostLock => {
                 self.cancel_action().await;

@@ -3,7 +3,10 @@
 //! lock up, and the deadline every DCS call of the loop runs under.
 
 use super::*;
-use crate::ha::timing::{RENEWAL_RETRY_PAUSE, RenewalBudget, renewal_budget};
+use crate::ha::FailsafeRound;
+use crate::ha::timing::{
+    FAILSAFE_POST_TIMEOUT, RENEWAL_RETRY_PAUSE, RenewalBudget, renewal_budget,
+};
 
 impl HaLoop {
     /// Wraps a DCS call in a retry_timeout deadline (belt and braces: the trait promises it).
@@ -29,22 +32,30 @@ impl HaLoop {
         let mut sent = cycle_start;
         loop {
             let fence = self.fence_timeout();
-            let budget =
-                match renewal_budget(self.held_lock, self.lease_ok_sent, sent, ttl, retry, fence) {
-                    RenewalBudget::Attempt(b) => b,
-                    RenewalBudget::TooLate { lock_expired } => {
-                        warn!("leader lease too close to expiry to risk a renewal");
-                        // Past the lease deadline the lock may already belong to someone else:
-                        // stop counting it as ours (the decision demotes a primary on this
-                        // failed renewal), so later cycles go through the normal,
-                        // time-consuming lease refresh instead of retrying this instant refusal
-                        // in a hot loop.
-                        if lock_expired {
-                            self.held_lock = false;
-                        }
-                        return Renewal::Failed;
+            let failsafe = self.config.failsafe_mode();
+            let budget = match renewal_budget(
+                self.held_lock,
+                self.lease_ok_sent,
+                sent,
+                ttl,
+                retry,
+                fence,
+                failsafe,
+            ) {
+                RenewalBudget::Attempt(b) => b,
+                RenewalBudget::TooLate { lock_expired } => {
+                    warn!("leader lease too close to expiry to risk a renewal");
+                    // Past the lease deadline the lock may already belong to someone else:
+                    // stop counting it as ours (the decision demotes a primary on this
+                    // failed renewal), so later cycles go through the normal,
+                    // time-consuming lease refresh instead of retrying this instant refusal
+                    // in a hot loop.
+                    if lock_expired {
+                        self.held_lock = false;
                     }
-                };
+                    return Renewal::Failed;
+                }
+            };
             match self.renew_once(budget).await {
                 Ok(true) => {
                     self.renewed(sent);
@@ -58,9 +69,11 @@ impl HaLoop {
                     // Raised once per episode: the log says when renewals started failing and
                     // (on the clear) when they recovered, not every attempt.
                     self.conditions.raise(Condition::LeaderRenewalFailing, &e);
-                    if !self.held_lock {
-                        // A re-attach of a key that names us (no lease of ours yet): one
-                        // attempt, the normal cycle retries.
+                    if !self.held_lock || self.failsafe_active {
+                        // A re-attach of a key that names us (no lease of ours yet), or a
+                        // primary already running in failsafe mode (its lease is the members'
+                        // acceptance, renewed by the round that follows): one attempt, the
+                        // normal cycle retries.
                         return Renewal::Failed;
                     }
                     tokio::time::sleep(RENEWAL_RETRY_PAUSE).await;
@@ -94,6 +107,17 @@ impl HaLoop {
 
     /// Bookkeeping of a successful renewal sent at `sent`.
     fn renewed(&mut self, sent: Instant) {
+        if self.failsafe_active {
+            info!("leader lock updated again: failsafe mode no longer active");
+            self.failsafe_active = false;
+        }
+        self.lease_alive_since(sent);
+        self.conditions.clear(Condition::LeaderRenewalFailing);
+    }
+
+    /// No other node can lead before `sent + ttl` (an acknowledged renewal, or a failsafe round
+    /// every member accepted, sent at `sent`): count the lease from there and pet the fence.
+    pub(super) fn lease_alive_since(&mut self, sent: Instant) {
         self.lease_ok_sent = Some(sent);
         self.held_lock = true;
         // Pet the watchdog only after a successful renewal: a hung loop then cannot keep the
@@ -116,7 +140,45 @@ impl HaLoop {
             }
             None => {}
         }
-        self.conditions.clear(Condition::LeaderRenewalFailing);
+    }
+
+    /// The leader's failsafe round (Patroni's `check_failsafe_topology`): `POST /failsafe` to
+    /// every other member of the last `failsafe` key we read; accepted only when all answer 200.
+    /// An accepted round counts as a renewal sent when the round was sent: each member that
+    /// accepted stays out of any race for ttl from receiving it, which is later.
+    pub(super) async fn failsafe_round(&mut self) -> FailsafeRound {
+        let sent = Instant::now();
+        let refused = |member: &MemberName, reason: &str| FailsafeRound::Refused {
+            member: member.clone(),
+            reason: reason.to_string(),
+        };
+        let Some(listed) = self.last_view.as_ref().and_then(|v| v.failsafe_members()) else {
+            return refused(&self.me, "no failsafe key was read before the DCS was lost");
+        };
+        if !listed.contains_key(&self.me) {
+            return refused(&self.me, "is not listed in the failsafe key");
+        }
+        let others: Vec<(MemberName, String)> =
+            listed.into_iter().filter(|(n, _)| *n != self.me).collect();
+        let me = self.member_data(&self.last_pg, false);
+        let body = serde_json::json!({
+            "name": self.me.as_str(),
+            "conn_url": me.conn_url,
+            "api_url": me.api_url,
+        });
+        let answers = self
+            .peers
+            .announce_failsafe(&others, &body, FAILSAFE_POST_TIMEOUT)
+            .await;
+        if let Some((m, Err(e))) = answers.into_iter().find(|(_, r)| r.is_err()) {
+            return refused(&m, &e);
+        }
+        if !self.failsafe_active {
+            warn!("DCS lost: running as the leader in failsafe mode, all members accepted");
+            self.failsafe_active = true;
+        }
+        self.lease_alive_since(sent);
+        FailsafeRound::Accepted
     }
 
     /// Keeps a non-leader's lease (and with it the member key) alive.
@@ -157,6 +219,8 @@ impl HaLoop {
             Ok(true) => {
                 self.held_lock = true;
                 self.lease_ok_sent = Some(sent);
+                // An announcement from the previous leader no longer matters: we lead.
+                self.failsafe_board.clear();
                 if let Some(v) = &i.cluster
                     && let Some((f, rev)) = &v.failover
                     && !f.is_empty()
@@ -197,6 +261,7 @@ impl HaLoop {
             warn!(error = %e, "failed to release the leader key");
         }
         self.held_lock = false;
+        self.failsafe_active = false;
         self.watchdog_close();
     }
 }

@@ -48,7 +48,9 @@ use crate::peers::{DEFAULT_PEER_TIMEOUT, PeerProbe};
 use crate::pg::{
     ControlState, PgError, PgState, PgStatus, Postgres, Role, StartAs, StopMode, Upstream,
 };
-use crate::status::{AgentStatus, Command, CommandReply, PgherdStatus, RestartRequest};
+use crate::status::{
+    AgentStatus, Command, CommandReply, FailsafeBoard, PgherdStatus, RestartRequest,
+};
 use crate::types::{MemberName, Timeline};
 use crate::watchdog::WatchdogDevice;
 
@@ -143,8 +145,13 @@ pub struct HaLoop {
 
     // --- state carried between cycles ---
     held_lock: bool,
-    /// When the last successful lease refresh (keepalive / update_leader / acquire) was sent.
+    /// When the last successful lease refresh (keepalive / update_leader / acquire) was sent,
+    /// or the last failsafe round every member accepted.
     lease_ok_sent: Option<Instant>,
+    /// Running as the leader without the DCS: the last failsafe round was accepted.
+    failsafe_active: bool,
+    /// Failsafe announcements received by our REST API (`POST /failsafe`).
+    failsafe_board: FailsafeBoard,
     pre_promote_failed_at: Option<Instant>,
     /// (timeline, last line's parent, its switchpoint) of the `history` this node last wrote,
     /// so a history whose timelines skip numbers is not rewritten every cycle.
@@ -228,6 +235,8 @@ impl HaLoop {
             last_slots_wanted: None,
             last_member: None,
             last_pg: PgStatus::default(),
+            failsafe_active: false,
+            failsafe_board: FailsafeBoard::default(),
             last_decision: String::new(),
             role_after_stop: None,
             wake_now: false,
@@ -253,6 +262,12 @@ impl HaLoop {
     /// endpoints took it over: the agent wiring swaps the REST API's credentials there.
     pub fn with_config_subscriber(mut self, f: ConfigSubscriber) -> HaLoop {
         self.config_subscriber = Some(f);
+        self
+    }
+
+    /// Shares the board on which the REST API records `POST /failsafe` announcements.
+    pub fn with_failsafe_board(mut self, board: FailsafeBoard) -> HaLoop {
+        self.failsafe_board = board;
         self
     }
 
@@ -288,6 +303,7 @@ impl HaLoop {
             loop_wait: c.loop_wait(),
             updated_at: std::time::SystemTime::now(),
             pgherd: PgherdStatus::default(),
+            failsafe_active: false,
         }
     }
 
@@ -467,6 +483,19 @@ impl HaLoop {
         } else {
             self.pg.observe().await
         };
+        // The DCS is lost while we lead a running primary: with failsafe_mode, ask every
+        // failsafe member to accept us before the decision (which keeps or demotes on it).
+        let failsafe_round = if led
+            && renewal != Renewal::Renewed
+            && view.is_none()
+            && self.config.failsafe_mode()
+            && !self.config.pause()
+            && pg.is_running_primary()
+        {
+            Some(self.failsafe_round().await)
+        } else {
+            None
+        };
         let peers = match &view {
             Some(v) if self.needs_peers(v, &pg) => {
                 let members: Vec<_> = v
@@ -499,6 +528,11 @@ impl HaLoop {
                 finished: self.finished.take(),
                 rewind_check_pending: self.rewind_check_pending,
                 rejoin_checked: self.rejoin_checked.clone(),
+                failsafe_round,
+                failsafe_leader: self
+                    .failsafe_board
+                    .current(now, self.ttl())
+                    .map(|n| n.leader),
             },
             peers,
             config: self.config.clone(),

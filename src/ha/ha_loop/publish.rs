@@ -146,6 +146,7 @@ impl HaLoop {
             loop_wait: self.config.loop_wait(),
             updated_at: std::time::SystemTime::now(),
             pgherd: self.report.clone(),
+            failsafe_active: self.failsafe_active,
             pg,
         };
         self.status_tx.send_replace(s);
