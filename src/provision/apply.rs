@@ -30,15 +30,16 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::dcs_config::{self, ClusterFacts};
+use super::desired::{DeploySpec, DesiredFile};
 use super::facts::{self, FactsError, HostFacts};
-use super::plan::{self, Action, DeploySpec, Plan, Planned, PlannedStep};
+use super::plan::{self, Action, Plan, Planned, PlannedStep};
 use super::playbook::{Parallelism, PlaybookError, StepKind, WaitCondition};
+use super::remote::api_base;
 use super::schedule::{self, Stage};
 use super::services::{self, Service, ServiceMode, ServiceOp};
 use crate::transport::{Transport, TransportError, shell_quote};
 
-/// Connected hosts by inventory name.
-pub type Fleet = BTreeMap<String, Arc<dyn Transport>>;
+pub use super::remote::Fleet;
 
 /// Why a run stopped. Every variant names the host(s) involved.
 #[derive(Debug, thiserror::Error)]
@@ -433,10 +434,7 @@ async fn run_action(
 /// then renamed over the target (atomic). Unlike it, no checksum of the old file is taken first
 /// — the plan already knows the content differs. The sidecar is only written while the file
 /// is still the inode pgherd renamed into place.
-async fn upload_with_sidecar(
-    t: &dyn Transport,
-    f: &plan::DesiredFile,
-) -> Result<(), TransportError> {
+async fn upload_with_sidecar(t: &dyn Transport, f: &DesiredFile) -> Result<(), TransportError> {
     let q = shell_quote(&f.path);
     let (u, g) = f.owner.split_once(':').unwrap_or((&f.owner, &f.owner));
     let script = format!(
@@ -602,15 +600,6 @@ async fn agent_reason(c: &reqwest::Client, base: &str) -> String {
         }
     }
     out
-}
-
-/// `http://addr:port` of `host`'s agent REST API (an IPv6 address in brackets).
-pub fn api_base(spec: &DeploySpec, host: &str) -> String {
-    let addr = spec.host(host).map(|h| h.address.as_str()).unwrap_or(host);
-    format!(
-        "http://{}",
-        crate::inventory::endpoint(addr, spec.restapi_port)
-    )
 }
 
 /// Whether a PostgreSQL server answers at `addr` (directly or through a proxy): sends the

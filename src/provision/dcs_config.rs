@@ -30,14 +30,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::plan::DeploySpec;
+use super::desired::DeploySpec;
+use super::facts::AgentFact;
+use super::remote::{AgentHttp, Fleet, agent_bases, psql_command};
 use crate::transport::Transport;
 
-/// A `GET` to an agent: one that does not answer within this is treated as down (the host
-/// facts show why), so an unreachable agent cannot stall `plan`.
-const READ_TIMEOUT: Duration = Duration::from_secs(3);
-/// The `PATCH /config` call: the agent writes one etcd key (bounded by its retry_timeout).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reading `pg_settings` over SSH: one local `psql`.
 const SETTINGS_TIMEOUT: Duration = Duration::from_secs(20);
 /// Poll interval while waiting for the agents to apply a config revision.
@@ -78,38 +75,6 @@ pub fn parse_pg_settings(stdout: &str) -> BTreeMap<String, PgSetting> {
             })
         })
         .collect()
-}
-
-/// What an agent reports in `GET /patroni` (its `pgherd` object and pending-restart state).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AgentFact {
-    pub role: String,
-    pub state: String,
-    /// sha256 of the config file the agent runs with.
-    pub config_sha256: Option<String>,
-    /// Why its last reload was refused.
-    pub config_error: Option<String>,
-    /// The DCS config revision it has applied.
-    pub dcs_config_revision: Option<i64>,
-    /// Why it refused the DCS config (PostgreSQL rejected its pg_hba).
-    pub dcs_config_error: Option<String>,
-    pub pending_restart: bool,
-}
-
-impl AgentFact {
-    /// Decodes a `GET /patroni` body.
-    pub fn from_patroni(v: &Value) -> AgentFact {
-        let p = &v["pgherd"];
-        AgentFact {
-            role: v["role"].as_str().unwrap_or_default().to_string(),
-            state: v["state"].as_str().unwrap_or_default().to_string(),
-            config_sha256: p["config_sha256"].as_str().map(str::to_string),
-            config_error: p["config_error"].as_str().map(str::to_string),
-            dcs_config_revision: p["dcs_config_revision"].as_i64(),
-            dcs_config_error: p["dcs_config_error"].as_str().map(str::to_string),
-            pending_restart: v["pending_restart"].as_bool().unwrap_or(false),
-        }
-    }
 }
 
 /// The live DCS `config` key.
@@ -567,97 +532,9 @@ pub enum ClusterConfigError {
     Settings { host: String, detail: String },
 }
 
-/// A client for the agents' REST API of one deploy spec.
-#[derive(Clone)]
-pub struct AgentHttp {
-    http: reqwest::Client,
-    auth: Option<(String, String)>,
-}
-
-impl AgentHttp {
-    pub fn new(spec: &DeploySpec) -> AgentHttp {
-        AgentHttp {
-            http: reqwest::Client::builder()
-                .build()
-                .expect("reqwest client builds"),
-            auth: spec.restapi_auth.clone(),
-        }
-    }
-
-    /// `GET path` → (status, ETag, JSON body).
-    pub async fn get(&self, base: &str, path: &str) -> Option<(u16, Option<String>, Value)> {
-        let r = self
-            .http
-            .get(format!("{base}{path}"))
-            .timeout(READ_TIMEOUT)
-            .send()
-            .await
-            .ok()?;
-        let status = r.status().as_u16();
-        let etag = r
-            .headers()
-            .get(reqwest::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.trim_matches('"').to_string());
-        let body = r.json::<Value>().await.unwrap_or(Value::Null);
-        Some((status, etag, body))
-    }
-
-    /// `PATCH /config` with `If-Match` when a revision is known → (status, body text).
-    async fn patch_config(
-        &self,
-        base: &str,
-        patch: &Map<String, Value>,
-        revision: Option<i64>,
-    ) -> Result<(u16, String), reqwest::Error> {
-        let mut req = self
-            .http
-            .patch(format!("{base}/config"))
-            .timeout(WRITE_TIMEOUT)
-            .json(patch);
-        if let Some((u, p)) = &self.auth {
-            req = req.basic_auth(u, Some(p));
-        }
-        if let Some(rev) = revision {
-            req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
-        }
-        let r = req.send().await?;
-        let status = r.status().as_u16();
-        Ok((status, r.text().await.unwrap_or_default()))
-    }
-}
-
-/// `http://addr:port` of each postgres host's agent, in inventory order.
-pub fn agent_bases(spec: &DeploySpec) -> Vec<(String, String)> {
-    spec.hosts
-        .iter()
-        .filter(|h| h.roles.postgres)
-        .map(|h| (h.name.clone(), super::apply::api_base(spec, &h.name)))
-        .collect()
-}
-
-/// `psql` on `host`'s local socket as `postgres` (peer authentication, no password anywhere).
-pub fn psql_command(spec: &DeploySpec, host: &str, sql: &str) -> Option<String> {
-    let h = spec.host(host)?;
-    let data_dir = h.pg_data_dir.as_deref()?;
-    let socket_dir = std::path::Path::new(data_dir)
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "/var/run/postgresql".into());
-    Some(format!(
-        "runuser -u postgres -- psql -XAtq -h {} -p {} -d postgres -F \"$(printf '\\037')\" -c {}",
-        crate::transport::shell_quote(&socket_dir),
-        spec.pg_port,
-        crate::transport::shell_quote(sql)
-    ))
-}
-
 /// Reads the cluster facts: config + ETag and the leader from the first agent that answers,
 /// every agent's `/patroni`, and the leader's `pg_settings` over SSH.
-pub async fn gather(
-    spec: &DeploySpec,
-    fleet: &super::apply::Fleet,
-) -> Result<ClusterFacts, ClusterConfigError> {
+pub async fn gather(spec: &DeploySpec, fleet: &Fleet) -> Result<ClusterFacts, ClusterConfigError> {
     let http = AgentHttp::new(spec);
     let bases = agent_bases(spec);
     let mut facts = ClusterFacts::default();

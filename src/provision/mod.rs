@@ -1,7 +1,8 @@
 //! Provisioning: inventory → desired state → facts → plan → apply, pyinfra-style, in types.
 //!
 //! - [`facts`]: read-only facts of a host in one batched command, parsed purely.
-//! - [`plan`]: the desired state ([`plan::DeploySpec`]) and the pure planner.
+//! - [`desired`]: the desired state ([`desired::DeploySpec`]): what every host and the cluster should be.
+//! - [`plan`]: the pure planner (desired state + facts → [`plan::Plan`]).
 //! - [`schedule`]: which playbook step executes each planned change; playbook order checks.
 //! - [`apply`]: executes a plan by walking the playbook's steps in order.
 //! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands.
@@ -16,11 +17,13 @@ pub mod apply;
 pub mod ctl;
 pub mod dcs_config;
 pub mod departed;
+pub mod desired;
 pub mod etcd_members;
 pub mod facts;
 pub mod oplock;
 pub mod plan;
 pub mod playbook;
+pub mod remote;
 pub mod report;
 pub mod rolling;
 pub mod schedule;

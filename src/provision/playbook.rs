@@ -331,6 +331,14 @@ impl StepKind {
     }
 }
 
+/// A playbook step that selects a host, with its arguments expanded for that host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStep {
+    /// Index of the step in the playbook (0-based).
+    pub index: usize,
+    pub kind: StepKind,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybookError {
     #[error("{path}: cannot read playbook: {source}")]
