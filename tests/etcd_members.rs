@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgherd::provision::dcs_config::ClusterFacts;
+use pgherd::provision::cluster_facts::ClusterFacts;
 use pgherd::provision::desired::DesiredMember;
 use pgherd::provision::etcd_members::{
     EndpointStatus, EtcdFacts, Member, MemberChange, PlanOptions, Refusal, RemoveReason,

@@ -29,7 +29,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::dcs_config::{self, ClusterFacts};
+use super::cluster_facts::ClusterFacts;
+use super::dcs_config;
 use super::desired::{DeploySpec, DesiredFile};
 use super::facts::{self, FactsError, HostFacts};
 use super::plan::{self, Action, Plan, Planned, PlannedStep};
@@ -252,10 +253,13 @@ pub async fn gather_cluster(
     fleet: &Fleet,
     facts: &mut BTreeMap<String, HostFacts>,
 ) -> Result<ClusterFacts, ProvisionError> {
-    let mut cluster = dcs_config::gather(spec, fleet).await?;
+    let mut cluster = ClusterFacts {
+        dcs: dcs_config::gather(spec, fleet).await?,
+        ..ClusterFacts::default()
+    };
     cluster.etcd = super::etcd_members::gather(spec, fleet).await?;
     cluster.departed =
-        super::departed::gather(spec, cluster.config.as_ref().map(|c| &c.value)).await;
+        super::departed::gather(spec, cluster.dcs.config.as_ref().map(|c| &c.value)).await;
     // A moved member's old etcd peer still healthy is life at the old address, too.
     if let (Some(d), Some(e)) = (&mut cluster.departed, &cluster.etcd) {
         for mv in &mut d.moved {
@@ -270,7 +274,7 @@ pub async fn gather_cluster(
             }
         }
     }
-    for (host, a) in &cluster.agents {
+    for (host, a) in &cluster.dcs.agents {
         if let Some(f) = facts.get_mut(host) {
             f.agent = Some(a.clone());
         }

@@ -6,7 +6,7 @@
 //! setting would be frozen at bring-up.
 //!
 //! Observe → decide → act, like the host planner:
-//! - facts ([`ClusterFacts`], [`gather`]): the live `config` and its mod revision (`GET /config`
+//! - facts ([`ConfigFacts`], [`gather`]): the live `config` and its mod revision (`GET /config`
 //!   and its `ETag`), the leader, the leader's `pg_settings` (over SSH, `psql` on the local
 //!   socket as `postgres`), and what every agent reports it has applied (`GET /patroni`
 //!   `pgherd` object);
@@ -85,9 +85,10 @@ pub struct LiveConfig {
     pub revision: Option<i64>,
 }
 
-/// Cluster facts: what the live cluster says, next to the per-host facts.
+/// What the agents' REST API says about the cluster-wide configuration ([`gather`]): the live
+/// `config` key, the leader, the leader's `pg_settings` and each agent's own report.
 #[derive(Debug, Clone, Default)]
-pub struct ClusterFacts {
+pub struct ConfigFacts {
     /// `None`: no agent answered `GET /config` with a config (a fresh cluster, or all down).
     pub config: Option<LiveConfig>,
     /// The member holding the leader key, when an agent answered `GET /cluster`.
@@ -96,14 +97,6 @@ pub struct ClusterFacts {
     pub settings: BTreeMap<String, PgSetting>,
     /// Per postgres host whose agent answered `GET /patroni`.
     pub agents: BTreeMap<String, AgentFact>,
-    /// `(HAProxy host, member)` left drained in the replica backend (filled by the caller
-    /// from HAProxy's admin socket).
-    pub drained: Vec<(String, String)>,
-    /// The live etcd membership (`None`: embedded etcd not running anywhere yet, or external).
-    pub etcd: Option<super::etcd_members::EtcdFacts>,
-    /// The DCS members (`GET /cluster`) for the departed-member planner (`None`: no agent
-    /// answered).
-    pub departed: Option<super::departed::DepartedFacts>,
 }
 
 /// What a change does to the running cluster.
@@ -534,10 +527,10 @@ pub enum ClusterConfigError {
 
 /// Reads the cluster facts: config + ETag and the leader from the first agent that answers,
 /// every agent's `/patroni`, and the leader's `pg_settings` over SSH.
-pub async fn gather(spec: &DeploySpec, fleet: &Fleet) -> Result<ClusterFacts, ClusterConfigError> {
+pub async fn gather(spec: &DeploySpec, fleet: &Fleet) -> Result<ConfigFacts, ClusterConfigError> {
     let http = AgentHttp::new(spec);
     let bases = agent_bases(spec);
-    let mut facts = ClusterFacts::default();
+    let mut facts = ConfigFacts::default();
     let mut set = tokio::task::JoinSet::new();
     for (name, base) in &bases {
         let (http, name, base) = (http.clone(), name.clone(), base.clone());

@@ -1,6 +1,7 @@
 //! Provisioning: inventory → desired state → facts → plan → apply, pyinfra-style, in types.
 //!
 //! - [`facts`]: read-only facts of a host in one batched command, parsed purely.
+//! - [`cluster_facts`]: what the live cluster says (DCS config, agents, etcd members, DCS members).
 //! - [`desired`]: the desired state ([`desired::DeploySpec`]): what every host and the cluster should be.
 //! - [`plan`]: the pure planner (desired state + facts → [`plan::Plan`]).
 //! - [`schedule`]: which playbook step executes each planned change; playbook order checks.
@@ -14,6 +15,7 @@
 //! - [`departed`]: PostgreSQL members that left the inventory, removed cleanly (drain, stop, key, slot).
 
 pub mod apply;
+pub mod cluster_facts;
 pub mod ctl;
 pub mod dcs_config;
 pub mod departed;

@@ -10,7 +10,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::dcs_config::{ClusterFacts, ConfigPlan, ConfigRefusal};
+use super::cluster_facts::ClusterFacts;
+use super::dcs_config::{ConfigPlan, ConfigRefusal};
 use super::desired::{DeploySpec, DesiredDir, DesiredFile, DesiredUser, EtcdSpec, HostTarget};
 use super::facts::HostFacts;
 use super::services::{
@@ -576,22 +577,22 @@ pub fn plan_with_cluster(
     let members: Vec<&HostTarget> = spec.hosts.iter().filter(|h| h.roles.postgres).collect();
     let adding = members
         .iter()
-        .filter(|h| !cluster.agents.contains_key(&h.name))
+        .filter(|h| !cluster.dcs.agents.contains_key(&h.name))
         .count();
     super::dcs_config::add_headroom(
-        &cluster.settings,
-        cluster.leader.as_deref(),
+        &cluster.dcs.settings,
+        cluster.dcs.leader.as_deref(),
         members.len(),
         adding,
     )?;
     if let Some(desired) = &spec.dcs_config
-        && cluster.config.is_some()
+        && cluster.dcs.config.is_some()
     {
         p.cluster.config = Some(super::dcs_config::plan_config(
             desired,
-            cluster.config.as_ref(),
-            cluster.leader.as_deref(),
-            &cluster.settings,
+            cluster.dcs.config.as_ref(),
+            cluster.dcs.leader.as_deref(),
+            &cluster.dcs.settings,
         )?);
     }
     if let Some(e) = &spec.etcd {
@@ -616,15 +617,17 @@ pub fn plan_with_cluster(
             &super::departed::PlanOptions::default(),
         )
     });
-    p.cluster.leader = cluster.leader.clone();
+    p.cluster.leader = cluster.dcs.leader.clone();
     p.cluster.drained = cluster.drained.clone();
     p.cluster.replicas = cluster
+        .dcs
         .agents
         .iter()
-        .filter(|(n, a)| Some(n.as_str()) != cluster.leader.as_deref() && a.state == "running")
+        .filter(|(n, a)| Some(n.as_str()) != cluster.dcs.leader.as_deref() && a.state == "running")
         .map(|(n, _)| n.clone())
         .collect();
     p.cluster.pending_restart = cluster
+        .dcs
         .agents
         .iter()
         .filter(|(_, a)| a.pending_restart)
