@@ -82,12 +82,13 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// The submodules of `src/provision/`, lowest layer first (a directory module such as
-/// `rolling/` is one node with its `rolling.rs`). The vocabulary (services, playbooks) and the
-/// stand-alone clients at the bottom; then host facts, the desired state built on them, the
-/// ways to reach hosts and agents, the day-2 jobs (each a pure planner plus its step), the
-/// cluster facts they make up, the planner, the schedule, the inventory → desired-state
-/// builder (which checks the playbook against the schedule) and the report, and the executor
-/// on top.
+/// `rolling/` is one node with its `rolling.rs`), checked like [`LAYERS`]. The vocabulary
+/// (services, playbooks) and the stand-alone day-2 clients at the bottom; then a host's facts,
+/// the desired state (which says which facts to ask for), the ways to reach hosts and agents,
+/// the day-2 jobs (each a pure planner plus its step, on the desired state), the cluster
+/// facts they make up, the planner, the schedule, the inventory → desired-state builder
+/// (which checks the playbook against the schedule) beside the report, and the executor on
+/// top.
 const PROVISION_LAYERS: &[&[&str]] = &[
     &["services", "playbook", "ctl", "oplock"],
     &["facts"],
