@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabSpec};
 use pgherd::provision::apply::{self, ApplyOptions, Fleet};
-use pgherd::provision::plan::{DeploySpec, Planned};
+use pgherd::provision::desired::DeploySpec;
+use pgherd::provision::plan::Planned;
 use pgherd::provision::services::{Service, ServiceOp};
 use pgherd::provision::spec;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, HostInit, LabSpec};
 use pgherd::provision::apply::{self, ApplyOptions, Fleet};
-use pgherd::provision::plan::DeploySpec;
+use pgherd::provision::desired::DeploySpec;
 use pgherd::provision::services::{Service, ServiceMode, ServiceOp};
 use pgherd::provision::spec;
 

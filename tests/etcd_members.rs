@@ -5,11 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use pgherd::provision::dcs_config::ClusterFacts;
+use pgherd::provision::cluster_facts::ClusterFacts;
+use pgherd::provision::desired::DesiredMember;
 use pgherd::provision::etcd_members::{
-    DesiredMember, EndpointStatus, EtcdFacts, Member, MemberChange, PlanOptions, Refusal,
-    RemoveReason, decode_facts, differs_only_in_initial_settings, join_initial_cluster,
-    parse_member_list, plan_members,
+    EndpointStatus, EtcdFacts, Member, MemberChange, PlanOptions, Refusal, RemoveReason,
+    decode_facts, differs_only_in_initial_settings, join_initial_cluster, parse_member_list,
+    plan_members,
 };
 use pgherd::provision::facts::{FileFact, HostFacts};
 use pgherd::provision::plan::{Planned, plan_with_cluster};

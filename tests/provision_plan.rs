@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgherd::provision::apply::{self, ApplyOptions, Fleet};
-use pgherd::provision::plan::{
-    self, Action, AgentBinary, DeploySpec, DesiredDir, DesiredFile, DesiredUser, HostTarget,
-    Planned, Roles,
+use pgherd::provision::desired::{
+    AgentBinary, DeploySpec, DesiredDir, DesiredFile, DesiredUser, HostTarget, Roles,
 };
-use pgherd::provision::playbook::Playbook;
+use pgherd::provision::plan::{self, Action, Planned};
+use pgherd::provision::playbook::{HostStep, Playbook};
 use pgherd::provision::report::{self, ReportOptions};
-use pgherd::provision::schedule::HostStep;
 use pgherd::provision::services::{self, Service, ServiceMode, ServiceOp};
 use pgherd::transport::fake::FakeCall;
 use pgherd::transport::{FakeTransport, Transport, sha256_hex};

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use pgherd::inventory::{self, Inventory};
+use pgherd::provision::desired::DeploySpec;
 use pgherd::provision::facts::HostFacts;
-use pgherd::provision::plan::{self, Action, DeploySpec, Plan, Planned};
+use pgherd::provision::plan::{self, Action, Plan, Planned};
 use pgherd::provision::playbook::{Parallelism, StepKind};
 use pgherd::provision::schedule::{self, Item, Stage};
 use pgherd::provision::services::{Service, ServiceMode, ServiceOp};

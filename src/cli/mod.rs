@@ -19,7 +19,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::provision::apply::{self, ApplyOptions, Fleet};
-use crate::provision::plan::DeploySpec;
+use crate::provision::desired::DeploySpec;
 use crate::provision::report::{self, ReportOptions};
 use crate::provision::rolling::PrimaryUpdateMethod;
 use crate::provision::spec::{self, SpecError};
@@ -511,7 +511,7 @@ pub fn spec_for(
 pub async fn connect(inv: &crate::inventory::Inventory, state_dir: &Path) -> anyhow::Result<Fleet> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
-    let specs: Vec<HostSpec> = spec::host_specs(inv);
+    let specs: Vec<HostSpec> = crate::provision::remote::host_specs(inv);
     let results = connect_all(&specs, &SshOptions::new(state_dir), 16).await;
     let mut fleet = Fleet::new();
     let mut errs = Vec::new();

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::transport::HostSpec;
+use super::desired::DesiredMember;
 
 mod step;
 pub use step::{EtcdMembersError, ProgressFn, gather, run};
@@ -41,9 +41,6 @@ pub const FACTS_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MEMBER_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `member promote` is retried while etcd says the learner is not in sync yet.
 pub const PROMOTE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A host removed from the inventory may be dead: its cleanup never waits longer than this to
-/// connect.
-pub const REMOVED_HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// etcd's strict reconfiguration check answers "unhealthy cluster" until the leader has been
 /// connected to every voter for 5 s (its `HealthInterval`), e.g. right after a promotion: a
 /// membership call is retried that long, and some more.
@@ -63,44 +60,6 @@ pub const INITIAL_ONLY_KEYS: [&str; 4] = [
     "initial-cluster-token",
     "initial-advertise-peer-urls",
 ];
-
-/// The inventory's view of one etcd member.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DesiredMember {
-    pub name: String,
-    /// `http://addr:peer_port`.
-    pub peer_url: String,
-    /// `http://addr:client_port`.
-    pub client_url: String,
-}
-
-/// The etcd side of the desired state (embedded etcd only), built from the inventory.
-#[derive(Debug, Clone)]
-pub struct EtcdSpec {
-    /// The inventory's etcd hosts, in inventory order.
-    pub members: Vec<DesiredMember>,
-    pub data_dir: String,
-    /// Where etcd.conf is written on a member.
-    pub config_path: String,
-    /// Mode and `user:group` of etcd.conf.
-    pub config_mode: u32,
-    pub config_owner: String,
-    /// Per etcd host: its etcd.conf for joining a running cluster (`initial-cluster-state:
-    /// existing`, the member list still [`INITIAL_CLUSTER_PLACEHOLDER`]).
-    pub join_configs: BTreeMap<String, String>,
-    /// How to reach a host that left the inventory (the inventory's SSH defaults; address
-    /// filled in from the member's peer URL).
-    pub ssh_defaults: HostSpec,
-    /// Allow a final voter count below 3 or even.
-    pub allow_degraded: bool,
-}
-
-impl EtcdSpec {
-    /// The directory whose presence says a member's data directory is initialised.
-    pub fn member_dir(&self) -> String {
-        format!("{}/member", self.data_dir.trim_end_matches('/'))
-    }
-}
 
 /// One member as `member list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use super::services::{Service, ServiceMode, probe_script};
 use crate::transport::{Transport, TransportError, shell_quote};
 
@@ -80,7 +82,39 @@ pub struct HostFacts {
     pub old_contents: BTreeMap<String, Vec<u8>>,
     /// What the host's agent reports over its REST API (`GET /patroni`), when it answered:
     /// filled from the cluster facts ([`super::dcs_config::gather`]), not over SSH.
-    pub agent: Option<super::dcs_config::AgentFact>,
+    pub agent: Option<AgentFact>,
+}
+
+/// What an agent reports in `GET /patroni` (its `pgherd` object and pending-restart state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentFact {
+    pub role: String,
+    pub state: String,
+    /// sha256 of the config file the agent runs with.
+    pub config_sha256: Option<String>,
+    /// Why its last reload was refused.
+    pub config_error: Option<String>,
+    /// The DCS config revision it has applied.
+    pub dcs_config_revision: Option<i64>,
+    /// Why it refused the DCS config (PostgreSQL rejected its pg_hba).
+    pub dcs_config_error: Option<String>,
+    pub pending_restart: bool,
+}
+
+impl AgentFact {
+    /// Decodes a `GET /patroni` body.
+    pub fn from_patroni(v: &Value) -> AgentFact {
+        let p = &v["pgherd"];
+        AgentFact {
+            role: v["role"].as_str().unwrap_or_default().to_string(),
+            state: v["state"].as_str().unwrap_or_default().to_string(),
+            config_sha256: p["config_sha256"].as_str().map(str::to_string),
+            config_error: p["config_error"].as_str().map(str::to_string),
+            dcs_config_revision: p["dcs_config_revision"].as_i64(),
+            dcs_config_error: p["dcs_config_error"].as_str().map(str::to_string),
+            pending_restart: v["pending_restart"].as_bool().unwrap_or(false),
+        }
+    }
 }
 
 /// Files larger than this are not fetched for diffs (binaries, mostly).

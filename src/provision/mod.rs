@@ -1,26 +1,39 @@
 //! Provisioning: inventory → desired state → facts → plan → apply, pyinfra-style, in types.
 //!
+//! The submodules form layers (checked by `tests/layering.rs`); a module imports only modules
+//! of lower layers. Lowest first:
+//!
+//! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands;
+//!   [`playbook`]: playbooks as data (the deploy step vocabulary, a step expanded for a host);
+//!   [`ctl`]: the day-2 verbs through the agents' REST API; [`oplock`]: the day-2 lock.
 //! - [`facts`]: read-only facts of a host in one batched command, parsed purely.
-//! - [`plan`]: the desired state ([`plan::DeploySpec`]) and the pure planner.
+//! - [`desired`]: the desired state ([`desired::DeploySpec`]): what every host and the cluster
+//!   should be.
+//! - [`remote`]: how hosts and agents are reached (the fleet, SSH specs, the REST client).
+//! - The day-2 jobs, each a pure planner plus the step that executes it: [`dcs_config`] (the
+//!   cluster-wide settings in the DCS `config` key), [`etcd_members`] (etcd membership changes:
+//!   add as learner, promote, remove), [`rolling`] (restarts of members pending restart, one
+//!   at a time, in a safe order), [`departed`] (PostgreSQL members that left the inventory,
+//!   removed cleanly: drain, stop, key, slot).
+//! - [`cluster_facts`]: what the live cluster says, made of the day-2 jobs' facts.
+//! - [`plan`]: the pure planner (desired state + facts → [`plan::Plan`]).
 //! - [`schedule`]: which playbook step executes each planned change; playbook order checks.
+//! - [`spec`]: inventory + rendered templates → the desired state; [`report`]: plan/apply
+//!   output (change table, diffs, no-change reasons).
 //! - [`apply`]: executes a plan by walking the playbook's steps in order.
-//! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands.
-//! - [`report`]: plan/apply output (change table, diffs, no-change reasons).
-//! - [`playbook`]: playbooks as data (the deploy step vocabulary).
-//! - [`spec`]: inventory + rendered templates → the desired state.
-//! - [`rolling`]: restarts of members pending restart, one at a time, in a safe order.
-//! - [`etcd_members`]: etcd membership changes (add as learner, promote, remove) from the inventory.
-//! - [`departed`]: PostgreSQL members that left the inventory, removed cleanly (drain, stop, key, slot).
 
 pub mod apply;
+pub mod cluster_facts;
 pub mod ctl;
 pub mod dcs_config;
 pub mod departed;
+pub mod desired;
 pub mod etcd_members;
 pub mod facts;
 pub mod oplock;
 pub mod plan;
 pub mod playbook;
+pub mod remote;
 pub mod report;
 pub mod rolling;
 pub mod schedule;

@@ -25,18 +25,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::plan::{Action, DeploySpec, HostTarget, Plan, Planned, PlannedStep};
+use super::desired::{DeploySpec, HostTarget};
+use super::plan::{Action, Plan, Planned, PlannedStep};
 use super::playbook::{PlaybookError, ServiceAction, Step, StepKind};
 use super::services::{self, Service, ServiceMode, ServiceOp};
 use crate::inventory::Problem;
-
-/// A playbook step that selects a host, with its arguments expanded for that host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostStep {
-    /// Index of the step in the playbook (0-based).
-    pub index: usize,
-    pub kind: StepKind,
-}
 
 /// One thing the planner may change on a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

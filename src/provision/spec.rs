@@ -1,18 +1,19 @@
 //! Inventory → desired state: renders every host's files (templates via [`crate::render`]),
 //! derives packages, directories, service configs and the agent binary, and builds the
-//! [`DeploySpec`] the planner works on. Also the inventory-side helpers of the CLI (SSH host
-//! specs, cluster status from the agents). Never touches a host.
+//! [`DeploySpec`] (see [`super::desired`]) the planner works on; the playbook is checked
+//! against it ([`schedule::check`]) before any host is contacted. Never touches a host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::plan::{
-    AgentBinary, DeploySpec, DesiredDir, DesiredFile, DesiredUser, HostTarget, Roles,
+use super::desired::{
+    AgentBinary, DeploySpec, DesiredDir, DesiredFile, DesiredMember, DesiredUser, EtcdSpec,
+    HostTarget, Roles,
 };
-use super::playbook::{Playbook, PlaybookError, ServiceAction, StepKind};
-use super::schedule::{self, HostStep};
+use super::playbook::{HostStep, Playbook, PlaybookError, ServiceAction, StepKind};
+use super::remote::{REMOVED_HOST_CONNECT_TIMEOUT, host_specs};
+use super::schedule;
 use super::services::{self, Service};
 use crate::inventory::{Etcd, Inventory, InventoryError, Role};
 use crate::render::Renderer;
@@ -345,24 +346,7 @@ fn render_steps(
     Ok(out)
 }
 
-/// How to reach each inventory host.
-pub fn host_specs(inv: &Inventory) -> Vec<HostSpec> {
-    inv.hosts
-        .iter()
-        .map(|h| HostSpec {
-            name: h.name.as_str().to_string(),
-            address: h.address.clone(),
-            port: h.ssh.port,
-            user: h.ssh.user.clone(),
-            identity_file: h.ssh.identity_file.clone(),
-            r#become: h.ssh.become_,
-            connect_timeout: Duration::from_secs(h.ssh.connect_timeout_secs),
-            command_timeout: Duration::from_secs(h.ssh.command_timeout_secs),
-        })
-        .collect()
-}
-
-/// Default ports used in fixtures (documentation of what the inventory defaults are).
+/// The main config file of `svc` on `host` (what its run file points at).
 pub fn service_config_path(spec: &DeploySpec, host: &str, svc: Service) -> Option<String> {
     spec.host(host)
         .and_then(|h| h.service_configs.get(&svc).cloned())
@@ -400,7 +384,7 @@ fn etcd_spec(
     inv: &Inventory,
     renderer: &Renderer,
     hosts: &[HostTarget],
-) -> Result<Option<super::etcd_members::EtcdSpec>, SpecError> {
+) -> Result<Option<EtcdSpec>, SpecError> {
     let Etcd::Embedded(e) = &inv.etcd else {
         return Ok(None);
     };
@@ -409,7 +393,7 @@ fn etcd_spec(
     let mut config: Option<(String, u32, String)> = None;
     for h in inv.hosts_with(Role::Etcd) {
         let name = h.name.as_str();
-        members.push(super::etcd_members::DesiredMember {
+        members.push(DesiredMember {
             name: name.to_string(),
             peer_url: format!("http://{}", h.endpoint(e.peer_port)),
             client_url: format!("http://{}", h.endpoint(e.client_port)),
@@ -450,8 +434,8 @@ fn etcd_spec(
         .into_iter()
         .find(|s| inv.host(&s.name).is_some_and(|h| h.has(Role::Etcd)))
         .unwrap_or_else(|| HostSpec::new("-", "-"));
-    ssh_defaults.connect_timeout = super::etcd_members::REMOVED_HOST_CONNECT_TIMEOUT;
-    Ok(Some(super::etcd_members::EtcdSpec {
+    ssh_defaults.connect_timeout = REMOVED_HOST_CONNECT_TIMEOUT;
+    Ok(Some(EtcdSpec {
         members,
         data_dir: e.data_dir.display().to_string(),
         config_path,

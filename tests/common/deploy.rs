@@ -10,8 +10,8 @@ use std::time::Duration;
 use pgherd::inventory::{self, Inventory};
 use pgherd::lab::{self, LabSpec};
 use pgherd::provision::apply::{self, ApplyOptions, ApplyReport, Fleet};
+use pgherd::provision::desired::DeploySpec;
 use pgherd::provision::etcd_members::{Member, parse_endpoint_health, parse_member_list};
-use pgherd::provision::plan::DeploySpec;
 use pgherd::provision::services::Service;
 use pgherd::provision::spec;
 use pgherd::transport::Transport;
@@ -337,7 +337,7 @@ pub fn pgherd_run(state: &std::path::Path, args: &[&str]) -> (bool, String) {
 
 /// The result of SQL `q` run by psql on `host` (over its transport `t`), as text.
 pub async fn sql_on(s: &DeploySpec, t: &dyn Transport, host: &str, q: &str) -> String {
-    let cmd = pgherd::provision::dcs_config::psql_command(s, host, q).expect("psql command");
+    let cmd = pgherd::provision::remote::psql_command(s, host, q).expect("psql command");
     t.run_ok(&cmd, Duration::from_secs(20))
         .await
         .unwrap_or_else(|e| panic!("SQL on {host}: {e}"))

@@ -10,10 +10,8 @@ use serde_json::Value;
 
 use super::{DcsMember, DepartedFacts, DeparturePlan, Refusal, Step};
 use crate::inventory::Role;
-use crate::provision::apply::Fleet;
-use crate::provision::dcs_config::{self, AgentHttp};
-use crate::provision::etcd_members::REMOVED_HOST_CONNECT_TIMEOUT;
-use crate::provision::plan::DeploySpec;
+use crate::provision::desired::DeploySpec;
+use crate::provision::remote::{self, AgentHttp, Fleet, REMOVED_HOST_CONNECT_TIMEOUT};
 use crate::provision::services::Service;
 use crate::transport::{SshTransport, Transport, TransportError};
 
@@ -66,7 +64,7 @@ pub enum DepartedError {
 /// `GET /cluster` from the first inventory agent that answers.
 async fn cluster(spec: &DeploySpec) -> Option<Value> {
     let http = AgentHttp::new(spec);
-    for (_, base) in dcs_config::agent_bases(spec) {
+    for (_, base) in remote::agent_bases(spec) {
         if let Some((200, _, v)) = http.get(&base, "/cluster").await
             && v.is_object()
         {
@@ -208,7 +206,7 @@ async fn switchover(spec: &DeploySpec, from: &str, to: &str) -> Result<String, D
         what: format!("switchover to {to}"),
         message,
     };
-    let base = dcs_config::agent_bases(spec)
+    let base = remote::agent_bases(spec)
         .into_iter()
         .find(|(n, _)| n == to)
         .map(|(_, b)| b)
@@ -327,7 +325,7 @@ async fn stop_agent(
     let Some(inv) = &spec.inventory else {
         return Ok(format!("no inventory SSH settings: {addr} not contacted"));
     };
-    let Some(mut hs) = crate::provision::spec::host_specs(inv)
+    let Some(mut hs) = remote::host_specs(inv)
         .into_iter()
         .find(|s| inv.host(&s.name).is_some_and(|h| h.has(Role::Postgres)))
     else {
@@ -463,7 +461,7 @@ async fn sql_on(
     leader: &str,
     sql: &str,
 ) -> Result<String, DepartedError> {
-    let cmd = dcs_config::psql_command(spec, leader, sql).ok_or_else(|| DepartedError::Call {
+    let cmd = remote::psql_command(spec, leader, sql).ok_or_else(|| DepartedError::Call {
         member: leader.into(),
         what: "SQL on the leader".into(),
         message: "not a postgres host of the inventory".into(),

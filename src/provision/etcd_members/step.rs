@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::provision::apply::Fleet;
-use crate::provision::plan::DeploySpec;
+use crate::provision::desired::{DeploySpec, EtcdSpec};
+use crate::provision::remote::{Fleet, REMOVED_HOST_CONNECT_TIMEOUT};
 use crate::provision::services::{Service, ServiceMode, ServiceOp, op_command};
 use crate::transport::{SshTransport, Transport, TransportError, shell_quote};
 

@@ -23,8 +23,8 @@ use super::{
     show_reason, show_values,
 };
 use crate::inventory::Inventory;
-use crate::provision::apply::Fleet;
 use crate::provision::ctl::{self, Agents};
+use crate::provision::remote::Fleet;
 use crate::transport::{Transport, TransportError, shell_quote};
 
 /// HAProxy gives a drained replica's client sessions this long to end on their own before the

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::executor::RollingError;
 use crate::inventory::{Inventory, Role};
-use crate::provision::apply::Fleet;
+use crate::provision::remote::Fleet;
 use crate::transport::{Transport, TransportError, shell_quote};
 
 /// One HAProxy admin command.

@@ -6,7 +6,7 @@
 //! setting would be frozen at bring-up.
 //!
 //! Observe → decide → act, like the host planner:
-//! - facts ([`ClusterFacts`], [`gather`]): the live `config` and its mod revision (`GET /config`
+//! - facts ([`ConfigFacts`], [`gather`]): the live `config` and its mod revision (`GET /config`
 //!   and its `ETag`), the leader, the leader's `pg_settings` (over SSH, `psql` on the local
 //!   socket as `postgres`), and what every agent reports it has applied (`GET /patroni`
 //!   `pgherd` object);
@@ -23,25 +23,19 @@
 //! such: pgherd cannot tell an operator's deliberate edit from a leftover, and deleting someone
 //! else's setting is the worse mistake. To remove a parameter pgherd once set, set it to
 //! `null` in the inventory (the merge patch deletes it), as autobase does.
+//!
+//! The facts' types and the planner (pure) are this file; the I/O (reading the facts through
+//! the agents and over SSH, the write and the waits) is [`step`].
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::plan::DeploySpec;
-use crate::transport::Transport;
+use super::facts::AgentFact;
 
-/// A `GET` to an agent: one that does not answer within this is treated as down (the host
-/// facts show why), so an unreachable agent cannot stall `plan`.
-const READ_TIMEOUT: Duration = Duration::from_secs(3);
-/// The `PATCH /config` call: the agent writes one etcd key (bounded by its retry_timeout).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reading `pg_settings` over SSH: one local `psql`.
-const SETTINGS_TIMEOUT: Duration = Duration::from_secs(20);
-/// Poll interval while waiting for the agents to apply a config revision.
-const POLL: Duration = Duration::from_millis(250);
+mod step;
+pub use step::{ClusterConfigError, gather, wait_config_loaded, write_and_wait};
 
 /// One row of `pg_settings` (what the planner needs of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,38 +74,6 @@ pub fn parse_pg_settings(stdout: &str) -> BTreeMap<String, PgSetting> {
         .collect()
 }
 
-/// What an agent reports in `GET /patroni` (its `pgherd` object and pending-restart state).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AgentFact {
-    pub role: String,
-    pub state: String,
-    /// sha256 of the config file the agent runs with.
-    pub config_sha256: Option<String>,
-    /// Why its last reload was refused.
-    pub config_error: Option<String>,
-    /// The DCS config revision it has applied.
-    pub dcs_config_revision: Option<i64>,
-    /// Why it refused the DCS config (PostgreSQL rejected its pg_hba).
-    pub dcs_config_error: Option<String>,
-    pub pending_restart: bool,
-}
-
-impl AgentFact {
-    /// Decodes a `GET /patroni` body.
-    pub fn from_patroni(v: &Value) -> AgentFact {
-        let p = &v["pgherd"];
-        AgentFact {
-            role: v["role"].as_str().unwrap_or_default().to_string(),
-            state: v["state"].as_str().unwrap_or_default().to_string(),
-            config_sha256: p["config_sha256"].as_str().map(str::to_string),
-            config_error: p["config_error"].as_str().map(str::to_string),
-            dcs_config_revision: p["dcs_config_revision"].as_i64(),
-            dcs_config_error: p["dcs_config_error"].as_str().map(str::to_string),
-            pending_restart: v["pending_restart"].as_bool().unwrap_or(false),
-        }
-    }
-}
-
 /// The live DCS `config` key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LiveConfig {
@@ -120,9 +82,10 @@ pub struct LiveConfig {
     pub revision: Option<i64>,
 }
 
-/// Cluster facts: what the live cluster says, next to the per-host facts.
+/// What the agents' REST API says about the cluster-wide configuration ([`gather`]): the live
+/// `config` key, the leader, the leader's `pg_settings` and each agent's own report.
 #[derive(Debug, Clone, Default)]
-pub struct ClusterFacts {
+pub struct ConfigFacts {
     /// `None`: no agent answered `GET /config` with a config (a fresh cluster, or all down).
     pub config: Option<LiveConfig>,
     /// The member holding the leader key, when an agent answered `GET /cluster`.
@@ -131,14 +94,6 @@ pub struct ClusterFacts {
     pub settings: BTreeMap<String, PgSetting>,
     /// Per postgres host whose agent answered `GET /patroni`.
     pub agents: BTreeMap<String, AgentFact>,
-    /// `(HAProxy host, member)` left drained in the replica backend (filled by the caller
-    /// from HAProxy's admin socket).
-    pub drained: Vec<(String, String)>,
-    /// The live etcd membership (`None`: embedded etcd not running anywhere yet, or external).
-    pub etcd: Option<super::etcd_members::EtcdFacts>,
-    /// The DCS members (`GET /cluster`) for the departed-member planner (`None`: no agent
-    /// answered).
-    pub departed: Option<super::departed::DepartedFacts>,
 }
 
 /// What a change does to the running cluster.
@@ -539,340 +494,6 @@ fn set_path(m: &mut Map<String, Value>, path: &[&str], v: Value) {
             .expect("patch paths are objects");
     }
     cur.insert(last.to_string(), v);
-}
-
-// ------------------------------------------------------------------------------- I/O
-
-/// Why gathering or writing the cluster config failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterConfigError {
-    #[error(transparent)]
-    Refused(#[from] ConfigRefusal),
-    #[error(
-        "the DCS config changed since this run read it at revision {revision} (someone ran patronictl edit-config or PATCH /config?): nothing written; run apply again to plan against the new config"
-    )]
-    Conflict { revision: i64 },
-    #[error("PATCH /config on {member}: {detail}")]
-    Write { member: String, detail: String },
-    #[error("{member}: {what} (waited {waited:?}; its agent reports: {reported})")]
-    Stuck {
-        member: String,
-        what: String,
-        waited: Duration,
-        reported: String,
-    },
-    #[error("{member}: the agent refused its new configuration: {reason}")]
-    AgentRefused { member: String, reason: String },
-    #[error("reading pg_settings on the leader {host}: {detail}")]
-    Settings { host: String, detail: String },
-}
-
-/// A client for the agents' REST API of one deploy spec.
-#[derive(Clone)]
-pub struct AgentHttp {
-    http: reqwest::Client,
-    auth: Option<(String, String)>,
-}
-
-impl AgentHttp {
-    pub fn new(spec: &DeploySpec) -> AgentHttp {
-        AgentHttp {
-            http: reqwest::Client::builder()
-                .build()
-                .expect("reqwest client builds"),
-            auth: spec.restapi_auth.clone(),
-        }
-    }
-
-    /// `GET path` → (status, ETag, JSON body).
-    pub async fn get(&self, base: &str, path: &str) -> Option<(u16, Option<String>, Value)> {
-        let r = self
-            .http
-            .get(format!("{base}{path}"))
-            .timeout(READ_TIMEOUT)
-            .send()
-            .await
-            .ok()?;
-        let status = r.status().as_u16();
-        let etag = r
-            .headers()
-            .get(reqwest::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.trim_matches('"').to_string());
-        let body = r.json::<Value>().await.unwrap_or(Value::Null);
-        Some((status, etag, body))
-    }
-
-    /// `PATCH /config` with `If-Match` when a revision is known → (status, body text).
-    async fn patch_config(
-        &self,
-        base: &str,
-        patch: &Map<String, Value>,
-        revision: Option<i64>,
-    ) -> Result<(u16, String), reqwest::Error> {
-        let mut req = self
-            .http
-            .patch(format!("{base}/config"))
-            .timeout(WRITE_TIMEOUT)
-            .json(patch);
-        if let Some((u, p)) = &self.auth {
-            req = req.basic_auth(u, Some(p));
-        }
-        if let Some(rev) = revision {
-            req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
-        }
-        let r = req.send().await?;
-        let status = r.status().as_u16();
-        Ok((status, r.text().await.unwrap_or_default()))
-    }
-}
-
-/// `http://addr:port` of each postgres host's agent, in inventory order.
-pub fn agent_bases(spec: &DeploySpec) -> Vec<(String, String)> {
-    spec.hosts
-        .iter()
-        .filter(|h| h.roles.postgres)
-        .map(|h| (h.name.clone(), super::apply::api_base(spec, &h.name)))
-        .collect()
-}
-
-/// `psql` on `host`'s local socket as `postgres` (peer authentication, no password anywhere).
-pub fn psql_command(spec: &DeploySpec, host: &str, sql: &str) -> Option<String> {
-    let h = spec.host(host)?;
-    let data_dir = h.pg_data_dir.as_deref()?;
-    let socket_dir = std::path::Path::new(data_dir)
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "/var/run/postgresql".into());
-    Some(format!(
-        "runuser -u postgres -- psql -XAtq -h {} -p {} -d postgres -F \"$(printf '\\037')\" -c {}",
-        crate::transport::shell_quote(&socket_dir),
-        spec.pg_port,
-        crate::transport::shell_quote(sql)
-    ))
-}
-
-/// Reads the cluster facts: config + ETag and the leader from the first agent that answers,
-/// every agent's `/patroni`, and the leader's `pg_settings` over SSH.
-pub async fn gather(
-    spec: &DeploySpec,
-    fleet: &super::apply::Fleet,
-) -> Result<ClusterFacts, ClusterConfigError> {
-    let http = AgentHttp::new(spec);
-    let bases = agent_bases(spec);
-    let mut facts = ClusterFacts::default();
-    let mut set = tokio::task::JoinSet::new();
-    for (name, base) in &bases {
-        let (http, name, base) = (http.clone(), name.clone(), base.clone());
-        set.spawn(async move { (name, http.get(&base, "/patroni").await) });
-    }
-    while let Some(j) = set.join_next().await {
-        let (name, a) = j.expect("agent status task panicked");
-        if let Some((200 | 503, _, body)) = a
-            && body.is_object()
-        {
-            facts.agents.insert(name, AgentFact::from_patroni(&body));
-        }
-    }
-    for (name, base) in &bases {
-        if !facts.agents.contains_key(name) {
-            continue;
-        }
-        if facts.config.is_none()
-            && let Some((200, etag, Value::Object(m))) = http.get(base, "/config").await
-        {
-            facts.config = Some(LiveConfig {
-                value: m,
-                revision: etag.and_then(|e| e.parse().ok()),
-            });
-        }
-        if facts.leader.is_none()
-            && let Some((200, _, c)) = http.get(base, "/cluster").await
-        {
-            facts.leader = c["members"].as_array().and_then(|ms| {
-                ms.iter()
-                    .find(|m| m["role"] == "leader")
-                    .and_then(|m| m["name"].as_str().map(str::to_string))
-            });
-        }
-        if facts.config.is_some() && facts.leader.is_some() {
-            break;
-        }
-    }
-    if let Some(leader) = facts.leader.clone()
-        && let (Some(t), Some(cmd)) = (
-            fleet.get(&leader),
-            psql_command(spec, &leader, PG_SETTINGS_SQL),
-        )
-    {
-        facts.settings = read_settings(t.as_ref(), &leader, &cmd).await?;
-    }
-    Ok(facts)
-}
-
-async fn read_settings(
-    t: &dyn Transport,
-    host: &str,
-    cmd: &str,
-) -> Result<BTreeMap<String, PgSetting>, ClusterConfigError> {
-    let out = t
-        .run(cmd, SETTINGS_TIMEOUT)
-        .await
-        .map_err(|e| ClusterConfigError::Settings {
-            host: host.into(),
-            detail: e.to_string(),
-        })?;
-    if !out.success() {
-        return Err(ClusterConfigError::Settings {
-            host: host.into(),
-            detail: out.stderr_tail(),
-        });
-    }
-    Ok(parse_pg_settings(&out.stdout_str()))
-}
-
-/// Writes `plan.patch` with `If-Match: plan.revision` through the first agent that answers,
-/// then waits until every agent in `running` reports the new revision applied. Returns the new
-/// revision.
-pub async fn write_and_wait(
-    spec: &DeploySpec,
-    plan: &ConfigPlan,
-    running: &[String],
-    timeout: Duration,
-) -> Result<Option<i64>, ClusterConfigError> {
-    let http = AgentHttp::new(spec);
-    let bases = agent_bases(spec);
-    let mut last_err = None;
-    let mut written = false;
-    for (name, base) in bases.iter().filter(|(n, _)| running.contains(n)) {
-        match http.patch_config(base, &plan.patch, plan.revision).await {
-            Ok((200, _)) => {
-                written = true;
-                break;
-            }
-            Ok((412, _)) => {
-                return Err(ClusterConfigError::Conflict {
-                    revision: plan.revision.unwrap_or_default(),
-                });
-            }
-            Ok((code, body)) => {
-                last_err = Some(ClusterConfigError::Write {
-                    member: name.clone(),
-                    detail: format!("HTTP {code}: {}", body.trim()),
-                });
-            }
-            Err(e) => {
-                last_err = Some(ClusterConfigError::Write {
-                    member: name.clone(),
-                    detail: format!("agent not reachable ({e})"),
-                });
-            }
-        }
-    }
-    if !written {
-        return Err(last_err.unwrap_or(ClusterConfigError::Write {
-            member: "-".into(),
-            detail: "no running agent to write through".into(),
-        }));
-    }
-    // The revision the write produced.
-    let mut new_rev = None;
-    for (_, base) in bases.iter().filter(|(n, _)| running.contains(n)) {
-        if let Some((200, Some(etag), _)) = http.get(base, "/config").await {
-            new_rev = etag.parse::<i64>().ok();
-            break;
-        }
-    }
-    let Some(want) = new_rev else {
-        return Ok(None);
-    };
-    for (name, base) in bases.iter().filter(|(n, _)| running.contains(n)) {
-        let started = Instant::now();
-        loop {
-            let fact = http
-                .get(base, "/patroni")
-                .await
-                .map(|(_, _, b)| AgentFact::from_patroni(&b));
-            if let Some(f) = &fact
-                && f.dcs_config_revision.is_some_and(|r| r >= want)
-            {
-                break;
-            }
-            if let Some(reason) = fact.as_ref().and_then(|f| f.dcs_config_error.clone()) {
-                return Err(ClusterConfigError::AgentRefused {
-                    member: name.clone(),
-                    reason,
-                });
-            }
-            if started.elapsed() > timeout {
-                let reported = match fact {
-                    Some(f) => format!(
-                        "state {}, applied DCS config revision {}",
-                        f.state,
-                        f.dcs_config_revision
-                            .map(|r| r.to_string())
-                            .unwrap_or_else(|| "none".into())
-                    ),
-                    None => "no answer".into(),
-                };
-                return Err(ClusterConfigError::Stuck {
-                    member: name.clone(),
-                    what: format!("its agent did not apply DCS config revision {want}"),
-                    waited: timeout,
-                    reported,
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-    Ok(Some(want))
-}
-
-/// Waits until `host`'s agent runs with the config file whose sha256 is `sha`; an agent that
-/// refused it (its `config_error`) fails at once with its reason.
-pub async fn wait_config_loaded(
-    spec: &DeploySpec,
-    host: &str,
-    sha: &str,
-    timeout: Duration,
-) -> Result<(), ClusterConfigError> {
-    let http = AgentHttp::new(spec);
-    let Some((_, base)) = agent_bases(spec).into_iter().find(|(n, _)| n == host) else {
-        return Ok(());
-    };
-    let started = Instant::now();
-    loop {
-        let fact = http
-            .get(&base, "/patroni")
-            .await
-            .map(|(_, _, b)| AgentFact::from_patroni(&b));
-        if let Some(f) = &fact {
-            if f.config_sha256.as_deref() == Some(sha) {
-                return Ok(());
-            }
-            if let Some(reason) = &f.config_error {
-                return Err(ClusterConfigError::AgentRefused {
-                    member: host.into(),
-                    reason: reason.clone(),
-                });
-            }
-        }
-        if started.elapsed() > timeout {
-            return Err(ClusterConfigError::Stuck {
-                member: host.into(),
-                what: "its agent did not load the new agent.yml".into(),
-                waited: timeout,
-                reported: match fact {
-                    Some(f) => format!(
-                        "config sha256 {}",
-                        f.config_sha256.as_deref().unwrap_or("(none reported)")
-                    ),
-                    None => "no answer".into(),
-                },
-            });
-        }
-        tokio::time::sleep(POLL).await;
-    }
 }
 
 #[cfg(test)]
