@@ -1,9 +1,12 @@
 //! The `pgherd` command line: argument parsing (clap) and the verbs — `lab up|down|status|crash|
 //! boot`, `plan`, `apply`, `status`, `check`, and the day-2 verbs of [`ctl`] (`switchover`,
-//! `failover`, `restart`, `reinit`, `pause`, `resume`) and `remove` ([`crate::provision::departed`]). Each verb loads and validates the
-//! inventory before touching any host; the binary only maps [`run`]'s result to an exit code.
+//! `failover`, `restart`, `reinit`, `pause`, `resume`) and `remove`
+//! ([`crate::provision::departed`]); `completions` and `man` ([`docs`]). Each verb loads and
+//! validates the inventory before touching any host; the binary only maps [`run`]'s result to
+//! an exit code.
 
 pub use crate::provision::ctl;
+pub mod docs;
 pub mod drill;
 pub mod lab;
 pub mod replace;
@@ -70,6 +73,10 @@ pub enum Command {
     Resume(InvArgs),
     /// Fault drill: inject a fault and measure the write-unavailable window through HAProxy.
     Drill(DrillArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page pgherd.1, or write it and one page per subcommand (--out DIR).
+    Man(docs::ManArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -297,6 +304,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Pause(a) => pause_cmd(&a, true).await,
         Command::Resume(a) => pause_cmd(&a, false).await,
+        Command::Completions(a) => docs::completions(&a),
+        Command::Man(a) => docs::man(&a),
     }
 }
 
