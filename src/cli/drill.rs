@@ -24,25 +24,35 @@ use crate::provision::facts;
 use crate::provision::services::{self, Service, ServiceMode, ServiceOp};
 use crate::transport::Transport;
 
-/// Which fault to inject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Which fault to inject (in JSON as on the command line: `switchover`, `kill-primary`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Fault {
     Switchover,
     KillPrimary,
 }
 
-/// What the drill measured.
-#[derive(Debug, Clone)]
+/// What the drill measured; `pgherd drill --json` prints it as one document with these
+/// fields (names stable, see [`super::json`]): `fault`, `old_leader`, `new_leader`,
+/// `write_unavailable_s` and `recovered_after_s` (seconds, floats), `writes_ok`,
+/// `writes_failed`.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct DrillReport {
     pub fault: Fault,
     pub old_leader: String,
     pub new_leader: String,
     /// Longest gap between two successful writes around the fault.
+    #[serde(rename = "write_unavailable_s", serialize_with = "seconds")]
     pub write_unavailable: Duration,
     /// Fault injected → leader + every replica streaming again.
+    #[serde(rename = "recovered_after_s", serialize_with = "seconds")]
     pub recovered_after: Duration,
     pub writes_ok: u64,
     pub writes_failed: u64,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(super::json::secs(*d))
 }
 
 impl std::fmt::Display for DrillReport {
@@ -235,5 +245,31 @@ fn kill_command(mode: ServiceMode) -> String {
             sup = Service::Agent.sup_file(),
             pid = Service::Agent.pid_file(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drill_document_has_seconds_and_the_fault_as_typed() {
+        let r = DrillReport {
+            fault: Fault::KillPrimary,
+            old_leader: "pg1".into(),
+            new_leader: "pg2".into(),
+            write_unavailable: Duration::from_millis(8_800),
+            recovered_after: Duration::from_millis(12_700),
+            writes_ok: 300,
+            writes_failed: 4,
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({
+                "fault": "kill-primary", "old_leader": "pg1", "new_leader": "pg2",
+                "write_unavailable_s": 8.8, "recovered_after_s": 12.7,
+                "writes_ok": 300, "writes_failed": 4
+            })
+        );
     }
 }

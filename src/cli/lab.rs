@@ -1,11 +1,13 @@
 //! `pgherd lab`: the local namespace lab's verbs (up, down, status, crash, boot, ssh), the
-//! flags that pick a lab (resolved against what the lab directory recorded), and pgherd's
-//! known_hosts kept in step with the lab's generated host keys.
+//! flags that pick a lab (resolved against what the lab directory recorded), pgherd's
+//! known_hosts kept in step with the lab's generated host keys, and the documents of
+//! `lab up --json` ([`LabUpDoc`]) and `lab status --json` ([`LabStatusDoc`]).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use serde::Serialize;
 
 use crate::lab::{self, LabSpec};
 
@@ -104,6 +106,9 @@ pub enum LabCommand {
         /// instead of tini (pgherd's supervisor mode). Remembered for `boot`.
         #[arg(long)]
         systemd: bool,
+        /// Print the lab (hosts, inventory, key) as one JSON document.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop every lab host and remove its network.
     Down {
@@ -117,6 +122,9 @@ pub enum LabCommand {
     Status {
         #[command(flatten)]
         lab: LabArgs,
+        /// Print the hosts as one JSON document.
+        #[arg(long)]
+        json: bool,
     },
     /// Power-cut a lab host (disk kept).
     Crash {
@@ -139,6 +147,42 @@ pub enum LabCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+}
+
+/// `pgherd lab up --json` (field names stable, see [`super::json`]): the `lab` name, the
+/// `controller`'s address on the bridge, the `hosts` (`{name, address}`), the `inventory`
+/// written for it, and the `ssh_key` every host accepts for root.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabUpDoc {
+    pub lab: String,
+    pub controller: String,
+    pub hosts: Vec<LabHostDoc>,
+    pub inventory: String,
+    pub ssh_key: String,
+}
+
+/// See [`LabUpDoc`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabHostDoc {
+    pub name: String,
+    pub address: String,
+}
+
+/// `pgherd lab status --json`: the `lab` name and its `hosts`, each `{name, address, up,
+/// partitioned}` (`up`: its PID 1 runs; `partitioned`: partition rules are installed).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabStatusDoc {
+    pub lab: String,
+    pub hosts: Vec<LabHostStatusDoc>,
+}
+
+/// See [`LabStatusDoc`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabHostStatusDoc {
+    pub name: String,
+    pub address: String,
+    pub up: bool,
+    pub partitioned: bool,
 }
 
 /// Makes pgherd's known_hosts (in `state_dir`) trust exactly the lab hosts' current keys: a lab
@@ -186,6 +230,7 @@ pub(super) fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             hosts,
             inventory,
             systemd,
+            json,
         } => {
             // `--hosts`, else as many as the recorded lab has, else the default.
             let recorded = LabSpec::recorded(&l.dir())?;
@@ -201,6 +246,22 @@ pub(super) fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             let inv = inventory.unwrap_or_else(|| spec.state_dir.join("inventory.yml"));
             if !inv.exists() {
                 lab::write_inventory(&spec, &inv)?;
+            }
+            if json {
+                return super::json::print(&LabUpDoc {
+                    lab: spec.name.clone(),
+                    controller: info.controller_address.clone(),
+                    hosts: info
+                        .hosts
+                        .iter()
+                        .map(|h| LabHostDoc {
+                            name: h.name.clone(),
+                            address: h.address.clone(),
+                        })
+                        .collect(),
+                    inventory: inv.display().to_string(),
+                    ssh_key: info.key_path.display().to_string(),
+                });
             }
             println!(
                 "lab {} is up ({} hosts, controller {}):",
@@ -234,9 +295,24 @@ pub(super) fn lab_cmd(c: LabCommand, state_dir: &Path) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        LabCommand::Status { lab: l } => {
+        LabCommand::Status { lab: l, json } => {
             let spec = l.resolve(None)?;
-            for h in lab::status(&spec)? {
+            let hosts = lab::status(&spec)?;
+            if json {
+                return super::json::print(&LabStatusDoc {
+                    lab: spec.name.clone(),
+                    hosts: hosts
+                        .iter()
+                        .map(|h| LabHostStatusDoc {
+                            name: h.name.clone(),
+                            address: h.address.clone(),
+                            up: h.up,
+                            partitioned: h.partitioned,
+                        })
+                        .collect(),
+                });
+            }
+            for h in hosts {
                 println!(
                     "{:<10} {:<15} {}{}",
                     h.name,

@@ -1,10 +1,22 @@
 //! The `pgherd` command line: argument parsing (clap) and the verbs — `lab up|down|status|crash|
 //! boot`, `plan`, `apply`, `status`, `check`, and the day-2 verbs of [`ctl`] (`switchover`,
-//! `failover`, `restart`, `reinit`, `pause`, `resume`) and `remove` ([`crate::provision::departed`]). Each verb loads and validates the
-//! inventory before touching any host; the binary only maps [`run`]'s result to an exit code.
+//! `failover`, `restart`, `reinit`, `pause`, `resume`) and `remove`
+//! ([`crate::provision::departed`]); `completions` and `man` ([`docs`]). Each verb loads and
+//! validates the inventory before touching any host; the binary only maps [`run`]'s result to
+//! an exit code.
+//!
+//! Every verb whose output is a report (`plan`, `apply`, `replace`, `check`, `status`,
+//! `remove`, `restart --pending`, `drill`, `lab up`, `lab status`) takes `--json` and then
+//! prints one typed document instead ([`json`] says what holds for all of them). The day-2
+//! actions (`switchover`, `failover`, `restart [M]`, `reinit`, `pause`, `resume`) print one
+//! sentence saying the action is done, and take no `--json`: their exit status is the result,
+//! and `pgherd status --json` shows the cluster after them.
 
 pub use crate::provision::ctl;
+pub mod check;
+pub mod docs;
 pub mod drill;
+pub mod json;
 pub mod lab;
 pub mod replace;
 pub mod status;
@@ -24,6 +36,7 @@ use crate::provision::report::{self, ReportOptions};
 use crate::provision::rolling::PrimaryUpdateMethod;
 use crate::provision::spec::{self, SpecError};
 use crate::transport::{HostSpec, SshOptions, Transport, connect_all};
+pub use check::CheckArgs;
 
 /// Highly available PostgreSQL on VMs and bare metal.
 #[derive(Parser, Debug)]
@@ -70,6 +83,10 @@ pub enum Command {
     Resume(InvArgs),
     /// Fault drill: inject a fault and measure the write-unavailable window through HAProxy.
     Drill(DrillArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page pgherd.1, or write it and one page per subcommand (--out DIR).
+    Man(docs::ManArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -82,6 +99,9 @@ pub struct DrillArgs {
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
+    /// Print the measurements as one JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -142,16 +162,9 @@ pub struct RestartArgs {
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct CheckArgs {
-    #[command(flatten)]
-    pub deploy: DeployArgs,
-    /// Do not contact the hosts: validate the inventory, the playbook and the templates only
-    /// (e.g. in CI, before a change is merged).
-    #[arg(long)]
-    pub offline: bool,
+    /// With --pending: print the restart plan and what was done as one JSON document.
+    #[arg(long, requires = "pending")]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -194,6 +207,16 @@ pub struct DeployArgs {
     /// Accept etcd membership changes that end with fewer than 3 voters (no fault tolerance).
     #[arg(long)]
     pub allow_degraded_etcd: bool,
+    /// Print one JSON document (the plan, what was done) instead of the report; progress and
+    /// questions stay on stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl DeployArgs {
+    fn out(&self) -> json::Out {
+        json::Out { json: self.json }
+    }
 }
 
 /// Stage durations for `--timings` (stderr, so stdout stays the plan/report).
@@ -271,7 +294,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(a) => plan_cmd(&a, &state_dir).await,
         Command::Apply(a) => apply_cmd(&a, &state_dir).await,
         Command::Status(a) => status_cmd(&a).await,
-        Command::Check(a) => check_cmd(&a, &state_dir).await,
+        Command::Check(a) => check::check_cmd(&a, &state_dir).await,
         Command::Switchover(a) => switchover_cmd(&a, false).await,
         Command::Failover(a) => switchover_cmd(&a, true).await,
         Command::Restart(a) if a.pending => restart_pending_cmd(&a, &state_dir).await,
@@ -292,11 +315,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replace(a) => replace::replace_cmd(&a, &state_dir).await,
         Command::Drill(a) => {
             let inv = crate::inventory::load(&a.inv.inventory)?;
-            println!("{}", drill::run(&inv, &state_dir, a.fault, a.yes).await?);
+            let report = drill::run(&inv, &state_dir, a.fault, a.yes).await?;
+            if a.json {
+                return json::print(&report);
+            }
+            println!("{report}");
             Ok(())
         }
         Command::Pause(a) => pause_cmd(&a, true).await,
         Command::Resume(a) => pause_cmd(&a, false).await,
+        Command::Completions(a) => docs::completions(&a),
+        Command::Man(a) => docs::man(&a),
     }
 }
 
@@ -355,17 +384,19 @@ async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Resul
             .primary_update_method
             .unwrap_or(inv.postgresql.primary_update_method),
     };
+    let out = json::Out { json: a.json };
     let input = rolling::gather_input(&inv, &agents, &fleet).await?;
     let plan = rolling::plan_restarts(&input, &opts)?;
     if plan.is_empty() {
         // Nothing pending; only a server an interrupted run left drained is put back.
-        for (m, what) in rolling::undrain_leftovers(&inv, &fleet).await? {
-            println!("[{m}] {what}");
+        let undrained = rolling::undrain_leftovers(&inv, &fleet).await?;
+        for (m, what) in &undrained {
+            out.line(format_args!("[{m}] {what}"));
         }
-        println!("no member is pending restart");
-        return Ok(());
+        out.line("no member is pending restart");
+        return pending_doc(out, &plan, &undrained, &[], Duration::ZERO);
     }
-    print!("{plan}");
+    out.report(&plan.to_string(), a.yes);
     ctl::confirm("run these restarts", a.yes)?;
     let t0 = Instant::now();
     let progress = |m: &str| eprintln!("restart: {m}");
@@ -376,13 +407,29 @@ async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Resul
     }
     let report = report?;
     for (m, what) in &report.done {
-        println!("[{m}] {what}");
+        out.line(format_args!("[{m}] {what}"));
     }
-    println!(
+    out.line(format_args!(
         "pending restarts done in {:.1}s: no member is pending restart",
         t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    ));
+    pending_doc(out, &report.plan, &[], &report.done, t0.elapsed())
+}
+
+/// `restart --pending --json`'s document (nothing printed without `--json`).
+fn pending_doc(
+    out: json::Out,
+    plan: &crate::provision::rolling::RestartPlan,
+    undrained: &[(String, String)],
+    done: &[(String, String)],
+    elapsed: Duration,
+) -> anyhow::Result<()> {
+    json_if(out, || json::RestartPendingDoc {
+        plan: json::RestartPlanDoc::new(plan),
+        undrained: json::member_done(undrained),
+        done: json::member_done(done),
+        elapsed_s: json::secs(elapsed),
+    })
 }
 
 /// `remove NAME`: the departed-member removal for one member, now, with `--switchover-first`
@@ -410,9 +457,27 @@ async fn remove_cmd(a: &RemoveArgs, state_dir: &Path) -> anyhow::Result<()> {
     let Some(d) = &cluster.departed else {
         anyhow::bail!("no agent of the inventory answered GET /cluster; nothing changed");
     };
+    let out = a.deploy.out();
+    let doc =
+        |plan: Option<json::DepartedDoc>, done: &[(String, String, String)]| json::RemoveDoc {
+            member: a.member.clone(),
+            in_dcs: plan.is_some(),
+            plan,
+            done: done
+                .iter()
+                .map(|(member, step, what)| json::RemovedStep {
+                    member: member.clone(),
+                    step: step.clone(),
+                    what: what.clone(),
+                })
+                .collect(),
+        };
     if !d.members.iter().any(|m| m.name == a.member) {
-        println!("{} is not a member in the DCS: nothing to remove", a.member);
-        return Ok(());
+        out.line(format_args!(
+            "{} is not a member in the DCS: nothing to remove",
+            a.member
+        ));
+        return json_if(out, || doc(None, &[]));
     }
     let inventory = spec
         .hosts
@@ -426,7 +491,8 @@ async fn remove_cmd(a: &RemoveArgs, state_dir: &Path) -> anyhow::Result<()> {
     };
     let plan =
         departed::plan_departures(d, &inventory, &opts).map_err(departed::DepartedError::from)?;
-    print!("{}", departed::render(&Ok(plan.clone()), false));
+    let planned = Ok(plan.clone());
+    out.report(&departed::render(&planned, false), a.yes);
     ctl::confirm(&format!("remove {}", a.member), a.yes)?;
     let timeout = spec
         .playbook
@@ -452,14 +518,23 @@ async fn remove_cmd(a: &RemoveArgs, state_dir: &Path) -> anyhow::Result<()> {
     )
     .await?;
     for (m, step, what) in &done {
-        println!("[{m}] {step}: {what}");
+        out.line(format_args!("[{m}] {step}: {what}"));
     }
-    println!(
+    out.note(format_args!(
         "{} removed from the cluster; run `pgherd apply -i {}` to re-render HAProxy and pg_hba without it (and to remove its etcd member, if it was one)",
         a.member,
         a.deploy.inv.inventory.display()
-    );
-    Ok(())
+    ));
+    json_if(out, || doc(Some(json::DepartedDoc::new(&planned)), &done))
+}
+
+/// Prints the document `doc` makes under `--json` (nothing otherwise: the text is out).
+fn json_if<T: serde::Serialize>(out: json::Out, doc: impl FnOnce() -> T) -> anyhow::Result<()> {
+    if out.json {
+        json::print(&doc())
+    } else {
+        Ok(())
+    }
 }
 
 async fn pause_cmd(a: &InvArgs, on: bool) -> anyhow::Result<()> {
@@ -547,6 +622,14 @@ async fn plan_cmd(a: &DeployArgs, state_dir: &Path) -> anyhow::Result<()> {
         .map_err(crate::provision::dcs_config::ClusterConfigError::from)?;
     let stages = apply::stages(&spec, &plan, &facts)?;
     tm.mark("plan");
+    if a.json {
+        return json::print(&json::PlanDoc::new(
+            &plan,
+            &stages,
+            &spec.playbook_origin,
+            !a.no_diff,
+        ));
+    }
     print!(
         "{}",
         report::render_plan(
@@ -566,12 +649,14 @@ async fn apply_cmd(a: &ApplyArgs, state_dir: &Path) -> anyhow::Result<()> {
     let mut tm = Timings::new(a.deploy.timings);
     let (inv, spec) = load_spec(&a.deploy)?;
     tm.mark("inventory, templates, agent binary");
-    apply_loaded(a, state_dir, &inv, &spec, (t0, tm), || Ok(())).await
+    let doc = apply_loaded(a, state_dir, &inv, &spec, (t0, tm), || Ok(())).await?;
+    json_if(a.deploy.out(), || doc)
 }
 
 /// `apply` from a loaded inventory: facts, plan (printed), the refusals, confirmation, then
 /// `before_writes` (the one point where a verb that edits the inventory writes it: after
-/// every gate passed, before any host is changed), the day-2 lock and the run.
+/// every gate passed, before any host is changed), the day-2 lock and the run. Returns the
+/// run's document; the caller prints it under `--json`.
 async fn apply_loaded(
     a: &ApplyArgs,
     state_dir: &Path,
@@ -579,7 +664,8 @@ async fn apply_loaded(
     spec: &DeploySpec,
     (t0, mut tm): (Instant, Timings),
     before_writes: impl FnOnce() -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<json::ApplyDoc> {
+    let out = a.deploy.out();
     let fleet = connect(inv, state_dir).await?;
     tm.mark("connect (ssh)");
     let (mut facts, took) = apply::gather_all_timed(spec, &fleet).await?;
@@ -590,24 +676,25 @@ async fn apply_loaded(
         .map_err(crate::provision::dcs_config::ClusterConfigError::from)?;
     let stages = apply::stages(spec, &plan, &facts)?;
     tm.mark("plan");
-    print!(
-        "{}",
-        report::render_plan(
-            &plan,
-            ReportOptions {
-                show_noops: false,
-                diffs: !a.deploy.no_diff
-            }
-        )
-    );
-    print!("{}", report::render_order(&stages, &spec.playbook_origin));
+    let plan_doc = json::PlanDoc::new(&plan, &stages, &spec.playbook_origin, !a.deploy.no_diff);
+    let text = report::render_plan(
+        &plan,
+        ReportOptions {
+            show_noops: false,
+            diffs: !a.deploy.no_diff,
+        },
+    ) + &report::render_order(&stages, &spec.playbook_origin);
+    out.report(&text, a.yes || plan.is_noop());
     if let Some(e) = apply::refusal(spec, &plan) {
         return Err(e.into());
     }
     if plan.is_noop() {
         before_writes()?;
-        println!("nothing to do ({:.1}s)", t0.elapsed().as_secs_f64());
-        return Ok(());
+        out.line(format_args!(
+            "nothing to do ({:.1}s)",
+            t0.elapsed().as_secs_f64()
+        ));
+        return Ok(json::ApplyDoc::new(plan_doc, &[], t0.elapsed()));
     }
     if !a.yes && std::io::stdin().is_terminal() {
         eprint!("apply these changes? [y/N] ");
@@ -632,79 +719,23 @@ async fn apply_loaded(
     let report = report?;
     tm.mark("execute");
     for (host, step, what) in &report.done {
-        println!("[{host}] {step}: {what}");
+        out.line(format_args!("[{host}] {step}: {what}"));
     }
-    println!(
+    out.line(format_args!(
         "applied {} change(s) in {:.1}s",
         report.done.len(),
         t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    ));
+    Ok(json::ApplyDoc::new(plan_doc, &report.done, t0.elapsed()))
 }
 
 async fn status_cmd(a: &StatusArgs) -> anyhow::Result<()> {
     let inv = crate::inventory::load(&a.inv.inventory)?;
     let st = status::cluster_status(&inv).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        json::print(&st)?;
     } else {
         print!("{st}");
     }
-    Ok(())
-}
-
-async fn check_cmd(c: &CheckArgs, state_dir: &Path) -> anyhow::Result<()> {
-    let a = &c.deploy;
-    let (inv, spec) = load_spec(a)?;
-    println!(
-        "inventory {}: valid ({} hosts)",
-        a.inv.inventory.display(),
-        inv.hosts.len()
-    );
-    println!(
-        "playbook {}: valid ({} steps, order checked)",
-        spec.playbook_origin,
-        spec.playbook.steps.len()
-    );
-    for h in &spec.hosts {
-        println!(
-            "  {:<10} {:<15} {} file(s) rendered",
-            h.name,
-            h.address,
-            h.files.len()
-        );
-    }
-    match &spec.agent_binary {
-        Some(b) => println!(
-            "agent binary: {} bytes (sha256 {})",
-            b.bytes.len(),
-            &b.sha256[..12]
-        ),
-        None => println!("agent binary: none found (postgres hosts will not get an agent)"),
-    }
-    if c.offline {
-        println!("check passed (offline: no host contacted)");
-        return Ok(());
-    }
-    let fleet = connect(&inv, state_dir).await?;
-    let facts = apply::gather_all(&spec, &fleet).await?;
-    for (name, f) in &facts {
-        let missing: Vec<&String> = f
-            .packages
-            .iter()
-            .filter(|(_, ok)| !**ok)
-            .map(|(p, _)| p)
-            .collect();
-        println!(
-            "  {name}: reachable, {} mode, {}",
-            f.mode,
-            if missing.is_empty() {
-                "packages present".to_string()
-            } else {
-                format!("missing packages: {missing:?}")
-            }
-        );
-    }
-    println!("check passed");
     Ok(())
 }

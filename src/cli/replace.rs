@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{ApplyArgs, Timings, apply_loaded, spec_for};
+use super::{ApplyArgs, Timings, apply_loaded, json, json_if, spec_for};
 use crate::inventory::{self, edit};
 use crate::provision::departed;
 
@@ -35,6 +35,7 @@ pub struct ReplaceArgs {
 
 pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()> {
     let t0 = Instant::now();
+    let out = a.apply.deploy.out();
     let mut tm = Timings::new(a.apply.deploy.timings);
     let path = &a.apply.deploy.inv.inventory;
     let origin = path.display().to_string();
@@ -49,10 +50,10 @@ pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()
     let old = host.address.clone();
     let edited = edit::set_host_address(&text, &origin, &a.name, &a.address)?;
     if old == a.address {
-        println!(
+        out.note(format_args!(
             "{origin} already has {} at {}: converging (a re-run of an interrupted replace)",
             a.name, a.address
-        );
+        ));
     } else {
         let api = format!(
             "http://{}/patroni",
@@ -67,10 +68,10 @@ pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()
                 a.name
             );
         }
-        println!(
+        out.note(format_args!(
             "{}: {old} is silent (REST API, SSH port): replacing it with {}",
             a.name, a.address
-        );
+        ));
     }
     let inv = inventory::load_text(path, &edited)?;
     let spec = spec_for(&a.apply.deploy, &inv)?;
@@ -85,12 +86,22 @@ pub async fn replace_cmd(a: &ReplaceArgs, state_dir: &Path) -> anyhow::Result<()
         });
         inventory::replace_file(path, &edited, mode)
             .with_context(|| format!("writing {origin}"))?;
-        println!("{origin}: {} address {old} -> {}", a.name, a.address);
+        out.note(format_args!(
+            "{origin}: {} address {old} -> {}",
+            a.name, a.address
+        ));
         Ok(())
     };
     let r = apply_loaded(&a.apply, state_dir, &inv, &spec, (t0, tm), write).await;
     if r.is_err() && std::fs::read_to_string(path).ok().as_deref() == Some(&text) {
         eprintln!("{origin} unchanged");
     }
-    r
+    let apply = r?;
+    json_if(out, || json::ReplaceDoc {
+        host: a.name.clone(),
+        old_address: old.clone(),
+        new_address: a.address.clone(),
+        inventory_edited: edited != text,
+        apply,
+    })
 }
