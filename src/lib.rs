@@ -10,7 +10,9 @@
 //! - [`api`]: the Patroni-compatible REST API (axum).
 //! - [`callbacks`], [`watchdog`]: Patroni-style hooks and the watchdog driver.
 //! - [`peers`]: fetching other members' `/patroni` status before the leader race.
-//! - [`testing`]: test doubles (recording hooks, fake watchdog) for tests and the simulation.
+//! - `testing`: test doubles (recording hooks, fake watchdog) for tests and the simulation;
+//!   like every test double (`dcs::memory`, `pg::fake`, `transport::fake`, the peer probes') it is
+//!   compiled only for tests and with the `testing` feature, never into the binaries.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
 //! - [`inventory`]: the cluster inventory (validated, located errors) and its secrets.
 //! - [`render`]: minijinja rendering of the per-host files (agent config, etcd, HAProxy, units).
@@ -33,6 +35,7 @@ pub mod pg;
 pub mod provision;
 pub mod render;
 pub mod status;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod transport;
 pub mod types;

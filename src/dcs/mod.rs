@@ -5,9 +5,10 @@
 //! - `etcd`: the real implementation on etcd v3 (etcd-client, native gRPC; same data model as
 //!   the gRPC gateway patronictl uses).
 //! - `memory`: an in-memory fake with leases and a controllable clock, for unit tests and the
-//!   multi-agent simulation only.
+//!   multi-agent simulation only (compiled for tests and with the `testing` feature).
 
 pub mod etcd;
+#[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod model;
 

@@ -1,6 +1,7 @@
 //! The cluster inventory: one YAML file describing the hosts, their roles and every knob the
 //! provisioning needs. Parsing is two-stage (ripgrep's LowArgs→HiArgs idea): [`raw`] is the file
-//! as written (strict serde, unknown keys are errors), [`model`] the validated [`Inventory`].
+//! as written (strict serde, unknown keys are errors), [`model`] the validated [`Inventory`],
+//! built by [`validate`].
 //! All checks run here, before any host is touched; errors carry `file:line:column`.
 //!
 //! Passwords are not in the inventory: they live in a secrets file next to it (see
@@ -12,6 +13,7 @@ pub mod model;
 pub mod profile;
 pub mod raw;
 pub mod secrets;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 
@@ -41,7 +43,7 @@ pub fn load_text(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
     let raw = parse_raw(text, &shown)?;
     let secrets_path = secrets_path(path, raw.secrets_file.as_deref());
     let sp = secrets_path.clone();
-    model::build(raw, &shown, secrets_path, move |users| {
+    validate::build(raw, &shown, secrets_path, move |users| {
         let mut file = SecretsFile::read(&sp)?;
         let (secrets, generated) = file.resolve(users.iter().copied());
         if generated {
@@ -65,7 +67,7 @@ pub fn parse_with_secrets(
 ) -> Result<Inventory, InventoryError> {
     let raw = parse_raw(text, origin)?;
     let secrets_path = secrets_path(Path::new(origin), raw.secrets_file.as_deref());
-    model::build(raw, origin, secrets_path, move |users| {
+    validate::build(raw, origin, secrets_path, move |users| {
         Ok(secrets.resolve(users.iter().copied()).0)
     })
 }

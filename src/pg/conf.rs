@@ -1,7 +1,7 @@
 //! Pure generation and parsing of the PostgreSQL files the agent owns: `postgresql.conf`
 //! (merged parameters + standby settings), `pg_hba.conf`, the pgpass file, the `initdb` and
 //! `pg_basebackup` command lines, and parsers for `pg_controldata` output and timeline
-//! `.history` files. No I/O here: `local.rs` reads and writes, these functions decide the text.
+//! `.history` files. No I/O here: `local/` reads and writes, these functions decide the text.
 //!
 //! ## Parameter precedence (lowest to highest)
 //! 1. [`ha_defaults`]: what streaming replication and pg_rewind need (`wal_level=replica`,

@@ -3,9 +3,11 @@
 //!
 //! - `local`: the real implementation (pg_ctl, initdb, pg_basebackup, pg_rewind via
 //!   `tokio::process`; SQL via tokio-postgres; generated postgresql.conf / pg_hba.conf).
-//! - `fake`: an in-memory PostgreSQL (role, LSN, timeline) for unit tests and the simulation.
+//! - `fake`: an in-memory PostgreSQL (role, LSN, timeline) for unit tests and the simulation
+//!   (compiled for tests and with the `testing` feature).
 
 pub mod conf;
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod local;
 

@@ -1,12 +1,14 @@
 //! How the provisioning side reaches a host: the [`Transport`] trait (run a shell command, read a
 //! file, hash a file, upload a file atomically), its error type, and its implementations —
 //! [`ssh::SshTransport`] (OpenSSH, one multiplexed connection per host) and
-//! [`fake::FakeTransport`] (in-memory, for planner tests).
+//! `fake::FakeTransport` (in-memory, for planner tests; compiled for tests and with the
+//! `testing` feature).
 //!
 //! The trait is deliberately narrow: everything a planner needs is "run `sh -c` on the host" plus
 //! three file primitives that have shell-based default implementations, so a new transport only
 //! has to implement [`Transport::exec`].
 
+#[cfg(any(test, feature = "testing"))]
 pub mod fake;
 pub mod ssh;
 
@@ -16,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
+#[cfg(any(test, feature = "testing"))]
 pub use fake::FakeTransport;
 pub use ssh::{HostSpec, SshOptions, SshTransport, connect_all};
 

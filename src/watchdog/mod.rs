@@ -7,6 +7,11 @@
 //! sits on top of it, in the HA loop.
 
 pub mod fence;
+#[cfg(any(test, feature = "testing"))]
+mod hardware;
+
+#[cfg(any(test, feature = "testing"))]
+pub use hardware::{FileWatchdogHardware, HardwareState};
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -54,7 +59,7 @@ const WDIOC_KEEPALIVE: u32 = (2 << 30) | (4 << 16) | ((b'W' as u32) << 8) | 5;
 /// Builds the driver for `watchdog:` in the agent config:
 /// - `mode: off` → [`NullWatchdog`] (never usable);
 /// - `device` starting with `file:` → [`FileWatchdog`] writing to the rest of the path (a
-///   regular file or a FIFO read by a test "hardware" process, see [`FileWatchdogHardware`]);
+///   regular file or a FIFO read by a test "hardware" process, see `FileWatchdogHardware`);
 /// - otherwise → [`LinuxWatchdog`] on that device (default `/dev/watchdog`).
 ///
 /// - `device: fence` → the [`fence`] only;
@@ -275,7 +280,7 @@ fn unix_millis() -> u128 {
 /// A software stand-in for the watchdog hardware, for tests and the lab: every operation appends
 /// one line `<event> <unix_ms> <timeout_ms>` to a regular file or FIFO, where `event` is `open`,
 /// `keepalive` or `close` (the close line stands for the magic `V`). A reader (see
-/// [`FileWatchdogHardware`]) plays the device: it "resets the host" when, after an `open`, no
+/// `FileWatchdogHardware`, a test double) plays the device: it "resets the host" when, after an `open`, no
 /// `keepalive` arrives within the timeout and no `close` came.
 ///
 /// A FIFO without a reader makes `open` fail with `Unusable` (no hardware present).
@@ -340,98 +345,5 @@ impl WatchdogDevice for FileWatchdog {
 
     fn is_open(&self) -> bool {
         self.file.is_some()
-    }
-}
-
-/// What the simulated hardware concluded so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HardwareState {
-    /// Never opened, or closed with the magic character.
-    Disarmed,
-    /// Armed and pinged in time; `deadline_ms` is the unix-ms instant of the reset.
-    Armed { deadline_ms: u128 },
-    /// The timer ran out: a real device would have reset the host.
-    Fired { at_ms: u128 },
-}
-
-/// The reading side of a [`FileWatchdog`]: follows the file and tracks the timer. Tests poll it;
-/// a lab "hardware" process can loop on [`poll`](Self::poll) and kill the host's processes
-/// once it returns [`HardwareState::Fired`].
-#[derive(Debug)]
-pub struct FileWatchdogHardware {
-    path: PathBuf,
-    offset: u64,
-    pending: String,
-    state: HardwareState,
-    /// Every event seen: (event, unix_ms, timeout_ms).
-    pub events: Vec<(String, u128, u128)>,
-}
-
-impl FileWatchdogHardware {
-    pub fn new(path: impl AsRef<Path>) -> Self {
-        FileWatchdogHardware {
-            path: path.as_ref().to_path_buf(),
-            offset: 0,
-            pending: String::new(),
-            state: HardwareState::Disarmed,
-            events: Vec::new(),
-        }
-    }
-
-    /// Reads new lines (regular file: from the last offset) and evaluates the timer at the
-    /// current wall-clock time. Once fired, the state stays fired.
-    pub fn poll(&mut self) -> HardwareState {
-        use std::io::{Read, Seek, SeekFrom};
-        if let Ok(mut f) = File::open(&self.path)
-            && f.seek(SeekFrom::Start(self.offset)).is_ok()
-        {
-            let mut buf = String::new();
-            if let Ok(n) = f.read_to_string(&mut buf) {
-                self.offset += n as u64;
-                self.pending.push_str(&buf);
-            }
-        }
-        while let Some(i) = self.pending.find('\n') {
-            let line: String = self.pending.drain(..=i).collect();
-            self.feed_line(line.trim());
-        }
-        self.check(unix_millis())
-    }
-
-    /// Applies one line (also usable by a reader of a FIFO).
-    pub fn feed_line(&mut self, line: &str) {
-        let mut it = line.split_whitespace();
-        let (Some(ev), Some(ts), Some(to)) = (it.next(), it.next(), it.next()) else {
-            return;
-        };
-        let (Ok(ts), Ok(to)) = (ts.parse::<u128>(), to.parse::<u128>()) else {
-            return;
-        };
-        self.events.push((ev.to_string(), ts, to));
-        if matches!(self.state, HardwareState::Fired { .. }) {
-            return;
-        }
-        // A ping that arrives after the deadline is too late: the reset already happened.
-        self.check(ts);
-        if matches!(self.state, HardwareState::Fired { .. }) {
-            return;
-        }
-        self.state = match ev {
-            "open" | "keepalive" => HardwareState::Armed {
-                deadline_ms: ts + to,
-            },
-            "close" => HardwareState::Disarmed,
-            _ => self.state,
-        };
-    }
-
-    /// Evaluates the timer at `now_ms`.
-    pub fn check(&mut self, now_ms: u128) -> HardwareState {
-        if let HardwareState::Armed { deadline_ms } = self.state
-            && now_ms > deadline_ms
-        {
-            self.state = HardwareState::Fired { at_ms: deadline_ms };
-        }
-        self.state
     }
 }
