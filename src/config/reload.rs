@@ -237,7 +237,7 @@ mod tests {
             ),
             (
                 "superuser password",
-                with("password: pw1", "password: pw9"),
+                with("password: pw_1", "password: pw_9"),
                 none.clone(),
             ),
             (
