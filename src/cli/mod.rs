@@ -93,9 +93,19 @@ pub enum Command {
 pub struct DrillArgs {
     #[command(flatten)]
     pub inv: InvArgs,
-    /// switchover (planned) or kill-primary (SIGKILL of the leader's agent and PostgreSQL).
+    /// The fault of every round; without it, each round draws one of kill-pg, kill-primary,
+    /// isolate-primary, freeze-agent.
     #[arg(value_enum)]
-    pub fault: drill::Fault,
+    pub fault: Option<drill::Fault>,
+    /// How many rounds (each: fault, undo, reconverge, check).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+    /// Seed of the random faults and targets (the same seed draws the same ones).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Seconds a fault that does not move the leader stays in place.
+    #[arg(long, default_value_t = drill::DEFAULT_HOLD.as_secs())]
+    pub hold: u64,
     /// Do not ask for confirmation.
     #[arg(short, long)]
     pub yes: bool,
@@ -315,11 +325,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replace(a) => replace::replace_cmd(&a, &state_dir).await,
         Command::Drill(a) => {
             let inv = crate::inventory::load(&a.inv.inventory)?;
-            let report = drill::run(&inv, &state_dir, a.fault, a.yes).await?;
+            let opts = drill::DrillOptions {
+                fault: a.fault,
+                rounds: a.rounds.max(1),
+                seed: a.seed,
+                hold: Duration::from_secs(a.hold),
+                yes: a.yes,
+            };
+            let report = drill::run(&inv, &state_dir, &opts).await?;
             if a.json {
-                return json::print(&report);
+                json::print(&report)?;
+            } else {
+                println!("{report}");
             }
-            println!("{report}");
+            if !report.ok {
+                let why: Vec<String> = report
+                    .rounds
+                    .iter()
+                    .filter_map(|r| {
+                        r.failure(report.synchronous_mode)
+                            .map(|f| format!("round {}: {f}", r.round))
+                    })
+                    .collect();
+                anyhow::bail!("the drill failed: {}", why.join("; "));
+            }
             Ok(())
         }
         Command::Pause(a) => pause_cmd(&a, true).await,

@@ -300,6 +300,25 @@ pub fn op_command(svc: Service, op: ServiceOp, mode: ServiceMode) -> String {
     }
 }
 
+/// Stops a service (the supervisor loop with it, so nothing restarts it) and leaves it down:
+/// `systemctl stop`, or SIGTERM to pgherd's supervisor, which stops its child and waits.
+pub fn stop_command(svc: Service, mode: ServiceMode) -> String {
+    match mode {
+        ServiceMode::Systemd => format!("systemctl stop {}", svc.unit()),
+        ServiceMode::Supervisor => supervisor_stop(svc),
+    }
+}
+
+fn supervisor_stop(svc: Service) -> String {
+    format!(
+        "if s=$(cat {sup} 2>/dev/null) && kill -0 \"$s\" 2>/dev/null; then kill -TERM \"$s\"; \
+         i=0; while [ $i -lt 600 ] && kill -0 \"$s\" 2>/dev/null; do sleep 0.1; i=$((i+1)); done; fi; \
+         rm -f {sup} {pid}",
+        sup = svc.sup_file(),
+        pid = svc.pid_file()
+    )
+}
+
 fn op_command_inner(svc: Service, op: ServiceOp, mode: ServiceMode) -> String {
     let unit = svc.unit();
     match mode {
@@ -319,13 +338,7 @@ fn op_command_inner(svc: Service, op: ServiceOp, mode: ServiceMode) -> String {
                 log = svc.log_file(),
                 pid = svc.pid_file()
             );
-            let stop = format!(
-                "if s=$(cat {sup} 2>/dev/null) && kill -0 \"$s\" 2>/dev/null; then kill -TERM \"$s\"; \
-                 i=0; while [ $i -lt 600 ] && kill -0 \"$s\" 2>/dev/null; do sleep 0.1; i=$((i+1)); done; fi; \
-                 rm -f {sup} {pid}",
-                sup = svc.sup_file(),
-                pid = svc.pid_file()
-            );
+            let stop = supervisor_stop(svc);
             match op {
                 ServiceOp::Start => start,
                 ServiceOp::Restart => format!("{stop}; {start}"),

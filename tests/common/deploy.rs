@@ -89,7 +89,11 @@ pub async fn leader_with_streaming_replicas(api: &str, replicas: usize) -> Strin
                 let leaders = m.iter().filter(|x| x["role"] == "leader").count();
                 let streaming = m
                     .iter()
-                    .filter(|x| x["role"] == "replica" && x["state"] == "streaming")
+                    // (a synchronous standby is a replica too)
+                    .filter(|x| {
+                        matches!(x["role"].as_str(), Some("replica" | "sync_standby"))
+                            && x["state"] == "streaming"
+                    })
                     .count();
                 (leaders == 1 && streaming == replicas).then_some(m)
             }
