@@ -39,8 +39,38 @@ fn drill(state: &Path, inv: &Path, args: &[&str]) -> (bool, Value, String) {
     (out.status.success(), doc, stderr)
 }
 
+/// The end of every host's agent log, for a failed round's message (read over plain ssh with
+/// the lab's key, independent of any connection the drill may have broken).
+fn agent_logs(info: &pgherd::lab::LabInfo) -> String {
+    let mut out = String::new();
+    for h in &info.hosts {
+        let o = std::process::Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-i"])
+            .arg(&info.key_path)
+            .arg(format!("root@{}", h.address))
+            .arg("tail -n 80 /var/log/pgherd/pgherd-agent.log")
+            .output();
+        let text = match o {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("(cannot run ssh: {e})"),
+        };
+        out.push_str(&format!("===== {} agent log =====\n{text}\n", h.name));
+    }
+    out
+}
+
 /// Every round of `doc` passed the drill's checks; prints the measured figures.
-fn assert_rounds_pass(doc: &Value, what: &str) {
+fn assert_rounds_pass(doc: &Value, what: &str, logs: &str) {
     let rounds = doc["rounds"].as_array().expect("rounds");
     assert!(!rounds.is_empty(), "{what}: no round ran");
     for r in rounds {
@@ -69,7 +99,7 @@ fn assert_rounds_pass(doc: &Value, what: &str) {
         );
         assert!(r["reconverged_after_s"].is_number(), "{what}: {r}");
     }
-    assert_eq!(doc["ok"], true, "{what}: {doc}");
+    assert_eq!(doc["ok"], true, "{what}: {doc}\n{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,11 +143,21 @@ async fn drills_of_every_fault_and_random_rounds_lose_nothing_and_never_split_th
         "sync-standby-crash",
     ] {
         let (ok, doc, stderr) = drill(&state, &inv, &[fault, "--hold", "12"]);
-        assert_rounds_pass(&doc, fault);
+        let logs = if doc["ok"] == true {
+            String::new()
+        } else {
+            agent_logs(&info)
+        };
+        assert_rounds_pass(&doc, fault, &logs);
         assert!(ok, "drill {fault} exited non-zero: {stderr}");
     }
     let (ok, doc, stderr) = drill(&state, &inv, &["--rounds", "10", "--seed", "1"]);
-    assert_rounds_pass(&doc, "random");
+    let logs = if doc["ok"] == true {
+        String::new()
+    } else {
+        agent_logs(&info)
+    };
+    assert_rounds_pass(&doc, "random", &logs);
     assert_eq!(doc["rounds"].as_array().unwrap().len(), 10);
     assert!(ok, "random rounds exited non-zero: {stderr}");
 }

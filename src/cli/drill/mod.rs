@@ -403,10 +403,19 @@ impl RoundCtx<'_> {
         rng: &mut StdRng,
         report: &mut RoundReport,
     ) -> anyhow::Result<Instant> {
-        let cluster = self.agents.cluster().await?;
+        let sync = self.inv.synchronous_mode;
+        // Start from a settled cluster: in synchronous mode that includes a named synchronous
+        // standby — without one, no replica may be promoted (it could lack acknowledged
+        // commits), so a leader fault right after the previous round would find none.
+        let replicas = member_names(&self.agents.cluster().await?)
+            .len()
+            .saturating_sub(1);
+        let cluster = ctl::wait_until(self.agents, "the cluster is settled", |c| {
+            settled(c, replicas, sync)
+        })
+        .await?;
         let leader = ctl::leader_of(&cluster).context("the cluster has no leader")?;
         let members = member_names(&cluster);
-        let replicas = members.len().saturating_sub(1);
         report.old_leader = leader.clone();
         tokio::time::sleep(BASELINE).await;
         let mut undo: Vec<Undo> = Vec::new();
@@ -563,7 +572,7 @@ impl RoundCtx<'_> {
         }
         waited?;
         let c = ctl::wait_until(self.agents, "every replica streams again", |c| {
-            ctl::leader_of(c).is_some() && ctl::streaming_count(c) == replicas
+            settled(c, replicas, sync)
         })
         .await?;
         report.new_leader = ctl::leader_of(&c);
@@ -607,6 +616,13 @@ impl RoundCtx<'_> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// A leader, every replica streaming, and in synchronous mode a synchronous standby named.
+fn settled(c: &Value, replicas: usize, synchronous_mode: bool) -> bool {
+    ctl::leader_of(c).is_some()
+        && ctl::streaming_count(c) == replicas
+        && (!synchronous_mode || role_member(c, "sync_standby").is_some())
 }
 
 fn member_names(cluster: &Value) -> Vec<String> {
