@@ -89,25 +89,33 @@ impl FailsafeBoard {
 }
 
 /// The agent's own account of its configuration, published as `/patroni`'s `pgherd` object
-/// (see `api::health` for the wire format).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// (see `api::health`): serialised by the agent and read back by the CLI's agent client as
+/// this same type; absent values are left out, not `null`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct PgherdStatus {
     /// sha256 of the config file bytes in force (read at start-up or at the last successful
     /// reload).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub config_sha256: Option<String>,
     /// Why the last reload of the config file was refused; `None` when it succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub config_error: Option<String>,
     /// Mod revision of the DCS `config` key whose content is applied to PostgreSQL's files and
     /// in force (reloaded) as of the PostgreSQL observation in the same status.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dcs_config_revision: Option<i64>,
     /// Why the DCS `config` last given to PostgreSQL was not applied (e.g. its `pg_hba` was
     /// rejected by PostgreSQL); `None` when it applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dcs_config_error: Option<String>,
     /// Why the last bootstrap attempt (initdb, start, post_bootstrap) of this node failed;
     /// cleared once a bootstrap succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap_error: Option<String>,
     /// Why the last clone (pg_basebackup of a new replica, reinitialize) of this node failed;
     /// cleared once a clone succeeds.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub clone_error: Option<String>,
 }
 

@@ -1717,3 +1717,100 @@ async fn swapped_rest_credentials_apply_to_the_next_request() {
     assert_eq!(post(basic("admin", "new")).await, 202);
     drop(tx);
 }
+
+// ------------------------------------------------------------------ the CLI's agent client
+
+/// Serves `app` on a loopback port; the base URL.
+async fn serve(app: axum::Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A base URL where nothing listens (a port bound, then released).
+fn dead_base() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+fn client_creds() -> Option<Credentials> {
+    Some(Credentials {
+        username: "admin".into(),
+        password: "client_pw_7".into(),
+    })
+}
+
+#[tokio::test]
+async fn the_agent_client_reads_the_cluster_the_api_serialises_skipping_a_dead_agent() {
+    use pgherd::provision::agent_client::{AgentClient, AgentError};
+    let view = three_node_view();
+    let h = harness(primary_status(&view), view, client_creds(), healthy_probe());
+    let base = serve(h.app.clone()).await;
+    let client = AgentClient::new(
+        vec![("pg9".into(), dead_base()), ("pg0".into(), base)],
+        None,
+    );
+    // The first agent is down: the next one answers, decoded into the API's own type.
+    let c = client.cluster().await.unwrap();
+    assert_eq!(c.leader_name().as_deref(), Some("pg0"));
+    assert_eq!(c.streaming_count(), 2);
+    let pg2 = c.member("pg2").unwrap();
+    assert_eq!(pg2.lag.as_ref().and_then(|l| l.bytes()), Some(0x10000));
+    assert_eq!(pg2.host.as_deref(), Some("10.0.0.3"));
+    // The same document as the handler's own JSON, field for field.
+    let (_, body, _) = call(&h.app, "GET", "/cluster", None).await;
+    assert_eq!(
+        serde_json::to_value(&c).unwrap(),
+        serde_json::from_str::<Value>(&body).unwrap()
+    );
+    // /patroni: the agent's own account.
+    let p = client.patroni("pg0").await.unwrap();
+    assert_eq!((p.role.as_str(), p.state.as_str()), ("primary", "running"));
+    // A health path: the code is the answer.
+    assert_eq!(client.health("pg0", "/replica").await.unwrap(), 503);
+    assert_eq!(client.find_primary().await.as_deref(), Some("pg0"));
+    // The dead agent: which member, which call, and the transport error as the source.
+    let e = client.patroni("pg9").await.unwrap_err();
+    assert!(matches!(e, AgentError::Unreachable { .. }), "{e:?}");
+    assert_eq!(e.to_string(), "GET /patroni on pg9: agent not reachable");
+    assert!(std::error::Error::source(&e).is_some());
+    let e = client.patroni("nobody").await.unwrap_err();
+    assert!(matches!(e, AgentError::UnknownMember { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn the_agent_client_patches_the_config_with_if_match_and_names_a_conflict() {
+    use pgherd::inventory::Secret;
+    use pgherd::provision::agent_client::{AgentClient, AgentError};
+    let view = three_node_view();
+    let h = harness(primary_status(&view), view, client_creds(), healthy_probe());
+    let base = serve(h.app.clone()).await;
+    let client = AgentClient::new(
+        vec![("pg0".into(), base.clone())],
+        Some(("admin".into(), Secret::new("client_pw_7"))),
+    );
+    let live = client.config("pg0").await.unwrap();
+    assert_eq!(live.revision, Some(7));
+    assert_eq!(live.value["ttl"], 30);
+    let mut patch = Map::new();
+    patch.insert("loop_wait".into(), 5.into());
+    // A stale revision: 412, told apart by its status.
+    let e = client
+        .patch_config("pg0", &patch, Some(6))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(412), "{e}");
+    // The current one: written.
+    client.patch_config("pg0", &patch, Some(7)).await.unwrap();
+    assert_eq!(client.config("pg0").await.unwrap().value["loop_wait"], 5);
+    // Without the password the agent refuses; the error carries its answer, never a secret.
+    let anonymous = AgentClient::new(vec![("pg0".into(), base)], None);
+    let e = anonymous
+        .patch_config("pg0", &patch, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, AgentError::Refused { status: 401, .. }), "{e}");
+    assert!(!format!("{e:?}{e}").contains("client_pw_7"));
+    assert!(!format!("{client:?}").contains("client_pw_7"));
+}

@@ -271,6 +271,7 @@ fn cluster_json_decodes_members_pause_and_sync_settings() {
         "pause": true
     });
     let cfg = json!({"synchronous_mode": "on", "synchronous_node_count": 2, "ttl": 20});
+    let c = serde_json::from_value(c).expect("a /cluster document");
     let f = DepartedFacts::from_cluster(&c, cfg.as_object());
     assert!(f.paused);
     assert_eq!(f.sync, sync(2, false));

@@ -90,8 +90,8 @@ const LAYERS: &[&[&str]] = &[
 /// (which checks the playbook against the schedule) beside the report, and the executor on
 /// top.
 const PROVISION_LAYERS: &[&[&str]] = &[
-    &["services", "playbook", "ctl", "oplock"],
-    &["facts"],
+    &["services", "playbook", "agent_client", "oplock"],
+    &["ctl", "facts"],
     &["desired"],
     &["remote"],
     &["dcs_config", "etcd_members", "rolling", "departed"],

@@ -416,6 +416,7 @@ fn cluster_members_are_read_with_roles_lag_tags_and_pending_reasons() {
         {"name": "n3", "role": "replica", "state": "in archive recovery", "lag": "unknown",
          "tags": {"nosync": true}}
     ]});
+    let c = serde_json::from_value(c).expect("a /cluster document");
     let m = pgherd::provision::rolling::members_from_cluster(&c);
     assert_eq!(m.len(), 3);
     assert_eq!(m[0].role, MemberRole::Leader);

@@ -3,10 +3,11 @@
 //! `scope` and `name`).
 
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::fmt::Write as _;
 
 use super::ApiState;
+use super::docs::{ClusterDoc, ClusterMember, Lag, ScheduledSwitchover};
 use super::health::{is_listed_sync, is_quorum_mode, is_standby_cluster, is_sync_mode};
 use crate::dcs::{ClusterView, PATRONI_COMPAT_VERSION};
 use crate::pg::{PgState, Role};
@@ -16,6 +17,11 @@ use crate::types::Lsn;
 /// The `/cluster` document (patroni.md §2.3): members sorted by name with role, state,
 /// addresses and lag against `status.optime`, plus pause and a scheduled switchover.
 pub fn cluster_json(view: &ClusterView, scope: &str) -> Value {
+    serde_json::to_value(cluster_doc(view, scope)).unwrap_or_default()
+}
+
+/// [`cluster_json`] as its type (what `provision::agent_client` reads back).
+pub fn cluster_doc(view: &ClusterView, scope: &str) -> ClusterDoc {
     let cfg = view.config();
     let leader = view.leader_name().map(|n| n.as_str().to_string());
     let optime = view.status.optime;
@@ -41,68 +47,47 @@ pub fn cluster_json(view: &ClusterView, scope: &str) -> Value {
             (Some(rs), false) if !rs.is_empty() => rs.clone(),
             _ => d.state.clone(),
         };
-        let mut o = Map::new();
-        o.insert("name".into(), name.as_str().into());
-        o.insert("role".into(), role.into());
-        o.insert("state".into(), state.into());
-        o.insert("api_url".into(), d.api_url.clone().into());
-        if let Some((h, p)) = d.conn_host_port() {
-            o.insert("host".into(), h.into());
-            o.insert("port".into(), p.into());
-        }
-        if let Some(t) = d.timeline {
-            o.insert("timeline".into(), t.into());
-        }
-        if let Some(p) = d.pending_restart {
-            o.insert("pending_restart".into(), p.into());
-        }
-        if let Some(r) = &d.pending_restart_reason {
-            o.insert("pending_restart_reason".into(), r.clone());
-        }
-        if let Some(s) = &d.scheduled_restart {
-            o.insert("scheduled_restart".into(), s.clone());
-        }
-        if !d.tags.is_empty() {
-            o.insert("tags".into(), Value::Object(d.tags.clone()));
-        }
+        let (host, port) = d.conn_host_port().unzip();
+        let mut doc = ClusterMember {
+            name: name.as_str().to_string(),
+            role: role.into(),
+            state,
+            api_url: d.api_url.clone(),
+            host,
+            port,
+            timeline: d.timeline,
+            pending_restart: d.pending_restart,
+            pending_restart_reason: d.pending_restart_reason.clone(),
+            scheduled_restart: d.scheduled_restart.clone(),
+            tags: d.tags.clone(),
+            ..ClusterMember::default()
+        };
         if !is_leader {
-            let mut lag = |lag_key: &str, lsn_key: &str, lsn: Option<u64>, always: bool| match lsn {
-                Some(l) => {
-                    o.insert(lag_key.into(), optime.saturating_sub(l).into());
-                    o.insert(lsn_key.into(), Lsn(l).to_string().into());
-                }
-                None if always => {
-                    o.insert(lag_key.into(), "unknown".into());
-                    o.insert(lsn_key.into(), "unknown".into());
-                }
-                None => {}
+            let lag = |lsn: Option<u64>| {
+                lsn.map(|l| (Lag::Bytes(optime.saturating_sub(l)), Lsn(l).to_string()))
             };
-            lag("receive_lag", "receive_lsn", d.receive_lsn, false);
-            lag("replay_lag", "replay_lsn", d.replay_lsn, false);
-            lag("lag", "lsn", d.xlog_location, true);
+            (doc.receive_lag, doc.receive_lsn) = lag(d.receive_lsn).unzip();
+            (doc.replay_lag, doc.replay_lsn) = lag(d.replay_lsn).unzip();
+            // A replica that never reported a position: Patroni's "unknown", never absent.
+            let (l, lsn) =
+                lag(d.xlog_location).unwrap_or_else(|| (Lag::unknown(), "unknown".to_string()));
+            (doc.lag, doc.lsn) = (Some(l), Some(lsn));
         }
-        members.push(Value::Object(o));
+        members.push(doc);
     }
-    let mut out = Map::new();
-    out.insert("members".into(), Value::Array(members));
-    out.insert("scope".into(), scope.into());
-    if cfg.pause() {
-        out.insert("pause".into(), true.into());
+    let scheduled_switchover = view.failover_request().and_then(|f| {
+        Some(ScheduledSwitchover {
+            at: f.scheduled_at.clone()?,
+            from: f.leader.clone(),
+            to: f.member.clone(),
+        })
+    });
+    ClusterDoc {
+        members,
+        scope: scope.into(),
+        pause: cfg.pause(),
+        scheduled_switchover,
     }
-    if let Some(f) = view.failover_request()
-        && let Some(at) = &f.scheduled_at
-    {
-        let mut s = Map::new();
-        s.insert("at".into(), at.clone().into());
-        if let Some(l) = &f.leader {
-            s.insert("from".into(), l.clone().into());
-        }
-        if let Some(c) = &f.member {
-            s.insert("to".into(), c.clone().into());
-        }
-        out.insert("scheduled_switchover".into(), Value::Object(s));
-    }
-    Value::Object(out)
 }
 
 pub(crate) async fn get_cluster(state: &ApiState) -> Response {

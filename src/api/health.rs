@@ -205,32 +205,11 @@ pub fn status_json(st: &AgentStatus) -> Map<String, Value> {
         "patroni".into(),
         json!({"version": PATRONI_COMPAT_VERSION, "scope": st.scope, "name": st.name}),
     );
-    m.insert("pgherd".into(), pgherd_json(&st.pgherd));
+    m.insert(
+        "pgherd".into(),
+        serde_json::to_value(&st.pgherd).unwrap_or_default(),
+    );
     m
-}
-
-/// The `pgherd` object (see the module docs): absent values are left out, not `null`.
-fn pgherd_json(p: &crate::status::PgherdStatus) -> Value {
-    let mut o = Map::new();
-    if let Some(s) = &p.config_sha256 {
-        o.insert("config_sha256".into(), s.clone().into());
-    }
-    if let Some(e) = &p.config_error {
-        o.insert("config_error".into(), e.clone().into());
-    }
-    if let Some(r) = p.dcs_config_revision {
-        o.insert("dcs_config_revision".into(), r.into());
-    }
-    if let Some(e) = &p.dcs_config_error {
-        o.insert("dcs_config_error".into(), e.clone().into());
-    }
-    if let Some(e) = &p.bootstrap_error {
-        o.insert("bootstrap_error".into(), e.clone().into());
-    }
-    if let Some(e) = &p.clone_error {
-        o.insert("clone_error".into(), e.clone().into());
-    }
-    Value::Object(o)
 }
 
 /// `GET /patroni`: always 200 with the status JSON.

@@ -16,6 +16,7 @@
 //! - [`health`]: the status JSON and every health rule.
 //! - [`cluster`]: `/cluster`, `/history`, `/config` reads and `/metrics`.
 //! - [`admin`]: the authenticated mutating verbs.
+//! - [`docs`]: the documents pgherd's own client reads back, as types.
 //!
 //! pgherd extensions, invisible to Patroni clients: `/patroni` carries a `pgherd` object (what
 //! the agent runs with, see [`health`]); `GET /config` sends `ETag: "<mod revision>"` and
@@ -24,6 +25,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod docs;
 pub mod failsafe;
 pub mod health;
 

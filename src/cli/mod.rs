@@ -407,7 +407,7 @@ async fn restart_pending_cmd(a: &RestartArgs, state_dir: &Path) -> anyhow::Resul
     use crate::provision::rolling;
     let inv = crate::inventory::load(&a.inv.inventory)?;
     let fleet = connect(&inv, state_dir).await?;
-    let agents = ctl::Agents::new(&inv)?;
+    let agents = crate::provision::agent_client::AgentClient::for_inventory(&inv);
     let opts = rolling::RollingOptions {
         primary_update_method: a
             .primary_update_method

@@ -7,9 +7,10 @@
 use std::fmt;
 
 use serde::Serialize;
-use serde_json::Value;
 
+use crate::api::docs::ClusterDoc;
 use crate::inventory::{Inventory, Role};
+use crate::provision::agent_client::AgentClient;
 
 /// The cluster, as one status document.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -52,21 +53,19 @@ pub struct Endpoint {
 
 impl ClusterStatus {
     /// From a `GET /cluster` answer (pure).
-    pub fn from_cluster(inv: &Inventory, cluster: &Value) -> ClusterStatus {
-        let s = |m: &Value, k: &str| m[k].as_str().map(str::to_string);
-        let members: Vec<MemberStatus> = cluster["members"]
-            .as_array()
-            .into_iter()
-            .flatten()
+    pub fn from_cluster(inv: &Inventory, cluster: &ClusterDoc) -> ClusterStatus {
+        let members: Vec<MemberStatus> = cluster
+            .members
+            .iter()
             .map(|m| MemberStatus {
-                name: s(m, "name").unwrap_or_default(),
-                host: s(m, "host").unwrap_or_default(),
-                port: m["port"].as_u64(),
-                role: s(m, "role").unwrap_or_default(),
-                state: s(m, "state").unwrap_or_default(),
-                timeline: m["timeline"].as_u64(),
-                lag: m["lag"].as_u64(),
-                api_url: s(m, "api_url"),
+                name: m.name.clone(),
+                host: m.host.clone().unwrap_or_default(),
+                port: m.port.map(u64::from),
+                role: m.role.clone(),
+                state: m.state.clone(),
+                timeline: m.timeline.map(u64::from),
+                lag: m.lag.as_ref().and_then(|l| l.bytes()),
+                api_url: (!m.api_url.is_empty()).then(|| m.api_url.clone()),
             })
             .collect();
         let conninfo = |host: &str, port: u16| {
@@ -79,7 +78,7 @@ impl ClusterStatus {
                 .iter()
                 .find(|m| matches!(m.role.as_str(), "leader" | "standby_leader"))
                 .map(|m| m.name.clone()),
-            paused: cluster["pause"].as_bool().unwrap_or(false),
+            paused: cluster.pause,
             members,
             connect: inv
                 .hosts_with(Role::Haproxy)
@@ -140,8 +139,8 @@ impl fmt::Display for ClusterStatus {
 
 /// Reads the cluster from the inventory's agents.
 pub async fn cluster_status(inv: &Inventory) -> anyhow::Result<ClusterStatus> {
-    let v = super::ctl::Agents::new(inv)?.cluster().await?;
-    Ok(ClusterStatus::from_cluster(inv, &v))
+    let c = AgentClient::for_inventory(inv).cluster().await?;
+    Ok(ClusterStatus::from_cluster(inv, &c))
 }
 
 #[cfg(test)]
@@ -156,8 +155,10 @@ mod tests {
         .unwrap()
     }
 
-    fn cluster() -> Value {
-        serde_json::json!({
+    use serde_json::Value;
+
+    fn cluster() -> ClusterDoc {
+        serde_json::from_value(serde_json::json!({
             "members": [
                 {"name": "n1", "role": "leader", "state": "running", "host": "10.0.0.1",
                  "port": 5432, "timeline": 3, "api_url": "http://10.0.0.1:8008/patroni"},
@@ -167,7 +168,8 @@ mod tests {
                  "port": 5432, "timeline": 3, "lag": 1024}
             ],
             "pause": true
-        })
+        }))
+        .unwrap()
     }
 
     #[test]

@@ -11,162 +11,17 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use serde_json::{Value, json};
+use anyhow::bail;
+use serde_json::json;
 
-use crate::inventory::{Inventory, Role};
+use super::agent_client::AgentClient;
+use crate::api::docs::ClusterDoc;
+use crate::inventory::Inventory;
 
 /// How long a verb waits for the cluster to show its effect.
 const EFFECT_TIMEOUT: Duration = Duration::from_secs(120);
-/// A read of `/cluster`: an agent that does not answer within this is skipped for the next.
-const READ_TIMEOUT: Duration = Duration::from_secs(3);
-/// A mutating call.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// The agent answers `POST /restart` once PostgreSQL is back: its stop (≤ 60 s) plus its start
-/// (≤ `primary_start_timeout`, 300 s by default), plus margin for the HTTP round trip. With
-/// [`CALL_TIMEOUT`] a restart slower than 10 s was reported as failed although it went on.
-pub const RESTART_CALL_TIMEOUT: Duration = Duration::from_secs(420);
-
-/// The agents of one inventory.
-pub struct Agents<'a> {
-    inv: &'a Inventory,
-    http: reqwest::Client,
-}
-
-impl<'a> Agents<'a> {
-    pub fn new(inv: &'a Inventory) -> anyhow::Result<Agents<'a>> {
-        let http = reqwest::Client::builder().build()?;
-        Ok(Agents { inv, http })
-    }
-
-    fn base(&self, member: &str) -> anyhow::Result<String> {
-        let h = self
-            .inv
-            .host(member)
-            .filter(|h| h.has(Role::Postgres))
-            .with_context(|| format!("{member:?} is not a postgres host of the inventory"))?;
-        Ok(format!(
-            "http://{}",
-            h.endpoint(self.inv.agent.restapi_port)
-        ))
-    }
-
-    /// `GET /cluster` from the first agent that answers.
-    pub async fn cluster(&self) -> anyhow::Result<Value> {
-        let mut tried = Vec::new();
-        for h in self.inv.hosts_with(Role::Postgres) {
-            let url = format!("{}/cluster", self.base(h.name.as_str())?);
-            match self.http.get(&url).timeout(READ_TIMEOUT).send().await {
-                Ok(r) if r.status().is_success() => {
-                    if let Ok(v) = r.json::<Value>().await {
-                        return Ok(v);
-                    }
-                }
-                Ok(r) => tried.push(format!("{}: HTTP {}", h.name.as_str(), r.status())),
-                Err(_) => tried.push(format!("{}: agent not reachable", h.name.as_str())),
-            }
-        }
-        bail!("no agent answered GET /cluster ({})", tried.join("; "))
-    }
-
-    /// `GET path` on `member`'s agent as JSON (read timeout as for `/cluster`).
-    pub async fn get_json(&self, member: &str, path: &str) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base(member)?);
-        let r = self
-            .http
-            .get(&url)
-            .timeout(READ_TIMEOUT)
-            .send()
-            .await
-            .with_context(|| format!("GET {path} on {member}: agent not reachable"))?;
-        let status = r.status();
-        if !status.is_success() {
-            bail!("GET {path} on {member}: HTTP {status}");
-        }
-        r.json::<Value>()
-            .await
-            .with_context(|| format!("GET {path} on {member}: not JSON"))
-    }
-
-    /// A mutating call on `member`'s agent; returns the body of a 2xx answer.
-    async fn send(
-        &self,
-        method: reqwest::Method,
-        member: &str,
-        path: &str,
-        body: Value,
-    ) -> anyhow::Result<String> {
-        self.send_with_timeout(method, member, path, body, CALL_TIMEOUT)
-            .await
-    }
-
-    /// [`Agents::send`] with its own timeout, for calls the agent answers only when the work
-    /// is done (`POST /restart` answers once PostgreSQL is up again).
-    pub async fn send_with_timeout(
-        &self,
-        method: reqwest::Method,
-        member: &str,
-        path: &str,
-        body: Value,
-        timeout: Duration,
-    ) -> anyhow::Result<String> {
-        let url = format!("{}{path}", self.base(member)?);
-        let r = self
-            .http
-            .request(method.clone(), &url)
-            .timeout(timeout)
-            .basic_auth(
-                &self.inv.agent.restapi_username,
-                Some(self.inv.secrets.restapi.expose()),
-            )
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("{method} {path} on {member}: agent not reachable"))?;
-        let status = r.status();
-        let text = r.text().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!(
-                "{method} {path} on {member}: HTTP {status}: {}",
-                text.trim()
-            );
-        }
-        Ok(text)
-    }
-}
-
-/// The current leader's name in a `/cluster` answer.
-pub fn leader_of(cluster: &Value) -> Option<String> {
-    members(cluster)
-        .into_iter()
-        .find(|m| m["role"] == "leader")
-        .and_then(|m| m["name"].as_str().map(str::to_string))
-}
-
-fn members(cluster: &Value) -> Vec<&Value> {
-    cluster["members"]
-        .as_array()
-        .map(|a| a.iter().collect())
-        .unwrap_or_default()
-}
-
-/// How many members a `/cluster` answer lists.
-pub fn member_count(cluster: &Value) -> usize {
-    members(cluster).len()
-}
-
-/// How many members stream from an upstream.
-pub fn streaming_count(cluster: &Value) -> usize {
-    members(cluster)
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .filter(|n| streaming(cluster, n))
-        .count()
-}
-
-fn is_member(cluster: &Value, name: &str) -> bool {
-    members(cluster).iter().any(|m| m["name"] == name)
-}
+/// How often a wait reads `/cluster` again: a few times per agent cycle (loop_wait ≥ 1 s).
+const POLL: Duration = Duration::from_millis(300);
 
 /// Asks on a terminal; without one, `--yes` is required (a script must say it means it).
 pub(crate) fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
@@ -188,10 +43,10 @@ pub(crate) fn confirm(question: &str, yes: bool) -> anyhow::Result<()> {
 
 /// Polls `/cluster` until `done` holds.
 pub async fn wait_until(
-    agents: &Agents<'_>,
+    agents: &AgentClient,
     what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> anyhow::Result<Value> {
+    done: impl Fn(&ClusterDoc) -> bool,
+) -> anyhow::Result<ClusterDoc> {
     let start = Instant::now();
     loop {
         if let Ok(c) = agents.cluster().await
@@ -202,20 +57,8 @@ pub async fn wait_until(
         if start.elapsed() > EFFECT_TIMEOUT {
             bail!("timed out after {EFFECT_TIMEOUT:?} waiting until {what}");
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(POLL).await;
     }
-}
-
-/// A replica (also a synchronous one) streaming from the leader.
-fn streaming(cluster: &Value, name: &str) -> bool {
-    members(cluster).iter().any(|m| {
-        m["name"] == name
-            && matches!(
-                m["role"].as_str(),
-                Some("replica" | "sync_standby" | "quorum_standby")
-            )
-            && m["state"] == "streaming"
-    })
 }
 
 /// `switchover` (a leader exists) or `failover` (`force`: also without a healthy leader).
@@ -225,11 +68,11 @@ pub async fn switchover(
     force: bool,
     yes: bool,
 ) -> anyhow::Result<String> {
-    let agents = Agents::new(inv)?;
+    let agents = AgentClient::for_inventory(inv);
     let c = agents.cluster().await?;
-    let leader = leader_of(&c);
+    let leader = c.leader_name();
     if let Some(cand) = candidate {
-        if !is_member(&c, cand) {
+        if !c.is_member(cand) {
             bail!("candidate {cand:?} is not a member of the cluster");
         }
         if leader.as_deref() == Some(cand) {
@@ -237,15 +80,10 @@ pub async fn switchover(
         }
     }
     let verb = if force { "failover" } else { "switchover" };
-    let (target, body) = match (&leader, candidate, force) {
-        (Some(l), cand, _) => {
-            let mut b = json!({ "leader": l });
-            if let Some(cand) = cand {
-                b["candidate"] = json!(cand);
-            }
-            (l.clone(), b)
-        }
-        (None, Some(cand), true) => (cand.to_string(), json!({ "candidate": cand })),
+    // Asked of the leader (it hands over); without one, of the candidate (it takes over).
+    let target = match (&leader, candidate, force) {
+        (Some(l), _, _) => l.clone(),
+        (None, Some(cand), true) => cand.to_string(),
         (None, None, true) => bail!("failover without a leader needs --candidate"),
         (None, _, false) => bail!("the cluster has no leader: use failover --candidate"),
     };
@@ -258,86 +96,71 @@ pub async fn switchover(
         yes,
     )?;
     agents
-        .send(reqwest::Method::POST, &target, &format!("/{verb}"), body)
+        .switchover(&target, leader.as_deref(), candidate, force)
         .await?;
     let old = leader.clone();
     let want = candidate.map(str::to_string);
     let c = wait_until(&agents, "a new leader leads", |c| {
-        let now = leader_of(c);
+        let now = c.leader_name();
         now.is_some() && now != old && want.as_ref().is_none_or(|w| now.as_ref() == Some(w))
     })
     .await?;
     Ok(format!(
         "{verb} done: {} leads",
-        leader_of(&c).unwrap_or_default()
+        c.leader_name().unwrap_or_default()
     ))
 }
 
 /// Restarts PostgreSQL on `member`, or on every member (replicas first, the leader last, each
 /// back before the next).
 pub async fn restart(inv: &Inventory, member: Option<&str>, yes: bool) -> anyhow::Result<String> {
-    let agents = Agents::new(inv)?;
+    let agents = AgentClient::for_inventory(inv);
     let c = agents.cluster().await?;
-    let leader = leader_of(&c);
+    let leader = c.leader_name();
     let mut order: Vec<String> = match member {
-        Some(m) if !is_member(&c, m) => bail!("{m:?} is not a member of the cluster"),
+        Some(m) if !c.is_member(m) => bail!("{m:?} is not a member of the cluster"),
         Some(m) => vec![m.to_string()],
-        None => members(&c)
-            .iter()
-            .filter_map(|m| m["name"].as_str().map(str::to_string))
-            .collect(),
+        None => c.members.iter().map(|m| m.name.clone()).collect(),
     };
     order.sort_by_key(|m| Some(m) == leader.as_ref());
     confirm(&format!("restart PostgreSQL on {}", order.join(", ")), yes)?;
     for m in &order {
-        agents
-            .send_with_timeout(
-                reqwest::Method::POST,
-                m,
-                "/restart",
-                json!({}),
-                RESTART_CALL_TIMEOUT,
-            )
-            .await?;
+        agents.restart(m, &json!({})).await?;
         let is_leader = Some(m) == leader.as_ref();
         wait_until(&agents, &format!("{m} runs again"), |c| {
-            members(c).iter().any(|x| {
-                x["name"] == m.as_str()
-                    && x["state"] == "running"
-                    && (x["role"] == "leader" || !is_leader)
-            }) || (!is_leader && streaming(c, m))
+            c.member(m).is_some_and(|x| {
+                (x.state == "running" && (x.role == "leader" || !is_leader))
+                    || (!is_leader && x.is_streaming())
+            })
         })
         .await?;
     }
     Ok(format!("restarted {}", order.join(", ")))
 }
 
+/// After `POST /reinitialize` the member still shows `streaming` until its agent stopped
+/// PostgreSQL for the clone (the agent answers before it begins); the wait for "streams
+/// again" starts this long after, one agent cycle, so it does not see the old state.
+const REINIT_SETTLE: Duration = Duration::from_secs(1);
+
 /// Re-creates `member`'s data from the leader (its local data is discarded).
 pub async fn reinit(inv: &Inventory, member: &str, yes: bool) -> anyhow::Result<String> {
-    let agents = Agents::new(inv)?;
+    let agents = AgentClient::for_inventory(inv);
     let c = agents.cluster().await?;
-    if !is_member(&c, member) {
+    if !c.is_member(member) {
         bail!("{member:?} is not a member of the cluster");
     }
-    if leader_of(&c).as_deref() == Some(member) {
+    if c.leader_name().as_deref() == Some(member) {
         bail!("{member} is the leader: switch over first");
     }
     confirm(
         &format!("reinitialize {member} (its data directory is discarded)"),
         yes,
     )?;
-    agents
-        .send(
-            reqwest::Method::POST,
-            member,
-            "/reinitialize",
-            json!({ "force": true }),
-        )
-        .await?;
-    // Give the agent a moment to stop streaming, then wait until it streams again.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    agents.reinitialize(member, true).await?;
+    tokio::time::sleep(REINIT_SETTLE).await;
     wait_until(&agents, &format!("{member} streams again"), |c| {
-        streaming(c, member)
+        c.streaming(member)
     })
     .await?;
     Ok(format!("{member} reinitialized and streaming"))
@@ -345,23 +168,17 @@ pub async fn reinit(inv: &Inventory, member: &str, yes: bool) -> anyhow::Result<
 
 /// Pauses (or resumes) automatic failover: `PATCH /config {"pause": …}`.
 pub async fn pause(inv: &Inventory, on: bool) -> anyhow::Result<String> {
-    let agents = Agents::new(inv)?;
+    let agents = AgentClient::for_inventory(inv);
     let c = agents.cluster().await?;
-    let target = leader_of(&c)
-        .or_else(|| {
-            members(&c)
-                .first()
-                .and_then(|m| m["name"].as_str().map(str::to_string))
-        })
-        .context("the cluster has no members")?;
-    agents
-        .send(
-            reqwest::Method::PATCH,
-            &target,
-            "/config",
-            json!({ "pause": on }),
-        )
-        .await?;
+    let Some(target) = c
+        .leader_name()
+        .or_else(|| c.members.first().map(|m| m.name.clone()))
+    else {
+        bail!("the cluster has no members");
+    };
+    let mut patch = serde_json::Map::new();
+    patch.insert("pause".into(), on.into());
+    agents.patch_config(&target, &patch, None).await?;
     wait_until(
         &agents,
         if on {
@@ -369,7 +186,7 @@ pub async fn pause(inv: &Inventory, on: bool) -> anyhow::Result<String> {
         } else {
             "the cluster is resumed"
         },
-        |c| c["pause"].as_bool().unwrap_or(false) == on,
+        |c| c.pause == on,
     )
     .await?;
     Ok(if on {
@@ -377,21 +194,4 @@ pub async fn pause(inv: &Inventory, on: bool) -> anyhow::Result<String> {
     } else {
         "resumed: automatic failover is on".into()
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_leader_is_read_from_the_members() {
-        let c = json!({"members": [
-            {"name": "n1", "role": "replica", "state": "streaming"},
-            {"name": "n2", "role": "leader", "state": "running"}
-        ]});
-        assert_eq!(leader_of(&c).as_deref(), Some("n2"));
-        assert!(is_member(&c, "n1") && !is_member(&c, "n9"));
-        assert!(streaming(&c, "n1") && !streaming(&c, "n2"));
-        assert_eq!(leader_of(&json!({"members": []})), None);
-    }
 }

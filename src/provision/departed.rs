@@ -24,6 +24,7 @@ use std::fmt;
 
 use serde_json::Value;
 
+use crate::api::docs::{ClusterDoc, Lag};
 use crate::types::MemberName;
 
 pub use step::{DepartedError, gather, run, still_answers};
@@ -146,32 +147,28 @@ pub fn url_host(url: &str) -> Option<String> {
 
 impl DepartedFacts {
     /// Decodes a `GET /cluster` body and the live DCS config (`None` when unknown).
-    pub fn from_cluster(cluster: &Value, config: Option<&serde_json::Map<String, Value>>) -> Self {
-        let members = cluster["members"]
-            .as_array()
-            .map(|ms| {
-                ms.iter()
-                    .filter_map(|m| {
-                        let name = m["name"].as_str()?.to_string();
-                        let address = m["host"]
-                            .as_str()
-                            .filter(|h| !h.is_empty())
-                            .map(str::to_string)
-                            .or_else(|| m["api_url"].as_str().and_then(url_host));
-                        Some(DcsMember {
-                            name,
-                            role: m["role"].as_str().unwrap_or_default().to_string(),
-                            state: m["state"].as_str().unwrap_or_default().to_string(),
-                            address,
-                            lag: m["lag"].as_u64(),
-                            nofailover: truthy(&m["tags"]["nofailover"]),
-                            nosync: truthy(&m["tags"]["nosync"]),
-                            api_url: m["api_url"].as_str().map(str::to_string),
-                        })
-                    })
-                    .collect()
+    pub fn from_cluster(
+        cluster: &ClusterDoc,
+        config: Option<&serde_json::Map<String, Value>>,
+    ) -> Self {
+        let members = cluster
+            .members
+            .iter()
+            .map(|m| DcsMember {
+                name: m.name.clone(),
+                role: m.role.clone(),
+                state: m.state.clone(),
+                address: m
+                    .host
+                    .clone()
+                    .filter(|h| !h.is_empty())
+                    .or_else(|| url_host(&m.api_url)),
+                lag: m.lag.as_ref().and_then(Lag::bytes),
+                nofailover: m.tag("nofailover"),
+                nosync: m.tag("nosync"),
+                api_url: (!m.api_url.is_empty()).then(|| m.api_url.clone()),
             })
-            .unwrap_or_default();
+            .collect();
         let cfg = |k: &str| {
             config
                 .and_then(|c| c.get(k))
@@ -180,7 +177,7 @@ impl DepartedFacts {
         };
         DepartedFacts {
             members,
-            paused: truthy(&cluster["pause"]) || truthy(&cfg("pause")),
+            paused: cluster.pause || truthy(&cfg("pause")),
             sync: SyncSettings {
                 mode: truthy(&cfg("synchronous_mode")),
                 strict: truthy(&cfg("synchronous_mode_strict")),

@@ -9,6 +9,7 @@
 //! `unit <name> 0|1` (another systemd unit active or enabled; systemd mode only),
 //! `user <name> 0|1` (a user exists).
 
+use crate::api::docs::PatroniDoc;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -102,17 +103,25 @@ pub struct AgentFact {
 }
 
 impl AgentFact {
-    /// Decodes a `GET /patroni` body.
+    /// Decodes a `GET /patroni` body (through the API's own type; an unreadable body gives
+    /// an empty fact).
     pub fn from_patroni(v: &Value) -> AgentFact {
-        let p = &v["pgherd"];
+        serde_json::from_value::<PatroniDoc>(v.clone())
+            .unwrap_or_default()
+            .into()
+    }
+}
+
+impl From<PatroniDoc> for AgentFact {
+    fn from(d: PatroniDoc) -> AgentFact {
         AgentFact {
-            role: v["role"].as_str().unwrap_or_default().to_string(),
-            state: v["state"].as_str().unwrap_or_default().to_string(),
-            config_sha256: p["config_sha256"].as_str().map(str::to_string),
-            config_error: p["config_error"].as_str().map(str::to_string),
-            dcs_config_revision: p["dcs_config_revision"].as_i64(),
-            dcs_config_error: p["dcs_config_error"].as_str().map(str::to_string),
-            pending_restart: v["pending_restart"].as_bool().unwrap_or(false),
+            role: d.role,
+            state: d.state,
+            config_sha256: d.pgherd.config_sha256,
+            config_error: d.pgherd.config_error,
+            dcs_config_revision: d.pgherd.dcs_config_revision,
+            dcs_config_error: d.pgherd.dcs_config_error,
+            pending_restart: d.pending_restart,
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! - [`services`]: systemd vs supervisor mode, run files, start/restart/reload commands;
 //!   [`playbook`]: playbooks as data (the deploy step vocabulary, a step expanded for a host);
-//!   [`ctl`]: the day-2 verbs through the agents' REST API; [`oplock`]: the day-2 lock.
+//!   [`agent_client`]: the one client of the agents' REST API; [`ctl`]: the day-2 verbs
+//!   through it; [`oplock`]: the day-2 lock.
 //! - [`facts`]: read-only facts of a host in one batched command, parsed purely.
 //! - [`desired`]: the desired state ([`desired::DeploySpec`]): what every host and the cluster
 //!   should be.
@@ -22,6 +23,7 @@
 //!   output (change table, diffs, no-change reasons).
 //! - [`apply`]: executes a plan by walking the playbook's steps in order.
 
+pub mod agent_client;
 pub mod apply;
 pub mod cluster_facts;
 pub mod ctl;

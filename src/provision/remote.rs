@@ -1,26 +1,21 @@
 //! How provisioning reaches a cluster: the connected hosts of a run ([`Fleet`]), the SSH
 //! specs of the inventory's hosts (and the bound on reaching one that left it), the agents'
-//! REST API (base URLs from the desired state, a client with the inventory's Basic auth) and
+//! REST API (base URLs from the desired state, the [`AgentClient`] with the inventory's Basic
+//! auth) and
 //! `psql` on a host's local socket. No decisions: the day-2 jobs and `apply` use these.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
-
+use super::agent_client::AgentClient;
 use super::desired::DeploySpec;
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, Secret};
 use crate::transport::{HostSpec, Transport};
 
 /// Connected hosts by inventory name.
 pub type Fleet = BTreeMap<String, Arc<dyn Transport>>;
 
-/// A `GET` to an agent: one that does not answer within this is treated as down (the host
-/// facts show why), so an unreachable agent cannot stall `plan`.
-const READ_TIMEOUT: Duration = Duration::from_secs(3);
-/// The `PATCH /config` call: the agent writes one etcd key (bounded by its retry_timeout).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A host removed from the inventory may be dead: its cleanup never waits longer than this to
 /// connect.
 pub const REMOVED_HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,64 +46,14 @@ pub fn api_base(spec: &DeploySpec, host: &str) -> String {
     )
 }
 
-/// A client for the agents' REST API of one deploy spec.
-#[derive(Clone)]
-pub struct AgentHttp {
-    http: reqwest::Client,
-    auth: Option<(String, String)>,
-}
-
-impl AgentHttp {
-    pub fn new(spec: &DeploySpec) -> AgentHttp {
-        AgentHttp {
-            http: reqwest::Client::builder()
-                .build()
-                .expect("reqwest client builds"),
-            auth: spec.restapi_auth.clone(),
-        }
-    }
-
-    /// `GET path` → (status, ETag, JSON body).
-    pub async fn get(&self, base: &str, path: &str) -> Option<(u16, Option<String>, Value)> {
-        let r = self
-            .http
-            .get(format!("{base}{path}"))
-            .timeout(READ_TIMEOUT)
-            .send()
-            .await
-            .ok()?;
-        let status = r.status().as_u16();
-        let etag = r
-            .headers()
-            .get(reqwest::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.trim_matches('"').to_string());
-        let body = r.json::<Value>().await.unwrap_or(Value::Null);
-        Some((status, etag, body))
-    }
-
-    /// `PATCH /config` with `If-Match` when a revision is known → (status, body text).
-    pub async fn patch_config(
-        &self,
-        base: &str,
-        patch: &Map<String, Value>,
-        revision: Option<i64>,
-    ) -> Result<(u16, String), reqwest::Error> {
-        let mut req = self
-            .http
-            .patch(format!("{base}/config"))
-            .timeout(WRITE_TIMEOUT)
-            .json(patch);
-        if let Some((u, p)) = &self.auth {
-            req = req.basic_auth(u, Some(p));
-        }
-        if let Some(rev) = revision {
-            req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
-        }
-        let r = req.send().await?;
-        let status = r.status().as_u16();
-        Ok((status, r.text().await.unwrap_or_default()))
-    }
+/// The agents of `spec`'s postgres hosts, with its REST credentials.
+pub fn agent_client(spec: &DeploySpec) -> AgentClient {
+    AgentClient::new(
+        agent_bases(spec),
+        spec.restapi_auth
+            .clone()
+            .map(|(user, password)| (user, Secret::new(password))),
+    )
 }
 
 /// `http://addr:port` of each postgres host's agent, in inventory order.

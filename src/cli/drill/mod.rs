@@ -31,8 +31,10 @@ use serde_json::Value;
 
 pub use faults::Fault;
 
-use super::ctl::{self, Agents};
+use super::ctl;
+use crate::api::docs::ClusterDoc;
 use crate::inventory::{Inventory, Role};
+use crate::provision::agent_client::AgentClient;
 use crate::provision::facts;
 use crate::provision::services::{self, Service, ServiceMode, ServiceOp};
 use crate::transport::Transport;
@@ -220,9 +222,9 @@ pub async fn run(
     state_dir: &std::path::Path,
     opts: &DrillOptions,
 ) -> anyhow::Result<DrillReport> {
-    let agents = Agents::new(inv)?;
+    let agents = AgentClient::for_inventory(inv);
     let cluster = agents.cluster().await?;
-    let leader = ctl::leader_of(&cluster).context("the cluster has no leader")?;
+    let leader = cluster.leader_name().context("the cluster has no leader")?;
     let c = conns(inv)?;
     {
         let (client, conn) = c
@@ -293,7 +295,7 @@ pub async fn run(
 
 struct RoundCtx<'a> {
     inv: &'a Inventory,
-    agents: &'a Agents<'a>,
+    agents: &'a AgentClient,
     fleet: Option<&'a super::Fleet>,
     conns: &'a Conns,
     next_id: Arc<AtomicI64>,
@@ -414,7 +416,7 @@ impl RoundCtx<'_> {
             settled(c, replicas, sync)
         })
         .await?;
-        let leader = ctl::leader_of(&cluster).context("the cluster has no leader")?;
+        let leader = cluster.leader_name().context("the cluster has no leader")?;
         let members = member_names(&cluster);
         report.old_leader = leader.clone();
         tokio::time::sleep(BASELINE).await;
@@ -552,13 +554,13 @@ impl RoundCtx<'_> {
         // fault stays for the hold time.
         let waited = if fault.moves_leader() {
             ctl::wait_until(self.agents, "a new leader leads", |c| {
-                ctl::leader_of(c).is_some_and(|l| l != leader)
+                c.leader_name().is_some_and(|l| l != leader)
             })
             .await
             .map(|_| ())
         } else if fault == Fault::KillPg {
             ctl::wait_until(self.agents, "a leader leads again", |c| {
-                ctl::leader_of(c).is_some()
+                c.leader_name().is_some()
             })
             .await
             .map(|_| ())
@@ -575,7 +577,7 @@ impl RoundCtx<'_> {
             settled(c, replicas, sync)
         })
         .await?;
-        report.new_leader = ctl::leader_of(&c);
+        report.new_leader = c.leader_name();
         self.writes_resume(t0).await?;
         report.reconverged_after_s = Some(t0.elapsed().as_secs_f64());
         Ok(t0)
@@ -619,29 +621,22 @@ impl RoundCtx<'_> {
 }
 
 /// A leader, every replica streaming, and in synchronous mode a synchronous standby named.
-fn settled(c: &Value, replicas: usize, synchronous_mode: bool) -> bool {
-    ctl::leader_of(c).is_some()
-        && ctl::streaming_count(c) == replicas
+fn settled(c: &ClusterDoc, replicas: usize, synchronous_mode: bool) -> bool {
+    c.leader().is_some()
+        && c.streaming_count() == replicas
         && (!synchronous_mode || role_member(c, "sync_standby").is_some())
 }
 
-fn member_names(cluster: &Value) -> Vec<String> {
-    cluster["members"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|m| m["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
+fn member_names(cluster: &ClusterDoc) -> Vec<String> {
+    cluster.members.iter().map(|m| m.name.clone()).collect()
 }
 
-fn role_member(cluster: &Value, role: &str) -> Option<String> {
-    cluster["members"].as_array()?.iter().find_map(|m| {
-        (m["role"] == role)
-            .then(|| m["name"].as_str().map(str::to_string))
-            .flatten()
-    })
+fn role_member(cluster: &ClusterDoc, role: &str) -> Option<String> {
+    cluster
+        .members
+        .iter()
+        .find(|m| m.role == role)
+        .map(|m| m.name.clone())
 }
 
 #[cfg(test)]

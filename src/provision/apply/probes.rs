@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::{Fleet, Progress, ProvisionError};
+use crate::provision::agent_client::{AgentClient, AgentError};
 use crate::provision::desired::DeploySpec;
 use crate::provision::playbook::WaitCondition;
-use crate::provision::remote::api_base;
+use crate::provision::remote::agent_client;
 use crate::provision::services::Service;
 use crate::transport::{Transport, shell_quote};
 
@@ -50,54 +51,25 @@ async fn etcd_healthy(t: &dyn Transport, endpoints: &str) -> bool {
     matches!(t.run(&cmd, Duration::from_secs(10)).await, Ok(o) if o.success())
 }
 
-pub(super) fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .expect("reqwest client")
-}
+/// HAProxy's stats page: it answers from memory, 2 s covers a loaded host.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// GET `url`: status code, or `None` when unreachable.
-pub(super) async fn http_status(c: &reqwest::Client, url: &str) -> Option<u16> {
-    c.get(url).send().await.ok().map(|r| r.status().as_u16())
-}
-
-/// Whether the agent at `addr` reports a streaming replica (`GET /patroni`).
-async fn replica_streaming(c: &reqwest::Client, base: &str) -> bool {
-    let Ok(r) = c.get(format!("{base}/patroni")).send().await else {
-        return false;
-    };
-    let Ok(v) = r.json::<serde_json::Value>().await else {
-        return false;
-    };
-    v["role"] == "replica" && v["state"] == "running" && v["replication_state"] == "streaming"
+/// Whether `member`'s agent reports a streaming replica (`GET /patroni`).
+async fn replica_streaming(agents: &AgentClient, member: &str) -> bool {
+    agents
+        .patroni(member)
+        .await
+        .is_ok_and(|d| d.streaming_replica())
 }
 
 /// What a member's agent says about itself, for errors: role, state and the last clone /
 /// bootstrap / config error it reports.
-async fn agent_reason(c: &reqwest::Client, base: &str) -> String {
-    let Ok(r) = c.get(format!("{base}/patroni")).send().await else {
-        return "no answer from its REST API".into();
-    };
-    let Ok(v) = r.json::<serde_json::Value>().await else {
-        return "an unreadable status".into();
-    };
-    let mut out = format!(
-        "role {}, state {}",
-        v["role"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?")
-    );
-    for (key, what) in [
-        ("clone_error", "clone failed"),
-        ("bootstrap_error", "bootstrap failed"),
-        ("config_error", "config refused"),
-        ("dcs_config_error", "DCS config refused"),
-    ] {
-        if let Some(e) = v["pgherd"][key].as_str() {
-            out.push_str(&format!("; {what}: {e}"));
-        }
+async fn agent_reason(agents: &AgentClient, member: &str) -> String {
+    match agents.patroni(member).await {
+        Ok(d) => d.reason(),
+        Err(AgentError::Decode { .. }) => "an unreadable status".into(),
+        Err(_) => "no answer from its REST API".into(),
     }
-    out
 }
 
 /// Whether a PostgreSQL server answers at `addr` (directly or through a proxy): sends the
@@ -150,13 +122,7 @@ pub fn haproxy_settled(csv: &str, cluster: &str, leader: &str, has_replicas: boo
 
 /// Which postgres host currently leads (asks each agent's `/primary`).
 pub async fn find_leader(spec: &DeploySpec) -> Option<String> {
-    let c = http();
-    for h in spec.hosts.iter().filter(|h| h.roles.postgres) {
-        if http_status(&c, &format!("{}/primary", api_base(spec, &h.name))).await == Some(200) {
-            return Some(h.name.clone());
-        }
-    }
-    None
+    agent_client(spec).find_primary().await
 }
 
 /// Waits until `svc` is healthy on `host` after a serial service step changed it there, so a
@@ -169,7 +135,7 @@ pub(super) async fn wait_service_healthy(
     timeout: Duration,
     progress: &Progress,
 ) -> Result<(), ProvisionError> {
-    let c = http();
+    let agents = agent_client(spec);
     progress.msg(host, &format!("waiting until {svc} is healthy"));
     match svc {
         Service::Etcd => {
@@ -181,11 +147,9 @@ pub(super) async fn wait_service_healthy(
             .await
         }
         Service::Agent => {
-            let url = format!("{}/health", api_base(spec, host));
             wait_until(host, "its agent answers (GET /health)", timeout, || {
-                let c = c.clone();
-                let url = url.clone();
-                async move { http_status(&c, &url).await == Some(200) }
+                let agents = agents.clone();
+                async move { matches!(agents.health(host, "/health").await, Ok(200)) }
             })
             .await
         }
@@ -243,7 +207,7 @@ pub(super) async fn wait_condition(
     timeout: Duration,
     progress: &Progress,
 ) -> Result<(), ProvisionError> {
-    let c = http();
+    let agents = agent_client(spec);
     let spec = Arc::new(spec.clone());
     for h in &hosts {
         progress.msg(h, &format!("waiting until {}", condition_text(condition)));
@@ -267,13 +231,13 @@ pub(super) async fn wait_condition(
         }
         WaitCondition::AgentApiUp => {
             wait_all(hosts, |h| {
-                let c = c.clone();
-                let url = format!("{}/health", api_base(&spec, &h));
+                let agents = agents.clone();
                 async move {
                     wait_until(&h, "its agent answers GET /health", timeout, || {
-                        let c = c.clone();
-                        let url = url.clone();
-                        async move { http_status(&c, &url).await.is_some() }
+                        let agents = agents.clone();
+                        let h = h.clone();
+                        // Any status is an answer: the agent runs, whatever PostgreSQL does.
+                        async move { agents.health(&h, "/health").await.is_ok() }
                     })
                     .await
                 }
@@ -290,22 +254,19 @@ pub(super) async fn wait_condition(
         }
         WaitCondition::ReplicasStreaming => {
             wait_all(hosts, |h| {
-                let c = c.clone();
-                let base = api_base(&spec, &h);
+                let agents = agents.clone();
                 async move {
                     let r = wait_until(
                         &h,
                         "it leads or streams from the leader as a replica",
                         timeout,
                         || {
-                            let c = c.clone();
-                            let base = base.clone();
+                            let agents = agents.clone();
+                            let h = h.clone();
                             async move {
                                 // A member started on a cluster that lost its leader may
                                 // itself lead now.
-                                replica_streaming(&c, &base).await
-                                    || http_status(&c, &format!("{base}/primary")).await
-                                        == Some(200)
+                                replica_streaming(&agents, &h).await || agents.is_primary(&h).await
                             }
                         },
                     )
@@ -320,7 +281,7 @@ pub(super) async fn wait_condition(
                         }) => Err(ProvisionError::Wait {
                             what: format!(
                                 "{what} (its agent reports: {})",
-                                agent_reason(&c, &base).await
+                                agent_reason(&agents, &host).await
                             ),
                             host,
                             timeout,
@@ -333,6 +294,10 @@ pub(super) async fn wait_condition(
         }
         WaitCondition::HaproxyRoutes => {
             let has_replicas = spec.hosts.iter().filter(|h| h.roles.postgres).count() > 1;
+            let c = reqwest::Client::builder()
+                .timeout(STATS_TIMEOUT)
+                .build()
+                .expect("reqwest client builds");
             wait_all(hosts, |h| {
                 let c = c.clone();
                 let spec = spec.clone();

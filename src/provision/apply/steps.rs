@@ -13,16 +13,14 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::commands::run_action;
-use super::probes::{
-    find_leader, http, http_status, wait_condition, wait_service_healthy, wait_until,
-};
+use super::probes::{find_leader, wait_condition, wait_service_healthy, wait_until};
 use super::{ApplyOptions, Fleet, Progress, ProvisionError, stages};
 use crate::provision::dcs_config;
 use crate::provision::desired::DeploySpec;
 use crate::provision::facts::HostFacts;
 use crate::provision::plan::{Action, Plan, Planned, PlannedStep};
 use crate::provision::playbook::{Parallelism, StepKind, WaitCondition};
-use crate::provision::remote::api_base;
+use crate::provision::remote::agent_client;
 use crate::provision::schedule::Stage;
 use crate::provision::services::{self, Service, ServiceMode, ServiceOp};
 use crate::provision::{departed, etcd_members, rolling};
@@ -201,7 +199,7 @@ pub(super) async fn execute_stages(
 ) -> Result<(), ProvisionError> {
     let stages = stages(spec, plan, facts)?;
     let limit = Arc::new(Semaphore::new(opts.max_parallel.max(1)));
-    let c = http();
+    let agents = agent_client(spec);
     let mut dirty_units: BTreeSet<String> = BTreeSet::new();
     for stage in &stages {
         let step = &stage.step;
@@ -233,15 +231,13 @@ pub(super) async fn execute_stages(
                 run_batch(fleet, work, &mut dirty_units, progress, &limit, done).await?;
                 for h in hosts {
                     progress.msg(&h, "waiting until it leads");
-                    let url = format!("{}/primary", api_base(spec, &h));
                     wait_until(
                         &h,
                         "its agent leads the cluster (GET /primary = 200)",
                         Duration::from_secs(*timeout_secs),
                         || {
-                            let c = c.clone();
-                            let url = url.clone();
-                            async move { http_status(&c, &url).await == Some(200) }
+                            let (agents, h) = (agents.clone(), h.clone());
+                            async move { agents.is_primary(&h).await }
                         },
                     )
                     .await?;

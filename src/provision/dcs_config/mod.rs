@@ -74,13 +74,7 @@ pub fn parse_pg_settings(stdout: &str) -> BTreeMap<String, PgSetting> {
         .collect()
 }
 
-/// The live DCS `config` key.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LiveConfig {
-    pub value: Map<String, Value>,
-    /// Its mod revision (the `ETag` of `GET /config`).
-    pub revision: Option<i64>,
-}
+pub use crate::provision::agent_client::LiveConfig;
 
 /// What the agents' REST API says about the cluster-wide configuration ([`gather`]): the live
 /// `config` key, the leader, the leader's `pg_settings` and each agent's own report.

@@ -7,15 +7,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::{
     ConfigFacts, ConfigPlan, ConfigRefusal, LiveConfig, PG_SETTINGS_SQL, PgSetting,
     parse_pg_settings,
 };
+use crate::provision::agent_client::AgentError;
 use crate::provision::desired::DeploySpec;
 use crate::provision::facts::AgentFact;
-use crate::provision::remote::{AgentHttp, Fleet, agent_bases, psql_command};
+use crate::provision::remote::{Fleet, agent_client, psql_command};
 use crate::transport::Transport;
 
 /// Reading `pg_settings` over SSH: one local `psql`.
@@ -32,8 +31,14 @@ pub enum ClusterConfigError {
         "the DCS config changed since this run read it at revision {revision} (someone ran patronictl edit-config or PATCH /config?): nothing written; run apply again to plan against the new config"
     )]
     Conflict { revision: i64 },
-    #[error("PATCH /config on {member}: {detail}")]
-    Write { member: String, detail: String },
+    #[error("writing the DCS config through {member}'s agent")]
+    Write {
+        member: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("no running agent to write the DCS config through")]
+    NoRunningAgent,
     #[error("{member}: {what} (waited {waited:?}; its agent reports: {reported})")]
     Stuck {
         member: String,
@@ -50,42 +55,35 @@ pub enum ClusterConfigError {
 /// Reads the cluster facts: config + ETag and the leader from the first agent that answers,
 /// every agent's `/patroni`, and the leader's `pg_settings` over SSH.
 pub async fn gather(spec: &DeploySpec, fleet: &Fleet) -> Result<ConfigFacts, ClusterConfigError> {
-    let http = AgentHttp::new(spec);
-    let bases = agent_bases(spec);
+    let agents = agent_client(spec);
     let mut facts = ConfigFacts::default();
     let mut set = tokio::task::JoinSet::new();
-    for (name, base) in &bases {
-        let (http, name, base) = (http.clone(), name.clone(), base.clone());
-        set.spawn(async move { (name, http.get(&base, "/patroni").await) });
+    for name in agents.members() {
+        let (agents, name) = (agents.clone(), name.to_string());
+        set.spawn(async move {
+            let a = agents.patroni(&name).await;
+            (name, a)
+        });
     }
     while let Some(j) = set.join_next().await {
         let (name, a) = j.expect("agent status task panicked");
-        if let Some((200 | 503, _, body)) = a
-            && body.is_object()
-        {
-            facts.agents.insert(name, AgentFact::from_patroni(&body));
+        if let Ok(doc) = a {
+            facts.agents.insert(name, AgentFact::from(doc));
         }
     }
-    for (name, base) in &bases {
+    for name in agents.members() {
         if !facts.agents.contains_key(name) {
             continue;
         }
         if facts.config.is_none()
-            && let Some((200, etag, Value::Object(m))) = http.get(base, "/config").await
+            && let Ok(c) = agents.config(name).await
         {
-            facts.config = Some(LiveConfig {
-                value: m,
-                revision: etag.and_then(|e| e.parse().ok()),
-            });
+            facts.config = Some(c);
         }
         if facts.leader.is_none()
-            && let Some((200, _, c)) = http.get(base, "/cluster").await
+            && let Ok(c) = agents.cluster_from(name).await
         {
-            facts.leader = c["members"].as_array().and_then(|ms| {
-                ms.iter()
-                    .find(|m| m["role"] == "leader")
-                    .and_then(|m| m["name"].as_str().map(str::to_string))
-            });
+            facts.leader = c.leader_name();
         }
         if facts.config.is_some() && facts.leader.is_some() {
             break;
@@ -132,59 +130,54 @@ pub async fn write_and_wait(
     running: &[String],
     timeout: Duration,
 ) -> Result<Option<i64>, ClusterConfigError> {
-    let http = AgentHttp::new(spec);
-    let bases = agent_bases(spec);
+    let agents = agent_client(spec);
+    let running_members: Vec<&str> = agents
+        .members()
+        .filter(|n| running.iter().any(|r| r == n))
+        .collect();
     let mut last_err = None;
     let mut written = false;
-    for (name, base) in bases.iter().filter(|(n, _)| running.contains(n)) {
-        match http.patch_config(base, &plan.patch, plan.revision).await {
-            Ok((200, _)) => {
+    for name in &running_members {
+        match agents.patch_config(name, &plan.patch, plan.revision).await {
+            Ok(_) => {
                 written = true;
                 break;
             }
-            Ok((412, _)) => {
+            // If-Match failed: the config moved on since this run read it.
+            Err(AgentError::Refused { status: 412, .. }) => {
                 return Err(ClusterConfigError::Conflict {
                     revision: plan.revision.unwrap_or_default(),
                 });
             }
-            Ok((code, body)) => {
-                last_err = Some(ClusterConfigError::Write {
-                    member: name.clone(),
-                    detail: format!("HTTP {code}: {}", body.trim()),
-                });
-            }
             Err(e) => {
                 last_err = Some(ClusterConfigError::Write {
-                    member: name.clone(),
-                    detail: format!("agent not reachable ({e})"),
-                });
+                    member: name.to_string(),
+                    source: e,
+                })
             }
         }
     }
     if !written {
-        return Err(last_err.unwrap_or(ClusterConfigError::Write {
-            member: "-".into(),
-            detail: "no running agent to write through".into(),
-        }));
+        return Err(last_err.unwrap_or(ClusterConfigError::NoRunningAgent));
     }
     // The revision the write produced.
     let mut new_rev = None;
-    for (_, base) in bases.iter().filter(|(n, _)| running.contains(n)) {
-        if let Some((200, Some(etag), _)) = http.get(base, "/config").await {
-            new_rev = etag.parse::<i64>().ok();
+    for name in &running_members {
+        if let Ok(LiveConfig {
+            revision: Some(r), ..
+        }) = agents.config(name).await
+        {
+            new_rev = Some(r);
             break;
         }
     }
     let Some(want) = new_rev else {
         return Ok(None);
     };
-    for (name, base) in bases.iter().filter(|(n, _)| running.contains(n)) {
+    for name in running_members {
         let started = Instant::now();
         loop {
-            let fact = http
-                .get(base, "/patroni")
-                .await
-                .map(|(_, _, b)| AgentFact::from_patroni(&b));
+            let fact = agents.patroni(name).await.ok().map(AgentFact::from);
             if let Some(f) = &fact
                 && f.dcs_config_revision.is_some_and(|r| r >= want)
             {
@@ -192,7 +185,7 @@ pub async fn write_and_wait(
             }
             if let Some(reason) = fact.as_ref().and_then(|f| f.dcs_config_error.clone()) {
                 return Err(ClusterConfigError::AgentRefused {
-                    member: name.clone(),
+                    member: name.to_string(),
                     reason,
                 });
             }
@@ -208,7 +201,7 @@ pub async fn write_and_wait(
                     None => "no answer".into(),
                 };
                 return Err(ClusterConfigError::Stuck {
-                    member: name.clone(),
+                    member: name.to_string(),
                     what: format!("its agent did not apply DCS config revision {want}"),
                     waited: timeout,
                     reported,
@@ -228,16 +221,13 @@ pub async fn wait_config_loaded(
     sha: &str,
     timeout: Duration,
 ) -> Result<(), ClusterConfigError> {
-    let http = AgentHttp::new(spec);
-    let Some((_, base)) = agent_bases(spec).into_iter().find(|(n, _)| n == host) else {
+    let agents = agent_client(spec);
+    if agents.base(host).is_err() {
         return Ok(());
-    };
+    }
     let started = Instant::now();
     loop {
-        let fact = http
-            .get(&base, "/patroni")
-            .await
-            .map(|(_, _, b)| AgentFact::from_patroni(&b));
+        let fact = agents.patroni(host).await.ok().map(AgentFact::from);
         if let Some(f) = &fact {
             if f.config_sha256.as_deref() == Some(sha) {
                 return Ok(());

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::{DcsMember, DepartedFacts, DeparturePlan, Refusal, Step};
+use crate::api::docs::ClusterDoc;
 use crate::inventory::Role;
 use crate::provision::desired::DeploySpec;
-use crate::provision::remote::{self, AgentHttp, Fleet, REMOVED_HOST_CONNECT_TIMEOUT};
+use crate::provision::remote::{self, Fleet, REMOVED_HOST_CONNECT_TIMEOUT, agent_client};
 use crate::provision::services::Service;
 use crate::transport::{SshTransport, Transport, TransportError};
 
@@ -31,8 +32,6 @@ const SQL_TIMEOUT: Duration = Duration::from_secs(20);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Poll interval of every wait here.
 const POLL: Duration = Duration::from_millis(500);
-/// A `GET /cluster` or `POST /switchover` call to an agent.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// One liveness probe of a moved member's old address (REST, SSH port): a live host answers
 /// in milliseconds on the cluster network, a dead one never; 3 s also covers a slow ARP
 /// resolution on a loaded host.
@@ -55,6 +54,13 @@ pub enum DepartedError {
         what: String,
         timeout: Duration,
     },
+    #[error("member {member}: {what}")]
+    Agent {
+        member: String,
+        what: String,
+        #[source]
+        source: crate::provision::agent_client::AgentError,
+    },
     #[error("no agent of the inventory answered GET /cluster")]
     NoAgent,
     #[error(transparent)]
@@ -62,16 +68,8 @@ pub enum DepartedError {
 }
 
 /// `GET /cluster` from the first inventory agent that answers.
-async fn cluster(spec: &DeploySpec) -> Option<Value> {
-    let http = AgentHttp::new(spec);
-    for (_, base) in remote::agent_bases(spec) {
-        if let Some((200, _, v)) = http.get(&base, "/cluster").await
-            && v.is_object()
-        {
-            return Some(v);
-        }
-    }
-    None
+async fn cluster(spec: &DeploySpec) -> Option<ClusterDoc> {
+    agent_client(spec).cluster().await.ok()
 }
 
 /// Reads the DCS members (`None` when no agent answers: a fresh cluster, nothing departs),
@@ -118,6 +116,8 @@ pub async fn gather(
 /// dead host costs that long once, never a wait on it.
 pub async fn still_answers(old: &str, api_url: Option<&str>, ssh_port: u16) -> Vec<String> {
     let rest = async {
+        // A liveness probe of whatever the DCS advertised, not a call of the agent API (the
+        // host left the inventory, so `AgentClient` does not know it): any answer counts.
         let url = api_url?;
         let http = reqwest::Client::builder()
             .timeout(MOVED_PROBE_TIMEOUT)
@@ -142,15 +142,8 @@ pub async fn still_answers(old: &str, api_url: Option<&str>, ssh_port: u16) -> V
     rest.into_iter().chain(ssh).collect()
 }
 
-fn members_of(c: &Value) -> Vec<DcsMember> {
+fn members_of(c: &ClusterDoc) -> Vec<DcsMember> {
     DepartedFacts::from_cluster(c, None).members
-}
-
-fn leader_of(c: &Value) -> Option<String> {
-    members_of(c)
-        .into_iter()
-        .find(|m| m.role == "leader")
-        .map(|m| m.name)
 }
 
 /// Runs `plan`'s steps in order; `key_timeout` bounds the wait for each member key (the
@@ -201,35 +194,19 @@ pub async fn run(
 }
 
 async fn switchover(spec: &DeploySpec, from: &str, to: &str) -> Result<String, DepartedError> {
-    let call = |message: String| DepartedError::Call {
-        member: from.into(),
-        what: format!("switchover to {to}"),
-        message,
-    };
-    let base = remote::agent_bases(spec)
-        .into_iter()
-        .find(|(n, _)| n == to)
-        .map(|(_, b)| b)
-        .ok_or_else(|| call(format!("{to} is not a postgres host of the inventory")))?;
-    let mut req = reqwest::Client::new()
-        .post(format!("{base}/switchover"))
-        .timeout(HTTP_TIMEOUT)
-        .json(&serde_json::json!({ "leader": from, "candidate": to }));
-    if let Some((u, p)) = &spec.restapi_auth {
-        req = req.basic_auth(u, Some(p));
-    }
-    let r = req.send().await.map_err(|e| call(e.to_string()))?;
-    if !r.status().is_success() {
-        let st = r.status();
-        return Err(call(format!(
-            "HTTP {st}: {}",
-            r.text().await.unwrap_or_default().trim()
-        )));
-    }
+    // Asked of the candidate's agent: the departing leader may be the slow one.
+    agent_client(spec)
+        .switchover(to, Some(from), Some(to), false)
+        .await
+        .map_err(|source| DepartedError::Agent {
+            member: from.into(),
+            what: format!("switchover to {to}"),
+            source,
+        })?;
     let t0 = Instant::now();
     loop {
         if let Some(c) = cluster(spec).await
-            && leader_of(&c).as_deref() == Some(to)
+            && c.leader_name().as_deref() == Some(to)
         {
             return Ok(format!("switched over: {to} leads"));
         }
@@ -476,8 +453,7 @@ async fn leader_transport(
 ) -> Result<(String, Arc<dyn Transport>), DepartedError> {
     let leader = cluster(spec)
         .await
-        .as_ref()
-        .and_then(leader_of)
+        .and_then(|c| c.leader_name())
         .ok_or(DepartedError::NoAgent)?;
     let t = fleet
         .get(&leader)

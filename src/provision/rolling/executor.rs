@@ -22,15 +22,17 @@ use super::{
     RollingOptions, RollingRefusal, StepAction, hot_values_from_controldata, plan_restarts,
     show_reason, show_values,
 };
+use crate::api::docs::{ClusterDoc, ClusterMember};
 use crate::inventory::Inventory;
-use crate::provision::ctl::{self, Agents};
+use crate::provision::agent_client::{AgentClient, AgentError};
+use crate::provision::ctl;
 use crate::provision::remote::Fleet;
 use crate::transport::{Transport, TransportError, shell_quote};
 
 /// HAProxy gives a drained replica's client sessions this long to end on their own before the
 /// restart closes them (a fast shutdown disconnects them anyway; this only spares idle pools).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-pub use super::super::ctl::RESTART_CALL_TIMEOUT;
+pub use crate::provision::agent_client::RESTART_CALL_TIMEOUT;
 /// A restarted replica reconnects to the primary and replays the WAL written meanwhile.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(180);
 /// An agent refreshes its member key (and `pending_restart`) once per `loop_wait` (≤ 10 s in
@@ -73,6 +75,15 @@ pub enum RollingError {
         timeout: Duration,
         reported: String,
     },
+    #[error("{member}: {what}")]
+    Agent {
+        member: String,
+        what: String,
+        #[source]
+        source: Box<AgentError>,
+    },
+    #[error("reading the cluster through the agents")]
+    Cluster(#[source] Box<AgentError>),
     #[error("{member}: {what}: {message}")]
     Call {
         member: String,
@@ -108,25 +119,21 @@ fn call_err(member: &str, what: &str, e: anyhow::Error) -> RollingError {
     }
 }
 
-fn member_json<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
-    c["members"].as_array()?.iter().find(|m| m["name"] == name)
-}
-
 /// What `name`'s entry in `/cluster` says, for error messages.
-fn reported(c: Option<&Value>, name: &str) -> String {
-    let Some(m) = c.and_then(|c| member_json(c, name)) else {
+fn reported(c: Option<&ClusterDoc>, name: &str) -> String {
+    let Some(m) = c.and_then(|c| c.member(name)) else {
         return "nothing: it is not listed in /cluster".into();
     };
     let mut s = format!(
         "role {}, state {}, lag {}",
-        m["role"].as_str().unwrap_or("?"),
-        m["state"].as_str().unwrap_or("?"),
-        m["lag"]
+        m.role,
+        m.state,
+        m.lag.as_ref().map_or("null".to_string(), |l| l.to_string())
     );
-    if m["pending_restart"] == true {
+    if m.pending_restart == Some(true) {
         s.push_str(&format!(
             ", pending_restart {}",
-            m.get("pending_restart_reason").unwrap_or(&Value::Null)
+            m.pending_restart_reason.as_ref().unwrap_or(&Value::Null)
         ));
     }
     s
@@ -148,34 +155,38 @@ fn reason_map(v: &Value) -> BTreeMap<String, (String, String)> {
 }
 
 /// The parts of `GET /cluster` the planner needs (without the per-host values).
-pub fn members_from_cluster(c: &Value) -> Vec<MemberInput> {
-    c["members"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|m| {
-                    let role = match m["role"].as_str()? {
-                        "leader" | "standby_leader" => MemberRole::Leader,
-                        "sync_standby" | "quorum_standby" => MemberRole::SyncStandby,
-                        _ => MemberRole::Replica,
-                    };
-                    let tag = |t: &str| m["tags"][t] == true;
-                    Some(MemberInput {
-                        name: m["name"].as_str()?.to_string(),
-                        role,
-                        state: m["state"].as_str().unwrap_or("unknown").to_string(),
-                        lag_bytes: m["lag"].as_u64(),
-                        pending_restart: m["pending_restart"] == true,
-                        pending_reason: reason_map(&m["pending_restart_reason"]),
-                        nofailover: tag("nofailover"),
-                        nosync: tag("nosync"),
-                        controldata: HotValues::new(),
-                        running: HotValues::new(),
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+pub fn members_from_cluster(c: &ClusterDoc) -> Vec<MemberInput> {
+    c.members.iter().map(member_input).collect()
+}
+
+fn member_input(m: &ClusterMember) -> MemberInput {
+    let role = match m.role.as_str() {
+        "leader" | "standby_leader" => MemberRole::Leader,
+        "sync_standby" | "quorum_standby" => MemberRole::SyncStandby,
+        _ => MemberRole::Replica,
+    };
+    // A tag counts only when literally `true`, as the planner has always read it.
+    let tag = |t: &str| m.tags.get(t) == Some(&Value::Bool(true));
+    MemberInput {
+        name: m.name.clone(),
+        role,
+        state: if m.state.is_empty() {
+            "unknown".into()
+        } else {
+            m.state.clone()
+        },
+        lag_bytes: m.lag.as_ref().and_then(|l| l.bytes()),
+        pending_restart: m.pending_restart == Some(true),
+        pending_reason: m
+            .pending_restart_reason
+            .as_ref()
+            .map(reason_map)
+            .unwrap_or_default(),
+        nofailover: tag("nofailover"),
+        nosync: tag("nosync"),
+        controldata: HotValues::new(),
+        running: HotValues::new(),
+    }
 }
 
 /// `psql` as the `postgres` OS user over the local socket (peer authentication: no password
@@ -236,18 +247,22 @@ async fn host_values(inv: &Inventory, t: &dyn Transport) -> (HotValues, HotValue
 /// running values of the five from every member's host over SSH.
 pub async fn gather_input(
     inv: &Inventory,
-    agents: &Agents<'_>,
+    agents: &AgentClient,
     fleet: &Fleet,
 ) -> Result<RollingInput, RollingError> {
     let c = agents
         .cluster()
         .await
-        .map_err(|e| RollingError::Gather(format!("{e:#}")))?;
+        .map_err(|e| RollingError::Cluster(Box::new(e)))?;
     let mut members = members_from_cluster(&c);
     let mut lag_limit = None;
     for m in &members {
-        if let Ok(cfg) = agents.get_json(&m.name, "/config").await {
-            lag_limit = Some(cfg["maximum_lag_on_failover"].as_u64());
+        if let Ok(cfg) = agents.config(&m.name).await {
+            lag_limit = Some(
+                cfg.value
+                    .get("maximum_lag_on_failover")
+                    .and_then(Value::as_u64),
+            );
             break;
         }
     }
@@ -274,19 +289,19 @@ pub async fn gather_input(
     }
     Ok(RollingInput {
         members,
-        paused: c["pause"] == true,
+        paused: c.pause,
         maximum_lag_on_failover: lag_limit.flatten().unwrap_or(inv.maximum_lag_on_failover),
     })
 }
 
 /// Polls `/cluster` until `done` holds for it, bounded by `timeout`.
 async fn wait_cluster(
-    agents: &Agents<'_>,
+    agents: &AgentClient,
     member: &str,
     what: &str,
     timeout: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Result<Value, RollingError> {
+    done: impl Fn(&ClusterDoc) -> bool,
+) -> Result<ClusterDoc, RollingError> {
     let start = Instant::now();
     let mut last = None;
     loop {
@@ -308,14 +323,15 @@ async fn wait_cluster(
     }
 }
 
-fn pending(c: &Value, name: &str) -> bool {
-    member_json(c, name).is_some_and(|m| m["pending_restart"] == true)
+fn pending(c: &ClusterDoc, name: &str) -> bool {
+    c.member(name)
+        .is_some_and(|m| m.pending_restart == Some(true))
 }
 
 struct Exec<'a> {
     inv: &'a Inventory,
     fleet: &'a Fleet,
-    agents: Agents<'a>,
+    agents: AgentClient,
     progress: ProgressFn<'a>,
     done: Vec<(String, String)>,
 }
@@ -416,8 +432,12 @@ impl Exec<'_> {
             let seen = self.sql(leader, &sql).await.unwrap_or_default();
             let c = self.agents.cluster().await.ok();
             let lag_ok = |m: &String| {
-                c.as_ref().and_then(|c| member_json(c, m)).is_some_and(|x| {
-                    x["state"] == "streaming" && x["lag"].as_u64().is_some_and(|l| l <= max_lag)
+                c.as_ref().and_then(|c| c.member(m)).is_some_and(|x| {
+                    x.state == "streaming"
+                        && x.lag
+                            .as_ref()
+                            .and_then(|l| l.bytes())
+                            .is_some_and(|l| l <= max_lag)
                 })
             };
             let missing: Vec<&String> = members
@@ -446,16 +466,14 @@ impl Exec<'_> {
 
     async fn restart_call(&self, member: &str, body: Value) -> Result<(), RollingError> {
         self.agents
-            .send_with_timeout(
-                reqwest::Method::POST,
-                member,
-                "/restart",
-                body,
-                RESTART_CALL_TIMEOUT,
-            )
+            .restart(member, &body)
             .await
             .map(|_| ())
-            .map_err(|e| call_err(member, "POST /restart", e))
+            .map_err(|source| RollingError::Agent {
+                member: member.into(),
+                what: "POST /restart".into(),
+                source: Box::new(source),
+            })
     }
 
     async fn restart_replica(
@@ -605,7 +623,8 @@ impl Exec<'_> {
         let what = format!("{name} leads and runs again");
         self.say(&format!("{name}: waiting until {what}"));
         wait_cluster(&self.agents, &name, &what, PRIMARY_BACK_TIMEOUT, |c| {
-            member_json(c, &name).is_some_and(|x| x["role"] == "leader" && x["state"] == "running")
+            c.member(&name)
+                .is_some_and(|x| x.role == "leader" && x.state == "running")
         })
         .await?;
         // Every WAL sender of the restarted postmaster is new: no `since` needed.
@@ -682,7 +701,7 @@ pub async fn run_pending_restarts(
     opts: &RollingOptions,
     progress: ProgressFn<'_>,
 ) -> Result<RollingReport, RollingError> {
-    let agents = Agents::new(inv).map_err(|e| RollingError::Gather(format!("{e:#}")))?;
+    let agents = AgentClient::for_inventory(inv);
     let mut x = Exec {
         inv,
         fleet,
