@@ -23,7 +23,7 @@ pub struct Roles {
 }
 
 /// A file pgherd wants on a host.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct DesiredFile {
     pub path: String,
     pub content: Arc<Vec<u8>>,
