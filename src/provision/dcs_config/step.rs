@@ -50,6 +50,12 @@ pub enum ClusterConfigError {
     AgentRefused { member: String, reason: String },
     #[error("reading pg_settings on the leader {host}: {detail}")]
     Settings { host: String, detail: String },
+    #[error("reading pg_settings on the leader {host}")]
+    SettingsUnreachable {
+        host: String,
+        #[source]
+        source: crate::transport::TransportError,
+    },
 }
 
 /// Reads the cluster facts: config + ETag and the leader from the first agent that answers,
@@ -105,13 +111,12 @@ async fn read_settings(
     host: &str,
     cmd: &str,
 ) -> Result<BTreeMap<String, PgSetting>, ClusterConfigError> {
-    let out = t
-        .run(cmd, SETTINGS_TIMEOUT)
-        .await
-        .map_err(|e| ClusterConfigError::Settings {
+    let out = t.run(cmd, SETTINGS_TIMEOUT).await.map_err(|source| {
+        ClusterConfigError::SettingsUnreachable {
             host: host.into(),
-            detail: e.to_string(),
-        })?;
+            source,
+        }
+    })?;
     if !out.success() {
         return Err(ClusterConfigError::Settings {
             host: host.into(),

@@ -61,6 +61,13 @@ pub enum DepartedError {
         #[source]
         source: crate::provision::agent_client::AgentError,
     },
+    #[error("member {member}: {what}")]
+    Remote {
+        member: String,
+        what: String,
+        #[source]
+        source: TransportError,
+    },
     #[error("no agent of the inventory answered GET /cluster")]
     NoAgent,
     #[error(transparent)]
@@ -339,10 +346,10 @@ async fn stop_agent(
         AGENT_STOP_TIMEOUT + Duration::from_secs(10),
     )
     .await
-    .map_err(|e| DepartedError::Call {
+    .map_err(|source| DepartedError::Remote {
         member: member.into(),
         what: format!("stopping its agent on {addr}"),
-        message: e.to_string(),
+        source,
     })?;
     Ok(format!(
         "agent stopped on {addr} (PostgreSQL with it) and disabled at boot"
