@@ -25,7 +25,6 @@
 //! commands, [`publish`] the member key and the status. The decisions themselves are pure and
 //! live in `decide.rs` / `candidates.rs` / `timing.rs`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +41,7 @@ use crate::callbacks::{CallbackAction, Hooks};
 use crate::config::{AgentConfig, WatchdogMode};
 use crate::dcs::{
     ClusterView, Dcs, DcsError, DynamicConfig, Failover, MemberData, PATRONI_COMPAT_VERSION,
-    Status, SyncState,
+    SyncState,
 };
 use crate::peers::{DEFAULT_PEER_TIMEOUT, PeerProbe};
 use crate::pg::{
@@ -61,6 +60,8 @@ use super::decision::Decision;
 use super::inputs::{
     ActionKind, Finished, Inputs, LocalFacts, RejoinMark, Renewal, Tags, WatchdogFacts,
 };
+use super::leader_upkeep::{self, HistoryMark};
+use super::restart;
 
 mod actions;
 mod bookkeeping;
@@ -155,7 +156,7 @@ pub struct HaLoop {
     pre_promote_failed_at: Option<Instant>,
     /// (timeline, last line's parent, its switchpoint) of the `history` this node last wrote,
     /// so a history whose timelines skip numbers is not rewritten every cycle.
-    history_written: Option<(u32, u32, u64)>,
+    history_written: Option<HistoryMark>,
     rewind_check_pending: bool,
     /// See [`LocalFacts::rejoin_checked`].
     rejoin_checked: Option<RejoinMark>,
@@ -646,19 +647,4 @@ pub fn upstream_of(v: &ClusterView, name: &MemberName) -> Option<Upstream> {
         host,
         port,
     })
-}
-
-/// `"15"`, `"15.4"`, `"9.6.24"` → server_version_num.
-fn parse_pg_version(s: &str) -> Option<u32> {
-    let parts: Vec<u32> = s
-        .split('.')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    match parts.as_slice() {
-        [major] if *major >= 10 => Some(major * 10000),
-        [major, minor] if *major >= 10 => Some(major * 10000 + minor),
-        [major, minor] => Some(major * 10000 + minor * 100),
-        [major, minor, patch] => Some(major * 10000 + minor * 100 + patch),
-        _ => None,
-    }
 }
