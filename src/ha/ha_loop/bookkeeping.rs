@@ -73,6 +73,9 @@ impl HaLoop {
     /// Applies the [`plan_sync`] steps in their safe order.
     pub(super) async fn apply_sync_plan(&mut self, v: &ClusterView, i: &Inputs) {
         let plan = plan_sync(i, v);
+        // The first plan of a leadership measured catch-up against our position then: keep
+        // that point until SSN changes (a moving target would never be reached under load).
+        self.sync_catchup_lsn.get_or_insert(i.pg.wal_position());
         let mut rev = v.sync.as_ref().map(|s| s.1);
         if plan.disable {
             if let Some(ssn) = &plan.ssn {
@@ -104,11 +107,15 @@ impl HaLoop {
                 _ => return,
             }
         }
-        if let Some(ssn) = &plan.ssn
-            && let Err(e) = self.pg.set_synchronous_standby_names(ssn).await
-        {
-            warn!(error = %e, "failed to set synchronous_standby_names");
-            return;
+        if let Some(ssn) = &plan.ssn {
+            if let Err(e) = self.pg.set_synchronous_standby_names(ssn).await {
+                warn!(error = %e, "failed to set synchronous_standby_names");
+                return;
+            }
+            // Read *after* the change: every commit acknowledged under the old setting is
+            // below this point, so a standby that reaches it holds them all.
+            let pos = self.pg.observe().await.wal_position();
+            self.sync_catchup_lsn = Some(pos.max(i.pg.wal_position()));
         }
         if let Some(publish) = &plan.publish {
             let _ = self

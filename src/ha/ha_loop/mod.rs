@@ -50,7 +50,7 @@ use crate::pg::{
 use crate::status::{
     AgentStatus, Command, CommandReply, FailsafeBoard, PgherdStatus, RestartRequest,
 };
-use crate::types::{MemberName, Timeline};
+use crate::types::{Lsn, MemberName, Timeline};
 use crate::watchdog::WatchdogDevice;
 
 use super::candidates::plan_sync;
@@ -179,6 +179,8 @@ pub struct HaLoop {
     dcs_last_seen: Option<i64>,
     scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
     last_slots_wanted: Option<Vec<String>>,
+    /// See [`LocalFacts::sync_catchup_lsn`]; cleared whenever we do not lead.
+    sync_catchup_lsn: Option<Lsn>,
     last_member: Option<MemberData>,
     last_pg: PgStatus,
     last_decision: String,
@@ -234,6 +236,7 @@ impl HaLoop {
             dcs_last_seen: None,
             scheduled_restart: None,
             last_slots_wanted: None,
+            sync_catchup_lsn: None,
             last_member: None,
             last_pg: PgStatus::default(),
             failsafe_active: false,
@@ -534,6 +537,7 @@ impl HaLoop {
                     .failsafe_board
                     .current(now, self.ttl())
                     .map(|n| n.leader),
+                sync_catchup_lsn: self.sync_catchup_lsn,
             },
             peers,
             config: self.config.clone(),
@@ -564,6 +568,10 @@ impl HaLoop {
         self.last_decision = decision.to_string();
 
         // 5. Bookkeeping.
+        if !self.held_lock {
+            // A later leadership captures its own catch-up point (see `apply_sync_plan`).
+            self.sync_catchup_lsn = None;
+        }
         if paused || !self.held_lock {
             // The watchdog protects a primary whose agent hangs; a non-leader or a paused
             // cluster must not be reset by it.
