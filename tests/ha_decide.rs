@@ -1274,6 +1274,54 @@ fn sync_mode_switchover_refuses_async_candidate_in_race() {
     );
 }
 
+/// Found by the simulation (a sync-mode sequence never converged): every replica deferred to a
+/// healthy switchover candidate that was not in `/sync`, which itself may not promote.
+#[test]
+fn sync_mode_replicas_defer_to_a_switchover_candidate_only_if_it_is_in_sync() {
+    type Row = (
+        &'static str,
+        Option<&'static str>,
+        &'static [&'static str],
+        Decision,
+    );
+    let defer = Decision::NotHealthiest {
+        reason: NotHealthiest::DeferToCandidate(name("n3")),
+    };
+    let rows: &[Row] = &[
+        (
+            "switchover candidate outside /sync: the sync standby races instead",
+            Some("n1"),
+            &["n2"],
+            Decision::AcquireLock,
+        ),
+        (
+            "switchover candidate in /sync: defer to it",
+            Some("n1"),
+            &["n2", "n3"],
+            defer.clone(),
+        ),
+        (
+            "manual failover (no leader named) may pick an async node: defer to it",
+            None,
+            &["n2"],
+            defer.clone(),
+        ),
+    ];
+    for (what, leader, standbys, want) in rows {
+        let d = node("n2")
+            .replica(lsn(100))
+            .peer("n3", lsn(100))
+            .cfg("synchronous_mode", json!(true))
+            .in_cluster(
+                leaderless()
+                    .sync("n1", standbys)
+                    .failover(*leader, Some("n3"), None),
+            )
+            .decide();
+        assert_eq!(d, *want, "{what}");
+    }
+}
+
 // ------------------------------------------------------------------ pause (§3.11)
 
 #[test]
@@ -1396,6 +1444,70 @@ fn sync_new_standby_goes_into_ssn_before_it_is_published() {
     let p = plan_sync(&i, &v);
     assert_eq!(p.ssn, None);
     assert_eq!(p.publish, Some(vec!["n2".to_string()]));
+}
+
+/// Patroni's `_process_replica_readiness` (§3.10): PostgreSQL reports a listed standby `sync`
+/// as soon as it streams, however far behind; it holds the commits acknowledged before it was
+/// listed only once it flushed our position from when SSN last changed. Found by the
+/// simulation's `acknowledged_commits_survive_promotion`: a stalled standby was published and
+/// promoted without commits the old primary had acknowledged.
+#[test]
+fn sync_standby_is_published_only_once_it_caught_up_to_the_ssn_change() {
+    type Row = (&'static str, Option<u64>, u64, Option<Vec<String>>);
+    let rows: &[Row] = &[
+        (
+            "behind the catch-up point: not yet published",
+            Some(100),
+            90,
+            None,
+        ),
+        (
+            "exactly at the catch-up point: published (boundary)",
+            Some(100),
+            100,
+            Some(vec!["n2".to_string()]),
+        ),
+        (
+            "past the catch-up point: published",
+            Some(80),
+            90,
+            Some(vec!["n2".to_string()]),
+        ),
+        (
+            "no point captured yet: our current position (100) stands in",
+            None,
+            90,
+            None,
+        ),
+    ];
+    for (what, catchup, flush, publish) in rows {
+        let (mut i, v) = sync_inputs(
+            led_by_n1().sync("n1", &[]),
+            vec![row("n2", "sync", *flush)],
+            "n2",
+            false,
+        );
+        i.local.sync_catchup_lsn = catchup.map(Lsn);
+        let p = plan_sync(&i, &v);
+        assert_eq!(p.ssn, None, "{what}");
+        assert_eq!(p.shrink, None, "{what}");
+        assert_eq!(p.publish, *publish, "{what}");
+    }
+}
+
+#[test]
+fn sync_standby_already_in_the_sync_key_stays_while_behind_the_catch_up_point() {
+    // It was confirmed before; PostgreSQL has waited for it ever since, so it holds every
+    // acknowledged commit even though it is behind our current position.
+    let (mut i, v) = sync_inputs(
+        led_by_n1().sync("n1", &["n2"]),
+        vec![row("n2", "sync", 50)],
+        "n2",
+        false,
+    );
+    i.local.sync_catchup_lsn = Some(Lsn(100));
+    let p = plan_sync(&i, &v);
+    assert_eq!((p.shrink, p.ssn, p.publish), (None, None, None));
 }
 
 #[test]

@@ -15,12 +15,23 @@
 //!   lease in the DCS clock; the demotion of a node that lost the DCS must complete strictly
 //!   inside the lease TTL (this is `demoted_before_ttl_when_dcs_unreachable`);
 //! - `no_promotion_beyond_max_lag`: a promoted node was within `maximum_lag_on_failover` of the
-//!   leader's last published optime (manual switchover candidates are exempt, as in Patroni).
+//!   leader's last published optime (manual switchover candidates are exempt, as in Patroni);
+//! - `acknowledged_commits_survive_promotion` (the sequences run in synchronous mode, a third
+//!   of the seeds): every commit PostgreSQL acknowledged that was written while `/sync` named
+//!   its primary as the leader (synchronous mode active on it) is held by every node promoted
+//!   after the acknowledgement — on its timeline branch, up to its LSN. The fake PostgreSQL
+//!   models synchronous commit (a commit waits for the standbys `synchronous_standby_names`
+//!   requires), so this is the guarantee synchronous mode exists for: no acknowledged commit
+//!   is lost by a failover or switchover.
 //!
 //! A failing run prints its seed and the event log; `SIM_SEED=<n> cargo test --test ha_sim
 //! replay_one_seed -- --nocapture` replays one sequence with the log printed.
 //!
 //! Hand-written scenarios at the end pin the headline behaviours.
+//!
+//! Why one file: the harness (`Sim`), its invariants, the random driver and the scenarios all
+//! work on the one `Sim` state; an integration test binary is one file unless it shares
+//! helpers through `tests/common`, which the other suites would then compile too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -35,7 +46,7 @@ use pgherd::dcs::{
 };
 use pgherd::ha::HaLoop;
 use pgherd::peers::StatusPeerProbe;
-use pgherd::pg::fake::{FakePgNetwork, FakePostgres, FakeRole};
+use pgherd::pg::fake::{AckedCommit, FakePgNetwork, FakePostgres, FakeRole, PromotionRecord};
 use pgherd::status::{AgentStatus, Command};
 use pgherd::testing::{FakeWatchdog, RecordingHooks};
 use pgherd::types::MemberName;
@@ -177,7 +188,12 @@ impl Dcs for SpinGuard {
     }
 }
 
-fn agent_config(name: &str, idx: u16) -> AgentConfig {
+fn agent_config(name: &str, idx: u16, sync_mode: bool) -> AgentConfig {
+    let sync = if sync_mode {
+        "\n    synchronous_mode: true"
+    } else {
+        ""
+    };
     let yaml = format!(
         r#"
 scope: sim
@@ -192,7 +208,7 @@ bootstrap:
     ttl: {TTL}
     loop_wait: {LOOP_WAIT}
     retry_timeout: {RETRY}
-    maximum_lag_on_failover: {MAX_LAG}
+    maximum_lag_on_failover: {MAX_LAG}{sync}
 postgresql:
   listen: 127.0.0.1:{pg}
   connect_address: 127.0.0.1:{pg}
@@ -253,6 +269,11 @@ struct Sim {
     live: bool,
     /// Agents the [`SpinGuard`] caught in a livelock.
     livelocked: Arc<Mutex<BTreeSet<String>>>,
+    /// The cluster runs in synchronous mode (`synchronous_mode: true` from the bootstrap).
+    sync_mode: bool,
+    /// Commits written while `/sync` named their primary as the leader: (member, LSN). Once
+    /// acknowledged they must survive every later promotion.
+    sync_writes: BTreeSet<(String, u64)>,
 }
 
 /// Convergence after healing is a liveness property. Every sequence converges since
@@ -265,6 +286,10 @@ fn strict_liveness() -> bool {
 
 impl Sim {
     fn new(seed: u64, n: usize) -> Sim {
+        Sim::with_mode(seed, n, false)
+    }
+
+    fn with_mode(seed: u64, n: usize, sync_mode: bool) -> Sim {
         let store = MemoryStore::new(Duration::from_secs(RETRY));
         let net = FakePgNetwork::new();
         let stalled: Arc<Mutex<BTreeSet<String>>> = Arc::default();
@@ -297,6 +322,8 @@ impl Sim {
             converged: true,
             live: false,
             livelocked: Arc::default(),
+            sync_mode,
+            sync_writes: BTreeSet::new(),
         };
         for i in 1..=n {
             let name = format!("n{i}");
@@ -347,7 +374,7 @@ impl Sim {
         if h.agent.is_some() {
             return;
         }
-        let cfg = agent_config(&h.name, h.idx);
+        let cfg = agent_config(&h.name, h.idx, self.sync_mode);
         let (tx, rx) = watch::channel(HaLoop::initial_status(&cfg));
         let (ctx, crx) = mpsc::channel(8);
         self.probe
@@ -445,11 +472,15 @@ impl Sim {
         for h in &self.hosts {
             let _ = write!(
                 s,
-                " | {}: {:?} lsn={} tl={:?}{}{}",
+                " | {}: {:?} lsn={} tl={:?}{}{}{}",
                 h.name,
                 h.pg.role(),
                 h.pg.lsn(),
                 h.pg.timeline().map(|t| t.0),
+                match h.pg.waiting_commits().len() {
+                    0 => String::new(),
+                    n => format!(" {n} commits waiting for sync standbys"),
+                },
                 if h.agent.is_none() { " agent-down" } else { "" },
                 if self.store.is_partitioned(&h.name) {
                     " partitioned"
@@ -606,7 +637,56 @@ impl Sim {
                     ),
                 );
             }
+            if let Some(c) = self.lost_commit(&p) {
+                self.fail(
+                    "acknowledged_commits_survive_promotion",
+                    format!(
+                        "{} promoted at lsn {} (timeline {}) without the commit at lsn {} on \
+                         timeline {} that {} acknowledged at t={:.1}s in synchronous mode",
+                        p.member,
+                        p.lsn,
+                        p.new_timeline.0,
+                        c.lsn,
+                        c.timeline.0,
+                        c.member,
+                        (c.at - self.start).as_secs_f64()
+                    ),
+                );
+            }
         }
+    }
+
+    /// The first commit acknowledged in synchronous mode before promotion `p` that the
+    /// promoted node does not hold.
+    fn lost_commit(&self, p: &PromotionRecord) -> Option<AckedCommit> {
+        if !self.sync_mode {
+            return None;
+        }
+        self.net.acked().into_iter().find(|c| {
+            c.at <= p.at
+                && self.sync_writes.contains(&(c.member.clone(), c.lsn.0))
+                && !p.wal.holds(c)
+        })
+    }
+
+    /// Writes `bytes` on every node that accepts them (only a writable primary does) and, in
+    /// synchronous mode, remembers the commits written while `/sync` named their primary.
+    fn write_everywhere(&mut self, bytes: u64) -> Vec<String> {
+        let sync_leader = self
+            .store
+            .view()
+            .sync_state()
+            .and_then(|s| s.leader.clone());
+        let mut ok = Vec::new();
+        for h in &self.hosts {
+            if h.pg.write(bytes) {
+                ok.push(h.name.clone());
+                if self.sync_mode && sync_leader.as_deref() == Some(h.name.as_str()) {
+                    self.sync_writes.insert((h.name.clone(), h.pg.lsn().0));
+                }
+            }
+        }
+        ok
     }
 
     /// One random event, logged, followed by an invariant check.
@@ -653,13 +733,11 @@ impl Sim {
                 } else {
                     rng.random_range(1_000..200_000)
                 };
-                let ok: Vec<String> = self
-                    .hosts
-                    .iter()
-                    .filter(|h| h.pg.write(bytes))
-                    .map(|h| h.name.clone())
-                    .collect();
-                self.note(format!("write {bytes} bytes → accepted by {ok:?}"));
+                let ok = self.write_everywhere(bytes);
+                let acked = self.net.acked().len();
+                self.note(format!(
+                    "write {bytes} bytes → accepted by {ok:?} ({acked} commits acknowledged so far)"
+                ));
             }
             78..=85 => {
                 let mut st = self.stalled.lock().unwrap();
@@ -796,6 +874,10 @@ struct SeqOutcome {
     checks: u64,
     promotions: usize,
     converged: bool,
+    /// In synchronous mode: promotions checked against acknowledged commits, and how many
+    /// acknowledged commits were guarded.
+    sync_promotions: usize,
+    guarded_commits: usize,
 }
 
 /// Runs one random sequence on a fresh paused-time runtime.
@@ -803,9 +885,15 @@ fn run_sequence(seed: u64, events: usize, print: bool) -> SeqOutcome {
     run_local(async move {
         let mut rng = StdRng::seed_from_u64(seed);
         let n = if rng.random_bool(0.3) { 5 } else { 3 };
-        let mut sim = Sim::new(seed, n);
+        // Synchronous mode for every third seed (derived from the seed, not drawn from `rng`,
+        // so the other seeds replay the same events as before).
+        let sync_mode = seed % 3 == 2;
+        let mut sim = Sim::with_mode(seed, n, sync_mode);
         sim.live = print;
-        sim.note(format!("seed {seed}: {n} nodes"));
+        sim.note(format!(
+            "seed {seed}: {n} nodes{}",
+            if sync_mode { ", synchronous mode" } else { "" }
+        ));
         // Faults may hit before the first primary is up: the warm-up is random, maybe zero.
         let warmup = Duration::from_secs(rng.random_range(0..40));
         sim.advance(warmup).await;
@@ -813,10 +901,23 @@ fn run_sequence(seed: u64, events: usize, print: bool) -> SeqOutcome {
             sim.random_event(&mut rng).await;
         }
         sim.heal_and_converge().await;
+        let guarded = |s: &Sim| {
+            s.net
+                .acked()
+                .iter()
+                .filter(|c| s.sync_writes.contains(&(c.member.clone(), c.lsn.0)))
+                .count()
+        };
         let out = SeqOutcome {
             checks: sim.checks,
             promotions: sim.net.promotions().len(),
             converged: sim.converged,
+            sync_promotions: if sim.sync_mode {
+                sim.net.promotions().len()
+            } else {
+                0
+            },
+            guarded_commits: guarded(&sim),
         };
         sim.shutdown();
         out
@@ -840,6 +941,8 @@ fn run_seeds(range: std::ops::Range<u64>) {
     let mut known = Vec::new();
     let mut checks = 0;
     let mut promotions = 0;
+    let mut sync_promotions = 0;
+    let mut guarded = 0;
     let mut stuck = Vec::new();
     let mut violations = Vec::new();
     for seed in range.clone() {
@@ -848,6 +951,8 @@ fn run_seeds(range: std::ops::Range<u64>) {
             Ok(o) => {
                 checks += o.checks;
                 promotions += o.promotions;
+                sync_promotions += o.sync_promotions;
+                guarded += o.guarded_commits;
                 if !o.converged {
                     stuck.push(seed);
                 }
@@ -884,7 +989,8 @@ fn run_seeds(range: std::ops::Range<u64>) {
         violations.join("\n")
     );
     println!(
-        "seeds {range:?}: {checks} invariant checks, {promotions} promotions, no new safety \
+        "seeds {range:?}: {checks} invariant checks, {promotions} promotions ({sync_promotions} \
+         in synchronous mode, checked against {guarded} acknowledged commits), no new safety \
          violation"
     );
     if !stuck.is_empty() {
@@ -895,6 +1001,10 @@ fn run_seeds(range: std::ops::Range<u64>) {
         );
     }
     assert!(promotions > 0, "the sequences never exercised a failover");
+    assert!(
+        sync_promotions > 0 && guarded > 0,
+        "the synchronous-mode sequences never promoted after acknowledged commits"
+    );
 }
 
 // 4 × 50 = 200 random sequences of 30 events each (plus warm-up and healing).
@@ -950,6 +1060,15 @@ impl Sim {
             self.advance(CHECK_STEP).await;
         }
         self.note(format!("reached: {what}"));
+    }
+
+    /// The standbys the DCS `/sync` key names.
+    fn sync_standbys(&self) -> Vec<String> {
+        self.store
+            .view()
+            .sync_state()
+            .map(|s| s.standbys())
+            .unwrap_or_default()
     }
 
     fn pg(&self, name: &str) -> &FakePostgres {
@@ -1232,6 +1351,59 @@ fn restarted_leader_agent_rearms_the_watchdog() {
         )
         .await;
         assert!(Instant::now() < lease_end);
+        sim.shutdown();
+    })
+}
+
+/// Synchronous mode: a standby PostgreSQL calls `sync` the moment it is listed, however far
+/// behind it is. Published in `/sync` at once, it could be promoted without commits the primary
+/// acknowledged before listing it (asynchronously, or confirmed by the standby it replaced).
+/// It is published only once it caught up (patroni.md §3.10 `_process_replica_readiness`), so a
+/// stalled replacement is never promoted and `acknowledged_commits_survive_promotion` holds.
+#[test]
+fn a_lagging_replacement_sync_standby_is_not_promoted_without_acknowledged_commits() {
+    run_local(async {
+        let mut sim = Sim::with_mode(1008, 3, true);
+        sim.wait_for(
+            "converged with a synchronous standby",
+            Duration::from_secs(180),
+            |s| s.converged() && s.sync_standbys().len() == 1,
+        )
+        .await;
+        let leader = sim.leader_name().unwrap();
+        let sync = sim.sync_standbys()[0].clone();
+        let other = sim
+            .hosts
+            .iter()
+            .map(|h| h.name.clone())
+            .find(|n| *n != leader && *n != sync)
+            .unwrap();
+        sim.stalled.lock().unwrap().insert(other.clone());
+        sim.write_everywhere(100_000);
+        sim.advance(Duration::from_secs(1)).await;
+        let acked = sim.net.acked();
+        assert!(
+            acked
+                .last()
+                .is_some_and(|c| c.synchronous && c.member == leader),
+            "the sync standby confirmed the commit"
+        );
+        // The sync standby dies; the stalled replica is the only replacement.
+        let i = sim.host(&sync);
+        sim.crash_agent(i, true);
+        sim.advance(Duration::from_secs(3 * LOOP_WAIT)).await;
+        assert!(
+            !sim.sync_standbys().contains(&other),
+            "the stalled replica has not caught up: it must not be published"
+        );
+        // The primary dies too: nobody holds the commit but the dead nodes.
+        let i = sim.host(&leader);
+        sim.crash_agent(i, true);
+        sim.advance(Duration::from_secs(3 * TTL)).await;
+        assert!(
+            sim.net.promotions().iter().all(|p| p.member != other),
+            "the stalled replica was promoted without an acknowledged commit"
+        );
         sim.shutdown();
     })
 }

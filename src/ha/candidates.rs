@@ -188,24 +188,31 @@ fn manual_failover_no_leader(
         // The operator chose us: race without the lag check (they accepted the loss).
         return Ok(());
     }
+    // A switchover (it names the old leader) in synchronous mode must land on a `/sync` member;
+    // a manual failover may pick any node.
+    let sync = if f.leader.is_some() {
+        sync_members(i, view)
+    } else {
+        None
+    };
     if let Some(c) = &f.member {
+        let candidate = MemberName::new(c.clone());
         let healthy = i
             .peers
             .iter()
             .any(|p| p.name.as_str() == c && p.is_healthy_candidate());
-        if healthy {
-            return Err(NotHealthiest::DeferToCandidate(MemberName::new(c.clone())));
+        // Defer only to a candidate that may promote: a switchover candidate outside `/sync`
+        // is refused by its own race (NotSyncStandby), so deferring to it would leave the
+        // cluster leaderless for as long as the failover key stays (Patroni checks the
+        // candidate against `/sync` the same way).
+        if healthy && in_set(&sync, &candidate) {
+            return Err(NotHealthiest::DeferToCandidate(candidate));
         }
     }
     if i.paused() {
         // Paused: only the named candidate may take the lock.
         return Err(NotHealthiest::Paused);
     }
-    let sync = if f.leader.is_some() {
-        sync_members(i, view)
-    } else {
-        None
-    };
     if f.leader.as_deref() == Some(i.me.as_str()) {
         // The old leader of a switchover takes the lock back only if nobody else can.
         let other_healthy = i
@@ -287,7 +294,8 @@ pub fn clone_source(i: &Inputs, view: &ClusterView) -> Option<(MemberName, bool)
 /// What the leader must change this cycle to keep synchronous replication consistent.
 ///
 /// Ordering invariant (patroni.md §3.10): a standby is *added* to `synchronous_standby_names`
-/// first and published in `/sync` only once PostgreSQL reports it `sync` (a later cycle);
+/// first and published in `/sync` only once PostgreSQL reports it `sync` (a later cycle) and
+/// it has flushed up to our position when SSN last changed ([`LocalFacts::sync_catchup_lsn`](super::inputs::LocalFacts::sync_catchup_lsn));
 /// it is *removed* from `/sync` first and from `synchronous_standby_names` afterwards. So
 /// `/sync` never names a node that PostgreSQL did not wait for, and only `/sync` members may
 /// auto-promote — no acknowledged commit can be lost by a failover.
@@ -378,13 +386,24 @@ pub fn plan_sync(i: &Inputs, view: &ClusterView) -> SyncPlan {
         .take(count)
         .map(|r| r.application_name.clone())
         .collect();
+    let mine = current.filter(|s| s.leader.as_deref() == Some(i.me.as_str()));
+    let cur: Vec<String> = mine.map(|s| s.standbys()).unwrap_or_default();
+    // Confirmed = PostgreSQL waits for it (`sync`/`quorum`) and, unless `/sync` already names
+    // it, it has flushed everything we had when SSN last changed (Patroni's
+    // `_process_replica_readiness`). PostgreSQL calls a standby `sync` as soon as it streams
+    // and is listed, however far behind it is; the commits acknowledged before it was listed
+    // (asynchronously, or by the standby it replaces) are on it only once it caught up to
+    // that point. Publishing it earlier would let it promote without them.
+    let catchup = i
+        .local
+        .sync_catchup_lsn
+        .unwrap_or_else(|| i.pg.wal_position());
     let confirmed: BTreeSet<String> = rows
         .iter()
         .filter(|r| r.sync_state == "sync" || r.sync_state == "quorum")
+        .filter(|r| cur.contains(&r.application_name) || r.flush_lsn >= Some(catchup))
         .map(|r| r.application_name.clone())
         .collect();
-    let mine = current.filter(|s| s.leader.as_deref() == Some(i.me.as_str()));
-    let cur: Vec<String> = mine.map(|s| s.standbys()).unwrap_or_default();
     let mut plan = SyncPlan::default();
     let keep: Vec<String> = cur
         .iter()

@@ -15,7 +15,7 @@ pub use crate::dcs::Tags;
 use crate::dcs::{ClusterView, DynamicConfig};
 pub use crate::peers::PeerStatus;
 use crate::pg::PgStatus;
-use crate::types::{MemberName, Timeline};
+use crate::types::{Lsn, MemberName, Timeline};
 
 /// What the loop learnt when it tried to renew the leader lock this cycle.
 ///
@@ -136,6 +136,12 @@ pub struct LocalFacts {
     pub failsafe_round: Option<FailsafeRound>,
     /// A leader's failsafe announcement (`POST /failsafe`) received less than `ttl` ago.
     pub failsafe_leader: Option<MemberName>,
+    /// On the leader in synchronous mode: our WAL position right after we last changed
+    /// `synchronous_standby_names` (Patroni's `_primary_flush_lsn`). A standby not yet in
+    /// `/sync` is published only once it has flushed this far (see
+    /// [`plan_sync`](super::candidates::plan_sync)); `None` = not captured yet, our current
+    /// position stands in.
+    pub sync_catchup_lsn: Option<Lsn>,
 }
 
 /// Outcome of the leader's failsafe round (Patroni's `check_failsafe_topology`).

@@ -9,6 +9,9 @@
 //! - [`candidates`]: who may lead / be cloned from / be a sync standby.
 //! - [`conditions`]: persistent conditions, logged when they start and end.
 //! - [`timing`]: pure timing rules of the leader lock (the renewal budget).
+//! - [`leader_upkeep`]: what the leader wants each cycle (slots, `status`, `history`,
+//!   `failsafe`).
+//! - [`restart`]: when a requested or scheduled restart may run.
 //! - [`ha_loop`]: the executor and loop.
 
 pub mod candidates;
@@ -17,6 +20,8 @@ pub mod decide;
 pub mod decision;
 pub mod ha_loop;
 pub mod inputs;
+pub mod leader_upkeep;
+pub mod restart;
 pub mod timing;
 
 pub use decide::decide;

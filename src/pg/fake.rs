@@ -18,8 +18,19 @@
 //! - fault switches (start/promote/basebackup/rewind fail) and optional delays for the long
 //!   actions (so "action in progress" paths run under paused time).
 //!
-//! Every promotion is recorded ([`PromotionRecord`]) for the simulation's
-//! `no_promotion_beyond_max_lag` invariant.
+//! - synchronous commit: every [`FakePostgres::write`] on a primary is one transaction commit
+//!   at the new end of WAL. With `synchronous_standby_names` empty it is acknowledged at once
+//!   (local flush); otherwise only once the standbys PostgreSQL waits for have flushed it —
+//!   priority `N (a,b)` / a plain list: the N highest-priority listed standbys that stream
+//!   from this primary, `ANY N (a,b)`: any N of them, `*` matches every standby. A commit
+//!   waiting when the setting is cleared is released (acknowledged) like PostgreSQL does; one
+//!   waiting when the server stops or crashes is never acknowledged (the client sees an
+//!   error). A walsender counts as `streaming` from the moment it connects (the fake has no
+//!   catch-up phase), so a listed standby may be `sync` while still behind.
+//!
+//! Every promotion is recorded ([`PromotionRecord`], with a snapshot of the promoted node's
+//! WAL history) and every acknowledged commit too ([`AckedCommit`]), for the simulation's
+//! `no_promotion_beyond_max_lag` and `acknowledged_commits_survive_promotion` invariants.
 //!
 //! Why one file: it is one state machine (data directories, timeline branches, streaming,
 //! crash and recovery) whose invariants the simulation relies on; split, the invariants would
@@ -103,6 +114,72 @@ impl DataDir {
     }
 }
 
+/// How PostgreSQL reads `synchronous_standby_names`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SyncRule {
+    /// Empty: commits are acknowledged on the local flush.
+    Off,
+    /// `N (a,b)`, `FIRST N (a,b)`, or a plain list (N = 1): wait for the N highest-priority
+    /// (earliest listed) standbys that are connected.
+    First(usize, Vec<String>),
+    /// `ANY N (a,b)`: wait for any N of the listed standbys.
+    Any(usize, Vec<String>),
+}
+
+impl SyncRule {
+    fn parse(value: &str) -> SyncRule {
+        let v = value.trim();
+        if v.is_empty() {
+            return SyncRule::Off;
+        }
+        let word = |p: &str| {
+            v.get(..p.len())
+                .filter(|h| h.eq_ignore_ascii_case(p))
+                .map(|_| &v[p.len()..])
+        };
+        let (any, rest) = match (word("ANY "), word("FIRST ")) {
+            (Some(r), _) => (true, r.trim()),
+            (None, Some(r)) => (false, r.trim()),
+            _ => (false, v),
+        };
+        let (n, list) = match rest.find('(') {
+            Some(open) if rest.ends_with(')') => (
+                rest[..open].trim().parse().unwrap_or(1),
+                &rest[open + 1..rest.len() - 1],
+            ),
+            _ => (1, rest),
+        };
+        let names = list
+            .split(',')
+            .map(|x| x.trim().trim_matches('"').to_string())
+            .filter(|x| !x.is_empty())
+            .collect();
+        if any {
+            SyncRule::Any(n, names)
+        } else {
+            SyncRule::First(n, names)
+        }
+    }
+
+    /// The priority (0 = highest) of standby `name`, when listed (`*` lists every standby).
+    fn priority(names: &[String], name: &str) -> Option<usize> {
+        names
+            .iter()
+            .position(|s| s == "*" || s.eq_ignore_ascii_case(name))
+    }
+}
+
+/// What a primary's synchronous replication looks like right now.
+#[derive(Debug, Default)]
+struct SyncView {
+    /// `pg_stat_replication.sync_state` per streaming standby: sync / potential / quorum /
+    /// async.
+    states: BTreeMap<String, (&'static str, i32)>,
+    /// Commits up to here are confirmed by the standbys PostgreSQL waits for (`u64::MAX`: no
+    /// standby is waited for; `None`: too few standbys are connected, commits wait).
+    confirmed: Option<u64>,
+}
+
 /// What an instance runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Run {
@@ -152,6 +229,38 @@ pub struct PromotionRecord {
     /// WAL end at the moment of promotion (= the switchpoint).
     pub lsn: Lsn,
     pub new_timeline: Timeline,
+    /// The promoted node's WAL history at that moment: what it can still serve.
+    pub wal: WalHistory,
+}
+
+/// A node's WAL history (its timeline branches and how far it has each), opaque: it answers
+/// whether it holds a given commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalHistory(DataDir);
+
+impl WalHistory {
+    /// Whether this history contains `c`: it has WAL on the commit's timeline branch up to at
+    /// least the commit's LSN. (An LSN comparison alone is not enough: a sibling branch of the
+    /// same or a higher LSN does not contain the commit.)
+    pub fn holds(&self, c: &AckedCommit) -> bool {
+        self.0.end_on(c.branch).is_some_and(|end| end >= c.lsn.0)
+    }
+}
+
+/// One commit PostgreSQL acknowledged to its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckedCommit {
+    /// The primary that acknowledged it.
+    pub member: String,
+    /// Its commit record's end (the WAL end after the write).
+    pub lsn: Lsn,
+    pub timeline: Timeline,
+    /// When it was acknowledged.
+    pub at: Instant,
+    /// Acknowledged only after standbys confirmed the flush (`synchronous_standby_names` was
+    /// set); `false`: acknowledged on the local flush alone.
+    pub synchronous: bool,
+    branch: Branch,
 }
 
 #[derive(Debug)]
@@ -163,6 +272,8 @@ struct Node {
     delays: FakeDelays,
     slots: BTreeSet<String>,
     synchronous_standby_names: String,
+    /// Commits (LSNs on the current branch) written but waiting for standbys to confirm them.
+    waiting_commits: Vec<u64>,
     config: Option<DynamicConfig>,
     /// Names of the trait methods called, in order (`observe` excluded).
     calls: Vec<String>,
@@ -174,6 +285,7 @@ struct NetState {
     next_sysid: u64,
     next_branch: u64,
     promotions: Vec<PromotionRecord>,
+    acked: Vec<AckedCommit>,
 }
 
 impl NetState {
@@ -217,7 +329,10 @@ impl NetState {
         let Some(Run::Replica { upstream: Some(up) }) = self.node(name).run.clone() else {
             return false;
         };
-        let Some(src) = self.running_source(&up).and_then(|(_, n)| n.data.clone()) else {
+        let Some((src_name, src)) = self
+            .running_source(&up)
+            .and_then(|(k, n)| Some((k.clone(), n.data.clone()?)))
+        else {
             return false;
         };
         let data = self
@@ -231,7 +346,99 @@ impl NetState {
         data.current = src.current;
         let target = src.lsn.min(data.lsn.saturating_add(max_bytes));
         data.lsn = data.lsn.max(target);
-        before != (data.lsn, data.current)
+        let moved = before != (data.lsn, data.current);
+        // The flush is reported to the upstream, which may be waiting for it to acknowledge
+        // commits (also when nothing moved: the standby may just have connected).
+        self.release_commits(&src_name);
+        moved
+    }
+
+    /// The standbys streaming from primary `name`, with their flushed LSN (name order).
+    fn walsenders(&self, name: &str) -> Vec<(String, u64)> {
+        let addr = &self.node(name).addr;
+        self.nodes
+            .iter()
+            .filter(|(n, _)| self.is_streaming(n))
+            .filter(|(_, r)| {
+                matches!(&r.run, Some(Run::Replica { upstream: Some(u) })
+                    if format!("{}:{}", u.host, u.port) == *addr)
+            })
+            .map(|(n, r)| (n.clone(), r.data.as_ref().map_or(0, |d| d.lsn)))
+            .collect()
+    }
+
+    /// Synchronous replication of primary `name` as PostgreSQL evaluates it (see the module
+    /// comment).
+    fn sync_view(&self, name: &str) -> SyncView {
+        let senders = self.walsenders(name);
+        let mut view = SyncView::default();
+        for (n, _) in &senders {
+            view.states.insert(n.clone(), ("async", 0));
+        }
+        match SyncRule::parse(&self.node(name).synchronous_standby_names) {
+            SyncRule::Off => view.confirmed = Some(u64::MAX),
+            SyncRule::First(want, names) => {
+                let mut listed: Vec<(usize, &String, u64)> = senders
+                    .iter()
+                    .filter_map(|(n, l)| SyncRule::priority(&names, n).map(|p| (p, n, *l)))
+                    .collect();
+                listed.sort();
+                for (i, (p, n, _)) in listed.iter().enumerate() {
+                    let state = if i < want { "sync" } else { "potential" };
+                    view.states.insert((*n).clone(), (state, *p as i32 + 1));
+                }
+                if want > 0 && listed.len() >= want {
+                    view.confirmed = listed[..want].iter().map(|(_, _, l)| *l).min();
+                }
+            }
+            SyncRule::Any(want, names) => {
+                let mut flushed: Vec<u64> = Vec::new();
+                for (n, l) in &senders {
+                    if SyncRule::priority(&names, n).is_some() {
+                        view.states.insert(n.clone(), ("quorum", 1));
+                        flushed.push(*l);
+                    }
+                }
+                flushed.sort_unstable_by(|a, b| b.cmp(a));
+                if want > 0 && flushed.len() >= want {
+                    view.confirmed = Some(flushed[want - 1]);
+                }
+            }
+        }
+        view
+    }
+
+    /// Acknowledges the waiting commits of primary `name` that its synchronous standbys have
+    /// confirmed (all of them when none is waited for).
+    fn release_commits(&mut self, name: &str) {
+        let node = self.node(name);
+        if node.run != Some(Run::Primary) || node.waiting_commits.is_empty() {
+            return;
+        }
+        let Some(data) = node.data.as_ref() else {
+            return;
+        };
+        let branch = data.current;
+        let view = self.sync_view(name);
+        let Some(upto) = view.confirmed else {
+            return;
+        };
+        let synchronous = upto != u64::MAX;
+        let now = Instant::now();
+        let node = self.node_mut(name);
+        let (done, waiting): (Vec<u64>, Vec<u64>) =
+            node.waiting_commits.iter().partition(|l| **l <= upto);
+        node.waiting_commits = waiting;
+        for lsn in done {
+            self.acked.push(AckedCommit {
+                member: name.to_string(),
+                lsn: Lsn(lsn),
+                timeline: Timeline(branch.tl),
+                at: now,
+                synchronous,
+                branch,
+            });
+        }
     }
 
     fn status_of(&self, name: &str) -> PgStatus {
@@ -283,31 +490,22 @@ impl NetState {
             Some(Run::Primary) => {
                 st.in_recovery = Some(false);
                 st.flush_lsn = Some(Lsn(data.lsn));
-                let sync_names: Vec<&str> = node
-                    .synchronous_standby_names
-                    .split([',', ' ', '(', ')', '"'])
-                    .filter(|s| !s.is_empty())
-                    .collect();
+                let sync = self.sync_view(name);
                 st.replication = self
-                    .nodes
-                    .iter()
-                    .filter(|(n, _)| self.is_streaming(n))
-                    .filter(|(_, r)| {
-                        matches!(&r.run, Some(Run::Replica { upstream: Some(u) })
-                            if format!("{}:{}", u.host, u.port) == node.addr)
-                    })
-                    .map(|(n, r)| {
-                        let lsn = r.data.as_ref().map(|d| Lsn(d.lsn));
-                        let sync = sync_names
-                            .iter()
-                            .any(|s| *s == "*" || s.eq_ignore_ascii_case(n));
+                    .walsenders(name)
+                    .into_iter()
+                    .map(|(n, l)| {
+                        let r = self.node(&n);
+                        let lsn = Some(Lsn(l));
+                        let (sync_state, sync_priority) =
+                            sync.states.get(&n).copied().unwrap_or(("async", 0));
                         ReplicationRow {
                             usename: "replicator".into(),
                             application_name: n.clone(),
                             client_addr: Some(r.addr.split(':').next().unwrap_or("").to_string()),
                             state: "streaming".into(),
-                            sync_state: if sync { "sync" } else { "async" }.into(),
-                            sync_priority: i32::from(sync),
+                            sync_state: sync_state.into(),
+                            sync_priority,
                             write_lsn: lsn,
                             flush_lsn: lsn,
                             replay_lsn: lsn,
@@ -364,6 +562,7 @@ impl FakePgNetwork {
                 delays: FakeDelays::default(),
                 slots: BTreeSet::new(),
                 synchronous_standby_names: String::new(),
+                waiting_commits: Vec::new(),
                 config: None,
                 calls: Vec::new(),
             });
@@ -407,6 +606,11 @@ impl FakePgNetwork {
     /// Replica `member` receives up to `max_bytes` from its upstream, if streaming.
     pub fn replicate_node(&self, member: &str, max_bytes: u64) -> bool {
         self.lock().replicate_one(member, max_bytes)
+    }
+
+    /// Every commit acknowledged to its client so far, in order.
+    pub fn acked(&self) -> Vec<AckedCommit> {
+        self.lock().acked.clone()
     }
 
     /// Every promotion so far, in order.
@@ -464,13 +668,18 @@ impl FakePostgres {
         }
     }
 
-    /// Writes `bytes` of WAL if this is a running primary. Returns whether it was accepted.
+    /// Writes `bytes` of WAL as one transaction commit if this is a running primary. Returns
+    /// whether it was accepted (written locally); whether and when it is *acknowledged* follows
+    /// `synchronous_standby_names` (see the module comment and [`FakePgNetwork::acked`]).
     pub fn write(&self, bytes: u64) -> bool {
         self.with(|st| {
             let node = st.node_mut(&self.name);
             match (&node.run, node.data.as_mut()) {
                 (Some(Run::Primary), Some(d)) => {
                     d.lsn += bytes;
+                    let commit = d.lsn;
+                    node.waiting_commits.push(commit);
+                    st.release_commits(&self.name);
                     true
                 }
                 _ => false,
@@ -478,10 +687,28 @@ impl FakePostgres {
         })
     }
 
-    /// Kills the postmaster without a shutdown checkpoint.
+    /// The commits of this primary still waiting for synchronous standbys.
+    pub fn waiting_commits(&self) -> Vec<Lsn> {
+        self.with(|st| {
+            st.node(&self.name)
+                .waiting_commits
+                .iter()
+                .map(|l| Lsn(*l))
+                .collect()
+        })
+    }
+
+    /// This node's WAL history now (see [`WalHistory::holds`]); `None` without data.
+    pub fn wal_history(&self) -> Option<WalHistory> {
+        self.with(|st| st.node(&self.name).data.clone().map(WalHistory))
+    }
+
+    /// Kills the postmaster without a shutdown checkpoint (commits still waiting for
+    /// standbys are never acknowledged).
     pub fn crash(&self) {
         self.with(|st| {
             let node = st.node_mut(&self.name);
+            node.waiting_commits.clear();
             if node.run.take().is_some()
                 && let Some(d) = node.data.as_mut()
             {
@@ -745,7 +972,10 @@ impl Postgres for FakePostgres {
                     st.replicate_one(&f, u64::MAX);
                 }
             }
+            // Backends still waiting for standbys are terminated: those commits are never
+            // acknowledged.
             let node = st.node_mut(&self.name);
+            node.waiting_commits.clear();
             if node.run.take().is_some()
                 && let Some(d) = node.data.as_mut()
             {
@@ -791,6 +1021,7 @@ impl Postgres for FakePostgres {
                 at: Instant::now(),
                 lsn: Lsn(d.lsn),
                 new_timeline: Timeline(d.current.tl),
+                wal: WalHistory(d.clone()),
             };
             st.promotions.push(rec);
             Ok(())
@@ -899,6 +1130,9 @@ impl Postgres for FakePostgres {
                 return Err(PgError::Sql("server is not running".into()));
             }
             node.synchronous_standby_names = value.to_string();
+            // A changed setting is evaluated at once: cleared, it releases every waiting
+            // commit (PostgreSQL wakes the waiters when no standby is required any more).
+            st.release_commits(&self.name);
             Ok(())
         })
     }
@@ -1195,5 +1429,115 @@ mod tests {
             .map(|r| r.application_name.clone())
             .collect();
         assert_eq!(sync, vec!["n2".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn without_synchronous_standbys_a_commit_is_acknowledged_on_the_local_flush() {
+        let (net, n1, _n2, _n3) = three_nodes().await;
+        assert!(n1.write(100));
+        let acked = net.acked();
+        assert_eq!(acked.len(), 1);
+        assert_eq!(acked[0].lsn, n1.lsn());
+        assert!(!acked[0].synchronous);
+    }
+
+    #[tokio::test]
+    async fn a_synchronous_commit_waits_for_the_named_standby_to_flush_it() {
+        let (net, n1, n2, _n3) = three_nodes().await;
+        n1.set_synchronous_standby_names("n2").await.unwrap();
+        n1.write(100);
+        assert!(net.acked().is_empty(), "n2 has not flushed it");
+        assert_eq!(n1.waiting_commits(), vec![n1.lsn()]);
+        net.replicate_node("n3", u64::MAX);
+        assert!(net.acked().is_empty(), "n3 is not the synchronous standby");
+        net.replicate_node("n2", 50);
+        assert!(net.acked().is_empty(), "half flushed is not flushed");
+        net.replicate_node("n2", u64::MAX);
+        let acked = net.acked();
+        assert_eq!(acked.len(), 1);
+        assert!(acked[0].synchronous);
+        assert!(n2.wal_history().unwrap().holds(&acked[0]));
+    }
+
+    #[tokio::test]
+    async fn a_commit_waiting_when_the_primary_stops_or_crashes_is_never_acknowledged() {
+        let (net, n1, n2, _n3) = three_nodes().await;
+        n1.set_synchronous_standby_names("n2").await.unwrap();
+        n2.stop(StopMode::Fast, T).await.unwrap();
+        n1.write(100);
+        n1.crash();
+        assert!(n1.waiting_commits().is_empty());
+        assert!(net.acked().is_empty());
+    }
+
+    #[tokio::test]
+    async fn clearing_synchronous_standby_names_releases_the_waiting_commits() {
+        let (net, n1, n2, _n3) = three_nodes().await;
+        n1.set_synchronous_standby_names("n2").await.unwrap();
+        n2.stop(StopMode::Fast, T).await.unwrap();
+        n1.write(100);
+        assert!(net.acked().is_empty());
+        n1.set_synchronous_standby_names("").await.unwrap();
+        let acked = net.acked();
+        assert_eq!(acked.len(), 1);
+        assert!(!acked[0].synchronous, "released without a standby");
+    }
+
+    #[tokio::test]
+    async fn priority_and_quorum_rules_pick_the_standbys_commits_wait_for() {
+        let (net, n1, _n2, _n3) = three_nodes().await;
+        // Priority: n3 listed first is the one waited for; n2 is only a potential.
+        n1.set_synchronous_standby_names("1 (n3,n2)").await.unwrap();
+        let states: Vec<(String, String)> = n1
+            .observe()
+            .await
+            .replication
+            .iter()
+            .map(|r| (r.application_name.clone(), r.sync_state.clone()))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("n2".into(), "potential".into()),
+                ("n3".into(), "sync".into())
+            ]
+        );
+        n1.write(100);
+        net.replicate_node("n2", u64::MAX);
+        assert!(net.acked().is_empty());
+        net.replicate_node("n3", u64::MAX);
+        assert_eq!(net.acked().len(), 1);
+        // Two required: both must flush.
+        n1.set_synchronous_standby_names("2 (n2,n3)").await.unwrap();
+        n1.write(100);
+        net.replicate_node("n2", u64::MAX);
+        assert_eq!(net.acked().len(), 1);
+        net.replicate_node("n3", u64::MAX);
+        assert_eq!(net.acked().len(), 2);
+        // Quorum: any one of the two.
+        n1.set_synchronous_standby_names("ANY 1 (n2,n3)")
+            .await
+            .unwrap();
+        n1.write(100);
+        net.replicate_node("n3", u64::MAX);
+        assert_eq!(net.acked().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_sibling_branch_past_the_commit_does_not_hold_it() {
+        let (net, n1, n2, n3) = three_nodes().await;
+        n1.write(100);
+        net.replicate_node("n2", u64::MAX);
+        let acked = net.acked();
+        let c = acked.last().unwrap();
+        n1.crash();
+        // n3 never got the commit; promoted, it writes past the commit's LSN on its own branch.
+        n3.promote(Timeline(1), &[], T).await.unwrap();
+        n3.write(1000);
+        assert!(n3.lsn() > c.lsn);
+        assert!(!n3.wal_history().unwrap().holds(c));
+        assert!(n2.wal_history().unwrap().holds(c));
+        let p = net.promotions();
+        assert!(!p[0].wal.holds(c), "the promotion record saw the loss");
     }
 }

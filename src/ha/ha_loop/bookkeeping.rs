@@ -16,73 +16,30 @@ impl HaLoop {
             let c = DynamicConfig(self.cfg.bootstrap.dcs.clone());
             let _ = self.bounded(self.dcs.set_config(&c, None)).await;
         }
-        // failsafe: every member with a REST API, and us — the members whose acceptance keeps
-        // this primary running if the DCS is lost (Patroni's `_failsafe_config`).
-        if self.config.failsafe_mode() {
-            let mut want: BTreeMap<MemberName, String> = v
-                .members
-                .values()
-                .filter(|m| !m.data.api_url.is_empty())
-                .map(|m| (m.name.clone(), m.data.api_url.clone()))
-                .collect();
-            want.insert(self.me.clone(), self.member_data(pg, false).api_url);
-            if v.failsafe_members().as_ref() != Some(&want)
-                && let Err(e) = self.bounded(self.dcs.set_failsafe(&want)).await
-            {
-                warn!(error = %e, "failed to write the failsafe key");
-            }
+        // failsafe: see `leader_upkeep::failsafe_update`.
+        if self.config.failsafe_mode()
+            && let Some(want) =
+                leader_upkeep::failsafe_update(v, &self.me, self.member_data(pg, false).api_url)
+            && let Err(e) = self.bounded(self.dcs.set_failsafe(&want)).await
+        {
+            warn!(error = %e, "failed to write the failsafe key");
         }
-        // Replication slots: one per member, created the cycle the member appears so a new
-        // replica never streams without WAL retention.
+        // Replication slots: see `leader_upkeep::wanted_slots`.
         let use_slots = self
             .config
             .use_slots()
             .unwrap_or(self.cfg.postgresql.use_slots);
-        let mut wanted: Vec<String> = v
-            .members
-            .values()
-            .filter(|m| m.name != self.me && !m.data.tag_bool("nostream"))
-            .map(|m| m.name.slot_name())
-            .collect();
-        wanted.sort();
-        if use_slots {
-            let have: Vec<String> = {
-                let mut h: Vec<String> = pg
-                    .slots
-                    .iter()
-                    .filter(|s| s.physical)
-                    .map(|s| s.name.clone())
-                    .collect();
-                h.sort();
-                h
-            };
-            if have != wanted || self.last_slots_wanted.as_ref() != Some(&wanted) {
-                match self.pg.sync_slots(&wanted, &[]).await {
-                    Ok(()) => self.last_slots_wanted = Some(wanted.clone()),
-                    Err(e) => warn!(error = %e, "failed to sync replication slots"),
-                }
+        let wanted = leader_upkeep::wanted_slots(v, &self.me);
+        if use_slots
+            && leader_upkeep::slots_need_sync(pg, &wanted, self.last_slots_wanted.as_deref())
+        {
+            match self.pg.sync_slots(&wanted, &[]).await {
+                Ok(()) => self.last_slots_wanted = Some(wanted.clone()),
+                Err(e) => warn!(error = %e, "failed to sync replication slots"),
             }
         }
         // status: optime and slot positions, written only when changed.
-        let optime = pg.wal_position().0;
-        let mut slots: BTreeMap<String, u64> = pg
-            .slots
-            .iter()
-            .filter_map(|s| s.restart_lsn.map(|l| (s.name.clone(), l.0)))
-            .collect();
-        slots.insert(self.me.slot_name(), optime);
-        // Our timeline, when the history we wrote cannot show it (its last line's parent is
-        // not our timeline − 1: the promotion skipped numbers other nodes had used).
-        let timeline = pg.timeline.map(|t| t.0).filter(|tl| {
-            self.history_written
-                .is_some_and(|(t, parent, _)| t == *tl && parent + 1 != *tl)
-        });
-        let status = Status {
-            optime,
-            slots,
-            retain_slots: wanted,
-            timeline,
-        };
+        let status = leader_upkeep::leader_status(&self.me, pg, wanted, self.history_written);
         if status != v.status {
             let _ = self.bounded(self.dcs.set_status(&status)).await;
         }
@@ -92,55 +49,33 @@ impl HaLoop {
         self.apply_sync_plan(v, i).await;
     }
 
+    /// Rewrites the DCS `history` when [`leader_upkeep::history_needs_update`] says so, from
+    /// PostgreSQL's timeline history file merged by [`leader_upkeep::merge_history`].
     pub(super) async fn update_history(&mut self, v: &ClusterView, pg: &PgStatus) {
-        let Some(Timeline(tl)) = pg.timeline else {
+        if !leader_upkeep::history_needs_update(pg.timeline, &v.history, self.history_written) {
+            return;
+        }
+        let Some(tl) = pg.timeline else {
             return;
         };
-        if tl <= 1 {
-            return;
-        }
-        // Current when the last line leads to our timeline: directly, or (a promotion that
-        // skipped numbers) exactly as we last wrote it for this timeline.
-        let last_ok = v.history.last().is_some_and(|h| {
-            h.new_leader.is_some()
-                && h.timestamp.is_some()
-                && (h.parent_timeline + 1 == tl
-                    || self.history_written == Some((tl, h.parent_timeline, h.switchpoint)))
-        });
-        if last_ok {
-            return;
-        }
-        let Ok(mut lines) = self.pg.timeline_history().await else {
+        let Ok(lines) = self.pg.timeline_history().await else {
             return;
         };
         let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
-        let n = lines.len();
-        for (idx, l) in lines.iter_mut().enumerate() {
-            // Keep timestamps/leaders the DCS copy already had for older lines.
-            if let Some(old) = v
-                .history
-                .iter()
-                .find(|h| h.parent_timeline == l.parent_timeline)
-            {
-                l.timestamp = l.timestamp.clone().or(old.timestamp.clone());
-                l.new_leader = l.new_leader.clone().or(old.new_leader.clone());
-            }
-            if idx + 1 == n {
-                l.timestamp.get_or_insert(now.clone());
-                l.new_leader.get_or_insert(self.me.to_string());
-            }
-        }
-        if let Some(last) = lines.last() {
-            let mark = (tl, last.parent_timeline, last.switchpoint);
-            if self.bounded(self.dcs.set_history(&lines)).await.is_ok() {
-                self.history_written = Some(mark);
-            }
+        let (lines, mark) = leader_upkeep::merge_history(lines, &v.history, tl, &self.me, &now);
+        if let Some(mark) = mark
+            && self.bounded(self.dcs.set_history(&lines)).await.is_ok()
+        {
+            self.history_written = Some(mark);
         }
     }
 
     /// Applies the [`plan_sync`] steps in their safe order.
     pub(super) async fn apply_sync_plan(&mut self, v: &ClusterView, i: &Inputs) {
         let plan = plan_sync(i, v);
+        // The first plan of a leadership measured catch-up against our position then: keep
+        // that point until SSN changes (a moving target would never be reached under load).
+        self.sync_catchup_lsn.get_or_insert(i.pg.wal_position());
         let mut rev = v.sync.as_ref().map(|s| s.1);
         if plan.disable {
             if let Some(ssn) = &plan.ssn {
@@ -172,11 +107,15 @@ impl HaLoop {
                 _ => return,
             }
         }
-        if let Some(ssn) = &plan.ssn
-            && let Err(e) = self.pg.set_synchronous_standby_names(ssn).await
-        {
-            warn!(error = %e, "failed to set synchronous_standby_names");
-            return;
+        if let Some(ssn) = &plan.ssn {
+            if let Err(e) = self.pg.set_synchronous_standby_names(ssn).await {
+                warn!(error = %e, "failed to set synchronous_standby_names");
+                return;
+            }
+            // Read *after* the change: every commit acknowledged under the old setting is
+            // below this point, so a standby that reaches it holds them all.
+            let pos = self.pg.observe().await.wal_position();
+            self.sync_catchup_lsn = Some(pos.max(i.pg.wal_position()));
         }
         if let Some(publish) = &plan.publish {
             let _ = self

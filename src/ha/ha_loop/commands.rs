@@ -141,32 +141,19 @@ impl HaLoop {
         }
     }
 
+    /// [`restart::restart_conditions_ok`] on this node now.
     pub(super) fn restart_conditions_ok(&self, req: &RestartRequest, pg: &PgStatus) -> bool {
-        if let Some(role) = &req.role {
-            let mine = self.role_of(pg).as_str();
-            let matches = role == mine || (role == "master" && mine == "primary");
-            if !matches {
-                return false;
-            }
-        }
-        if req.restart_pending == Some(true) && pg.pending_restart.is_empty() {
-            return false;
-        }
-        if let (Some(want), Some(have)) = (&req.postgres_version, pg.server_version)
-            && let Some(w) = parse_pg_version(want)
-            && have >= w
-        {
-            return false;
-        }
-        true
+        restart::restart_conditions_ok(
+            req,
+            self.role_of(pg),
+            !pg.pending_restart.is_empty(),
+            pg.server_version,
+        )
     }
 
     pub(super) async fn check_scheduled_restart(&mut self, pg: &PgStatus) {
-        let due = self
-            .scheduled_restart
-            .as_ref()
-            .is_some_and(|(t, _)| *t <= Utc::now());
-        if !due || self.action.is_some() {
+        let at = self.scheduled_restart.as_ref().map(|(t, _)| *t);
+        if !restart::scheduled_restart_due(at, Utc::now(), self.action.is_some()) {
             return;
         }
         let (_, req) = self.scheduled_restart.take().expect("checked");

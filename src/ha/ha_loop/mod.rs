@@ -25,7 +25,6 @@
 //! commands, [`publish`] the member key and the status. The decisions themselves are pure and
 //! live in `decide.rs` / `candidates.rs` / `timing.rs`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +41,7 @@ use crate::callbacks::{CallbackAction, Hooks};
 use crate::config::{AgentConfig, WatchdogMode};
 use crate::dcs::{
     ClusterView, Dcs, DcsError, DynamicConfig, Failover, MemberData, PATRONI_COMPAT_VERSION,
-    Status, SyncState,
+    SyncState,
 };
 use crate::peers::{DEFAULT_PEER_TIMEOUT, PeerProbe};
 use crate::pg::{
@@ -51,7 +50,7 @@ use crate::pg::{
 use crate::status::{
     AgentStatus, Command, CommandReply, FailsafeBoard, PgherdStatus, RestartRequest,
 };
-use crate::types::{MemberName, Timeline};
+use crate::types::{Lsn, MemberName, Timeline};
 use crate::watchdog::WatchdogDevice;
 
 use super::candidates::plan_sync;
@@ -61,6 +60,8 @@ use super::decision::Decision;
 use super::inputs::{
     ActionKind, Finished, Inputs, LocalFacts, RejoinMark, Renewal, Tags, WatchdogFacts,
 };
+use super::leader_upkeep::{self, HistoryMark};
+use super::restart;
 
 mod actions;
 mod bookkeeping;
@@ -155,7 +156,7 @@ pub struct HaLoop {
     pre_promote_failed_at: Option<Instant>,
     /// (timeline, last line's parent, its switchpoint) of the `history` this node last wrote,
     /// so a history whose timelines skip numbers is not rewritten every cycle.
-    history_written: Option<(u32, u32, u64)>,
+    history_written: Option<HistoryMark>,
     rewind_check_pending: bool,
     /// See [`LocalFacts::rejoin_checked`].
     rejoin_checked: Option<RejoinMark>,
@@ -178,6 +179,8 @@ pub struct HaLoop {
     dcs_last_seen: Option<i64>,
     scheduled_restart: Option<(DateTime<Utc>, RestartRequest)>,
     last_slots_wanted: Option<Vec<String>>,
+    /// See [`LocalFacts::sync_catchup_lsn`]; cleared whenever we do not lead.
+    sync_catchup_lsn: Option<Lsn>,
     last_member: Option<MemberData>,
     last_pg: PgStatus,
     last_decision: String,
@@ -233,6 +236,7 @@ impl HaLoop {
             dcs_last_seen: None,
             scheduled_restart: None,
             last_slots_wanted: None,
+            sync_catchup_lsn: None,
             last_member: None,
             last_pg: PgStatus::default(),
             failsafe_active: false,
@@ -533,6 +537,7 @@ impl HaLoop {
                     .failsafe_board
                     .current(now, self.ttl())
                     .map(|n| n.leader),
+                sync_catchup_lsn: self.sync_catchup_lsn,
             },
             peers,
             config: self.config.clone(),
@@ -563,6 +568,10 @@ impl HaLoop {
         self.last_decision = decision.to_string();
 
         // 5. Bookkeeping.
+        if !self.held_lock {
+            // A later leadership captures its own catch-up point (see `apply_sync_plan`).
+            self.sync_catchup_lsn = None;
+        }
         if paused || !self.held_lock {
             // The watchdog protects a primary whose agent hangs; a non-leader or a paused
             // cluster must not be reset by it.
@@ -646,19 +655,4 @@ pub fn upstream_of(v: &ClusterView, name: &MemberName) -> Option<Upstream> {
         host,
         port,
     })
-}
-
-/// `"15"`, `"15.4"`, `"9.6.24"` → server_version_num.
-fn parse_pg_version(s: &str) -> Option<u32> {
-    let parts: Vec<u32> = s
-        .split('.')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    match parts.as_slice() {
-        [major] if *major >= 10 => Some(major * 10000),
-        [major, minor] if *major >= 10 => Some(major * 10000 + minor),
-        [major, minor] => Some(major * 10000 + minor * 100),
-        [major, minor, patch] => Some(major * 10000 + minor * 100 + patch),
-        _ => None,
-    }
 }
