@@ -699,17 +699,3 @@ fn scheduled_restart_due_rows() {
         assert_eq!(scheduled_restart_due(*at, now, *action), *want, "{what}");
     }
 }
-
-/// The modules of these rules are pure like `decide`: no clock read (`now` is an input), so
-/// every row above is deterministic. (tests/layering.rs checks the other pure modules.)
-#[test]
-fn the_rule_modules_read_no_clock() {
-    for f in ["src/ha/leader_upkeep.rs", "src/ha/restart.rs"] {
-        let text =
-            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(f))
-                .unwrap();
-        for banned in ["Instant::now", "SystemTime::now", "Utc::now", "thread_rng"] {
-            assert!(!text.contains(banned), "{f} calls {banned}");
-        }
-    }
-}
