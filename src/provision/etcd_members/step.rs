@@ -102,7 +102,37 @@ async fn gather_via(
 
 /// The live membership, read through the first etcd host of the inventory whose member
 /// answers. `Ok(None)`: no member answers (a fresh cluster, or every member down).
+///
+/// A read that shows no leader is repeated for up to [`LEADER_ELECTION_WAIT`]: an election in
+/// progress is not a cluster without a leader.
 pub async fn gather(
+    spec: &DeploySpec,
+    fleet: &Fleet,
+) -> Result<Option<EtcdFacts>, EtcdMembersError> {
+    let start = Instant::now();
+    loop {
+        let f = gather_once(spec, fleet).await?;
+        match &f {
+            Some(x) if x.leader().is_none() && start.elapsed() < LEADER_ELECTION_WAIT => {
+                tracing::debug!("etcd facts: no leader yet (an election?), reading again");
+                tokio::time::sleep(LEADER_POLL).await;
+            }
+            _ => return Ok(f),
+        }
+    }
+}
+
+/// etcd elects a leader within a few election timeouts (1 s by default), and a member that
+/// comes back with a higher term forces such an election (etcd 3.4, what Debian 12 ships, has
+/// no pre-vote by default): a member frozen and resumed, or a partition healed. Facts read
+/// during it would refuse a membership change for want of a leader seconds away; reading again
+/// for this long tells an election from a cluster that really has no leader, which is then
+/// still refused.
+const LEADER_ELECTION_WAIT: Duration = Duration::from_secs(10);
+/// How often the facts are read again while waiting for a leader.
+const LEADER_POLL: Duration = Duration::from_millis(500);
+
+async fn gather_once(
     spec: &DeploySpec,
     fleet: &Fleet,
 ) -> Result<Option<EtcdFacts>, EtcdMembersError> {
