@@ -86,19 +86,24 @@ impl Profile {
     /// - `timeout check` 1–3 s instead of 5 s: an agent answers `/primary` from its published
     ///   snapshot in milliseconds; a frozen one (its PostgreSQL fenced) must leave the pool in
     ///   seconds, not after two 5 s timeouts;
-    /// - `timeout connect` 200 ms (`fast`, a LAN) to 2 s (`wide`) with `option redispatch`: a
-    ///   connection to the old primary, refused while it stops, is retried after
-    ///   min(timeout connect, 1 s) — with the default 4 s that pause alone was a whole second
-    ///   of the switchover's write outage — and the last retry goes to another server, the new
-    ///   primary once it is up. Measured: the `switchover` drill's window went from 1.15–1.25 s
-    ///   to 0.44–0.49 s on the lab.
+    /// - `timeout connect` 50 ms (`fast`, one LAN, where the kernel completes a TCP handshake in
+    ///   well under a millisecond whatever the server process is doing) to 2 s (`wide`) with
+    ///   `option redispatch`: a connection to the old primary, refused once it stopped, is
+    ///   retried after HAProxy's turn-around pause of min(timeout connect, 1 s) and the last
+    ///   retry goes to another server, the new primary once it is up. With the default 4 s that
+    ///   pause alone was a whole second of the switchover's write outage; at 200 ms a client
+    ///   that hit the refusal still waited 0.2 s. Measured with release agents on the lab
+    ///   (`pgherd drill switchover`): 1.15–1.25 s at 4 s, 0.27–0.53 s at 200 ms (bimodal: the
+    ///   slow runs are the ones whose probe met the refusal), 0.24–0.36 s at 50 ms. The check
+    ///   connections use min(timeout connect, inter) as well: a lost SYN costs a check either
+    ///   way (its retransmission takes 1 s), so 50 ms drops no primary that 200 ms kept.
     ///
     /// Cost: each balancer sends about 1000 / inter checks a second to each agent (10 for
     /// `fast`): a new TCP connection and one `OPTIONS` answered from memory, negligible for
     /// HAProxy and the agent alike.
     pub fn haproxy_primary_check(self) -> HaproxyCheck {
         HaproxyCheck::from_row(match self {
-            Profile::Fast => (100, 100, 100, 1, 2, 1000, 200),
+            Profile::Fast => (100, 100, 100, 1, 2, 1000, 50),
             Profile::Norm => (200, 100, 200, 1, 2, 1000, 500),
             Profile::Safe => (500, 250, 500, 1, 3, 2000, 1000),
             Profile::Wide => (1000, 500, 1000, 1, 3, 3000, 2000),
