@@ -271,3 +271,41 @@ impl fmt::Debug for PrivateKeyPem {
         f.write_str("PrivateKeyPem(********)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_an_ip_san_when_it_parses_as_one_else_a_lowercase_dns_san() {
+        for (written, san) in [
+            ("10.0.0.1", San::Ip("10.0.0.1".parse().unwrap())),
+            ("fd00::2", San::Ip("fd00::2".parse().unwrap())),
+            ("fe80::1%eth0", San::Ip("fe80::1".parse().unwrap())),
+            ("DB1.Example.com", San::Dns("db1.example.com".into())),
+            ("db1%x", San::Dns("db1%x".into())),
+        ] {
+            assert_eq!(San::parse(written), san, "{written}");
+        }
+    }
+
+    #[test]
+    fn a_host_whose_address_is_its_name_has_that_san_once() {
+        let spec = CertSpec::node("demo", "db1", "DB1", Purpose::EtcdPeer);
+        assert_eq!(spec.sans(), BTreeSet::from([San::Dns("db1".into())]));
+    }
+
+    #[test]
+    fn every_purpose_authenticates_a_server_or_a_client_and_only_listeners_get_loopback() {
+        for p in Purpose::ALL {
+            assert!(p.server_auth() || p.client_auth(), "{p}");
+            assert!(!p.loopback_sans() || p.server_auth(), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_private_key_debugs_as_stars() {
+        let k = PrivateKeyPem::new("-----BEGIN PRIVATE KEY-----\nsecret\n".into());
+        assert_eq!(format!("{k:?}"), "PrivateKeyPem(********)");
+    }
+}
