@@ -254,7 +254,7 @@ pub enum TlsCa {
     /// [`crate::pki::store`]).
     Generated,
     /// The operator's (`tls.ca_cert` and `tls.ca_key`, resolved against the inventory's
-    /// directory); pgherd only loads it.
+    /// directory; the key PKCS#8 PEM, mode 0600); pgherd only loads it.
     Operator { cert: PathBuf, key: PathBuf },
 }
 

@@ -64,11 +64,7 @@ impl ClusterCa {
         let key_pem = PrivateKeyPem::new(key.serialize_pem());
         // Through the loader, so a generated CA and the same CA reloaded from its files are
         // built the same way (key identifiers, subject) and sign the same way.
-        ClusterCa::from_pem(&cert.pem(), &key_pem).map_err(|e| {
-            PkiError::Crypto(rcgen::Error::X509(format!(
-                "generated CA did not load: {e}"
-            )))
-        })
+        ClusterCa::from_pem(&cert.pem(), &key_pem).map_err(PkiError::GeneratedCa)
     }
 
     /// A CA from its PEM certificate (the first one in `cert_pem`) and PEM PKCS#8 key: the

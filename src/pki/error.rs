@@ -16,9 +16,11 @@ pub struct BadCertificate(pub String);
 pub enum CaPemError {
     #[error("the certificate is {0}")]
     BadCertificate(#[from] BadCertificate),
-    /// No source: see the module doc.
+    /// No source: see the module doc. Only PKCS#8 is read (rcgen's ring backend): the hint
+    /// converts the SEC1 (`EC PRIVATE KEY`) and PKCS#1 (`RSA PRIVATE KEY`) files that older
+    /// `openssl` commands write.
     #[error(
-        "the key is not a PEM PKCS#8 private key of a supported type (ECDSA P-256/P-384, Ed25519, RSA)"
+        "the key is not a PEM PKCS#8 private key (\"BEGIN PRIVATE KEY\") of a supported type (ECDSA P-256/P-384, Ed25519, RSA); convert an \"EC PRIVATE KEY\" or \"RSA PRIVATE KEY\" file with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pkcs8`"
     )]
     BadKey,
     #[error("the certificate is not a CA certificate (no basicConstraints CA:TRUE)")]
@@ -73,6 +75,9 @@ pub enum PkiError {
         #[source]
         source: rcgen::Error,
     },
+    /// A CA just generated did not load back (a bug, not the operator's to fix).
+    #[error("the generated CA is not usable: {0}")]
+    GeneratedCa(#[source] CaPemError),
     #[error("cannot generate or sign: {0}")]
     Crypto(#[source] rcgen::Error),
 }
