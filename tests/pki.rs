@@ -292,7 +292,7 @@ const PLAN_ROWS: &[Row] = &[
         "a server-only certificate for an etcd peer is reissued",
         |f| f.client_auth = false,
         None,
-        "reissue: its key usages are not those of a etcd-peer certificate (serverAuth yes, clientAuth yes)",
+        "reissue: its key usages do not fit its purpose, etcd-peer (which wants serverAuth yes, clientAuth yes)",
     ),
     (
         "every reason is given, in order",

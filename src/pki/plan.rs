@@ -163,7 +163,7 @@ impl fmt::Display for ReissueReason {
             }
             ReissueReason::UsageChanged { purpose } => write!(
                 f,
-                "its key usages are not those of a {purpose} certificate (serverAuth {}, clientAuth {})",
+                "its key usages do not fit its purpose, {purpose} (which wants serverAuth {}, clientAuth {})",
                 yes_no(purpose.server_auth()),
                 yes_no(purpose.client_auth())
             ),
