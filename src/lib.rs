@@ -15,6 +15,8 @@
 //!   compiled only for tests and with the `testing` feature, never into the binaries.
 //! - [`agent`]: wiring of the `pgherd-agent` daemon.
 //! - [`inventory`]: the cluster inventory (validated, located errors) and its secrets.
+//! - [`pki`]: the cluster CA and the node certificates it issues, and the planner that keeps,
+//!   issues or reissues them.
 //! - [`render`]: minijinja rendering of the per-host files (agent config, etcd, HAProxy, units).
 //! - [`provision`]: playbooks as data and the provisioning planner.
 //! - [`transport`]: reaching hosts for provisioning (SSH, in-memory fake).
@@ -32,6 +34,7 @@ pub mod inventory;
 pub mod lab;
 pub mod peers;
 pub mod pg;
+pub mod pki;
 pub mod provision;
 pub mod render;
 pub mod status;

@@ -176,6 +176,55 @@ const BAD: &[(&str, Option<&str>, &[&str])] = &[
         Some("7:14"),
         &["agent.log_level", "verbose"],
     ),
+    (
+        "tls_ca_cert_without_key.yml",
+        Some("7:12"),
+        &["tls.ca_cert", "needs tls.ca_key too"],
+    ),
+    (
+        "tls_ca_key_without_cert.yml",
+        Some("7:11"),
+        &["tls.ca_key", "needs tls.ca_cert too"],
+    ),
+    (
+        "tls_same_ca_files.yml",
+        Some("8:11"),
+        &["tls.ca_key", "same file as tls.ca_cert"],
+    ),
+    (
+        "tls_empty_ca_cert.yml",
+        Some("7:12"),
+        &["tls.ca_cert", "must not be empty"],
+    ),
+    (
+        "tls_cert_days_too_short.yml",
+        Some("7:14"),
+        &["tls.cert_days", "30-day renewal window (got 30)"],
+    ),
+    (
+        "tls_cert_days_too_long.yml",
+        Some("7:14"),
+        &["tls.cert_days", "at most 3650 (got 5000)"],
+    ),
+    (
+        "tls_bad_verify_client.yml",
+        Some("7:18"),
+        &[
+            "tls.verify_client",
+            "\"always\"",
+            "required, optional or none",
+        ],
+    ),
+    (
+        "tls_unknown_key.yml",
+        Some("7:3"),
+        &["unknown field `enable`", "enabled"],
+    ),
+    (
+        "tls_enabled_not_bool.yml",
+        Some("7:12"),
+        &["invalid boolean", "true/false"],
+    ),
 ];
 
 #[test]
@@ -344,4 +393,75 @@ fn load_generates_a_private_secrets_file_and_reuses_it() {
         second.postgresql.users[0].password
     );
     assert!(first.secrets.superuser.expose().len() >= 24);
+}
+
+#[test]
+fn tls_is_on_by_default_with_pgherds_ca_beside_the_secrets_file() {
+    let inv = inventory::parse(&minimal(""), "inv/prod.yml").unwrap();
+    assert_eq!(
+        inv.tls,
+        inventory::Tls {
+            enabled: true,
+            ca: inventory::TlsCa::Generated,
+            cert_days: pgherd::pki::NODE_CERT_DAYS,
+            verify_client: inventory::VerifyClient::Optional,
+        }
+    );
+    assert_eq!(inv.tls.warning(), None);
+    let files = inv.ca_files();
+    assert_eq!(files.cert, std::path::Path::new("inv/demo-ca.crt"));
+    assert_eq!(files.key, std::path::Path::new("inv/demo-ca.key"));
+}
+
+#[test]
+fn tls_off_warns_that_traffic_is_in_the_clear_and_keeps_its_settings() {
+    let inv = inventory::parse(
+        &minimal("tls:\n  enabled: false\n  verify_client: required\n"),
+        "t.yml",
+    )
+    .unwrap();
+    assert!(!inv.tls.enabled);
+    assert_eq!(inv.tls.verify_client, inventory::VerifyClient::Required);
+    let warning = inv.tls.warning().unwrap();
+    assert_eq!(warning, inventory::TLS_OFF_WARNING);
+    for w in [
+        "TLS is off",
+        "etcd",
+        "REST API",
+        "PostgreSQL replication",
+        "clear",
+    ] {
+        assert!(warning.contains(w), "{warning}");
+    }
+}
+
+#[test]
+fn the_operators_ca_paths_are_relative_to_the_inventory_and_tls_settings_apply() {
+    let text = minimal(
+        "tls:\n  ca_cert: ops/ca.pem\n  ca_key: /etc/pki/ca.key\n  cert_days: 90\n  verify_client: none\n",
+    );
+    let inv = inventory::parse(&text, "inv/prod.yml").unwrap();
+    assert_eq!(
+        inv.tls.ca,
+        inventory::TlsCa::Operator {
+            cert: "inv/ops/ca.pem".into(),
+            key: "/etc/pki/ca.key".into(),
+        }
+    );
+    let files = inv.ca_files();
+    assert_eq!(
+        (files.cert, files.key),
+        ("inv/ops/ca.pem".into(), "/etc/pki/ca.key".into())
+    );
+    assert_eq!(inv.tls.cert_days, 90);
+    assert_eq!(inv.tls.verify_client, inventory::VerifyClient::None);
+    // The shortest and the longest lifetimes accepted.
+    for days in [
+        pgherd::pki::RENEWAL_WINDOW_DAYS + 1,
+        pgherd::pki::MAX_CERT_DAYS,
+    ] {
+        let inv =
+            inventory::parse(&minimal(&format!("tls:\n  cert_days: {days}\n")), "t.yml").unwrap();
+        assert_eq!(inv.tls.cert_days, days);
+    }
 }

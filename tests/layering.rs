@@ -74,7 +74,7 @@ fn the_pure_decision_modules_read_no_clock() {
 const LAYERS: &[&[&str]] = &[
     &["types", "yaml"],
     &["dcs", "transport"],
-    &["config"],
+    &["config", "pki"],
     &["inventory", "pg"],
     &["callbacks", "render", "status", "lab", "watchdog"],
     &["peers", "testing"],

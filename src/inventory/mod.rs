@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 pub use error::{InventoryError, Pos, Problem};
 pub use model::{
     Agent, Callbacks, Database, EmbeddedEtcd, Etcd, Haproxy, Host, Inventory, Postgresql,
-    PrimaryUpdateMethod, Role, Ssh, User, Watchdog, endpoint,
+    PrimaryUpdateMethod, Role, Ssh, TLS_OFF_WARNING, Tls, TlsCa, User, VerifyClient, Watchdog,
+    endpoint,
 };
 pub use profile::{HaTiming, HaproxyCheck, Profile};
 pub use secrets::{ClusterSecrets, Secret, SecretsFile};

@@ -13,6 +13,7 @@ use super::profile::{HaTiming, HaproxyCheck, Profile};
 use super::raw::Map;
 use super::secrets::{ClusterSecrets, Secret};
 use crate::config::WatchdogMode;
+use crate::pki::CaFiles;
 use crate::types::MemberName;
 
 pub use super::validate::build;
@@ -219,6 +220,83 @@ pub struct Callbacks {
     pub before_stop: Option<String>,
 }
 
+/// What `tls.enabled: false` makes the CLI say (see [`Tls::warning`]).
+pub const TLS_OFF_WARNING: &str = "TLS is off (tls.enabled: false): etcd, the REST API and PostgreSQL replication travel in the clear";
+
+/// The `tls` section: TLS everywhere from a cluster CA (see [`crate::pki`]).
+///
+/// On by default: a new cluster gets certificates for etcd, the REST API and PostgreSQL
+/// without asking. `tls.enabled: false` turns it off and [`Tls::warning`] says so on every run.
+/// Whether turning it on for a cluster that already runs in the clear needs a migration is
+/// the provisioning's concern, not the inventory's. The other settings are kept (and
+/// checked) while TLS is off, so turning it back on is a one-line edit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tls {
+    pub enabled: bool,
+    /// The CA that issues the node certificates.
+    pub ca: TlsCa,
+    /// Lifetime of a node certificate in days (default [`crate::pki::NODE_CERT_DAYS`]).
+    pub cert_days: u32,
+    pub verify_client: VerifyClient,
+}
+
+impl Tls {
+    /// The warning to print when TLS is off; `None` when it is on.
+    pub fn warning(&self) -> Option<&'static str> {
+        (!self.enabled).then_some(TLS_OFF_WARNING)
+    }
+}
+
+/// Which CA issues the node certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TlsCa {
+    /// pgherd's own, created on first use beside the secrets file (see
+    /// [`crate::pki::store`]).
+    Generated,
+    /// The operator's (`tls.ca_cert` and `tls.ca_key`, resolved against the inventory's
+    /// directory; the key PKCS#8 PEM, mode 0600); pgherd only loads it.
+    Operator { cert: PathBuf, key: PathBuf },
+}
+
+/// Whether the REST API asks clients for a certificate (Patroni's `restapi.verify_client`).
+///
+/// The default is [`VerifyClient::Optional`]: a client that presents a certificate must
+/// present one of the cluster CA's, and the unsafe endpoints (switchover, restart, reload,
+/// config changes, ...) answer 403 "client certificate required" without one, while the
+/// health endpoints stay open to clients without a certificate, so HAProxy checks, load
+/// balancers and monitoring keep working unchanged. `required` refuses the TLS handshake to
+/// any client without a certificate (every health checker then needs one); `none` (Patroni's
+/// default) never asks, leaving the unsafe endpoints to Basic auth alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyClient {
+    Required,
+    #[default]
+    Optional,
+    None,
+}
+
+impl VerifyClient {
+    pub const ALL: [VerifyClient; 3] = [
+        VerifyClient::Required,
+        VerifyClient::Optional,
+        VerifyClient::None,
+    ];
+
+    /// The inventory's (and Patroni's) spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyClient::Required => "required",
+            VerifyClient::Optional => "optional",
+            VerifyClient::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VerifyClient> {
+        VerifyClient::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
 /// A validated inventory. `Debug` never shows a password (they are [`Secret`]s).
 #[derive(Debug, Clone)]
 pub struct Inventory {
@@ -240,6 +318,7 @@ pub struct Inventory {
     /// Cluster-wide watchdog defaults (each host carries its resolved copy).
     pub watchdog: Watchdog,
     pub callbacks: Callbacks,
+    pub tls: Tls,
     pub secrets_file: PathBuf,
     pub secrets: ClusterSecrets,
 }
@@ -283,6 +362,17 @@ impl Inventory {
                 .collect::<Vec<_>>()
                 .join(","),
         )
+    }
+
+    /// Where the cluster's CA is: the operator's files, or pgherd's beside the secrets file.
+    pub fn ca_files(&self) -> CaFiles {
+        match &self.tls.ca {
+            TlsCa::Operator { cert, key } => CaFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            TlsCa::Generated => CaFiles::beside(&self.secrets_file, &self.cluster),
+        }
     }
 
     /// Every secret value of the cluster (cluster roles, REST API, application users).

@@ -43,6 +43,8 @@ pub struct RawInventory {
     pub watchdog: RawWatchdog,
     #[serde(default)]
     pub callbacks: RawCallbacks,
+    #[serde(default)]
+    pub tls: RawTls,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,4 +242,21 @@ pub struct RawCallbacks {
     pub pre_promote: Option<String>,
     #[serde(default)]
     pub before_stop: Option<String>,
+}
+
+/// `tls`: on by default; the operator's CA as two paths relative to the inventory's directory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub ca_cert: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca_key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cert_days: Option<Spanned<u32>>,
+    /// `required`, `optional` or `none`.
+    #[serde(default)]
+    pub verify_client: Option<Spanned<String>>,
 }

@@ -5,7 +5,7 @@
 //!
 //! One module per inventory section: `cluster` (identity, profile and timing, the timing
 //! rule), `watchdog`, `hosts` (names, addresses, roles, SSH, tags), `postgresql`, `etcd`,
-//! `haproxy` and `agent` (with the callbacks). This file holds the `Checker` that collects
+//! `haproxy`, `agent` (with the callbacks) and `tls`. This file holds the `Checker` that collects
 //! problems, the ports every section shares, and [`build`], which calls the sections in a fixed
 //! order: problems at the same position (and unlocated ones) are reported in that order.
 
@@ -15,10 +15,11 @@ mod etcd;
 mod haproxy;
 mod hosts;
 mod postgresql;
+mod tls;
 mod watchdog;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_saphyr::Spanned;
 
@@ -53,6 +54,11 @@ pub fn build(
     let etcd = etcd::etcd(&mut c, &raw, &hosts, &ports, &cluster);
     let haproxy = haproxy::haproxy(&mut c, &raw.haproxy, &profile, &ports);
     let agent = agent::agent(&mut c, &raw.agent, ports.restapi);
+    let tls = tls::tls(
+        &mut c,
+        &raw.tls,
+        Path::new(origin).parent().unwrap_or(Path::new("")),
+    );
 
     if !c.problems.is_empty() {
         // File order reads best; unlocated problems go last.
@@ -84,6 +90,7 @@ pub fn build(
         agent,
         watchdog,
         callbacks: agent::callbacks(&raw.callbacks),
+        tls,
         secrets_file,
         secrets,
     })
