@@ -221,6 +221,11 @@ const BAD: &[(&str, Option<&str>, &[&str])] = &[
         &["unknown field `enable`", "enabled"],
     ),
     (
+        "tls_enabled_not_deployed_yet.yml",
+        Some("7:12"),
+        &["tls.enabled", "not deployed yet", "set it to false"],
+    ),
+    (
         "tls_enabled_not_bool.yml",
         Some("7:12"),
         &["invalid boolean", "true/false"],
@@ -396,18 +401,18 @@ fn load_generates_a_private_secrets_file_and_reuses_it() {
 }
 
 #[test]
-fn tls_is_on_by_default_with_pgherds_ca_beside_the_secrets_file() {
+fn tls_is_off_until_deployed_with_pgherds_ca_beside_the_secrets_file() {
     let inv = inventory::parse(&minimal(""), "inv/prod.yml").unwrap();
     assert_eq!(
         inv.tls,
         inventory::Tls {
-            enabled: true,
+            enabled: false,
             ca: inventory::TlsCa::Generated,
             cert_days: pgherd::pki::NODE_CERT_DAYS,
             verify_client: inventory::VerifyClient::Optional,
         }
     );
-    assert_eq!(inv.tls.warning(), None);
+    assert_eq!(inv.tls.warning(), Some(inventory::TLS_OFF_WARNING));
     let files = inv.ca_files();
     assert_eq!(files.cert, std::path::Path::new("inv/demo-ca.crt"));
     assert_eq!(files.key, std::path::Path::new("inv/demo-ca.key"));

@@ -221,12 +221,15 @@ pub struct Callbacks {
 }
 
 /// What `tls.enabled: false` makes the CLI say (see [`Tls::warning`]).
-pub const TLS_OFF_WARNING: &str = "TLS is off (tls.enabled: false): etcd, the REST API and PostgreSQL replication travel in the clear";
+pub const TLS_OFF_WARNING: &str =
+    "TLS is off: etcd, the REST API and PostgreSQL replication travel in the clear";
 
 /// The `tls` section: TLS everywhere from a cluster CA (see [`crate::pki`]).
 ///
-/// On by default: a new cluster gets certificates for etcd, the REST API and PostgreSQL
-/// without asking. `tls.enabled: false` turns it off and [`Tls::warning`] says so on every run.
+/// Meant to be on by default (a new cluster gets certificates for etcd, the REST API and
+/// PostgreSQL without asking; `tls.enabled: false` turns it off and [`Tls::warning`] says so on
+/// every run). Until the services are deployed with certificates it is off and
+/// `tls.enabled: true` is refused (see `validate/tls.rs`).
 /// Whether turning it on for a cluster that already runs in the clear needs a migration is
 /// the provisioning's concern, not the inventory's. The other settings are kept (and
 /// checked) while TLS is off, so turning it back on is a one-line edit.

@@ -244,12 +244,12 @@ pub struct RawCallbacks {
     pub before_stop: Option<String>,
 }
 
-/// `tls`: on by default; the operator's CA as two paths relative to the inventory's directory.
+/// `tls`: the operator's CA as two paths relative to the inventory's directory.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
     #[serde(default)]
-    pub enabled: Option<bool>,
+    pub enabled: Option<Spanned<bool>>,
     #[serde(default)]
     pub ca_cert: Option<Spanned<String>>,
     #[serde(default)]

@@ -12,6 +12,11 @@ use crate::inventory::model::{Tls, TlsCa, VerifyClient};
 use crate::inventory::raw::RawTls;
 use crate::pki::{MAX_CERT_DAYS, NODE_CERT_DAYS, RENEWAL_WINDOW_DAYS};
 
+/// Whether the services are deployed with the cluster CA's certificates. When they are, TLS is
+/// on by default and `tls.enabled: false` turns it off (with [`Tls::warning`]); until then it is
+/// off, and `tls.enabled: true` is an error.
+const TLS_DEPLOYED: bool = false;
+
 /// `inventory_dir` anchors the relative CA paths, as it does the secrets file.
 pub(super) fn tls(c: &mut Checker, raw: &RawTls, inventory_dir: &Path) -> Tls {
     let cert = path(c, &raw.ca_cert, "tls.ca_cert", inventory_dir);
@@ -84,8 +89,22 @@ pub(super) fn tls(c: &mut Checker, raw: &RawTls, inventory_dir: &Path) -> Tls {
         }),
         None => VerifyClient::default(),
     };
+    // Until the services are deployed with certificates, asking for TLS is refused rather than
+    // accepted and ignored: a run must never look like it secured what it did not.
+    if let Some(e) = &raw.enabled
+        && e.value
+        && !TLS_DEPLOYED
+    {
+        c.at(
+            e,
+            "tls.enabled",
+            "TLS is not deployed yet: this pgherd issues no certificates to etcd, the REST API \
+             or PostgreSQL (the cluster CA exists; wiring it in is the open TLS issue), so \
+             remove the line or set it to false",
+        );
+    }
     Tls {
-        enabled: raw.enabled.unwrap_or(true),
+        enabled: raw.enabled.as_ref().map_or(TLS_DEPLOYED, |e| e.value) && TLS_DEPLOYED,
         ca,
         cert_days,
         verify_client,
