@@ -2,6 +2,7 @@
 //!
 //! Crate map:
 //! - [`types`]: newtypes (LSN, timeline, member name, lease, revision).
+//! - [`files`]: atomic writes of the operator's files (secrets, inventory edits, the CA).
 //! - [`config`], [`yaml`]: the agent's node config (patroni.yml-shaped), located YAML errors.
 //! - [`dcs`]: the DCS trait, Patroni's key model, etcd and in-memory implementations.
 //! - [`pg`]: the PostgreSQL trait and its real (pg_ctl/initdb/...) and fake implementations.
@@ -29,6 +30,7 @@ pub mod callbacks;
 pub mod cli;
 pub mod config;
 pub mod dcs;
+pub mod files;
 pub mod ha;
 pub mod inventory;
 pub mod lab;

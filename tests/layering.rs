@@ -72,7 +72,7 @@ fn the_pure_decision_modules_read_no_clock() {
 /// The crate's top-level modules, lowest layer first. A module may import (`crate::x`) only
 /// modules of lower layers; two modules of one layer never import each other.
 const LAYERS: &[&[&str]] = &[
-    &["types", "yaml"],
+    &["types", "yaml", "files"],
     &["dcs", "transport"],
     &["config", "pki"],
     &["inventory", "pg"],

@@ -11,8 +11,7 @@
 //! hard-linked into place, which fails if the name exists: a crash leaves no half-written file,
 //! and a concurrent run cannot replace a CA that another run just created.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -122,33 +121,10 @@ fn read(path: &Path) -> Result<String, PkiError> {
 
 /// Writes `text` to `path`, which must not exist, with `mode` (see the module doc).
 fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), PkiError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // `mode` is filtered by the umask at creation; set it exactly.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::hard_link(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // The new name durable too (best effort: some file systems refuse to sync a
-            // directory).
-            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    crate::files::write_atomic(path, text, mode, crate::files::Place::CreateNew).map_err(|source| {
+        PkiError::Write {
+            path: path.to_path_buf(),
+            source,
         }
-        Ok(())
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result.map_err(|source| PkiError::Write {
-        path: path.to_path_buf(),
-        source,
     })
 }
