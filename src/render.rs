@@ -558,6 +558,7 @@ pub fn context(inv: &Inventory, h: &Host) -> serde_json::Value {
         "agent": {
             "restapi_port": inv.agent.restapi_port,
             "restapi_username": inv.agent.restapi_username,
+            "restapi_allowlist": restapi_allowlist(inv),
             "log_level": inv.agent.log_level,
             "binary_path": AGENT_BINARY_PATH,
             "config_path": AGENT_CONFIG_PATH,
@@ -575,6 +576,22 @@ pub fn context(inv: &Inventory, h: &Host) -> serde_json::Value {
             "restapi": inv.secrets.restapi.expose(),
         },
     })
+}
+
+/// The agents' `restapi.allowlist`: empty without `agent.restapi_allowlist`; with it, those
+/// entries plus every host of the inventory (see [`crate::inventory::Agent::restapi_allowlist`]).
+fn restapi_allowlist(inv: &Inventory) -> Vec<String> {
+    if inv.agent.restapi_allowlist.is_empty() {
+        return Vec::new();
+    }
+    let mut out = inv.agent.restapi_allowlist.clone();
+    // A host given by name is left to `allowlist_include_members` (names are not resolved).
+    for h in &inv.hosts {
+        if crate::config::access::Cidr::parse(&h.address).is_some() && !out.contains(&h.address) {
+            out.push(h.address.clone());
+        }
+    }
+    out
 }
 
 /// One pool's check cadence as haproxy.cfg writes it.

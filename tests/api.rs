@@ -1814,3 +1814,91 @@ async fn the_agent_client_patches_the_config_with_if_match_and_names_a_conflict(
     assert!(!format!("{e:?}{e}").contains("client_pw_7"));
     assert!(!format!("{client:?}").contains("client_pw_7"));
 }
+
+// ------------------------------------------------------------------ allowlist over TCP
+
+/// Serves `state` with the peer address on every request (as the agent does); the base URL.
+async fn serve_state(state: ApiState) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(pgherd::api::serve(l, state, std::future::pending()));
+    format!("http://{addr}")
+}
+
+/// `POST /reload` from the loopback address `from` (127.0.0.0/8 is all local).
+async fn reload_from(base: &str, from: &str, auth: Option<(&str, &str)>) -> u16 {
+    let c = reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let mut r = c.post(format!("{base}/reload"));
+    if let Some((u, p)) = auth {
+        r = r.basic_auth(u, Some(p));
+    }
+    r.send().await.unwrap().status().as_u16()
+}
+
+fn state_for(
+    view: &ClusterView,
+    auth: Option<Credentials>,
+) -> (ApiState, watch::Sender<AgentStatus>) {
+    let (tx, rx) = watch::channel(primary_status(view));
+    let (ctx, mut crx) = mpsc::channel::<Command>(16);
+    tokio::spawn(async move {
+        while let Some(c) = crx.recv().await {
+            if let Command::Reload { reply } = c {
+                let _ = reply.send(CommandReply::new(202, "reload scheduled"));
+            }
+        }
+    });
+    let st = ApiState::new(rx, MemDcs::with(view.clone()), ctx, auth, "batman", "pg0");
+    (st, tx)
+}
+
+#[tokio::test]
+async fn an_address_outside_the_allowlist_gets_403_before_its_credentials_are_checked() {
+    use pgherd::config::access::AccessList;
+    let view = three_node_view();
+    let (st, _tx) = state_for(&view, client_creds());
+    let handle = st.access_handle();
+    let st = st.with_access(AccessList::parse(&["127.0.0.2/32".into()], false).unwrap());
+    let base = serve_state(st).await;
+    let good = Some(("admin", "client_pw_7"));
+    assert_eq!(reload_from(&base, "127.0.0.2", good).await, 202);
+    // Wrong credentials from the allowed address: the auth check still runs.
+    assert_eq!(
+        reload_from(&base, "127.0.0.2", Some(("admin", "x"))).await,
+        401
+    );
+    // Outside the list: 403 with or without the right password.
+    assert_eq!(reload_from(&base, "127.0.0.3", good).await, 403);
+    assert_eq!(reload_from(&base, "127.0.0.3", None).await, 403);
+    // Reads stay open to everyone (HAProxy checks, monitoring).
+    let c = reqwest::Client::builder()
+        .local_address("127.0.0.3".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let r = c.get(format!("{base}/primary")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // A reloaded allowlist takes effect on the next request.
+    *handle.write().unwrap() = AccessList::parse(&["127.0.0.3".into()], false).unwrap();
+    assert_eq!(reload_from(&base, "127.0.0.3", good).await, 202);
+    assert_eq!(reload_from(&base, "127.0.0.2", good).await, 403);
+}
+
+#[tokio::test]
+async fn allowlist_include_members_admits_the_hosts_registered_in_the_dcs() {
+    use pgherd::config::access::AccessList;
+    let mut view = three_node_view();
+    // pg2 registered from 127.0.0.4 (its api_url's host).
+    view.members
+        .get_mut(&MemberName::new("pg2"))
+        .unwrap()
+        .data
+        .api_url = "http://127.0.0.4:8008/patroni".into();
+    let (st, _tx) = state_for(&view, None);
+    let st = st.with_access(AccessList::parse(&[], true).unwrap());
+    let base = serve_state(st).await;
+    assert_eq!(reload_from(&base, "127.0.0.4", None).await, 202);
+    assert_eq!(reload_from(&base, "127.0.0.5", None).await, 403);
+}

@@ -221,6 +221,15 @@ const BAD: &[(&str, Option<&str>, &[&str])] = &[
         &["unknown field `enable`", "enabled"],
     ),
     (
+        "restapi_allowlist_host_name.yml",
+        Some("7:36"),
+        &[
+            "agent.restapi_allowlist",
+            "admin.example.com",
+            "not an IP address",
+        ],
+    ),
+    (
         "tls_enabled_not_deployed_yet.yml",
         Some("7:12"),
         &["tls.enabled", "not deployed yet", "set it to false"],

@@ -305,3 +305,34 @@ fn rendering_is_deterministic() {
     assert_eq!(a, b);
     assert_eq!(a[0].sha256().len(), 64);
 }
+
+#[test]
+fn a_restapi_allowlist_reaches_every_agent_with_the_cluster_hosts_added() {
+    let text = std::fs::read_to_string("inventories/example.yml")
+        .unwrap()
+        .replacen(
+            "agent:\n",
+            "agent:\n  restapi_allowlist: [192.0.2.0/24, \"2001:db8::7\"]\n",
+            1,
+        );
+    let inv = inventory::parse(&text, "inventories/example.yml").unwrap();
+    let files = render::render_all(&inv, "pg1").unwrap();
+    let f = file(&files, "agent.yml.j2");
+    let cfg = AgentConfig::parse(&f.content, "agent.yml")
+        .unwrap_or_else(|e| panic!("{e}\n{}", f.content));
+    assert_eq!(
+        cfg.restapi.allowlist,
+        [
+            "192.0.2.0/24",
+            "2001:db8::7",
+            "10.0.0.11",
+            "10.0.0.12",
+            "10.0.0.13"
+        ]
+    );
+    assert!(cfg.restapi.allowlist_include_members);
+    // Without one, no address restriction at all (the agent's default).
+    let plain = render::render_all(&example(), "pg1").unwrap();
+    let cfg = AgentConfig::parse(&file(&plain, "agent.yml.j2").content, "agent.yml").unwrap();
+    assert!(cfg.restapi.allowlist.is_empty() && !cfg.restapi.allowlist_include_members);
+}

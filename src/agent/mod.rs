@@ -98,8 +98,10 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
         cfg.scope.clone(),
         cfg.name.clone(),
     )
-    .with_failsafe_board(failsafe_board.clone());
+    .with_failsafe_board(failsafe_board.clone())
+    .with_access(cfg.restapi.access_list());
     let api_auth = api_state.auth_handle();
+    let api_access = api_state.access_handle();
     let api_stop = CancellationToken::new();
     let api_stop2 = api_stop.clone();
     let api = tokio::spawn(
@@ -128,6 +130,7 @@ pub async fn run(loaded: LoadedConfig, config_path: PathBuf) -> anyhow::Result<(
         .with_config_sha256(sha256)
         .with_config_subscriber(Arc::new(move |c: &AgentConfig| {
             *api_auth.write().unwrap_or_else(|p| p.into_inner()) = c.restapi.authentication.clone();
+            *api_access.write().unwrap_or_else(|p| p.into_inner()) = c.restapi.access_list();
         }));
     ha.run(shutdown.clone())
         .instrument(info_span!("ha-loop"))

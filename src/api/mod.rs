@@ -44,6 +44,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Credentials;
+use crate::config::access::AccessList;
 use crate::dcs::{ClusterView, Dcs, Member};
 use crate::status::{AgentStatus, Command, FailsafeBoard};
 
@@ -114,6 +115,9 @@ pub struct ApiState {
     pub switchover_timeout: Option<Duration>,
     /// Where `POST /failsafe` records the leader's announcement for the HA loop.
     pub failsafe: FailsafeBoard,
+    /// `restapi.allowlist` / `allowlist_include_members`: who may call the mutating verbs.
+    /// Shared so that a config reload swaps it ([`ApiState::access_handle`]).
+    pub access: Arc<std::sync::RwLock<AccessList>>,
 }
 
 impl ApiState {
@@ -134,6 +138,7 @@ impl ApiState {
             scope: scope.into(),
             name: name.into(),
             probe: Arc::new(HttpMemberProbe::default()),
+            access: Arc::default(),
             switchover_poll: Duration::from_millis(100),
             switchover_timeout: None,
             failsafe: FailsafeBoard::default(),
@@ -149,6 +154,17 @@ impl ApiState {
     /// The handle a reload writes new credentials through.
     pub fn auth_handle(&self) -> SharedCredentials {
         self.auth.clone()
+    }
+
+    /// The allowlist in force.
+    pub fn with_access(self, access: AccessList) -> Self {
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = access;
+        self
+    }
+
+    /// The allowlist's handle, for a config reload to swap it.
+    pub fn access_handle(&self) -> Arc<std::sync::RwLock<AccessList>> {
+        self.access.clone()
     }
 
     pub fn with_probe(mut self, probe: Arc<dyn MemberProbe>) -> Self {
@@ -190,9 +206,13 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // With the peer's address on every request, for the allowlist.
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn dispatch(State(state): State<ApiState>, req: Request) -> Response {
@@ -225,6 +245,12 @@ impl Req {
 
 async fn handle(state: ApiState, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    // Absent when the router is driven without a socket (unit tests): unknown, so refused by
+    // any allowlist.
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
         .map(|q| q.0)
         .unwrap_or_default();
@@ -278,6 +304,10 @@ async fn handle(state: ApiState, req: Request) -> Response {
         // patronictl relies on it to fall back from /switchover to /failover.
         return text(501, "Unsupported method");
     }
+    // Patroni's order: the address first (403), then the credentials (401).
+    if !admitted(&state, peer, segment.as_str()) {
+        return text(403, "Access is denied");
+    }
     if let Some(resp) = check_auth(&state, &req.headers) {
         return resp;
     }
@@ -294,6 +324,24 @@ async fn handle(state: ApiState, req: Request) -> Response {
         ("PUT", "config") => admin::put_config(&state, req).await,
         _ => text(501, "Unsupported method"),
     }
+}
+
+/// Whether `peer` may call a mutating verb. `POST /failsafe` is checked against the static
+/// list only, as Patroni does (it arrives while the DCS is lost, so the members' addresses
+/// cannot be trusted to be current).
+fn admitted(state: &ApiState, peer: Option<std::net::IpAddr>, segment: &str) -> bool {
+    let access = state
+        .access
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if !access.restricts() {
+        return true;
+    }
+    let view = (segment != "failsafe")
+        .then(|| state.snapshot().cluster.clone())
+        .flatten();
+    access.admits(peer, view.as_deref())
 }
 
 /// Basic auth on mutating verbs (Patroni `check_access`): 401 with the `Patroni` realm when the

@@ -117,6 +117,17 @@ impl AgentConfig {
                 return Err(bad(field, format!("expected host:port, got {v:?}")));
             }
         }
+        if let Err(entry) = crate::config::access::AccessList::parse(
+            &self.restapi.allowlist,
+            self.restapi.allowlist_include_members,
+        ) {
+            return Err(bad(
+                "restapi.allowlist",
+                format!(
+                    "{entry:?} is not an IP address or CIDR network (host names are not resolved)"
+                ),
+            ));
+        }
         if self.etcd3.endpoints().is_empty() {
             return Err(bad(
                 "etcd3.hosts",

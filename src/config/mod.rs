@@ -10,6 +10,7 @@
 //! the pure rules of a reload ([`restart_required`], [`changed_settings`]), `timing.rs` the HA
 //! timing rule ([`Timing`]).
 
+pub mod access;
 mod load;
 mod reload;
 mod timing;
@@ -107,6 +108,21 @@ pub struct RestApiConfig {
     pub connect_address: String,
     #[serde(default)]
     pub authentication: Option<Credentials>,
+    /// IP addresses and CIDR networks allowed to call the mutating verbs (Patroni's
+    /// `restapi.allowlist`; see [`access`]). Empty: no address restriction.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowlist: Vec<String>,
+    /// Also allow the members registered in the DCS (Patroni's `allowlist_include_members`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allowlist_include_members: bool,
+}
+
+impl RestApiConfig {
+    /// The validated allowlist (checked at load, so this cannot fail on a loaded config).
+    pub fn access_list(&self) -> crate::config::access::AccessList {
+        crate::config::access::AccessList::parse(&self.allowlist, self.allowlist_include_members)
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -394,5 +410,29 @@ mod tests {
         // strict booleans: a quoted "off" stays text, not a YAML boolean
         assert_eq!(c.local_parameters()["log_min_messages"], "off");
         assert_eq!(c.watchdog.mode, WatchdogMode::Automatic);
+    }
+
+    #[test]
+    fn the_allowlist_takes_addresses_and_networks_and_refuses_a_host_name() {
+        let with = |entries: &str| {
+            VALID.replacen(
+                "restapi:\n",
+                &format!("restapi:\n  allowlist: [{entries}]\n  allowlist_include_members: true\n"),
+                1,
+            )
+        };
+        let c = AgentConfig::parse(&with("10.0.0.0/24, \"fd00::1\""), "a.yml").unwrap();
+        let a = c.restapi.access_list();
+        assert_eq!(a.nets.len(), 2);
+        assert!(a.include_members);
+        let e = AgentConfig::parse(&with("admin.example.com"), "a.yml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a.yml")
+                && e.contains("restapi.allowlist")
+                && e.contains("admin.example.com"),
+            "{e}"
+        );
     }
 }

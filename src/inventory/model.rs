@@ -207,6 +207,13 @@ pub struct Agent {
     /// Local path of the agent binary to upload, when not the default.
     pub binary: Option<PathBuf>,
     pub log_level: String,
+    /// `agent.restapi_allowlist`: who besides the cluster's hosts may call the REST API's
+    /// mutating verbs (the operator's machine, an automation host). Empty: no address
+    /// restriction (Basic auth alone, Patroni's default). When given, each agent's
+    /// `restapi.allowlist` is these plus every inventory host's address, with
+    /// `allowlist_include_members` (the agents call each other's `POST /failsafe`, which
+    /// Patroni checks against the static list only).
+    pub restapi_allowlist: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -212,6 +212,10 @@ pub struct RawAgent {
     /// REST API user for unsafe endpoints (default `pgherd`).
     #[serde(default)]
     pub restapi_username: Option<Spanned<String>>,
+    /// Addresses / CIDR networks that may call the REST API's mutating verbs, besides the
+    /// cluster's own hosts.
+    #[serde(default)]
+    pub restapi_allowlist: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

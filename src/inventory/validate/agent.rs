@@ -1,9 +1,11 @@
-//! The `agent` section (REST API user, log level, the binary to upload) and the `callbacks`
+//! The `agent` section (REST API user and allowlist, log level, the binary to upload) and the
+//! `callbacks`
 //! the agent runs.
 
 use std::path::PathBuf;
 
 use super::{Checker, is_simple_name};
+use crate::config::access::Cidr;
 use crate::inventory::model::{Agent, Callbacks, DEFAULT_RESTAPI_USERNAME};
 use crate::inventory::raw::{RawAgent, RawCallbacks};
 
@@ -35,11 +37,27 @@ pub(super) fn agent(c: &mut Checker, raw: &RawAgent, restapi_port: u16) -> Agent
         Some(u) => u.value.clone(),
         None => DEFAULT_RESTAPI_USERNAME.to_string(),
     };
+    let mut restapi_allowlist = Vec::new();
+    for e in raw.restapi_allowlist.iter().flatten() {
+        if Cidr::parse(&e.value).is_some() {
+            restapi_allowlist.push(e.value.trim().to_string());
+        } else {
+            c.at(
+                e,
+                "agent.restapi_allowlist",
+                format!(
+                    "{:?} is not an IP address or CIDR network (host names are not resolved)",
+                    e.value
+                ),
+            );
+        }
+    }
     Agent {
         restapi_port,
         restapi_username,
         binary: raw.binary.as_ref().map(PathBuf::from),
         log_level,
+        restapi_allowlist,
     }
 }
 
