@@ -20,8 +20,8 @@ use pgherd::lab::{self, LabInfo, LabSpec};
 mod common;
 use common::cluster::eventually;
 use common::deploy::{
-    LabGuard, agent_state_check, apply_inventory, assert_plan_empty, build_spec, fresh_lab,
-    get_json, haproxy_servers, haproxy_servers_up, healthy_voters, is_root,
+    LabGuard, agent_logs, agent_state_check, apply_inventory, assert_plan_empty, build_spec,
+    fresh_lab, get_json, haproxy_servers, haproxy_servers_up, healthy_voters, is_root,
     leader_with_streaming_replicas, pgherd_killed_at, sql_on, words_of, write_lab_inventory,
 };
 use common::probe::{WriteProbe, lost_writes};
@@ -163,7 +163,13 @@ async fn shrink_back_to_three(
     })
     .await;
     assert_eq!(voters, all, "the refused run changed etcd membership");
-    assert_eq!(leader_with_streaming_replicas(&api, 4).await, leader);
+    let now = leader_with_streaming_replicas(&api, 4).await;
+    assert_eq!(
+        now,
+        leader,
+        "the leader changed while one etcd member was frozen:\n{}",
+        agent_logs(info5)
+    );
 
     let (fleet3, r) = apply_inventory(inv_path, state).await;
     let report = r.unwrap_or_else(|e| panic!("shrink apply: {e}"));

@@ -17,7 +17,9 @@ use pgherd::lab::LabSpec;
 use serde_json::Value;
 
 mod common;
-use common::deploy::{apply_inventory_within, fresh_lab, is_root, leader_with_streaming_replicas};
+use common::deploy::{
+    agent_logs, apply_inventory_within, fresh_lab, is_root, leader_with_streaming_replicas,
+};
 
 const SUBNET: &str = "10.232.28";
 
@@ -37,36 +39,6 @@ fn drill(state: &Path, inv: &Path, args: &[&str]) -> (bool, Value, String) {
     let doc = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("drill {args:?} printed no document ({e}); stderr:\n{stderr}"));
     (out.status.success(), doc, stderr)
-}
-
-/// The end of every host's agent log, for a failed round's message (read over plain ssh with
-/// the lab's key, independent of any connection the drill may have broken).
-fn agent_logs(info: &pgherd::lab::LabInfo) -> String {
-    let mut out = String::new();
-    for h in &info.hosts {
-        let o = std::process::Command::new("ssh")
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-            ])
-            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-i"])
-            .arg(&info.key_path)
-            .arg(format!("root@{}", h.address))
-            .arg("tail -n 80 /var/log/pgherd/pgherd-agent.log")
-            .output();
-        let text = match o {
-            Ok(o) => format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => format!("(cannot run ssh: {e})"),
-        };
-        out.push_str(&format!("===== {} agent log =====\n{text}\n", h.name));
-    }
-    out
 }
 
 /// Every round of `doc` passed the drill's checks; prints the measured figures.

@@ -379,3 +379,33 @@ pub async fn words_of(t: &dyn Transport, cmd: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The end of every host's agent log, for a failure's message (read over plain ssh with the
+/// lab's key, independent of any connection the test may have broken).
+pub fn agent_logs(info: &pgherd::lab::LabInfo) -> String {
+    let mut out = String::new();
+    for h in &info.hosts {
+        let o = std::process::Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+            ])
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "-i"])
+            .arg(&info.key_path)
+            .arg(format!("root@{}", h.address))
+            .arg("tail -n 80 /var/log/pgherd/pgherd-agent.log")
+            .output();
+        let text = match o {
+            Ok(o) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("(cannot run ssh: {e})"),
+        };
+        out.push_str(&format!("===== {} agent log =====\n{text}\n", h.name));
+    }
+    out
+}
