@@ -9,6 +9,8 @@
 //! (`PGHERD_SOAK_RESTARTS=N`, default 20; every other one the etcd leader; SIGTERM, 1 s down,
 //! start, wait until all three are healthy, 2 s to settle) with the write probe running, and
 //! counts what must stay zero: demotions, failovers, PostgreSQL restarts on the primary.
+//! `PGHERD_SOAK_FAULT=freeze` freezes the member instead (SIGSTOP for 3 s, then SIGCONT): its
+//! sockets stay open, so calls to it hang until their own timeout rather than fail at once.
 //!
 //! Write probe: a new connection per attempt to all three nodes with
 //! `target_session_attrs=read-write` (so it finds whoever is primary), one INSERT every 20 ms,
@@ -161,7 +163,16 @@ fn demotions(c: &Cluster) -> usize {
         .sum()
 }
 
-async fn etcd_soak(restarts: usize) {
+/// How the soak takes an etcd member away: stopped (its clients see refused connections) or
+/// frozen by SIGSTOP (its sockets stay open: calls hang until their own timeout, the harder
+/// case for the agents' endpoint rotation).
+#[derive(Clone, Copy, PartialEq)]
+enum SoakFault {
+    Restart,
+    Freeze,
+}
+
+async fn etcd_soak(restarts: usize, fault: SoakFault) {
     let mut opts = ClusterOpts::new("soak", 31500);
     opts.ttl = 5;
     opts.loop_wait = 1;
@@ -183,14 +194,29 @@ async fn etcd_soak(restarts: usize) {
         } else {
             (leader + 1 + (r / 2) % 2) % 3
         };
-        c.etcd.stop(victim);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        c.etcd.start_member(victim);
+        match fault {
+            SoakFault::Restart => {
+                c.etcd.stop(victim);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                c.etcd.start_member(victim);
+            }
+            SoakFault::Freeze => {
+                // Longer than an etcd election and a renewal attempt, shorter than the ttl.
+                c.etcd.signal(victim, libc::SIGSTOP);
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                c.etcd.signal(victim, libc::SIGCONT);
+            }
+        }
         c.etcd.wait_healthy(Duration::from_secs(30));
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (failed, longest) = probe.failures().await;
         eprintln!(
-            "restart {}: etcd{victim}{} — failed writes so far {failed}, longest {longest:?}",
+            "{} {}: etcd{victim}{} — failed writes so far {failed}, longest {longest:?}",
+            if fault == SoakFault::Freeze {
+                "freeze"
+            } else {
+                "restart"
+            },
             r + 1,
             if victim == leader { " (leader)" } else { "" },
         );
@@ -200,7 +226,12 @@ async fn etcd_soak(restarts: usize) {
     let now_primary = c.primary().await;
     let same_postmaster = common::cluster::postmaster_pid(&c.nodes[p].data_dir()) == postmaster;
     println!(
-        "\n| etcd soak (ttl 5, loop_wait 1, retry_timeout 2): {restarts} member restarts, {leader_restarts} of the leader | result |"
+        "\n| etcd soak (ttl 5, loop_wait 1, retry_timeout 2): {restarts} member {}, {leader_restarts} of the leader | result |",
+        if fault == SoakFault::Freeze {
+            "freezes (SIGSTOP 3 s)"
+        } else {
+            "restarts"
+        }
     );
     println!("|---|---|");
     println!("| demotions | {} |", demotions(&c) - demoted_before);
@@ -223,7 +254,12 @@ async fn main() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(20);
-        etcd_soak(restarts).await;
+        let fault = if std::env::var("PGHERD_SOAK_FAULT").as_deref() == Ok("freeze") {
+            SoakFault::Freeze
+        } else {
+            SoakFault::Restart
+        };
+        etcd_soak(restarts, fault).await;
         return;
     }
     let reps: usize = std::env::var("PGHERD_BENCH_REPS")

@@ -197,6 +197,16 @@ impl EtcdCluster {
     }
 
     /// SIGTERMs member `i` and waits for it to exit (SIGKILL after 5 s).
+    /// Sends `sig` to member `i`'s process (SIGSTOP freezes it with its sockets open: clients
+    /// see hanging calls, not refused ones; SIGCONT resumes it).
+    pub fn signal(&self, i: usize, sig: i32) {
+        if let Some(c) = &self.procs[i] {
+            unsafe {
+                libc::kill(c.id() as i32, sig);
+            }
+        }
+    }
+
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.procs[i].take() {
             unsafe {
