@@ -479,3 +479,106 @@ fn the_operators_ca_paths_are_relative_to_the_inventory_and_tls_settings_apply()
         assert_eq!(inv.tls.cert_days, days);
     }
 }
+
+/// The example inventory loaded from a temporary directory with `env` as the environment.
+fn load_with_env(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Result<inventory::Inventory, String> {
+    let path = dir.join("prod.yml");
+    let text = std::fs::read_to_string("inventories/example.yml").unwrap();
+    std::fs::write(&path, &text).unwrap();
+    let env: std::collections::BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    inventory::load_text_with_env(&path, &text, &|k| env.get(k).cloned()).map_err(|e| {
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(c) = src {
+            s.push_str(&format!(": {c}"));
+            src = c.source();
+        }
+        s
+    })
+}
+
+#[test]
+fn a_secret_from_the_environment_wins_and_is_never_written_to_the_secrets_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pwfile = dir.path().join("restapi.pw");
+    std::fs::write(&pwfile, "from_file_pw_9\n").unwrap();
+    std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let inv = load_with_env(
+        dir.path(),
+        &[
+            ("PGHERD_SECRET_SUPERUSER", "from_env_pw_8"),
+            ("PGHERD_SECRET_RESTAPI_FILE", pwfile.to_str().unwrap()),
+            ("PGHERD_SECRET_USER_APP", "app_env_pw_7"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(inv.secrets.superuser.expose(), "from_env_pw_8");
+    // One trailing newline dropped, as `echo pw > file` writes it.
+    assert_eq!(inv.secrets.restapi.expose(), "from_file_pw_9");
+    assert_eq!(inv.secrets.users["app"].expose(), "app_env_pw_7");
+    // The others generated and kept in the file; the overridden ones never stored.
+    let file = std::fs::read_to_string(&inv.secrets_file).unwrap();
+    assert!(file.contains(inv.secrets.replication.expose()));
+    for pw in ["from_env_pw_8", "from_file_pw_9", "app_env_pw_7"] {
+        assert!(!file.contains(pw), "{pw} written to the secrets file");
+    }
+    assert!(
+        !file.contains("superuser:") && !file.contains("restapi:"),
+        "{file}"
+    );
+}
+
+#[test]
+fn a_bad_secret_override_names_the_variable_and_never_the_value() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open.pw");
+    std::fs::write(&open, "world_readable_pw_6").unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open = open.to_str().unwrap().to_string();
+    type Env<'a> = Vec<(&'a str, &'a str)>;
+    let rows: Vec<(Env, &[&str])> = vec![
+        (
+            vec![
+                ("PGHERD_SECRET_REWIND", "both_forms_pw_5"),
+                ("PGHERD_SECRET_REWIND_FILE", "/nonexistent"),
+            ],
+            &[
+                "PGHERD_SECRET_REWIND",
+                "PGHERD_SECRET_REWIND_FILE",
+                "give one",
+            ],
+        ),
+        (
+            vec![("PGHERD_SECRET_REPLICATION", "")],
+            &["PGHERD_SECRET_REPLICATION", "is empty"],
+        ),
+        (
+            vec![("PGHERD_SECRET_SUPERUSER_FILE", "/nonexistent/pw")],
+            &[
+                "PGHERD_SECRET_SUPERUSER_FILE",
+                "cannot read /nonexistent/pw",
+            ],
+        ),
+        (
+            vec![("PGHERD_SECRET_SUPERUSER_FILE", open.as_str())],
+            &["PGHERD_SECRET_SUPERUSER_FILE", "group/others", "chmod 600"],
+        ),
+    ];
+    for (env, words) in rows {
+        let e = load_with_env(dir.path(), &env).expect_err("refused");
+        for w in words {
+            assert!(e.contains(w), "{e:?} lacks {w:?}");
+        }
+        for pw in ["both_forms_pw_5", "world_readable_pw_6"] {
+            assert!(!e.contains(pw), "{e}");
+        }
+    }
+}

@@ -24,7 +24,7 @@ pub use model::{
     endpoint,
 };
 pub use profile::{HaTiming, HaproxyCheck, Profile};
-pub use secrets::{ClusterSecrets, Secret, SecretsFile};
+pub use secrets::{ClusterSecrets, OVERRIDE_PREFIX, Overrides, Secret, SecretsFile};
 
 /// Reads, validates and completes the inventory at `path`: the secrets file (`secrets_file`,
 /// default `<stem>.secrets.yml` next to the inventory) is read, missing passwords are generated
@@ -40,13 +40,23 @@ pub fn load(path: &Path) -> Result<Inventory, InventoryError> {
 /// Like [`load`], with the inventory's text given (an edit not yet written to `path`, see
 /// [`edit`]); errors and the secrets file are those of `path`.
 pub fn load_text(path: &Path, text: &str) -> Result<Inventory, InventoryError> {
+    load_text_with_env(path, text, &|k| std::env::var(k).ok())
+}
+
+/// Like [`load_text`], with the environment that [`secrets::Overrides`] reads given (tests).
+pub fn load_text_with_env(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Inventory, InventoryError> {
     let shown = path.display().to_string();
     let raw = parse_raw(text, &shown)?;
     let secrets_path = secrets_path(path, raw.secrets_file.as_deref());
     let sp = secrets_path.clone();
     validate::build(raw, &shown, secrets_path, move |users| {
+        let overrides = secrets::Overrides::from_env(env, users.iter().copied())?;
         let mut file = SecretsFile::read(&sp)?;
-        let (secrets, generated) = file.resolve(users.iter().copied());
+        let (secrets, generated) = file.resolve_with(users.iter().copied(), &overrides);
         if generated {
             file.write(&sp)?;
         }

@@ -76,6 +76,99 @@ impl ClusterSecrets {
     }
 }
 
+/// Secrets given from outside the secrets file, for operators whose passwords live in a vault
+/// or a CI secret store: `PGHERD_SECRET_<ROLE>` holds the value, or `PGHERD_SECRET_<ROLE>_FILE`
+/// names a file holding it (one trailing newline dropped; the file must not be readable by
+/// group or others, like the secrets file). Roles: `SUPERUSER`, `REPLICATION`, `REWIND`,
+/// `RESTAPI`, and `USER_<NAME>` for an application user (its name upper-cased, every other
+/// character than a letter or digit as `_`). An overridden secret wins over the file and is
+/// never written to it; both forms for one role, or an empty value, are errors naming the
+/// variable (never the value).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides(BTreeMap<String, Secret>);
+
+/// The environment-variable prefix of [`Overrides`].
+pub const OVERRIDE_PREFIX: &str = "PGHERD_SECRET_";
+
+impl Overrides {
+    /// Reads the overrides for the cluster roles and `users` through `env` (the process
+    /// environment in real runs, a map in tests).
+    pub fn from_env<'a>(
+        env: &dyn Fn(&str) -> Option<String>,
+        users: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Overrides, SecretsError> {
+        let mut out = BTreeMap::new();
+        let mut roles: Vec<(String, String)> = ["superuser", "replication", "rewind", "restapi"]
+            .iter()
+            .map(|r| (r.to_string(), r.to_ascii_uppercase()))
+            .collect();
+        for u in users {
+            let var: String = u
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_uppercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            roles.push((format!("user:{u}"), format!("USER_{var}")));
+        }
+        for (key, role) in roles {
+            let var = format!("{OVERRIDE_PREFIX}{role}");
+            let file_var = format!("{var}_FILE");
+            let value = match (env(&var), env(&file_var)) {
+                (Some(_), Some(_)) => {
+                    return Err(SecretsError::Override {
+                        var,
+                        why: format!("and {file_var} are both set: give one"),
+                    });
+                }
+                (Some(v), None) => v,
+                (None, Some(path)) => read_secret_file(&file_var, &path)?,
+                (None, None) => continue,
+            };
+            if value.is_empty() {
+                return Err(SecretsError::Override {
+                    var,
+                    why: "is empty".into(),
+                });
+            }
+            out.insert(key, Secret::new(value));
+        }
+        Ok(Overrides(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn read_secret_file(var: &str, path: &str) -> Result<String, SecretsError> {
+    let ferr = |source| SecretsError::OverrideFile {
+        var: var.into(),
+        path: path.into(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(ferr)?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretsError::Override {
+            var: var.into(),
+            why: format!(
+                "{path} is accessible by group/others (mode {mode:04o}); run `chmod 600 {path}`"
+            ),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(ferr)?;
+    Ok(text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text)
+        .to_string())
+}
+
 /// The on-disk shape of the secrets file; every entry optional (absent = generate).
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +205,17 @@ pub enum SecretsError {
         "{path}: secrets file is accessible by group/others (mode {mode:04o}); run `chmod 600 {path}`"
     )]
     Permissions { path: String, mode: u32 },
+    /// A `PGHERD_SECRET_*` override that cannot be used (the message names the variable and
+    /// the file, never a value).
+    #[error("{var}: {why}")]
+    Override { var: String, why: String },
+    #[error("{var}: cannot read {path}")]
+    OverrideFile {
+        var: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// YAML error; serde-saphyr only quotes the offending token for syntax errors, and secret
     /// values are strings so type errors cannot quote one.
     #[error("{path}:{line}:{column}: {message}")]
@@ -142,20 +246,37 @@ impl SecretsFile {
         &mut self,
         users: impl IntoIterator<Item = &'a str>,
     ) -> (ClusterSecrets, bool) {
+        self.resolve_with(users, &Overrides::default())
+    }
+
+    /// [`SecretsFile::resolve`] with `overrides` (from the environment) taking precedence: an
+    /// overridden secret is neither generated nor stored in the file.
+    pub fn resolve_with<'a>(
+        &mut self,
+        users: impl IntoIterator<Item = &'a str>,
+        overrides: &Overrides,
+    ) -> (ClusterSecrets, bool) {
         let mut generated = false;
-        let mut fill = |slot: &mut Option<Secret>| -> Secret {
+        let mut fill = |role: &str, slot: &mut Option<Secret>| -> Secret {
+            if let Some(s) = overrides.0.get(role) {
+                return s.clone();
+            }
             if slot.is_none() {
                 *slot = Some(Secret::generate());
                 generated = true;
             }
             slot.clone().expect("just filled")
         };
-        let superuser = fill(&mut self.superuser);
-        let replication = fill(&mut self.replication);
-        let rewind = fill(&mut self.rewind);
-        let restapi = fill(&mut self.restapi);
+        let superuser = fill("superuser", &mut self.superuser);
+        let replication = fill("replication", &mut self.replication);
+        let rewind = fill("rewind", &mut self.rewind);
+        let restapi = fill("restapi", &mut self.restapi);
         let mut resolved_users = BTreeMap::new();
         for u in users {
+            if let Some(s) = overrides.0.get(&format!("user:{u}")) {
+                resolved_users.insert(u.to_string(), s.clone());
+                continue;
+            }
             let s = self.users.entry(u.to_string()).or_insert_with(|| {
                 generated = true;
                 Secret::generate()
