@@ -78,6 +78,13 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     // First apply.
     let (inv, s) = build(&inv_path);
     let password = inv.secrets.superuser.expose().to_string();
+    // Every password of the cluster, for the checks that none leaks.
+    let secrets: Vec<String> = inv
+        .secrets
+        .all()
+        .iter()
+        .map(|s| s.expose().to_string())
+        .collect();
     let fleet = connect(&inv, &state).await;
     let opts = ApplyOptions {
         wait_timeout: Duration::from_secs(120),
@@ -196,10 +203,13 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
             "pgherd {args:?}: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(
-            !text.contains(&password),
-            "pgherd {args:?} printed a password"
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for secret in &secrets {
+            assert!(
+                !text.contains(secret.as_str()) && !stderr.contains(secret.as_str()),
+                "pgherd {args:?} printed a password"
+            );
+        }
         text
     };
     let text = cli(&["plan", "--agent-binary", env!("CARGO_BIN_EXE_pgherd-agent")]);
@@ -325,6 +335,45 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
         );
     }
     let leader = leader_with_streaming_replicas(&api(&info.hosts[0].address), 2).await;
+
+    // After bring-up, two rolling changes, a switchover and a failover: no password in any log
+    // on any host (the agents', etcd's, HAProxy's and the supervisor's under /var/log/pgherd,
+    // PostgreSQL's). The passwords go to grep on stdin, never on its command line.
+    let patterns = format!("{}\n", secrets.join("\n"));
+    for h in &info.hosts {
+        // PostgreSQL logs beside its data directory (`<data_dir>.log`, see pg::local).
+        let script = "grep -rlF -f - /var/log/pgherd /var/log/postgresql \
+                      $(find /var/lib/postgresql -maxdepth 3 -name '*.log' 2>/dev/null) \
+                      2>/dev/null; exit 0";
+        let grep = |stdin: String| {
+            let t = fleet[&h.name].clone();
+            async move {
+                t.exec(pgherd::transport::Exec {
+                    script,
+                    stdin: Some(stdin.as_bytes()),
+                    secrets: &[],
+                    timeout: Duration::from_secs(30),
+                })
+                .await
+                .unwrap()
+                .stdout_str()
+            }
+        };
+        // The search itself works: the pattern "pgherd-agent" is in the agent's own log.
+        let canary = grep("pgherd-agent\n".to_string()).await;
+        assert!(
+            canary.contains("/var/log/pgherd/"),
+            "{}: {canary:?}",
+            h.name
+        );
+        let hits = grep(patterns.clone()).await;
+        assert!(
+            hits.trim().is_empty(),
+            "{}: a password appears in {}",
+            h.name,
+            hits.trim()
+        );
+    }
 
     // Crash the primary's host: writes through HAProxy resume on a new primary.
     lab::crash(&lab_spec, &leader).unwrap();
