@@ -390,6 +390,61 @@ async fn deploys_converges_reloads_fails_over_and_names_bad_hosts() {
     let old = info.host(&leader).unwrap().address.clone();
     rejoined_as_streaming_replica(&api(&old)).await;
 
+    // The REST allowlist: `agent.restapi_allowlist` naming an address that is not this admin
+    // host. The agents take it by a reload (nothing restarts); then the admin host's mutating
+    // call gets 403, before any credential is looked at, while a cluster host (always on the
+    // list) gets past the address check to the Basic-auth 401, and reads stay open to all.
+    let mut y = std::fs::read_to_string(&inv_path).unwrap();
+    y.push_str("agent:\n  restapi_allowlist: [192.0.2.1]\n");
+    std::fs::write(&inv_path, y).unwrap();
+    let (_, s4) = build(&inv_path);
+    let report = apply::apply(&s4, &fleet, &opts).await.unwrap();
+    for h in &info.hosts {
+        assert_eq!(
+            report.service_ops(&h.name),
+            vec![(Service::Agent, ServiceOp::Reload)],
+            "{}",
+            h.name
+        );
+    }
+    let target = api(&info.hosts[0].address);
+    let http = reqwest::Client::new();
+    let mut code = 0;
+    for _ in 0..50 {
+        // The reload lands within an agent cycle; poll (bounded) until it is in force.
+        code = http
+            .post(format!("{target}/reload"))
+            .basic_auth(
+                &inv.agent.restapi_username,
+                Some(inv.secrets.restapi.expose()),
+            )
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if code == 403 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(code, 403, "the admin host is outside the allowlist");
+    let from_member = fleet[info.hosts[1].name.as_str()]
+        .run_ok(
+            &format!("curl -s -o /dev/null -w '%{{http_code}}' -X POST {target}/reload"),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap()
+        .stdout_str();
+    assert_eq!(
+        from_member.trim(),
+        "401",
+        "a member passes the address check"
+    );
+    let r = http.get(format!("{target}/cluster")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "reads stay open");
+
     // Unreachable host and wrong key: errors name the host, nothing else is attempted.
     let mut bad = inv.clone();
     bad.hosts[2].address = format!("{SUBNET}.99");
