@@ -129,15 +129,7 @@ impl AccessList {
 /// The IP address in a URL's authority (`http://10.0.0.1:8008/patroni`,
 /// `postgres://[fd00::1]:5432/postgres`); `None` for a host name.
 fn url_ip(url: &str) -> Option<IpAddr> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split_once(']')?.0
-    } else {
-        authority.split(':').next()?
-    };
-    host.parse().ok()
+    crate::dcs::url_host(url)?.parse().ok()
 }
 
 #[cfg(test)]

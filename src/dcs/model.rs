@@ -84,6 +84,21 @@ impl MemberData {
     }
 }
 
+/// The host of a member URL's authority (`http://10.0.0.1:8008/patroni` → `10.0.0.1`,
+/// `postgres://u@[fd00::1]:5432/db` → `fd00::1`: credentials and IPv6 brackets removed);
+/// `None` when there is none.
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split_once(']')?.0
+    } else {
+        authority.split(':').next()?
+    };
+    (!host.is_empty()).then_some(host)
+}
+
 /// Patroni's lenient boolean parsing for tags and config values.
 pub fn tag_is_true(v: Option<&Value>) -> bool {
     match v {

@@ -132,17 +132,10 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-/// `http://10.0.0.1:8008/patroni` → `10.0.0.1` (brackets of IPv6 literals removed).
+/// `http://10.0.0.1:8008/patroni` → `10.0.0.1` (brackets of IPv6 literals removed; see
+/// [`crate::dcs::url_host`]).
 pub fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split_once(']')?.0
-    } else {
-        authority.split(':').next()?
-    };
-    (!host.is_empty()).then(|| host.to_string())
+    crate::dcs::url_host(url).map(str::to_string)
 }
 
 impl DepartedFacts {
